@@ -1,0 +1,1 @@
+//! Client for the Azure Instance Metadata Service (IMDS).

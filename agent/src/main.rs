@@ -1,0 +1,26 @@
+//! `drover-agent`: the node daemon's command line. A dispatcher only: parse
+//! arguments, set up tracing, run one command, turn its error into an exit code.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "drover-agent", version, about = "Drover node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {}
+}

@@ -1,0 +1,14 @@
+//! Drover's wire types and user-facing definitions.
+//!
+//! API Boundary: everything here is plain data plus parsing and validation.
+//! Architecture Invariant: no I/O, no async runtime — the crate is shared by
+//! the agent, the control plane and the CLI and must stay cheap to depend on.
+
+pub mod docker_args;
+pub mod job;
+pub mod labels;
+pub mod units;
+pub mod yaml;
+
+pub use job::{JobSpec, ParsedJob};
+pub use yaml::{Diagnostic, InvalidDefinition};

@@ -6,6 +6,7 @@
 
 pub mod docker_args;
 pub mod job;
+pub mod compute;
 pub mod labels;
 pub mod units;
 pub mod yaml;

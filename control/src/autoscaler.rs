@@ -1,0 +1,1 @@
+//! Autoscaling: pure scale decisions (stub).

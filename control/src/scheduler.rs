@@ -1,0 +1,1 @@
+//! Gang scheduling: pure placement decisions (stub).

@@ -1,1 +1,390 @@
-//! `drover run`.
+//! `drover run job.yml`: one single-node job on this machine's Docker, with no
+//! control plane. Shows pull progress, streams the job's output, and ends with
+//! the job's exit code; Ctrl-C (or SIGTERM) stops and removes the container.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_api::job::JobSpec;
+use drover_runner::part::{PartEvent, StopReason};
+use drover_runner::runtime::{LogStream, PullProgress};
+use drover_runner::{DockerRuntime, ImagePuller, PartOutcome, Placement, PullLimits, RunOptions};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Settings of `drover run` beyond the job file.
+#[derive(Debug, Clone, Default)]
+pub struct RunConfig {
+    /// Path of the static drover-init binary; searched for when `None`.
+    pub init_binary: Option<PathBuf>,
+    /// Where outputs without a `path` are kept; `<job dir>/outputs/<job>` when `None`.
+    pub outputs_root: Option<PathBuf>,
+    /// GPU UUIDs to give the job (needed when it asks for GPUs).
+    pub gpu_uuids: Vec<String>,
+    /// Network mode for the container (`host`, a network, `container:<id>`).
+    pub network: Option<String>,
+    /// Override the job's name.
+    pub name: Option<String>,
+    /// Pull limits.
+    pub pull_limits: PullLimits,
+    /// Grace between SIGTERM and SIGKILL when stopping.
+    pub stop_grace: Duration,
+}
+
+/// Errors of `drover run` before the job has an outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The job file could not be read.
+    #[error("cannot read {path}")]
+    ReadJob {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The job file is not valid.
+    #[error(transparent)]
+    InvalidJob(#[from] drover_api::InvalidDefinition),
+    /// The job cannot run on one machine as written.
+    #[error("{0}")]
+    Unsupported(String),
+    /// drover-init was not found.
+    #[error(
+        "no statically linked drover-init found (looked in {looked}); build it with `make init` or pass --init PATH"
+    )]
+    InitNotFound {
+        /// Places searched.
+        looked: String,
+    },
+    /// Docker is not reachable.
+    #[error(transparent)]
+    Docker(#[from] drover_runner::runtime::RuntimeError),
+    /// The part failed before it had an outcome.
+    #[error(transparent)]
+    Part(#[from] drover_runner::part::PartError),
+}
+
+/// True if `path` is an ELF executable without a program interpreter, i.e.
+/// one that runs in any image (no dynamic loader or libc needed inside it).
+pub fn is_static_elf(path: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(path) else {
+        return false;
+    };
+    // 64-bit little-endian ELF only: the one target drover-init is built for.
+    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 || bytes[5] != 1 {
+        return false;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
+    let mut phoff = [0u8; 8];
+    phoff.copy_from_slice(&bytes[0x20..0x28]);
+    let phoff = u64::from_le_bytes(phoff) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    const PT_INTERP: u32 = 3;
+    (0..phnum).all(|i| {
+        let o = phoff + i * phentsize;
+        bytes
+            .get(o..o + 4)
+            .map(|t| u32::from_le_bytes([t[0], t[1], t[2], t[3]]) != PT_INTERP)
+            .unwrap_or(false)
+    })
+}
+
+/// Finds a statically linked drover-init: `$DROVER_INIT`, the static build
+/// of a source checkout (`target/x86_64-unknown-linux-gnu/release`), next to
+/// this executable, or `/usr/local/lib/drover`. Dynamically linked builds
+/// are skipped: they fail inside images with another libc, or none.
+pub fn find_init_binary() -> Result<PathBuf, RunError> {
+    let mut candidates = Vec::new();
+    if let Some(p) = std::env::var_os("DROVER_INIT") {
+        candidates.push(PathBuf::from(p));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        // Walk up from target/<profile>/[deps/] to target/.
+        for dir in exe.ancestors().skip(1).take(3) {
+            candidates.push(dir.join("x86_64-unknown-linux-gnu/release/drover-init"));
+        }
+        if let Some(dir) = exe.parent() {
+            candidates.push(dir.join("drover-init"));
+        }
+    }
+    candidates.push(PathBuf::from("/usr/local/lib/drover/drover-init"));
+    if let Some(found) = candidates.iter().find(|c| is_static_elf(c)) {
+        return Ok(found.clone());
+    }
+    Err(RunError::InitNotFound {
+        looked: candidates
+            .iter()
+            .map(|c| c.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// A default job name: the file's stem plus the time, like Azure ML's generated names.
+fn default_name(path: &Path) -> String {
+    let stem: String = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "job".into())
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    let stem = stem.trim_matches('-');
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!(
+        "{}-{:x}{:x}",
+        if stem.is_empty() { "job" } else { stem },
+        secs,
+        std::process::id() & 0xfff
+    )
+}
+
+/// Reads and validates a job file, printing its warnings to stderr.
+pub fn load_job(path: &Path) -> Result<JobSpec, RunError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RunError::ReadJob {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let base = path
+        .parent()
+        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .unwrap_or(Path::new("."));
+    let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
+    let parsed = JobSpec::from_yaml(&path.display().to_string(), &text, &base)?;
+    for w in &parsed.warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(parsed.spec)
+}
+
+/// Renders pull progress: one bar per layer on a terminal, a few lines otherwise.
+struct PullView {
+    multi: MultiProgress,
+    bars: HashMap<String, ProgressBar>,
+    terminal: bool,
+}
+
+impl PullView {
+    fn new() -> Self {
+        let terminal = std::io::stderr().is_terminal();
+        let target = if terminal {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        PullView {
+            multi: MultiProgress::with_draw_target(target),
+            bars: HashMap::new(),
+            terminal,
+        }
+    }
+
+    fn update(&mut self, p: &PullProgress) {
+        if p.layer.is_empty() || p.status.starts_with("Pulling from") {
+            self.line(&format!("pull {}: {} {}", p.image, p.status, p.layer));
+            return;
+        }
+        let done = matches!(
+            p.status.as_str(),
+            "Pull complete" | "Already exists" | "Download complete"
+        );
+        if !self.terminal {
+            if done && p.status != "Download complete" {
+                self.line(&format!("pull {}: layer {} {}", p.image, p.layer, p.status.to_lowercase()));
+            }
+            return;
+        }
+        let bar = self.bars.entry(p.layer.clone()).or_insert_with(|| {
+            let bar = self.multi.add(ProgressBar::new(p.total.unwrap_or(0)));
+            bar.set_style(
+                ProgressStyle::with_template("{prefix:.dim} {msg:<18} {bar:30} {bytes}/{total_bytes}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_prefix(p.layer.clone());
+            bar
+        });
+        if let Some(total) = p.total {
+            bar.set_length(total);
+        }
+        if let Some(current) = p.current {
+            bar.set_position(current);
+        }
+        bar.set_message(p.status.clone());
+        if p.status == "Pull complete" || p.status == "Already exists" {
+            bar.finish();
+        }
+    }
+
+    fn line(&self, text: &str) {
+        if self.terminal {
+            let _ = self.multi.println(text);
+        } else {
+            eprintln!("{text}");
+        }
+    }
+
+    fn clear(&mut self) {
+        for (_, b) in self.bars.drain() {
+            b.finish_and_clear();
+        }
+        let _ = self.multi.clear();
+    }
+}
+
+/// Runs the job in `path` and returns the exit code `drover run` should end with.
+pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
+    let mut job = load_job(path)?;
+    if job.resources.instance_count > 1 {
+        return Err(RunError::Unsupported(format!(
+            "{}: resources.instance_count is {}; `drover run` runs single-node jobs — submit multi-node jobs to a cluster",
+            path.display(),
+            job.resources.instance_count
+        )));
+    }
+    if job.drover.gpus_per_instance as usize != config.gpu_uuids.len() {
+        return Err(RunError::Unsupported(format!(
+            "the job asks for {} GPU(s) (drover.gpus_per_instance) but {} were given with --gpus",
+            job.drover.gpus_per_instance,
+            config.gpu_uuids.len()
+        )));
+    }
+    let name = config
+        .name
+        .clone()
+        .or_else(|| job.name.clone())
+        .unwrap_or_else(|| default_name(path));
+    job.name = Some(name.clone());
+    let init_binary = match config.init_binary {
+        Some(p) => p,
+        None => find_init_binary()?,
+    };
+    let outputs_root = config.outputs_root.clone().unwrap_or_else(|| {
+        path.parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+            .join("outputs")
+            .join(&name)
+    });
+    let outputs_root = if outputs_root.is_absolute() {
+        outputs_root
+    } else {
+        std::env::current_dir().unwrap_or_default().join(outputs_root)
+    };
+
+    let runtime = Arc::new(DockerRuntime::connect().await?);
+    let puller = ImagePuller::new(runtime.clone(), config.pull_limits);
+    let placement = Placement {
+        job: name.clone(),
+        node_rank: 0,
+        attempt: 1,
+        owner: "run".into(),
+        node_ips: vec!["127.0.0.1".into()],
+        dedicated: true,
+        gpu_uuids: config.gpu_uuids.clone(),
+        network_mode: config.network.clone(),
+        outputs_root: outputs_root.clone(),
+        init_binary,
+        rank_grace: Duration::from_secs(10),
+        extra_env: Default::default(),
+    };
+    let options = RunOptions {
+        stop_grace: config.stop_grace,
+        remove: true,
+    };
+
+    let cancel = CancellationToken::new();
+    let signals = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let term_recv = async {
+                match term.as_mut() {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term_recv => {}
+            }
+            eprintln!("drover: stopping job {} …", "(signal received)");
+            cancel.cancel();
+        })
+    };
+
+    let (tx, mut rx) = mpsc::channel::<PartEvent>(1024);
+    let printer = tokio::spawn(async move {
+        let mut view = PullView::new();
+        let mut stdout = std::io::stdout();
+        let mut stderr = std::io::stderr();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                PartEvent::Pull(p) => view.update(&p),
+                PartEvent::Created { .. } => view.clear(),
+                PartEvent::Started { .. } => {}
+                PartEvent::Log(line) => {
+                    let _ = match line.stream {
+                        LogStream::Stdout => writeln!(stdout, "{}", line.text),
+                        LogStream::Stderr => writeln!(stderr, "{}", line.text),
+                    };
+                }
+                PartEvent::Stopping { reason } => {
+                    let why = match reason {
+                        StopReason::Timeout => "limits.timeout reached",
+                        StopReason::Canceled => "canceled",
+                    };
+                    eprintln!("drover: stopping the job ({why})");
+                }
+            }
+        }
+        let _ = stdout.flush();
+    });
+
+    let host = drover_runner::part::HostFacts::probe();
+    if host.memlock_max >= 0 {
+        tracing::info!(
+            memlock_max = host.memlock_max,
+            "this host cannot grant an unlimited memlock limit (no CAP_SYS_RESOURCE); job containers get its hard limit"
+        );
+    }
+    let result = drover_runner::run_part(
+        &runtime, &puller, &job, &placement, &options, &host, tx, cancel,
+    )
+    .await;
+    signals.abort();
+    let _ = printer.await;
+    let outcome = result?;
+    match outcome {
+        PartOutcome::Completed => eprintln!("drover: job {name} completed"),
+        PartOutcome::Failed { exit_code } => {
+            eprintln!("drover: job {name} failed with exit code {exit_code}")
+        }
+        PartOutcome::OomKilled { exit_code } => eprintln!(
+            "drover: job {name} was killed for running out of memory (exit code {exit_code}); raise --memory in resources.docker_args"
+        ),
+        PartOutcome::TimedOut => eprintln!(
+            "drover: job {name} timed out after {}s (limits.timeout) and was stopped",
+            job.timeout_seconds.unwrap_or(0)
+        ),
+        PartOutcome::Canceled => eprintln!("drover: job {name} canceled; its container was removed"),
+    }
+    if !job.outputs.is_empty() {
+        for out in job.outputs.keys() {
+            eprintln!(
+                "drover: output {out}: {}",
+                drover_runner::part::output_host_path(&job, &placement, out).display()
+            );
+        }
+    }
+    Ok(outcome.exit_code())
+}

@@ -1,1 +1,22 @@
+//! Runs one node's share of a Drover job ("part") as Docker containers.
+//!
+//! * [`runtime`] — the container-engine boundary in plain types, and
+//!   [`docker`] — its only implementation over the Docker API.
+//! * [`pull`] — shared, time-bounded image pulls with progress.
+//! * [`auth`] — registry credentials from the job or `~/.docker/config.json`.
+//! * [`part`] — planning a part's container and driving it to an outcome.
+//!
+//! Architecture Invariant: this crate is the only one that imports bollard.
+//! It knows job specs and placements, but nothing of the control plane,
+//! scheduling or nodes.
 
+pub mod auth;
+pub mod docker;
+pub mod part;
+pub mod pull;
+pub mod runtime;
+
+pub use docker::DockerRuntime;
+pub use part::{PartEvent, PartOutcome, Placement, RunOptions, run_part};
+pub use pull::{ImagePuller, PullLimits};
+pub use runtime::ContainerRuntime;

@@ -1,0 +1,373 @@
+//! [`ContainerRuntime`] over the Docker Engine API (bollard).
+//!
+//! Architecture Invariant: this is the only module in Drover that imports
+//! bollard; everything else speaks the plain types of [`crate::runtime`].
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::errors::Error as BollardError;
+use bollard::models::{
+    ContainerCreateBody, ContainerSummaryStateEnum, DeviceMapping,
+    DeviceRequest, HostConfig, ResourcesUlimits,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, ListContainersOptions, LogsOptions,
+    RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
+};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+
+use crate::auth::RegistryAuth;
+use crate::runtime::{
+    ContainerConfig, ContainerRuntime, ContainerState, ContainerSummary, ExitStatus, LogLine,
+    LogStream, PullProgress, RuntimeError,
+};
+
+/// The Docker engine, reached through its local socket (or `DOCKER_HOST`).
+#[derive(Clone)]
+pub struct DockerRuntime {
+    docker: Docker,
+}
+
+fn engine_error(e: BollardError) -> RuntimeError {
+    match e {
+        BollardError::DockerResponseServerError {
+            status_code,
+            message,
+        } => match status_code {
+            404 => RuntimeError::NotFound(message),
+            409 => RuntimeError::Conflict(message),
+            _ => RuntimeError::Engine(message),
+        },
+        BollardError::DockerStreamError { error } => RuntimeError::Engine(error),
+        e @ (BollardError::IOError { .. }
+        | BollardError::HyperResponseError { .. }
+        | BollardError::RequestTimeoutError
+        | BollardError::SocketNotFoundError(_)) => RuntimeError::Unreachable(e.to_string()),
+        other => RuntimeError::Engine(other.to_string()),
+    }
+}
+
+/// A pull failure is the registry's (or engine's) reason, verbatim.
+fn pull_error(e: BollardError) -> RuntimeError {
+    match e {
+        BollardError::DockerResponseServerError { message, .. } => RuntimeError::Registry(message),
+        BollardError::DockerStreamError { error } => RuntimeError::Registry(error),
+        other => engine_error(other),
+    }
+}
+
+impl DockerRuntime {
+    /// Connects to the local engine (`DOCKER_HOST` or `/var/run/docker.sock`)
+    /// and agrees on an API version, so older engines (20.10) work too.
+    pub async fn connect() -> Result<Self, RuntimeError> {
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(|e| RuntimeError::Unreachable(e.to_string()))?
+            // Long pulls and waits are bounded by the runner's own timeouts;
+            // bollard's one request timeout would cut them off.
+            .with_timeout(Duration::from_secs(24 * 3600));
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| RuntimeError::Unreachable(e.to_string()))?;
+        Ok(DockerRuntime { docker })
+    }
+
+    /// The engine's version string.
+    pub async fn engine_version(&self) -> Result<String, RuntimeError> {
+        let v = self.docker.version().await.map_err(engine_error)?;
+        Ok(v.version.unwrap_or_default())
+    }
+}
+
+fn host_config(c: &ContainerConfig) -> HostConfig {
+    let binds = c
+        .binds
+        .iter()
+        .map(|b| {
+            format!(
+                "{}:{}:{}",
+                b.source,
+                b.target,
+                if b.read_only { "ro" } else { "rw" }
+            )
+        })
+        .collect();
+    let ulimits = c
+        .ulimits
+        .iter()
+        .map(|u| ResourcesUlimits {
+            name: Some(u.name.clone()),
+            soft: Some(u.soft),
+            hard: Some(u.hard),
+        })
+        .collect();
+    let device_requests = (!c.gpu_uuids.is_empty()).then(|| {
+        vec![DeviceRequest {
+            driver: Some("nvidia".into()),
+            device_ids: Some(c.gpu_uuids.clone()),
+            capabilities: Some(vec![vec!["gpu".into()]]),
+            ..Default::default()
+        }]
+    });
+    let devices = (!c.devices.is_empty()).then(|| {
+        c.devices
+            .iter()
+            .map(|d| DeviceMapping {
+                path_on_host: Some(d.clone()),
+                path_in_container: Some(d.clone()),
+                cgroup_permissions: Some("rwm".into()),
+            })
+            .collect()
+    });
+    HostConfig {
+        binds: Some(binds),
+        shm_size: c.shm_size.map(|s| s as i64),
+        ulimits: Some(ulimits),
+        device_requests,
+        devices,
+        memory: c.memory.map(|m| m as i64),
+        memory_swap: c.memory_swap,
+        memory_reservation: c.memory_reservation.map(|m| m as i64),
+        nano_cpus: c.nano_cpus,
+        cpu_shares: c.cpu_shares,
+        cpuset_cpus: c.cpuset_cpus.clone(),
+        pids_limit: c.pids_limit,
+        ipc_mode: c.ipc_mode.clone(),
+        network_mode: c.network_mode.clone(),
+        tmpfs: (!c.tmpfs.is_empty()).then(|| c.tmpfs.clone().into_iter().collect()),
+        readonly_rootfs: Some(c.read_only_rootfs),
+        // drover-init is PID 1; Docker's own init would sit in front of it.
+        init: Some(false),
+        ..Default::default()
+    }
+}
+
+fn split_timestamp(line: &str) -> (String, String) {
+    match line.split_once(' ') {
+        Some((ts, rest)) if ts.len() >= 20 && ts.as_bytes()[4] == b'-' => {
+            (ts.to_string(), rest.to_string())
+        }
+        _ => (String::new(), line.to_string()),
+    }
+}
+
+impl ContainerRuntime for DockerRuntime {
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(false),
+            Err(e) => Err(engine_error(e)),
+        }
+    }
+
+    fn pull(
+        &self,
+        image: &str,
+        auth: Option<RegistryAuth>,
+    ) -> BoxStream<'static, Result<PullProgress, RuntimeError>> {
+        // fromImage takes the full reference; a bare name would pull every tag.
+        let reference = if image.contains('@') || image.rsplit('/').next().is_some_and(|l| l.contains(':')) {
+            image.to_string()
+        } else {
+            format!("{image}:latest")
+        };
+        let options = CreateImageOptions {
+            from_image: Some(reference),
+            ..Default::default()
+        };
+        let credentials = auth.map(|a| bollard::auth::DockerCredentials {
+            username: Some(a.username),
+            password: Some(a.password),
+            serveraddress: Some(a.server),
+            ..Default::default()
+        });
+        let image = image.to_string();
+        self.docker
+            .create_image(Some(options), None, credentials)
+            .map(move |item| match item {
+                Ok(info) => {
+                    if let Some(err) = info.error_detail.and_then(|d| d.message) {
+                        return Err(RuntimeError::Registry(err));
+                    }
+                    let detail = info.progress_detail.unwrap_or_default();
+                    Ok(PullProgress {
+                        image: image.clone(),
+                        layer: info.id.unwrap_or_default(),
+                        status: info.status.unwrap_or_default(),
+                        current: detail.current.and_then(|c| u64::try_from(c).ok()),
+                        total: detail.total.and_then(|t| u64::try_from(t).ok()),
+                    })
+                }
+                Err(e) => Err(pull_error(e)),
+            })
+            .boxed()
+    }
+
+    async fn create(&self, c: &ContainerConfig) -> Result<String, RuntimeError> {
+        let body = ContainerCreateBody {
+            image: Some(c.image.clone()),
+            entrypoint: Some(c.entrypoint.clone()),
+            cmd: Some(c.cmd.clone()),
+            env: Some(c.env.clone()),
+            labels: Some(c.labels.clone().into_iter().collect::<HashMap<_, _>>()),
+            working_dir: c.working_dir.clone(),
+            user: c.user.clone(),
+            stop_timeout: c.stop_timeout.map(|s| s as i64),
+            attach_stdout: Some(false),
+            attach_stderr: Some(false),
+            tty: Some(false),
+            host_config: Some(host_config(c)),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions {
+            name: Some(c.name.clone()),
+            ..Default::default()
+        };
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(engine_error)?;
+        for w in created.warnings {
+            tracing::warn!(container = %c.name, warning = %w, "engine warning on create");
+        }
+        Ok(created.id)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.docker
+            .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
+            .await
+            .map_err(engine_error)
+    }
+
+    fn logs(&self, id: &str) -> BoxStream<'static, Result<LogLine, RuntimeError>> {
+        let options = LogsOptions {
+            follow: true,
+            stdout: true,
+            stderr: true,
+            timestamps: true,
+            ..Default::default()
+        };
+        self.docker
+            .logs(id, Some(options))
+            .filter_map(|item| async move {
+                match item {
+                    Ok(out) => {
+                        let stream = match out {
+                            bollard::container::LogOutput::StdErr { .. } => LogStream::Stderr,
+                            _ => LogStream::Stdout,
+                        };
+                        let bytes = out.into_bytes();
+                        let line = String::from_utf8_lossy(&bytes);
+                        let line = line.strip_suffix('\n').unwrap_or(&line);
+                        let (timestamp, text) = split_timestamp(line);
+                        Some(Ok(LogLine {
+                            stream,
+                            timestamp,
+                            text,
+                        }))
+                    }
+                    Err(e) => Some(Err(engine_error(e))),
+                }
+            })
+            .boxed()
+    }
+
+    async fn wait(&self, id: &str) -> Result<ExitStatus, RuntimeError> {
+        let mut s = self.docker.wait_container(
+            id,
+            Some(WaitContainerOptions {
+                condition: "not-running".into(),
+            }),
+        );
+        let code = match s.next().await {
+            Some(Ok(r)) => r.status_code,
+            // bollard reports a non-zero exit as an error carrying the code.
+            Some(Err(BollardError::DockerContainerWaitError { code, .. })) => code,
+            Some(Err(e)) => return Err(engine_error(e)),
+            None => return Err(RuntimeError::Engine("wait ended without a status".into())),
+        };
+        let inspect = self
+            .docker
+            .inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>)
+            .await
+            .map_err(engine_error)?;
+        let state = inspect.state.unwrap_or_default();
+        Ok(ExitStatus {
+            code: state.exit_code.unwrap_or(code),
+            oom_killed: state.oom_killed.unwrap_or(false),
+        })
+    }
+
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        let options = StopContainerOptions {
+            t: Some(grace.as_secs().min(i32::MAX as u64) as i32),
+            ..Default::default()
+        };
+        match self.docker.stop_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            // 304: already stopped.
+            Err(BollardError::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(engine_error(e)),
+        }
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let options = RemoveContainerOptions {
+            force: true,
+            v: true,
+            ..Default::default()
+        };
+        self.docker
+            .remove_container(id, Some(options))
+            .await
+            .map_err(engine_error)
+    }
+
+    async fn list(&self, labels: &[(String, String)]) -> Result<Vec<ContainerSummary>, RuntimeError> {
+        let filters: HashMap<String, Vec<String>> = HashMap::from([(
+            "label".to_string(),
+            labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        )]);
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let found = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(engine_error)?;
+        Ok(found
+            .into_iter()
+            .map(|c| ContainerSummary {
+                id: c.id.unwrap_or_default(),
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .map(|n| n.trim_start_matches('/').to_string())
+                    .unwrap_or_default(),
+                labels: c.labels.unwrap_or_default().into_iter().collect(),
+                state: match c.state {
+                    Some(ContainerSummaryStateEnum::CREATED) => ContainerState::Created,
+                    Some(
+                        ContainerSummaryStateEnum::RUNNING
+                        | ContainerSummaryStateEnum::PAUSED
+                        | ContainerSummaryStateEnum::RESTARTING,
+                    ) => ContainerState::Running,
+                    _ => ContainerState::Exited,
+                },
+            })
+            .collect())
+    }
+}
+

@@ -1,0 +1,619 @@
+//! One node's share of a job ("part"): planning its container, and running it
+//! from pull to removal.
+//!
+//! [`plan_container`] is a pure function from a job and a [`Placement`] to a
+//! [`ContainerConfig`]; [`run_part`] drives a [`ContainerRuntime`] through the
+//! lifecycle and reports [`PartEvent`]s on a channel.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_api::docker_args::Ulimit;
+use drover_api::job::{
+    CODE_DIR, DistributionKind, Input, JobSpec, OUTPUTS_DIR, input_container_path,
+};
+use drover_api::labels;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{self, AuthError, RegistryAuth};
+use crate::pull::{ImagePuller, PullError};
+use crate::runtime::{Bind, ContainerConfig, ContainerRuntime, LogLine, PullProgress, RuntimeError};
+
+/// Where drover-init is mounted in every job container.
+pub const INIT_PATH: &str = "/drover/bin/drover-init";
+/// Default port of the rank-0 rendezvous (`MASTER_PORT`, `AZ_BATCH_MASTER_NODE`).
+pub const MASTER_PORT: u16 = 29500;
+
+/// Where one part runs and as what: everything a job spec does not say.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// Job name (also the `drover.job` label).
+    pub job: String,
+    /// Node rank of this part (0-based).
+    pub node_rank: u32,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// Owner label value (`run` for `drover run`, the node id for an agent).
+    pub owner: String,
+    /// The IP of every node of the job, in node-rank order.
+    pub node_ips: Vec<String>,
+    /// False on low-priority (spot) nodes.
+    pub dedicated: bool,
+    /// GPUs given to this part, by UUID.
+    pub gpu_uuids: Vec<String>,
+    /// Network mode for the container; engine default when `None`.
+    pub network_mode: Option<String>,
+    /// Host folder under which outputs without a `path` are kept (`<root>/<output>`).
+    pub outputs_root: PathBuf,
+    /// Host path of the static drover-init binary.
+    pub init_binary: PathBuf,
+    /// Seconds drover-init waits between SIGTERM and SIGKILL when one rank fails.
+    pub rank_grace: Duration,
+    /// Extra environment (identity endpoints and the like), applied last.
+    pub extra_env: BTreeMap<String, String>,
+}
+
+/// Host folder of an output.
+pub fn output_host_path(job: &JobSpec, placement: &Placement, name: &str) -> PathBuf {
+    job.outputs
+        .get(name)
+        .and_then(|o| o.path.clone())
+        .unwrap_or_else(|| placement.outputs_root.join(name))
+}
+
+/// Container name of a part: `drover-<job>-<rank>-a<attempt>`.
+pub fn container_name(job: &str, node_rank: u32, attempt: u32) -> String {
+    format!("drover-{job}-{node_rank}-a{attempt}")
+}
+
+/// The environment a training script written for Azure ML expects, for one node.
+fn distributed_env(job: &JobSpec, p: &Placement) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    let ips = if p.node_ips.is_empty() {
+        vec!["127.0.0.1".to_string()]
+    } else {
+        p.node_ips.clone()
+    };
+    let master = ips[0].clone();
+    let nodes = job.resources.instance_count.max(1);
+    env.insert("AZ_BATCH_MASTER_NODE".into(), format!("{master}:{MASTER_PORT}"));
+    env.insert("AZ_BATCHAI_MPI_MASTER_NODE".into(), master.clone());
+    env.insert("AZ_BATCH_NODE_LIST".into(), ips.join(";"));
+    env.insert("AZ_BATCH_HOST_LIST".into(), ips.join(","));
+    env.insert(
+        "AZ_BATCH_IS_CURRENT_NODE_MASTER".into(),
+        (p.node_rank == 0).to_string(),
+    );
+    env.insert("AZ_BATCH_NODE_IS_DEDICATED".into(), p.dedicated.to_string());
+    env.insert("MASTER_ADDR".into(), master);
+    env.insert("MASTER_PORT".into(), MASTER_PORT.to_string());
+    env.insert("NODE_RANK".into(), p.node_rank.to_string());
+    env.insert("NODE_COUNT".into(), nodes.to_string());
+    env.insert("WORLD_SIZE".into(), job.world_size().to_string());
+    if let Some(d) = job.distribution {
+        env.insert(
+            "DROVER_DISTRIBUTION".into(),
+            match d.kind {
+                DistributionKind::Mpi => "mpi",
+                DistributionKind::Pytorch => "pytorch",
+            }
+            .into(),
+        );
+    }
+    env.insert("DROVER_JOB_NAME".into(), p.job.clone());
+    env.insert("AZUREML_RUN_ID".into(), p.job.clone());
+    env.insert("DROVER_ATTEMPT".into(), p.attempt.to_string());
+    env
+}
+
+fn path_string(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// What the host can give a container, probed once per runner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFacts {
+    /// `/dev/infiniband/*` device nodes, passed through for RDMA between nodes.
+    pub infiniband_devices: Vec<String>,
+    /// Highest `memlock` limit the engine can set, -1 for unlimited.
+    pub memlock_max: i64,
+}
+
+impl HostFacts {
+    /// Reads the host's InfiniBand devices and the memlock limit it can grant.
+    ///
+    /// Raising `memlock` to unlimited needs `CAP_SYS_RESOURCE` (which the
+    /// engine has on a normal VM, but not inside some sandboxes); without it
+    /// runc fails the start with "error setting rlimit type 8". The engine
+    /// runs on this host with this process's privileges, so its limits are
+    /// read here and the request is clamped, with a warning, instead.
+    pub fn probe() -> Self {
+        let memlock_max = if has_cap_sys_resource() {
+            -1
+        } else {
+            hard_memlock_limit().unwrap_or(-1)
+        };
+        HostFacts {
+            infiniband_devices: infiniband_devices(Path::new("/dev/infiniband")),
+            memlock_max,
+        }
+    }
+}
+
+impl Default for HostFacts {
+    fn default() -> Self {
+        HostFacts {
+            infiniband_devices: Vec::new(),
+            memlock_max: -1,
+        }
+    }
+}
+
+/// CAP_SYS_RESOURCE (bit 24) in this process's effective capabilities.
+fn has_cap_sys_resource() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return true;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .map(|caps| caps & (1 << 24) != 0)
+        .unwrap_or(true)
+}
+
+/// The hard `Max locked memory` of this process in bytes; `None` if unlimited or unknown.
+fn hard_memlock_limit() -> Option<i64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max locked memory"))?;
+    let hard = line.split_whitespace().nth(4)?;
+    hard.parse().ok()
+}
+
+/// `/dev/infiniband/*` device nodes of the host, for RDMA between nodes.
+pub fn infiniband_devices(root: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| path_string(&e.path()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Plans the container of one part. Pure: the same job, placement and host
+/// facts always give the same configuration.
+pub fn plan_container(job: &JobSpec, p: &Placement, host: &HostFacts) -> ContainerConfig {
+    let mut env = distributed_env(job, p);
+    for (k, v) in &job.environment_variables {
+        env.insert(k.clone(), v.clone());
+    }
+    for (k, v) in &job.resources.docker_args.env {
+        // `-e NAME` without a value takes it from the job's environment, as docker does from the shell's.
+        let value = if v.is_empty() {
+            job.environment_variables.get(k).cloned().unwrap_or_default()
+        } else {
+            v.clone()
+        };
+        env.insert(k.clone(), value);
+    }
+    for (k, v) in &p.extra_env {
+        env.insert(k.clone(), v.clone());
+    }
+
+    let mut binds = vec![Bind {
+        source: path_string(&p.init_binary),
+        target: INIT_PATH.into(),
+        read_only: true,
+    }];
+    if let Some(code) = &job.code {
+        binds.push(Bind {
+            source: path_string(code),
+            target: CODE_DIR.into(),
+            read_only: false,
+        });
+    }
+    for (name, input) in &job.inputs {
+        if let Input::Path { path, .. } = input {
+            let target = input_container_path(name, input);
+            binds.push(Bind {
+                source: path_string(path),
+                target,
+                read_only: true,
+            });
+        }
+    }
+    for name in job.outputs.keys() {
+        binds.push(Bind {
+            source: path_string(&output_host_path(job, p, name)),
+            target: format!("{OUTPUTS_DIR}/{name}"),
+            read_only: false,
+        });
+    }
+    for m in &job.drover.mounts {
+        binds.push(Bind {
+            source: path_string(&m.source),
+            target: m.target.clone(),
+            read_only: m.read_only,
+        });
+    }
+
+    // memlock unlimited: RDMA and NCCL pin memory; later --ulimit entries override.
+    let mut ulimits: Vec<Ulimit> = vec![Ulimit {
+        name: "memlock".into(),
+        soft: -1,
+        hard: -1,
+    }];
+    for u in &job.resources.docker_args.ulimits {
+        ulimits.retain(|x| x.name != u.name);
+        ulimits.push(u.clone());
+    }
+    if host.memlock_max >= 0 {
+        let clamp = |v: i64| if v < 0 || v > host.memlock_max { host.memlock_max } else { v };
+        for u in ulimits.iter_mut().filter(|u| u.name == "memlock") {
+            u.soft = clamp(u.soft);
+            u.hard = clamp(u.hard);
+        }
+    }
+
+    let mut labels_map = BTreeMap::new();
+    for (k, v) in &job.resources.docker_args.labels {
+        labels_map.insert(k.clone(), v.clone());
+    }
+    labels_map.insert(labels::MANAGED.into(), "true".into());
+    labels_map.insert(labels::JOB.into(), p.job.clone());
+    labels_map.insert(labels::PART.into(), p.node_rank.to_string());
+    labels_map.insert(labels::ATTEMPT.into(), p.attempt.to_string());
+    labels_map.insert(labels::OWNER.into(), p.owner.clone());
+
+    let args = &job.resources.docker_args;
+    let cmd = vec![
+        "--procs".to_string(),
+        job.processes_per_instance().to_string(),
+        "--grace".to_string(),
+        p.rank_grace.as_secs().to_string(),
+        "--".to_string(),
+        job.resolved_command(),
+    ];
+    ContainerConfig {
+        name: container_name(&p.job, p.node_rank, p.attempt),
+        image: job.image.clone(),
+        entrypoint: vec![INIT_PATH.to_string()],
+        cmd,
+        env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        labels: labels_map,
+        working_dir: if job.code.is_some() {
+            Some(CODE_DIR.to_string())
+        } else {
+            args.workdir.clone()
+        },
+        user: args.user.clone(),
+        binds,
+        shm_size: job.shm_size(),
+        ulimits,
+        gpu_uuids: p.gpu_uuids.clone(),
+        devices: host.infiniband_devices.clone(),
+        memory: args.memory,
+        memory_swap: args.memory_swap,
+        memory_reservation: args.memory_reservation,
+        nano_cpus: args.cpus.map(|c| (c * 1e9) as i64),
+        cpu_shares: args.cpu_shares,
+        cpuset_cpus: args.cpuset_cpus.clone(),
+        pids_limit: args.pids_limit,
+        ipc_mode: args.ipc.clone(),
+        network_mode: p.network_mode.clone(),
+        tmpfs: args.tmpfs.iter().cloned().collect(),
+        read_only_rootfs: args.read_only,
+        stop_timeout: args.stop_timeout,
+    }
+}
+
+/// Something that happened while a part ran, in order.
+#[derive(Debug, Clone)]
+pub enum PartEvent {
+    /// Image pull progress.
+    Pull(PullProgress),
+    /// The container was created.
+    Created {
+        /// Container id.
+        id: String,
+    },
+    /// The container started.
+    Started {
+        /// Container id.
+        id: String,
+    },
+    /// A line of output.
+    Log(LogLine),
+    /// Stopping began (timeout or cancel).
+    Stopping {
+        /// Why.
+        reason: StopReason,
+    },
+}
+
+/// Why a part was stopped before it exited by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// `limits.timeout` passed.
+    Timeout,
+    /// Canceled by the user or the control plane.
+    Canceled,
+}
+
+/// How a part ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartOutcome {
+    /// Exited with code 0.
+    Completed,
+    /// Exited with a non-zero code.
+    Failed {
+        /// The code.
+        exit_code: i64,
+    },
+    /// A process was killed by the kernel's OOM killer.
+    OomKilled {
+        /// PID 1's exit code.
+        exit_code: i64,
+    },
+    /// Stopped after `limits.timeout`.
+    TimedOut,
+    /// Stopped by cancellation.
+    Canceled,
+}
+
+impl PartOutcome {
+    /// The exit code a CLI should end with: the job's own, 124 for a timeout
+    /// (like `timeout(1)`), 130 for cancellation (like Ctrl-C).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            PartOutcome::Completed => 0,
+            PartOutcome::Failed { exit_code } | PartOutcome::OomKilled { exit_code } => {
+                (*exit_code).clamp(1, 255) as i32
+            }
+            PartOutcome::TimedOut => 124,
+            PartOutcome::Canceled => 130,
+        }
+    }
+}
+
+/// Why a part could not be run to an outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum PartError {
+    /// A local path the job names does not exist.
+    #[error("{what} {path} does not exist")]
+    MissingPath {
+        /// `code`, `inputs.x`, `drover.mounts[0]`, `drover-init`.
+        what: String,
+        /// The path.
+        path: PathBuf,
+    },
+    /// An output folder could not be created.
+    #[error("cannot create output folder {path}")]
+    CreateOutput {
+        /// The folder.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Registry credentials could not be read.
+    #[error(transparent)]
+    Credentials(#[from] AuthError),
+    /// The image could not be made available.
+    #[error(transparent)]
+    Pull(#[from] PullError),
+    /// The container could not be created.
+    #[error("creating container {name} failed")]
+    Create {
+        /// Container name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: RuntimeError,
+    },
+    /// The container could not be started; `cleanup` says whether removing it failed too.
+    #[error("starting container {name} failed{}", cleanup.as_ref().map(|c| format!(" (and removing it failed too: {c})")).unwrap_or_default())]
+    Start {
+        /// Container name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: RuntimeError,
+        /// Error of the removal that followed, if it failed as well.
+        cleanup: Option<RuntimeError>,
+    },
+    /// Waiting for or stopping the container failed.
+    #[error("supervising container {name} failed")]
+    Supervise {
+        /// Container name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: RuntimeError,
+    },
+}
+
+/// Options of [`run_part`].
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// SIGTERM-to-SIGKILL grace when stopping for timeout or cancel.
+    pub stop_grace: Duration,
+    /// Remove the container once it has ended and its logs are drained.
+    pub remove: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            stop_grace: Duration::from_secs(10),
+            remove: true,
+        }
+    }
+}
+
+/// Checks the host paths a part needs and creates its output folders.
+pub fn prepare_host_paths(job: &JobSpec, p: &Placement) -> Result<(), PartError> {
+    let missing = |what: String, path: &Path| PartError::MissingPath {
+        what,
+        path: path.to_path_buf(),
+    };
+    if !p.init_binary.is_file() {
+        return Err(missing("drover-init binary".into(), &p.init_binary));
+    }
+    if let Some(code) = &job.code {
+        if !code.is_dir() {
+            return Err(missing("code folder".into(), code));
+        }
+    }
+    for (name, input) in &job.inputs {
+        if let Input::Path { path, .. } = input {
+            if !path.exists() {
+                return Err(missing(format!("input {name}:"), path));
+            }
+        }
+    }
+    for (i, m) in job.drover.mounts.iter().enumerate() {
+        if !m.source.exists() {
+            return Err(missing(format!("drover.mounts[{i}] source"), &m.source));
+        }
+    }
+    for name in job.outputs.keys() {
+        let path = output_host_path(job, p, name);
+        std::fs::create_dir_all(&path).map_err(|source| PartError::CreateOutput {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Runs one part to its end: pull, create, start, stream logs, wait (bounded
+/// by `limits.timeout` and `cancel`), stop if needed, remove. Events go to
+/// `events`; a full or closed channel never blocks or fails the part.
+pub async fn run_part<R: ContainerRuntime>(
+    runtime: &Arc<R>,
+    puller: &ImagePuller<R>,
+    job: &JobSpec,
+    placement: &Placement,
+    options: &RunOptions,
+    host: &HostFacts,
+    events: mpsc::Sender<PartEvent>,
+    cancel: CancellationToken,
+) -> Result<PartOutcome, PartError> {
+    prepare_host_paths(job, placement)?;
+    let auth: Option<RegistryAuth> =
+        auth::resolve(&job.image, job.drover.registry_credentials.as_ref())?;
+
+    // Pull, forwarding progress; cancellation aborts the wait (the shared pull goes on).
+    let (ptx, mut prx) = mpsc::channel::<PullProgress>(256);
+    let forward = {
+        let events = events.clone();
+        tokio::spawn(async move {
+            while let Some(p) = prx.recv().await {
+                let _ = events.send(PartEvent::Pull(p)).await;
+            }
+        })
+    };
+    let pulled = tokio::select! {
+        r = puller.ensure(&job.image, job.drover.pull_policy, auth, Some(ptx)) => Some(r),
+        _ = cancel.cancelled() => None,
+    };
+    let _ = forward.await;
+    match pulled {
+        None => return Ok(PartOutcome::Canceled),
+        Some(r) => r?,
+    }
+
+    let config = plan_container(job, placement, host);
+    let name = config.name.clone();
+    let id = runtime
+        .create(&config)
+        .await
+        .map_err(|source| PartError::Create {
+            name: name.clone(),
+            source,
+        })?;
+    let _ = events.send(PartEvent::Created { id: id.clone() }).await;
+    tracing::debug!(container = %name, id = %id, "container created");
+
+    if cancel.is_cancelled() {
+        let _ = runtime.remove(&id).await;
+        return Ok(PartOutcome::Canceled);
+    }
+    if let Err(source) = runtime.start(&id).await {
+        let cleanup = runtime.remove(&id).await.err();
+        return Err(PartError::Start {
+            name,
+            source,
+            cleanup,
+        });
+    }
+    let _ = events.send(PartEvent::Started { id: id.clone() }).await;
+
+    let logs = {
+        let mut stream = runtime.logs(&id);
+        let events = events.clone();
+        tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(line) => {
+                        let _ = events.send(PartEvent::Log(line)).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "log stream ended with an error");
+                        break;
+                    }
+                }
+            }
+        })
+    };
+
+    let timeout = job.timeout_seconds.map(Duration::from_secs);
+    let sleep = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    let supervise = |source| PartError::Supervise {
+        name: name.clone(),
+        source,
+    };
+    let outcome = tokio::select! {
+        status = runtime.wait(&id) => {
+            let status = status.map_err(supervise)?;
+            if status.oom_killed {
+                PartOutcome::OomKilled { exit_code: status.code }
+            } else if status.code == 0 {
+                PartOutcome::Completed
+            } else {
+                PartOutcome::Failed { exit_code: status.code }
+            }
+        }
+        _ = sleep => {
+            let _ = events.send(PartEvent::Stopping { reason: StopReason::Timeout }).await;
+            runtime.stop(&id, options.stop_grace).await.map_err(supervise)?;
+            PartOutcome::TimedOut
+        }
+        _ = cancel.cancelled() => {
+            let _ = events.send(PartEvent::Stopping { reason: StopReason::Canceled }).await;
+            runtime.stop(&id, options.stop_grace).await.map_err(supervise)?;
+            PartOutcome::Canceled
+        }
+    };
+    // The log stream ends when the container does; bound the wait in case the engine lags.
+    let _ = tokio::time::timeout(Duration::from_secs(5), logs).await;
+    if options.remove {
+        if let Err(e) = runtime.remove(&id).await {
+            tracing::warn!(container = %name, error = %e, "removing container failed");
+        }
+    }
+    Ok(outcome)
+}

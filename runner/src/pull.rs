@@ -1,0 +1,253 @@
+//! Image pulls: shared between parts, bounded in time, with progress.
+//!
+//! Two parts that need one image cause one pull: the first caller starts a
+//! pull task, later callers join it and receive its progress and its result.
+//! The task runs detached, so a caller that gives up does not cancel the pull
+//! for the others. Two limits apply: a total time, and a time without any
+//! progress message — a multi-GB pull can legitimately take long, but a pull
+//! that says nothing for minutes is stuck.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use drover_api::job::PullPolicy;
+use futures_util::StreamExt;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::auth::RegistryAuth;
+use crate::runtime::{ContainerRuntime, PullProgress, RuntimeError};
+
+/// Time limits of one pull.
+#[derive(Debug, Clone, Copy)]
+pub struct PullLimits {
+    /// The whole pull.
+    pub total: Duration,
+    /// Longest silence between two progress messages.
+    pub no_progress: Duration,
+}
+
+impl Default for PullLimits {
+    fn default() -> Self {
+        PullLimits {
+            total: Duration::from_secs(60 * 60),
+            no_progress: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// Why an image is not available.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PullError {
+    /// `pull_policy: never` and the image is not on the node.
+    #[error("image {image} is not present and pull_policy is never")]
+    NotPresent {
+        /// The image.
+        image: String,
+    },
+    /// The registry (or the engine talking to it) refused; its reason verbatim.
+    #[error("pulling {image} failed: {reason}")]
+    Registry {
+        /// The image.
+        image: String,
+        /// The registry's reason.
+        reason: String,
+    },
+    /// The pull took longer than the total limit.
+    #[error("pulling {image} took longer than {limit:?}")]
+    Timeout {
+        /// The image.
+        image: String,
+        /// The limit.
+        limit: Duration,
+    },
+    /// No progress for the no-progress limit.
+    #[error("pulling {image} made no progress for {limit:?}")]
+    Stalled {
+        /// The image.
+        image: String,
+        /// The limit.
+        limit: Duration,
+    },
+    /// The container engine failed.
+    #[error("container engine error while pulling {image}: {reason}")]
+    Engine {
+        /// The image.
+        image: String,
+        /// The engine's message.
+        reason: String,
+    },
+}
+
+type PullResult = Option<Result<(), PullError>>;
+
+struct InFlight {
+    progress: broadcast::Sender<PullProgress>,
+    done: watch::Receiver<PullResult>,
+}
+
+/// Pulls images through a [`ContainerRuntime`], sharing concurrent pulls of one image.
+pub struct ImagePuller<R: ContainerRuntime> {
+    runtime: Arc<R>,
+    limits: PullLimits,
+    in_flight: Arc<Mutex<HashMap<String, InFlight>>>,
+}
+
+impl<R: ContainerRuntime> ImagePuller<R> {
+    /// A puller over `runtime`.
+    pub fn new(runtime: Arc<R>, limits: PullLimits) -> Self {
+        ImagePuller {
+            runtime,
+            limits,
+            in_flight: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Makes `image` available according to `policy`, forwarding progress to
+    /// `progress` (if given) until it is.
+    pub async fn ensure(
+        &self,
+        image: &str,
+        policy: PullPolicy,
+        auth: Option<RegistryAuth>,
+        progress: Option<mpsc::Sender<PullProgress>>,
+    ) -> Result<(), PullError> {
+        let engine = |e: RuntimeError| PullError::Engine {
+            image: image.to_string(),
+            reason: e.to_string(),
+        };
+        match policy {
+            PullPolicy::Always => {}
+            PullPolicy::IfNotPresent => {
+                if self.runtime.image_present(image).await.map_err(engine)? {
+                    return Ok(());
+                }
+            }
+            PullPolicy::Never => {
+                return if self.runtime.image_present(image).await.map_err(engine)? {
+                    Ok(())
+                } else {
+                    Err(PullError::NotPresent {
+                        image: image.to_string(),
+                    })
+                };
+            }
+        }
+        let (mut progress_rx, mut done) = self.join_or_start(image, auth);
+        loop {
+            tokio::select! {
+                changed = done.changed() => {
+                    if changed.is_err() {
+                        // The task ended without a result: only a panic does that.
+                        return Err(PullError::Engine {
+                            image: image.to_string(),
+                            reason: "pull task ended unexpectedly".into(),
+                        });
+                    }
+                    if let Some(result) = done.borrow().clone() {
+                        return result;
+                    }
+                }
+                msg = progress_rx.recv() => {
+                    if let (Ok(p), Some(tx)) = (msg, &progress) {
+                        let _ = tx.try_send(p);
+                    }
+                }
+            }
+        }
+    }
+
+    fn join_or_start(
+        &self,
+        image: &str,
+        auth: Option<RegistryAuth>,
+    ) -> (
+        broadcast::Receiver<PullProgress>,
+        watch::Receiver<PullResult>,
+    ) {
+        let mut map = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(f) = map.get(image) {
+            tracing::debug!(image, "joining pull in flight");
+            return (f.progress.subscribe(), f.done.clone());
+        }
+        let (progress_tx, progress_rx) = broadcast::channel(256);
+        let (done_tx, done_rx) = watch::channel(None);
+        map.insert(
+            image.to_string(),
+            InFlight {
+                progress: progress_tx.clone(),
+                done: done_rx.clone(),
+            },
+        );
+        drop(map);
+
+        let runtime = self.runtime.clone();
+        let limits = self.limits;
+        let in_flight = self.in_flight.clone();
+        let image = image.to_string();
+        tokio::spawn(async move {
+            tracing::info!(image = %image, "pull started");
+            let started = std::time::Instant::now();
+            let result = pull_with_limits(&*runtime, &image, auth, limits, &progress_tx).await;
+            match &result {
+                Ok(()) => tracing::info!(image = %image, elapsed_ms = started.elapsed().as_millis() as u64, "pull finished"),
+                Err(e) => tracing::warn!(image = %image, error = %e, "pull failed"),
+            }
+            // Remove before publishing, so a caller arriving after a failure starts afresh.
+            in_flight
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .remove(&image);
+            let _ = done_tx.send(Some(result));
+        });
+        (progress_rx, done_rx)
+    }
+}
+
+async fn pull_with_limits<R: ContainerRuntime>(
+    runtime: &R,
+    image: &str,
+    auth: Option<RegistryAuth>,
+    limits: PullLimits,
+    progress: &broadcast::Sender<PullProgress>,
+) -> Result<(), PullError> {
+    let mut stream = runtime.pull(image, auth);
+    let work = async {
+        loop {
+            match tokio::time::timeout(limits.no_progress, stream.next()).await {
+                Err(_) => {
+                    return Err(PullError::Stalled {
+                        image: image.to_string(),
+                        limit: limits.no_progress,
+                    });
+                }
+                Ok(None) => return Ok(()),
+                Ok(Some(Ok(p))) => {
+                    let _ = progress.send(p);
+                }
+                Ok(Some(Err(RuntimeError::Registry(reason)))) => {
+                    return Err(PullError::Registry {
+                        image: image.to_string(),
+                        reason,
+                    });
+                }
+                Ok(Some(Err(e))) => {
+                    return Err(PullError::Engine {
+                        image: image.to_string(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(limits.total, work).await {
+        Ok(r) => r,
+        Err(_) => Err(PullError::Timeout {
+            image: image.to_string(),
+            limit: limits.total,
+        }),
+    }
+}

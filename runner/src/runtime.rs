@@ -1,0 +1,197 @@
+//! The container-runtime boundary: what the runner needs from a container
+//! engine, in plain types. [`crate::docker::DockerRuntime`] implements it over
+//! the Docker API; tests can implement it in memory.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use futures_util::stream::BoxStream;
+
+use crate::auth::RegistryAuth;
+
+/// Everything needed to create one container, independent of any engine API.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerConfig {
+    /// Container name.
+    pub name: String,
+    /// Image reference.
+    pub image: String,
+    /// Entrypoint (drover-init for job parts).
+    pub entrypoint: Vec<String>,
+    /// Arguments to the entrypoint.
+    pub cmd: Vec<String>,
+    /// Environment, `NAME=VALUE`.
+    pub env: Vec<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Working directory.
+    pub working_dir: Option<String>,
+    /// User to run as.
+    pub user: Option<String>,
+    /// Bind mounts.
+    pub binds: Vec<Bind>,
+    /// `/dev/shm` size in bytes.
+    pub shm_size: Option<u64>,
+    /// Resource limits.
+    pub ulimits: Vec<drover_api::docker_args::Ulimit>,
+    /// GPUs by UUID (NVIDIA device request).
+    pub gpu_uuids: Vec<String>,
+    /// Host device paths passed through (e.g. `/dev/infiniband/uverbs0`).
+    pub devices: Vec<String>,
+    /// Memory limit in bytes.
+    pub memory: Option<u64>,
+    /// Memory + swap in bytes (-1 unlimited).
+    pub memory_swap: Option<i64>,
+    /// Soft memory limit in bytes.
+    pub memory_reservation: Option<u64>,
+    /// CPU quota in billionths of a core.
+    pub nano_cpus: Option<i64>,
+    /// Relative CPU weight.
+    pub cpu_shares: Option<i64>,
+    /// Allowed CPUs.
+    pub cpuset_cpus: Option<String>,
+    /// Process limit.
+    pub pids_limit: Option<i64>,
+    /// IPC mode.
+    pub ipc_mode: Option<String>,
+    /// Network mode: `host`, a network name, `container:<id>`; engine default when `None`.
+    pub network_mode: Option<String>,
+    /// tmpfs mounts: path → options.
+    pub tmpfs: BTreeMap<String, String>,
+    /// Read-only root filesystem.
+    pub read_only_rootfs: bool,
+    /// Seconds between SIGTERM and SIGKILL on stop.
+    pub stop_timeout: Option<u64>,
+}
+
+/// A bind mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// Host path.
+    pub source: String,
+    /// Container path.
+    pub target: String,
+    /// Read-only.
+    pub read_only: bool,
+}
+
+/// One progress message of an image pull.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullProgress {
+    /// The image being pulled.
+    pub image: String,
+    /// Layer id, empty for messages about the whole image.
+    pub layer: String,
+    /// Engine's status text (`Downloading`, `Pull complete`, …).
+    pub status: String,
+    /// Bytes done, when the engine reports them.
+    pub current: Option<u64>,
+    /// Bytes in total, when known.
+    pub total: Option<u64>,
+}
+
+/// Which output stream a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// One line of a container's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// Stream.
+    pub stream: LogStream,
+    /// The engine's RFC 3339 timestamp of the line.
+    pub timestamp: String,
+    /// The text, without timestamp or trailing newline.
+    pub text: String,
+}
+
+/// How a container ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code of PID 1.
+    pub code: i64,
+    /// The kernel's OOM killer ended a process in the container.
+    pub oom_killed: bool,
+}
+
+/// Lifecycle state of a container as the engine reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerState {
+    /// Created, not started.
+    Created,
+    /// Running (or paused/restarting).
+    Running,
+    /// Exited or dead.
+    Exited,
+}
+
+/// A container found by label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerSummary {
+    /// Engine id.
+    pub id: String,
+    /// Name without the leading `/`.
+    pub name: String,
+    /// All labels.
+    pub labels: BTreeMap<String, String>,
+    /// State.
+    pub state: ContainerState,
+}
+
+/// A failure of the container engine, with the engine's own message.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RuntimeError {
+    /// The engine could not be reached at all.
+    #[error("cannot reach the container engine: {0}")]
+    Unreachable(String),
+    /// The object does not exist (404).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A name is taken (409).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The registry refused or failed a pull or push.
+    #[error("{0}")]
+    Registry(String),
+    /// Any other engine error.
+    #[error("{0}")]
+    Engine(String),
+}
+
+/// What the runner needs from a container engine.
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// True if the image is present locally.
+    fn image_present(&self, image: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
+    /// Pulls an image, yielding progress until done; an `Err` item ends it.
+    fn pull(
+        &self,
+        image: &str,
+        auth: Option<RegistryAuth>,
+    ) -> BoxStream<'static, Result<PullProgress, RuntimeError>>;
+    /// Creates a container, returning its id.
+    fn create(
+        &self,
+        config: &ContainerConfig,
+    ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    /// Starts a created container.
+    fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Follows a container's stdout/stderr from its start until it exits.
+    fn logs(&self, id: &str) -> BoxStream<'static, Result<LogLine, RuntimeError>>;
+    /// Waits until the container exits.
+    fn wait(&self, id: &str) -> impl Future<Output = Result<ExitStatus, RuntimeError>> + Send;
+    /// Sends SIGTERM, then SIGKILL after `grace`.
+    fn stop(&self, id: &str, grace: Duration) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Removes a container (forcefully, with its anonymous volumes).
+    fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Lists containers (running or not) carrying every given `label=value`.
+    fn list(
+        &self,
+        labels: &[(String, String)],
+    ) -> impl Future<Output = Result<Vec<ContainerSummary>, RuntimeError>> + Send;
+}

@@ -6,6 +6,7 @@
 
 pub mod docker_args;
 pub mod job;
+pub mod cluster;
 pub mod compute;
 pub mod labels;
 pub mod units;

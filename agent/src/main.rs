@@ -1,6 +1,8 @@
 //! `drover-agent`: the node daemon's command line. A dispatcher only: parse
 //! arguments, set up tracing, run one command, turn its error into an exit code.
 
+mod commands;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -11,7 +13,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Print this node's inventory: host resources and GPUs with health.
+    Inventory(commands::inventory::InventoryArgs),
+}
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -22,5 +27,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Inventory(args) => commands::inventory::run(args),
+    }
 }

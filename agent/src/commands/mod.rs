@@ -1,0 +1,3 @@
+//! One module per `drover-agent` subcommand; `main` only dispatches here.
+
+pub mod inventory;

@@ -1,1 +1,408 @@
+//! Harness for Drover's end-to-end tests: real binaries, a real Docker engine
+//! and a real registry (Debian's `docker-registry`) on 127.0.0.1.
+//!
+//! Tests need a Docker engine and the offline base image
+//! (`images/build-offline.sh base`); they fail with a message that says so
+//! when either is missing, rather than skipping.
 
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The offline base image every e2e job uses.
+pub const BASE_IMAGE: &str = "drover/base:bookworm";
+
+/// Root of the source checkout.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The cargo target folder these tests were built into.
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    repo_root().join("target")
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn run_checked(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Builds (once per test process) the `drover` CLI and the static
+/// drover-init, and returns the CLI's path. Cargo is a no-op when they are
+/// up to date, which is the case after `make build`.
+pub fn drover_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let _guard = build_lock();
+            run_checked(
+                cargo()
+                    .current_dir(repo_root())
+                    .args(["build", "-q", "-p", "drover-control", "--bin", "drover"]),
+                "building drover",
+            );
+            run_checked(
+                cargo()
+                    .current_dir(repo_root())
+                    .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                    .args([
+                        "build",
+                        "-q",
+                        "--release",
+                        "--target",
+                        "x86_64-unknown-linux-gnu",
+                        "-p",
+                        "drover-init",
+                    ]),
+                "building drover-init",
+            );
+            target_dir().join("debug/drover")
+        })
+        .clone()
+}
+
+/// Path of the static drover-init built by [`drover_bin`].
+pub fn init_bin() -> PathBuf {
+    drover_bin();
+    target_dir().join("x86_64-unknown-linux-gnu/release/drover-init")
+}
+
+fn build_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Panics with a clear message unless a Docker engine and the base image are there.
+pub fn require_docker() {
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
+        let info = Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output();
+        match info {
+            Ok(o) if o.status.success() => {}
+            _ => panic!("these tests need a running Docker engine (`docker info` failed); start dockerd"),
+        }
+        let img = Command::new("docker")
+            .args(["image", "inspect", BASE_IMAGE])
+            .output()
+            .expect("docker image inspect");
+        assert!(
+            img.status.success(),
+            "these tests need {BASE_IMAGE}; build it with `images/build-offline.sh base`"
+        );
+    });
+}
+
+/// A job folder with a `job.yml`.
+pub struct JobDir {
+    /// The temporary folder (removed on drop).
+    pub dir: tempfile::TempDir,
+}
+
+impl JobDir {
+    /// Writes `yaml` as `job.yml` in a fresh folder.
+    pub fn new(yaml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("job.yml"), yaml).expect("write job.yml");
+        JobDir { dir }
+    }
+
+    /// The job file.
+    pub fn job_file(&self) -> PathBuf {
+        self.dir.path().join("job.yml")
+    }
+
+    /// A path inside the folder.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Writes a file (creating parent folders).
+    pub fn write(&self, rel: &str, contents: &str) {
+        let p = self.path(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(p, contents).expect("write");
+    }
+}
+
+/// Result of a finished `drover` command.
+pub struct Finished {
+    /// Exit code (`None` if killed by a signal).
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl From<(Output, Duration)> for Finished {
+    fn from((o, elapsed): (Output, Duration)) -> Self {
+        Finished {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            elapsed,
+        }
+    }
+}
+
+/// Runs `drover run <job> --name <name> [extra]` to completion.
+pub fn drover_run(job: &JobDir, name: &str, extra: &[&str]) -> Finished {
+    require_docker();
+    let started = Instant::now();
+    let out = Command::new(drover_bin())
+        .arg("run")
+        .arg(job.job_file())
+        .args(["--name", name])
+        .args(extra)
+        .env("DROVER_INIT", init_bin())
+        .output()
+        .expect("run drover");
+    (out, started.elapsed()).into()
+}
+
+/// Starts `drover run` without waiting.
+pub fn drover_run_spawn(job: &JobDir, name: &str) -> Child {
+    require_docker();
+    Command::new(drover_bin())
+        .arg("run")
+        .arg(job.job_file())
+        .args(["--name", name])
+        .env("DROVER_INIT", init_bin())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn drover")
+}
+
+/// A unique, valid job name for one test.
+pub fn unique_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{:x}-{}", nanos & 0xffff_ffff, std::process::id())
+}
+
+/// Containers (any state) whose `drover.job` label is `job`.
+pub fn containers_of_job(job: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=drover.job={job}"),
+        ])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A tiny image (busybox only) built from the host's static busybox, so
+/// registry tests push and pull a couple of MB instead of a Debian rootfs.
+pub fn tiny_image() -> &'static str {
+    const TAG: &str = "drover/tiny:test";
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        require_docker();
+        let exists = Command::new("docker")
+            .args(["image", "inspect", TAG])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if exists {
+            return;
+        }
+        let busybox = Path::new("/bin/busybox");
+        assert!(
+            busybox.exists(),
+            "registry tests need a static busybox (apt-get install busybox-static)"
+        );
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(root.path().join("bin")).expect("mkdir bin");
+        std::fs::copy(busybox, root.path().join("bin/busybox")).expect("copy busybox");
+        std::os::unix::fs::symlink("busybox", root.path().join("bin/sh")).expect("symlink sh");
+        let tar = Command::new("tar")
+            .arg("-C")
+            .arg(root.path())
+            .args(["-c", "."])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("tar");
+        let stdout = tar.stdout.expect("tar stdout");
+        run_checked(
+            Command::new("docker")
+                .args(["import", "--change", "CMD [\"/bin/sh\"]", "-", TAG])
+                .stdin(stdout),
+            "docker import tiny image",
+        );
+    });
+    TAG
+}
+
+/// A `docker-registry` on 127.0.0.1 with one htpasswd user, logging requests
+/// to a file the test can read. Stopped on drop.
+pub struct Registry {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// User name.
+    pub user: String,
+    /// Password.
+    pub password: String,
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+    docker_config: PathBuf,
+}
+
+impl Registry {
+    /// Starts a registry with user `drover`/`s3cret-pw`.
+    pub fn start() -> Registry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let user = "drover".to_string();
+        let password = "s3cret-pw".to_string();
+        let htpasswd = Command::new("htpasswd")
+            .args(["-Bbn", &user, &password])
+            .output()
+            .expect("htpasswd (apt-get install apache2-utils)");
+        assert!(htpasswd.status.success(), "htpasswd failed");
+        std::fs::write(dir.path().join("htpasswd"), &htpasswd.stdout).expect("write htpasswd");
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: drover-test\n    path: {ht}\n",
+            root = dir.path().join("data").display(),
+            ht = dir.path().join("htpasswd").display(),
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).expect("write registry config");
+        let log = dir.path().join("registry.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(log_file.try_clone().expect("clone log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("start docker-registry (apt-get install docker-registry)");
+        let up = wait_until(Duration::from_secs(15), || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+        assert!(up, "registry did not start on {addr}");
+        let docker_config = dir.path().join("docker-config");
+        std::fs::create_dir_all(&docker_config).expect("mkdir docker config");
+        Registry {
+            addr,
+            user,
+            password,
+            child,
+            log,
+            _dir: dir,
+            docker_config,
+        }
+    }
+
+    /// Pushes local `image` as `<registry>/<repo>` with the docker CLI
+    /// (logged in through a private client config, leaving ~/.docker alone).
+    pub fn push(&self, image: &str, repo: &str) -> String {
+        let target = format!("{}/{repo}", self.addr);
+        let docker = |args: &[&str]| {
+            let mut c = Command::new("docker");
+            c.arg("--config").arg(&self.docker_config).args(args);
+            c
+        };
+        let mut login = docker(&["login", "-u", &self.user, "--password-stdin", &self.addr]);
+        login.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = login.spawn().expect("docker login");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin.write_all(self.password.as_bytes()).expect("password");
+        }
+        let out = child.wait_with_output().expect("docker login");
+        assert!(out.status.success(), "docker login failed: {}", String::from_utf8_lossy(&out.stderr));
+        run_checked(&mut docker(&["tag", image, &target]), "docker tag");
+        run_checked(&mut docker(&["push", &target]), "docker push");
+        // Drop the local copy so a later pull really goes to the registry.
+        run_checked(&mut docker(&["rmi", &target]), "docker rmi");
+        target
+    }
+
+    /// The registry's log so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Successful manifest look-ups of `repo` by tag in the access log: the
+    /// engine resolves a tag once per pull (`HEAD`, or `GET` on older
+    /// engines) and then fetches by digest, so this counts pulls.
+    pub fn manifest_gets(&self, repo: &str) -> usize {
+        let by_tag = format!("/v2/{repo}/manifests/");
+        BufReader::new(self.log().as_bytes())
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| {
+                (l.contains(&format!("\"HEAD {by_tag}")) || l.contains(&format!("\"GET {by_tag}")))
+                    && !l.contains(&format!("{by_tag}sha256:"))
+                    && l.contains("\" 200 ")
+            })
+            .count()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

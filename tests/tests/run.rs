@@ -1,0 +1,210 @@
+//! `drover run` end to end: the real CLI, a real Docker engine, drover-init.
+
+use std::time::Duration;
+
+use drover_tests::{
+    BASE_IMAGE, JobDir, containers_of_job, drover_run, drover_run_spawn, unique_name, wait_until,
+};
+
+fn job(command: &str, extra: &str) -> JobDir {
+    JobDir::new(&format!(
+        "command: {command}\nenvironment:\n  image: {BASE_IMAGE}\n{extra}"
+    ))
+}
+
+#[test]
+fn a_job_prints_and_exits_zero() {
+    let j = job("echo hello-from-drover", "");
+    let name = unique_name("hello");
+    let r = drover_run(&j, &name, &[]);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert!(r.stdout.contains("hello-from-drover"), "stdout: {}", r.stdout);
+    assert!(r.stderr.contains("completed"), "stderr: {}", r.stderr);
+    assert!(containers_of_job(&name).is_empty(), "container left behind");
+}
+
+#[test]
+fn exit_code_propagates() {
+    let j = job("'echo failing >&2; exit 3'", "");
+    let r = drover_run(&j, &unique_name("exit3"), &[]);
+    assert_eq!(r.code, Some(3), "stderr: {}", r.stderr);
+    assert!(r.stderr.contains("failing"), "job stderr is streamed: {}", r.stderr);
+    assert!(r.stderr.contains("failed with exit code 3"), "{}", r.stderr);
+}
+
+#[test]
+fn a_job_past_its_timeout_is_stopped_and_reported() {
+    let j = job("sleep 300", "limits:\n  timeout: 2\n");
+    let name = unique_name("timeout");
+    let r = drover_run(&j, &name, &["--stop-grace", "1"]);
+    assert_eq!(r.code, Some(124), "stderr: {}", r.stderr);
+    assert!(r.stderr.contains("timed out after 2s"), "{}", r.stderr);
+    assert!(r.elapsed < Duration::from_secs(30), "took {:?}", r.elapsed);
+    assert!(containers_of_job(&name).is_empty(), "container left behind");
+}
+
+#[test]
+fn a_job_over_its_memory_limit_is_reported_oom_killed() {
+    // `tail` (last 10 lines) keeps a newline-free input in memory: 400 MiB against 64 MiB.
+    let j = job(
+        "'head -c 400m /dev/zero | tail > /dev/null'",
+        "resources:\n  docker_args: --memory 64m --memory-swap 64m\n",
+    );
+    let r = drover_run(&j, &unique_name("oom"), &[]);
+    assert_eq!(r.code, Some(137), "stderr: {}", r.stderr);
+    assert!(
+        r.stderr.contains("running out of memory"),
+        "expected an OOM report: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn privileged_docker_args_are_refused_before_anything_runs() {
+    let j = job(
+        "echo should-not-run",
+        "resources:\n  docker_args: --privileged\n",
+    );
+    let name = unique_name("priv");
+    let r = drover_run(&j, &name, &[]);
+    assert_eq!(r.code, Some(125), "stderr: {}", r.stderr);
+    assert!(
+        r.stderr.contains("job.yml:5: resources.docker_args: --privileged is not allowed"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stdout.contains("should-not-run"));
+    assert!(containers_of_job(&name).is_empty());
+}
+
+#[test]
+fn malformed_yaml_names_file_and_line() {
+    let j = JobDir::new("command: echo hi\nresources:\n  instance_count: -1\nenvironment: {image: x}\n");
+    let r = drover_run(&j, &unique_name("bad"), &[]);
+    assert_eq!(r.code, Some(125));
+    assert!(
+        r.stderr
+            .contains("job.yml:3: resources.instance_count: expected a positive integer, got -1"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn env_mounts_inputs_outputs_and_shm_are_visible_inside() {
+    let j = job(
+        r#"'echo "foo=$FOO"; cat code.txt; cat ${{inputs.data}}/d.txt; cat ${{inputs.one}}; echo "lr=${{inputs.lr}}"; cat /extra/e.txt; df -k /dev/shm | tail -1; ulimit -l; touch /extra/x 2>/dev/null || echo extra-is-ro; echo result > ${{outputs.model}}/m.txt; pwd'"#,
+        r#"code: ./src
+environment_variables:
+  FOO: bar baz
+inputs:
+  lr: 0.01
+  data:
+    type: uri_folder
+    path: ./data
+  one:
+    type: uri_file
+    path: ./one.txt
+outputs:
+  model:
+    type: uri_folder
+    path: ./out
+resources:
+  shm_size: 256m
+drover:
+  mounts:
+    - ./extra:/extra:ro
+"#,
+    );
+    j.write("src/code.txt", "code-visible\n");
+    j.write("data/d.txt", "folder-input-visible\n");
+    j.write("one.txt", "file-input-visible\n");
+    j.write("extra/e.txt", "mount-visible\n");
+    let r = drover_run(&j, &unique_name("env"), &[]);
+    assert_eq!(r.code, Some(0), "stdout: {}\nstderr: {}", r.stdout, r.stderr);
+    for expect in [
+        "foo=bar baz",
+        "code-visible",
+        "folder-input-visible",
+        "file-input-visible",
+        "lr=0.01",
+        "mount-visible",
+        "extra-is-ro",
+        "/drover/code",
+    ] {
+        assert!(r.stdout.contains(expect), "missing {expect:?} in:\n{}", r.stdout);
+    }
+    // df -k: 256 MiB of shm is 262144 KiB.
+    assert!(r.stdout.contains(" 262144 "), "shm size:\n{}", r.stdout);
+    // memlock: unlimited where the host can grant it, else the host's hard limit.
+    let host = drover_runner::part::HostFacts::probe();
+    let expect_memlock = if host.memlock_max < 0 {
+        "unlimited".to_string()
+    } else {
+        (host.memlock_max / 1024).to_string()
+    };
+    assert!(
+        r.stdout.lines().any(|l| l.trim() == expect_memlock),
+        "memlock {expect_memlock}:\n{}",
+        r.stdout
+    );
+    assert_eq!(
+        std::fs::read_to_string(j.path("out/m.txt")).unwrap_or_default(),
+        "result\n",
+        "output folder kept after the job"
+    );
+}
+
+#[test]
+fn three_local_ranks_get_rank_variables() {
+    let j = job(
+        r#"'echo "rank=$RANK local=$LOCAL_RANK world=$WORLD_SIZE"'"#,
+        "distribution:\n  type: pytorch\n  process_count_per_instance: 3\n",
+    );
+    let r = drover_run(&j, &unique_name("ranks"), &[]);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    let mut lines: Vec<&str> = r.stdout.lines().filter(|l| l.starts_with("rank=")).collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        vec![
+            "rank=0 local=0 world=3",
+            "rank=1 local=1 world=3",
+            "rank=2 local=2 world=3"
+        ]
+    );
+}
+
+#[test]
+fn one_failing_rank_fails_the_part_and_stops_the_others() {
+    let j = job(
+        r#"'if [ "$RANK" = 1 ]; then exit 7; fi; sleep 300'"#,
+        "distribution:\n  type: mpi\n  process_count_per_instance: 3\n",
+    );
+    let r = drover_run(&j, &unique_name("rankfail"), &[]);
+    assert_eq!(r.code, Some(7), "stderr: {}", r.stderr);
+    assert!(r.stderr.contains("rank 1 exited with code 7"), "{}", r.stderr);
+    assert!(r.elapsed < Duration::from_secs(60), "others were not stopped: {:?}", r.elapsed);
+}
+
+#[test]
+fn ctrl_c_stops_the_job_and_leaves_no_container() {
+    let j = job("sleep 300", "");
+    let name = unique_name("cancel");
+    let child = drover_run_spawn(&j, &name);
+    let running = wait_until(Duration::from_secs(30), || !containers_of_job(&name).is_empty());
+    assert!(running, "job container never appeared");
+    // Give drover a moment to start supervising, then interrupt it like Ctrl-C.
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = child.id() as i32;
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let out = child.wait_with_output().expect("wait drover");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "stderr: {stderr}");
+    assert!(stderr.contains("canceled"), "{stderr}");
+    assert!(containers_of_job(&name).is_empty(), "container left behind");
+}

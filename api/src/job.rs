@@ -1033,3 +1033,307 @@ fn read_credentials(r: &mut Reader, n: &Node, base_dir: &Path) -> Option<Registr
         password,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<ParsedJob, InvalidDefinition> {
+        JobSpec::from_yaml("job.yml", yaml, Path::new("/jobs/demo"))
+    }
+
+    /// Asserts that `yaml` is refused with exactly `expect` among its errors.
+    fn check_error(yaml: &str, expect: &str) {
+        let err = parse(yaml).expect_err(expect);
+        let text = err.to_string();
+        assert!(
+            text.lines().any(|l| l == expect),
+            "expected line {expect:?} in:\n{text}"
+        );
+    }
+
+    const FULL: &str = r#"$schema: https://azuremlschemas.azureedge.net/latest/commandJob.schema.json
+type: command
+name: train-1
+display_name: Train
+experiment_name: mnist
+description: a test
+tags: {team: ml, stage: 1}
+code: ./src
+command: >-
+  python train.py --lr ${{inputs.lr}} --data ${{inputs.data}}
+  --out ${{outputs.model}} $[[--opt ${{inputs.missing}}]] $[[--bs ${{inputs.bs}}]]
+environment:
+  image: mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest
+environment_variables:
+  NCCL_DEBUG: INFO
+compute: azureml:gpu-cluster
+resources:
+  instance_count: 2
+  instance_type: Standard_ND96asr_v4
+  shm_size: 16g
+  docker_args: --ulimit nofile=65536 --cpus 4
+distribution:
+  type: pytorch
+  process_count_per_instance: 8
+limits:
+  timeout: 2h
+inputs:
+  lr: 0.01
+  bs:
+    type: integer
+    default: 64
+  data:
+    type: uri_folder
+    path: ./data
+  labels:
+    type: uri_file
+    path: /abs/labels.csv
+outputs:
+  model:
+    type: uri_folder
+drover:
+  gpus_per_instance: 8
+  pull_policy: always
+  mounts:
+    - /datasets:/datasets:ro
+    - {source: ./cache, target: /cache}
+  registry_credentials:
+    username: puller
+    password_env: ACR_PASSWORD
+"#;
+
+    #[test]
+    fn a_full_azure_ml_job_is_read() {
+        let parsed = parse(FULL).unwrap();
+        assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+        let j = parsed.spec;
+        assert_eq!(j.name.as_deref(), Some("train-1"));
+        assert_eq!(j.display_name.as_deref(), Some("Train"));
+        assert_eq!(j.experiment_name.as_deref(), Some("mnist"));
+        assert_eq!(j.tags.get("team").map(String::as_str), Some("ml"));
+        assert_eq!(j.code, Some(PathBuf::from("/jobs/demo/src")));
+        assert_eq!(j.image, "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest");
+        assert_eq!(j.compute.as_deref(), Some("gpu-cluster"));
+        assert_eq!(j.resources.instance_count, 2);
+        assert_eq!(j.resources.shm_size, Some(16 << 30));
+        assert_eq!(j.resources.docker_args.cpus, Some(4.0));
+        assert_eq!(
+            j.distribution,
+            Some(Distribution {
+                kind: DistributionKind::Pytorch,
+                process_count_per_instance: 8
+            })
+        );
+        assert_eq!(j.world_size(), 16);
+        assert_eq!(j.timeout_seconds, Some(7200));
+        assert_eq!(
+            j.inputs.get("data"),
+            Some(&Input::Path {
+                path_kind: PathKind::UriFolder,
+                path: PathBuf::from("/jobs/demo/data")
+            })
+        );
+        assert_eq!(
+            j.inputs.get("bs"),
+            Some(&Input::Literal { value: "64".into() })
+        );
+        assert_eq!(j.drover.gpus_per_instance, 8);
+        assert_eq!(j.drover.pull_policy, PullPolicy::Always);
+        assert_eq!(
+            j.drover.mounts,
+            vec![
+                MountSpec {
+                    source: "/datasets".into(),
+                    target: "/datasets".into(),
+                    read_only: true
+                },
+                MountSpec {
+                    source: "/jobs/demo/cache".into(),
+                    target: "/cache".into(),
+                    read_only: false
+                },
+            ]
+        );
+        assert_eq!(
+            j.drover.registry_credentials,
+            Some(RegistryCredentials::Login {
+                registry: None,
+                username: "puller".into(),
+                password: SecretSource::Env("ACR_PASSWORD".into())
+            })
+        );
+        assert_eq!(
+            j.resolved_command(),
+            "python train.py --lr 0.01 --data /drover/inputs/data --out /drover/outputs/model  --bs 64"
+        );
+    }
+
+    #[test]
+    fn defaults_and_bare_image() {
+        let j = parse("command: echo hi\nimage: busybox\n").unwrap().spec;
+        assert_eq!(j.image, "busybox");
+        assert_eq!(j.resources.instance_count, 1);
+        assert_eq!(j.processes_per_instance(), 1);
+        assert_eq!(j.drover.pull_policy, PullPolicy::IfNotPresent);
+        assert_eq!(j.timeout_seconds, None);
+    }
+
+    #[test]
+    fn file_inputs_appear_under_their_own_name() {
+        let j = parse(
+            "command: cat ${{inputs.f}}\nimage: x\ninputs:\n  f: {type: uri_file, path: ./a/b.csv}\n",
+        )
+        .unwrap()
+        .spec;
+        assert_eq!(j.resolved_command(), "cat /drover/inputs/f/b.csv");
+    }
+
+    #[test]
+    fn unknown_keys_warn_with_line() {
+        let parsed = parse("command: echo\nimage: x\nresorces: {}\nresources:\n  gpu: 1\n").unwrap();
+        let w: Vec<String> = parsed.warnings.iter().map(|w| w.to_string()).collect();
+        assert_eq!(
+            w,
+            vec![
+                "job.yml:3: resorces: unknown key, ignored",
+                "job.yml:5: resources.gpu: unknown key, ignored"
+            ]
+        );
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        for (yaml, expect) in [
+            (
+                "command: echo\nimage: x\nresources:\n  instance_count: -1\n",
+                "job.yml:4: resources.instance_count: expected a positive integer, got -1",
+            ),
+            (
+                "command: echo\nimage: x\nresources:\n  instance_count: two\n",
+                "job.yml:4: resources.instance_count: expected a positive integer, got two",
+            ),
+            ("image: x\n", "job.yml: command: is required"),
+            ("command: echo\n", "job.yml: environment: is required (environment: {image: REPO:TAG})"),
+            (
+                "command: echo\nenvironment: azureml:pytorch-env@latest\n",
+                "job.yml:2: environment: `azureml:pytorch-env@latest` refers to a registered environment, which Drover does not support yet; give the image inline (environment: {image: REPO:TAG})",
+            ),
+            (
+                "command: echo\nenvironment:\n  conda_file: env.yml\n  image: x\n",
+                "job.yml:3: environment.conda_file: is not supported: bake dependencies into an image and set environment.image",
+            ),
+            (
+                "command: echo\nimage: Bad Image\n",
+                "job.yml:2: environment.image: `Bad Image` is not a valid image reference: contains whitespace",
+            ),
+            (
+                "command: echo\nimage: UPPER/case\n",
+                "job.yml:2: environment.image: `UPPER/case` is not a valid image reference: repository names are lowercase letters, digits, `.`, `_` and `-`",
+            ),
+            (
+                "command: echo\nimage: x\nresources:\n  docker_args: --privileged\n",
+                "job.yml:4: resources.docker_args: --privileged is not allowed: gives the job full control of the node",
+            ),
+            (
+                "command: echo\nimage: x\nresources:\n  docker_args: [--memory, 1g, -v, /:/host]\n",
+                "job.yml:4: resources.docker_args: -v is not allowed: mounts host paths; use code, inputs, outputs or drover.mounts",
+            ),
+            (
+                "command: echo\nimage: x\nresources:\n  shm_size: big\n",
+                "job.yml:4: resources.shm_size: expected a size like 512m or 16g, got big",
+            ),
+            (
+                "command: echo\nimage: x\ndistribution:\n  type: tensorflow\n",
+                "job.yml:4: distribution.type: expected mpi or pytorch, got tensorflow",
+            ),
+            (
+                "command: echo\nimage: x\ndistribution:\n  type: mpi\n  process_count_per_instance: 0\n",
+                "job.yml:5: distribution.process_count_per_instance: expected a positive integer, got 0",
+            ),
+            (
+                "command: echo\nimage: x\nlimits:\n  timeout: soon\n",
+                "job.yml:4: limits.timeout: expected a duration like 3600 or 2h, got soon",
+            ),
+            (
+                "command: echo ${{inputs.nope}}\nimage: x\n",
+                "job.yml:1: command: `${{inputs.nope}}` refers to inputs.nope, which the job does not define",
+            ),
+            (
+                "command: echo ${{jobs.x}}\nimage: x\n",
+                "job.yml:1: command: `${{jobs.x}}` is not supported (use ${{inputs.NAME}} or ${{outputs.NAME}})",
+            ),
+            (
+                "command: echo\nimage: x\ninputs:\n  d: {type: uri_folder, path: azureml://datastores/x/paths/y}\n",
+                "job.yml:4: inputs.d.path: only local paths are supported, got azureml://datastores/x/paths/y (remote datastores are not)",
+            ),
+            (
+                "command: echo\nimage: x\ntype: sweep\n",
+                "job.yml:3: type: only command jobs are supported, got sweep",
+            ),
+            (
+                "command: echo\nimage: x\nname: has space\n",
+                "job.yml:3: name: `has space` is not a valid job name (letters, digits, `-` and `_`, starting with a letter or digit)",
+            ),
+            (
+                "command: echo\nimage: x\ndrover:\n  pull_policy: sometimes\n",
+                "job.yml:4: drover.pull_policy: expected if-not-present, always or never, got sometimes",
+            ),
+            (
+                "command: echo\nimage: x\ndrover:\n  mounts: ['/a:/drover/bin']\n",
+                "job.yml:4: drover.mounts[0]: /drover/bin is reserved for Drover",
+            ),
+            (
+                "command: echo\nimage: x\ndrover:\n  registry_credentials: {username: u, password: hunter2}\n",
+                "job.yml:4: drover.registry_credentials.password: inline passwords are not accepted; use password_file or password_env",
+            ),
+            (
+                "command: echo\nimage: x\ncompute: azureml:/subscriptions/x\n",
+                "job.yml:3: compute: expected a cluster name or azureml:NAME, got /subscriptions/x",
+            ),
+        ] {
+            check_error(yaml, expect);
+        }
+    }
+
+    #[test]
+    fn every_error_of_a_file_is_reported_at_once() {
+        let err = parse("command: echo\nimage: x\nresources:\n  instance_count: 0\n  shm_size: x\n")
+            .unwrap_err();
+        assert_eq!(err.errors.len(), 2, "{err}");
+    }
+
+    #[test]
+    fn compute_prefix_is_stripped_and_name_kept() {
+        let j = parse("command: echo\nimage: x\ncompute: azureml:cpu\n").unwrap().spec;
+        assert_eq!(j.compute.as_deref(), Some("cpu"));
+        let j = parse("command: echo\nimage: x\ncompute: cpu\n").unwrap().spec;
+        assert_eq!(j.compute.as_deref(), Some("cpu"));
+    }
+
+    #[test]
+    fn specs_round_trip_through_json() {
+        let j = parse(FULL).unwrap().spec;
+        let json = serde_json::to_string(&j).unwrap();
+        let back: JobSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(j, back);
+        assert!(!json.contains("hunter2"));
+    }
+
+    #[test]
+    fn image_references() {
+        for ok in [
+            "busybox",
+            "drover/base:bookworm",
+            "127.0.0.1:5000/drover/tiny:1",
+            "localhost/x",
+            "nvcr.io/nvidia/pytorch:24.01-py3",
+            "x@sha256:0123abcd",
+        ] {
+            assert!(check_image_reference(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a b", "x:", "Upper", "x:tag:more", "x@nodigest", "a//b"] {
+            assert!(check_image_reference(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! `drover-imds-emulator`: run the IMDS emulator by hand.
+//!
+//! ```text
+//! drover-imds-emulator [--listen 127.0.0.1:8169] [--vm NAME]... [--no-rate-limit]
+//! ```
+//! Each `--vm` registers a VM with a system-assigned identity; more VMs,
+//! identities, events and faults can be added through the admin API under
+//! `/drover-emulator/`.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use drover_imds_emulator::{Emulator, EmulatorConfig, VmSpec};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
+    let mut listen: SocketAddr = "127.0.0.1:8169".parse().context("parse default address")?;
+    let mut vms = Vec::new();
+    let mut config = EmulatorConfig::default();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--listen" => {
+                let value = args.next().context("--listen needs an address")?;
+                listen = value.parse().with_context(|| format!("parse --listen {value}"))?;
+            }
+            "--vm" => vms.push(args.next().context("--vm needs a name")?),
+            "--no-rate-limit" => {
+                config.general_rate_limit = None;
+                config.identity_rate_limit = None;
+            }
+            other => anyhow::bail!("unknown argument {other}; usage: drover-imds-emulator [--listen ADDR] [--vm NAME]... [--no-rate-limit]"),
+        }
+    }
+    let emulator = Emulator::new(config);
+    for name in &vms {
+        emulator.add_vm(VmSpec::new(name)).with_context(|| format!("register vm {name}"))?;
+    }
+    let server = emulator.bind(listen).await.with_context(|| format!("listen on {listen}"))?;
+    tracing::info!(addr = %server.local_addr(), vms = vms.len(), "imds emulator listening");
+    tokio::signal::ctrl_c().await.context("wait for ctrl-c")?;
+    server.shutdown().await;
+    Ok(())
+}

@@ -371,3 +371,49 @@ impl ContainerRuntime for DockerRuntime {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::Bind;
+
+    #[test]
+    fn gpus_are_requested_by_uuid_from_the_nvidia_driver() {
+        let c = ContainerConfig {
+            gpu_uuids: vec!["GPU-1".into(), "GPU-2".into()],
+            binds: vec![Bind {
+                source: "/a".into(),
+                target: "/b".into(),
+                read_only: true,
+            }],
+            devices: vec!["/dev/infiniband/uverbs0".into()],
+            ..Default::default()
+        };
+        let h = host_config(&c);
+        let req = h.device_requests.expect("device request");
+        assert_eq!(req.len(), 1);
+        assert_eq!(req[0].driver.as_deref(), Some("nvidia"));
+        assert_eq!(
+            req[0].device_ids,
+            Some(vec!["GPU-1".to_string(), "GPU-2".to_string()])
+        );
+        assert_eq!(req[0].capabilities, Some(vec![vec!["gpu".to_string()]]));
+        assert_eq!(h.binds, Some(vec!["/a:/b:ro".to_string()]));
+        assert_eq!(h.init, Some(false));
+        let dev = h.devices.expect("devices");
+        assert_eq!(dev[0].path_on_host.as_deref(), Some("/dev/infiniband/uverbs0"));
+        assert!(host_config(&ContainerConfig::default()).device_requests.is_none());
+    }
+
+    #[test]
+    fn log_timestamps_are_split_off() {
+        assert_eq!(
+            split_timestamp("2026-11-27T03:04:05.123456789Z hello world"),
+            (
+                "2026-11-27T03:04:05.123456789Z".to_string(),
+                "hello world".to_string()
+            )
+        );
+        assert_eq!(split_timestamp("no stamp"), (String::new(), "no stamp".to_string()));
+    }
+}

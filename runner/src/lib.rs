@@ -5,6 +5,7 @@
 //! * [`pull`] — shared, time-bounded image pulls with progress.
 //! * [`auth`] — registry credentials from the job or `~/.docker/config.json`.
 //! * [`part`] — planning a part's container and driving it to an outcome.
+//! * [`fake`] — a scripted in-memory runtime for tests of the logic above.
 //!
 //! Architecture Invariant: this crate is the only one that imports bollard.
 //! It knows job specs and placements, but nothing of the control plane,
@@ -12,6 +13,7 @@
 
 pub mod auth;
 pub mod docker;
+pub mod fake;
 pub mod part;
 pub mod pull;
 pub mod runtime;

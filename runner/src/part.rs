@@ -617,3 +617,233 @@ pub async fn run_part<R: ContainerRuntime>(
     }
     Ok(outcome)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{ExitScript, FakeRuntime, PullScript};
+    use crate::pull::PullLimits;
+
+    fn job(yaml: &str) -> JobSpec {
+        JobSpec::from_yaml("job.yml", yaml, Path::new("/jobs"))
+            .expect("valid job")
+            .spec
+    }
+
+    fn placement(dir: &Path) -> Placement {
+        let init = dir.join("drover-init");
+        std::fs::write(&init, b"#!").expect("init");
+        Placement {
+            job: "j1".into(),
+            node_rank: 1,
+            attempt: 2,
+            owner: "node-a".into(),
+            node_ips: vec!["10.0.0.4".into(), "10.0.0.5".into()],
+            dedicated: false,
+            gpu_uuids: vec!["GPU-aaaa".into(), "GPU-bbbb".into()],
+            network_mode: Some("container:node-a".into()),
+            outputs_root: dir.join("out"),
+            init_binary: init,
+            rank_grace: Duration::from_secs(10),
+            extra_env: BTreeMap::from([("MSI_ENDPOINT".into(), "http://x".into())]),
+        }
+    }
+
+    fn env_of(c: &ContainerConfig) -> BTreeMap<String, String> {
+        c.env
+            .iter()
+            .filter_map(|e| e.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn plan_sets_identity_labels_distributed_env_and_resources() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = job(
+            "command: python t.py ${{inputs.lr}}\nimage: img:1\ninputs: {lr: 0.1}\nresources:\n  instance_count: 2\n  shm_size: 1g\n  docker_args: --memory 2g --cpus 1.5 --ulimit memlock=1024 -e X=1\ndistribution: {type: pytorch, process_count_per_instance: 4}\nenvironment_variables: {A: b}\n",
+        );
+        let p = placement(dir.path());
+        let c = plan_container(&j, &p, &HostFacts::default());
+        assert_eq!(c.name, "drover-j1-1-a2");
+        assert_eq!(c.entrypoint, vec![INIT_PATH]);
+        assert_eq!(c.cmd, vec!["--procs", "4", "--grace", "10", "--", "python t.py 0.1"]);
+        assert_eq!(c.labels.get(labels::JOB).map(String::as_str), Some("j1"));
+        assert_eq!(c.labels.get(labels::PART).map(String::as_str), Some("1"));
+        assert_eq!(c.labels.get(labels::ATTEMPT).map(String::as_str), Some("2"));
+        assert_eq!(c.labels.get(labels::OWNER).map(String::as_str), Some("node-a"));
+        assert_eq!(c.labels.get(labels::MANAGED).map(String::as_str), Some("true"));
+        let env = env_of(&c);
+        for (k, v) in [
+            ("AZ_BATCH_MASTER_NODE", "10.0.0.4:29500"),
+            ("AZ_BATCHAI_MPI_MASTER_NODE", "10.0.0.4"),
+            ("AZ_BATCH_NODE_LIST", "10.0.0.4;10.0.0.5"),
+            ("AZ_BATCH_HOST_LIST", "10.0.0.4,10.0.0.5"),
+            ("AZ_BATCH_IS_CURRENT_NODE_MASTER", "false"),
+            ("AZ_BATCH_NODE_IS_DEDICATED", "false"),
+            ("MASTER_ADDR", "10.0.0.4"),
+            ("MASTER_PORT", "29500"),
+            ("NODE_RANK", "1"),
+            ("WORLD_SIZE", "8"),
+            ("A", "b"),
+            ("X", "1"),
+            ("MSI_ENDPOINT", "http://x"),
+        ] {
+            assert_eq!(env.get(k).map(String::as_str), Some(v), "{k}");
+        }
+        assert_eq!(c.shm_size, Some(1 << 30));
+        assert_eq!(c.memory, Some(2 << 30));
+        assert_eq!(c.nano_cpus, Some(1_500_000_000));
+        assert_eq!(c.gpu_uuids, vec!["GPU-aaaa", "GPU-bbbb"]);
+        assert_eq!(c.network_mode.as_deref(), Some("container:node-a"));
+        // The job's own memlock wins over the unlimited default.
+        assert_eq!(
+            c.ulimits,
+            vec![Ulimit {
+                name: "memlock".into(),
+                soft: 1024,
+                hard: 1024
+            }]
+        );
+        assert_eq!(c.binds[0].target, INIT_PATH);
+        assert!(c.binds[0].read_only);
+    }
+
+    #[test]
+    fn memlock_defaults_to_unlimited_and_is_clamped_where_the_host_cannot() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = job("command: x\nimage: i\n");
+        let p = placement(dir.path());
+        let c = plan_container(&j, &p, &HostFacts::default());
+        assert_eq!((c.ulimits[0].soft, c.ulimits[0].hard), (-1, -1));
+        let limited = HostFacts {
+            infiniband_devices: vec!["/dev/infiniband/uverbs0".into()],
+            memlock_max: 8 << 20,
+        };
+        let c = plan_container(&j, &p, &limited);
+        assert_eq!((c.ulimits[0].soft, c.ulimits[0].hard), (8 << 20, 8 << 20));
+        assert_eq!(c.devices, vec!["/dev/infiniband/uverbs0"]);
+    }
+
+    #[test]
+    fn infiniband_devices_are_listed_sorted() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["uverbs1", "rdma_cm", "uverbs0"] {
+            std::fs::write(dir.path().join(d), b"").unwrap();
+        }
+        let found = infiniband_devices(dir.path());
+        let names: Vec<&str> = found.iter().filter_map(|p| p.rsplit('/').next()).collect();
+        assert_eq!(names, vec!["rdma_cm", "uverbs0", "uverbs1"]);
+        assert!(infiniband_devices(&dir.path().join("absent")).is_empty());
+    }
+
+    async fn run_with(
+        rt: FakeRuntime,
+        yaml: &str,
+        cancel: CancellationToken,
+    ) -> (Arc<FakeRuntime>, Result<PartOutcome, PartError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Arc::new(rt);
+        rt.present.lock().unwrap().push("img:1".into());
+        let puller = ImagePuller::new(rt.clone(), PullLimits::default());
+        let (tx, mut rx) = mpsc::channel(64);
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let r = run_part(
+            &rt,
+            &puller,
+            &job(yaml),
+            &placement(dir.path()),
+            &RunOptions::default(),
+            &HostFacts::default(),
+            tx,
+            cancel,
+        )
+        .await;
+        (rt, r)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exit_codes_and_oom_become_outcomes_and_containers_are_removed() {
+        for (code, oom, expect) in [
+            (0, false, PartOutcome::Completed),
+            (3, false, PartOutcome::Failed { exit_code: 3 }),
+            (137, true, PartOutcome::OomKilled { exit_code: 137 }),
+        ] {
+            let rt = FakeRuntime::new(
+                PullScript::Fail("unused".into()),
+                ExitScript::After {
+                    delay: Duration::from_secs(1),
+                    code,
+                    oom,
+                },
+            );
+            let (rt, r) = run_with(rt, "command: x\nimage: img:1\n", CancellationToken::new()).await;
+            assert_eq!(r.unwrap(), expect);
+            let rec = rt.record();
+            assert_eq!(rec.created.len(), 1);
+            assert_eq!(rec.removed.len(), 1);
+            assert!(rec.stopped.is_empty());
+            assert_eq!(rec.pulls, 0, "a present image is not pulled");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_part_past_its_timeout_is_stopped() {
+        let rt = FakeRuntime::new(PullScript::Fail("unused".into()), ExitScript::UntilStopped);
+        let (rt, r) = run_with(
+            rt,
+            "command: x\nimage: img:1\nlimits: {timeout: 30}\n",
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(r.unwrap(), PartOutcome::TimedOut);
+        assert_eq!(PartOutcome::TimedOut.exit_code(), 124);
+        let rec = rt.record();
+        assert_eq!(rec.stopped.len(), 1);
+        assert_eq!(rec.removed.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_stops_and_removes() {
+        let rt = FakeRuntime::new(PullScript::Fail("unused".into()), ExitScript::UntilStopped);
+        let cancel = CancellationToken::new();
+        let c2 = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            c2.cancel();
+        });
+        let (rt, r) = run_with(rt, "command: x\nimage: img:1\n", cancel).await;
+        assert_eq!(r.unwrap(), PartOutcome::Canceled);
+        let rec = rt.record();
+        assert_eq!((rec.stopped.len(), rec.removed.len()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_failed_start_and_a_failed_cleanup_are_both_reported() {
+        let mut rt = FakeRuntime::new(PullScript::Fail("unused".into()), ExitScript::UntilStopped);
+        rt.fail_start = Some("no such device".into());
+        rt.fail_remove = Some("engine busy".into());
+        let (_, r) = run_with(rt, "command: x\nimage: img:1\n", CancellationToken::new()).await;
+        let err = r.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "starting container drover-j1-1-a2 failed (and removing it failed too: engine busy)"
+        );
+        let source = std::error::Error::source(&err).map(|s| s.to_string());
+        assert_eq!(source.as_deref(), Some("no such device"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_pull_fails_the_part_with_the_registry_reason() {
+        let rt = FakeRuntime::new(
+            PullScript::Fail("manifest for x:9 not found: manifest unknown".into()),
+            ExitScript::UntilStopped,
+        );
+        let (rt, r) = run_with(rt, "command: x\nimage: x:9\n", CancellationToken::new()).await;
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            "pulling x:9 failed: manifest for x:9 not found: manifest unknown"
+        );
+        assert!(rt.record().created.is_empty());
+    }
+}

@@ -144,7 +144,14 @@ impl<R: ContainerRuntime> ImagePuller<R> {
                             reason: "pull task ended unexpectedly".into(),
                         });
                     }
-                    if let Some(result) = done.borrow().clone() {
+                    let finished = done.borrow().clone();
+                    if let Some(result) = finished {
+                        // Deliver what was sent before the result, so callers see the last layer finish.
+                        while let Ok(p) = progress_rx.try_recv() {
+                            if let Some(tx) = &progress {
+                                let _ = tx.try_send(p);
+                            }
+                        }
                         return result;
                     }
                 }
@@ -249,5 +256,104 @@ async fn pull_with_limits<R: ContainerRuntime>(
             image: image.to_string(),
             limit: limits.total,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{ExitScript, FakeRuntime, PullScript};
+
+    fn puller(pull: PullScript, limits: PullLimits) -> (Arc<FakeRuntime>, ImagePuller<FakeRuntime>) {
+        let rt = Arc::new(FakeRuntime::new(pull, ExitScript::UntilStopped));
+        (rt.clone(), ImagePuller::new(rt, limits))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_pull_is_stalled_not_waited_for_forever() {
+        let limits = PullLimits {
+            total: Duration::from_secs(3600),
+            no_progress: Duration::from_secs(60),
+        };
+        let (_, p) = puller(
+            PullScript::Progress {
+                n: 3,
+                every: Duration::from_secs(120),
+            },
+            limits,
+        );
+        let err = p.ensure("img:1", PullPolicy::Always, None, None).await.unwrap_err();
+        assert_eq!(
+            err,
+            PullError::Stalled {
+                image: "img:1".into(),
+                limit: Duration::from_secs(60)
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_but_endless_pull_hits_the_total_limit() {
+        let limits = PullLimits {
+            total: Duration::from_secs(100),
+            no_progress: Duration::from_secs(60),
+        };
+        let (_, p) = puller(
+            PullScript::Progress {
+                n: 1000,
+                every: Duration::from_secs(1),
+            },
+            limits,
+        );
+        let err = p.ensure("img:1", PullPolicy::Always, None, None).await.unwrap_err();
+        assert!(matches!(err, PullError::Timeout { .. }), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_reaches_every_joined_caller_and_one_pull_runs() {
+        let (rt, p) = puller(
+            PullScript::Progress {
+                n: 5,
+                every: Duration::from_millis(100),
+            },
+            PullLimits::default(),
+        );
+        let (tx1, mut rx1) = mpsc::channel(64);
+        let (tx2, mut rx2) = mpsc::channel(64);
+        let (a, b) = tokio::join!(
+            p.ensure("img:1", PullPolicy::IfNotPresent, None, Some(tx1)),
+            p.ensure("img:1", PullPolicy::IfNotPresent, None, Some(tx2)),
+        );
+        a.unwrap();
+        b.unwrap();
+        assert_eq!(rt.record().pulls, 1);
+        let mut n1 = 0;
+        while rx1.try_recv().is_ok() {
+            n1 += 1;
+        }
+        let mut n2 = 0;
+        while rx2.try_recv().is_ok() {
+            n2 += 1;
+        }
+        assert_eq!((n1, n2), (5, 5));
+    }
+
+    #[tokio::test]
+    async fn registry_reasons_are_kept_and_present_images_are_not_pulled() {
+        let (rt, p) = puller(
+            PullScript::Fail("unauthorized: authentication required".into()),
+            PullLimits::default(),
+        );
+        let err = p.ensure("r/x:1", PullPolicy::Always, None, None).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pulling r/x:1 failed: unauthorized: authentication required"
+        );
+        rt.present.lock().unwrap().push("r/x:1".into());
+        p.ensure("r/x:1", PullPolicy::IfNotPresent, None, None).await.unwrap();
+        p.ensure("r/x:1", PullPolicy::Never, None, None).await.unwrap();
+        assert_eq!(rt.record().pulls, 1);
+        let err = p.ensure("r/y:1", PullPolicy::Never, None, None).await.unwrap_err();
+        assert!(matches!(err, PullError::NotPresent { .. }));
     }
 }

@@ -4,5 +4,6 @@
 //! `scheduler` and `autoscaler` are pure decisions over plain data.
 
 pub mod autoscaler;
+pub mod provider;
 pub mod run;
 pub mod scheduler;

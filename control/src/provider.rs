@@ -1,0 +1,298 @@
+//! Providers: what actually creates and removes a cluster's machines.
+//!
+//! The autoscaler decides ([`crate::autoscaler::decide`]); a [`Provider`]
+//! acts. Each cluster names its provider in [`ComputeSpec::provider`]:
+//! - `static` ([`StaticProvider`], here): pre-provisioned machines join with
+//!   the cluster's join token. It creates and removes nothing; asked to, it
+//!   answers [`ProviderError::NotSupported`] with what the operator should do,
+//!   and that message becomes the cluster's "why it is resizing".
+//! - `local` (nodes are containers) and `azure-vmss`: later.
+//!
+//! API Boundary: the control plane stores every error a provider returns as a
+//! scaling error and passes the latest to the next autoscaler decision; a
+//! provider never retries on its own.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+
+use drover_api::compute::{ComputeSpec, ProviderKind};
+
+/// A boxed future of a provider call. Boxed rather than `async fn` so that
+/// `dyn Provider` works: the control plane picks the provider per cluster at
+/// run time.
+pub type ProviderFuture<'a, T> =
+    Pin<Box<dyn Future<Output = Result<T, ProviderError>> + Send + 'a>>;
+
+/// What a provider was asked to do (for messages and metrics labels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// [`Provider::create_nodes`].
+    CreateNodes,
+    /// [`Provider::remove_node`].
+    RemoveNode,
+    /// [`Provider::list_nodes`].
+    ListNodes,
+}
+
+impl Operation {
+    /// A short snake_case name, usable as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::CreateNodes => "create_nodes",
+            Operation::RemoveNode => "remove_node",
+            Operation::ListNodes => "list_nodes",
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Operation::CreateNodes => "create nodes",
+            Operation::RemoveNode => "remove a node",
+            Operation::ListNodes => "list nodes",
+        })
+    }
+}
+
+/// Why a provider call failed. Messages are shown to users as the reason a
+/// cluster is stuck resizing, so they say what to do where they can.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The provider cannot do this at all (the static provider creates nothing).
+    #[error("the {provider} provider cannot {operation}: {hint}")]
+    NotSupported {
+        /// The provider asked.
+        provider: ProviderKind,
+        /// What it was asked.
+        operation: Operation,
+        /// What the operator can do instead.
+        hint: String,
+    },
+    /// The cloud refused for lack of quota.
+    #[error("quota exceeded: asked for {requested} node(s), {available} available: {message}")]
+    QuotaExceeded {
+        /// Nodes asked for.
+        requested: u32,
+        /// Nodes the quota still allows.
+        available: u32,
+        /// The cloud's own words.
+        message: String,
+    },
+    /// The node is not one of the provider's.
+    #[error("node {node} is not known to the {provider} provider")]
+    NodeNotFound {
+        /// The provider asked.
+        provider: ProviderKind,
+        /// The node id.
+        node: String,
+    },
+    /// The backend (Docker, the cloud API) failed.
+    #[error("the {provider} provider failed to {operation}")]
+    Backend {
+        /// The provider asked.
+        provider: ProviderKind,
+        /// What it was asked.
+        operation: Operation,
+        /// The backend's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl ProviderError {
+    /// The operation's metric label for this error (`not_supported`, `quota`, …).
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ProviderError::NotSupported { .. } => "not_supported",
+            ProviderError::QuotaExceeded { .. } => "quota",
+            ProviderError::NodeNotFound { .. } => "node_not_found",
+            ProviderError::Backend { .. } => "backend",
+        }
+    }
+}
+
+/// Where a machine the provider owns is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProvisionState {
+    /// Being created; its agent has not registered yet.
+    Creating,
+    /// Up; its agent registers (or has registered) with this id.
+    Running,
+    /// Being removed.
+    Deleting,
+    /// Creation or the machine failed; the provider's reason.
+    Failed(String),
+}
+
+/// A machine as its provider sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvisionedNode {
+    /// The id the machine's agent registers with, so the control plane can
+    /// match provider machines with registered nodes.
+    pub id: String,
+    /// Its provisioning state.
+    pub state: ProvisionState,
+}
+
+/// Actuation of scale decisions for one kind of infrastructure.
+///
+/// Architecture Invariant: providers only act; they never decide how many
+/// nodes a cluster should have (that is [`crate::autoscaler`]) and never
+/// touch jobs. Every call may be repeated safely after a failure.
+pub trait Provider: Send + Sync {
+    /// Which provider this is.
+    fn kind(&self) -> ProviderKind;
+
+    /// Starts creating `count` machines for `cluster`; returns them as
+    /// `Creating` (they count as preparing nodes until their agents register).
+    fn create_nodes<'a>(
+        &'a self,
+        cluster: &'a ComputeSpec,
+        count: u32,
+    ) -> ProviderFuture<'a, Vec<ProvisionedNode>>;
+
+    /// Removes one machine. The caller has drained it first; removing a
+    /// machine that is already gone succeeds.
+    fn remove_node<'a>(
+        &'a self,
+        cluster: &'a ComputeSpec,
+        node_id: &'a str,
+    ) -> ProviderFuture<'a, ()>;
+
+    /// The machines the provider owns for `cluster`, in any state.
+    fn list_nodes<'a>(
+        &'a self,
+        cluster: &'a ComputeSpec,
+    ) -> ProviderFuture<'a, Vec<ProvisionedNode>>;
+}
+
+/// Pre-provisioned machines: nodes join by running `drover-agent` with the
+/// cluster's join token, and leave when their agent stops.
+///
+/// It owns no machines, so it lists none, and every create or remove is
+/// [`ProviderError::NotSupported`] with the manual step instead: the
+/// autoscaler still computes the target it would want, and `drover compute
+/// show` says what would reach it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StaticProvider;
+
+impl Provider for StaticProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Static
+    }
+
+    fn create_nodes<'a>(
+        &'a self,
+        cluster: &'a ComputeSpec,
+        count: u32,
+    ) -> ProviderFuture<'a, Vec<ProvisionedNode>> {
+        let hint = format!(
+            "start drover-agent with the join token of cluster {} on {count} more machine(s)",
+            cluster.name
+        );
+        Box::pin(std::future::ready(Err(ProviderError::NotSupported {
+            provider: ProviderKind::Static,
+            operation: Operation::CreateNodes,
+            hint,
+        })))
+    }
+
+    fn remove_node<'a>(
+        &'a self,
+        _cluster: &'a ComputeSpec,
+        node_id: &'a str,
+    ) -> ProviderFuture<'a, ()> {
+        let hint = format!("stop drover-agent on node {node_id} to take it out of the cluster");
+        Box::pin(std::future::ready(Err(ProviderError::NotSupported {
+            provider: ProviderKind::Static,
+            operation: Operation::RemoveNode,
+            hint,
+        })))
+    }
+
+    fn list_nodes<'a>(
+        &'a self,
+        _cluster: &'a ComputeSpec,
+    ) -> ProviderFuture<'a, Vec<ProvisionedNode>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::{Context, Poll, Waker};
+
+    /// Polls a future that is ready at once (the static provider's are).
+    fn ready<T>(mut f: ProviderFuture<'_, T>) -> Result<T, ProviderError> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match f.as_mut().poll(&mut cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => panic!("static provider futures are ready at once"),
+        }
+    }
+
+    #[test]
+    fn static_provider_creates_and_removes_nothing_and_says_what_to_do() {
+        let p: Box<dyn Provider> = Box::new(StaticProvider);
+        let cluster = ComputeSpec::new("cpu", "STANDARD_D3_V2", 4);
+        assert_eq!(p.kind(), ProviderKind::Static);
+
+        let err = ready(p.create_nodes(&cluster, 2)).expect_err("creates nothing");
+        assert_eq!(
+            err.to_string(),
+            "the static provider cannot create nodes: start drover-agent with the join token of cluster cpu on 2 more machine(s)"
+        );
+        assert_eq!(err.error_type(), "not_supported");
+
+        let err = ready(p.remove_node(&cluster, "node-7")).expect_err("removes nothing");
+        assert_eq!(
+            err.to_string(),
+            "the static provider cannot remove a node: stop drover-agent on node node-7 to take it out of the cluster"
+        );
+
+        assert_eq!(ready(p.list_nodes(&cluster)).expect("lists"), Vec::new());
+    }
+
+    #[test]
+    fn error_messages() {
+        let check = |e: ProviderError, text: &str, kind: &str| {
+            assert_eq!(e.to_string(), text);
+            assert_eq!(e.error_type(), kind);
+        };
+        check(
+            ProviderError::QuotaExceeded {
+                requested: 4,
+                available: 1,
+                message: "standard ndv4 family vcpus".into(),
+            },
+            "quota exceeded: asked for 4 node(s), 1 available: standard ndv4 family vcpus",
+            "quota",
+        );
+        check(
+            ProviderError::NodeNotFound {
+                provider: ProviderKind::Local,
+                node: "n1".into(),
+            },
+            "node n1 is not known to the local provider",
+            "node_not_found",
+        );
+        let backend = ProviderError::Backend {
+            provider: ProviderKind::AzureVmss,
+            operation: Operation::ListNodes,
+            source: "connection refused".into(),
+        };
+        assert_eq!(
+            std::error::Error::source(&backend).map(|s| s.to_string()),
+            Some("connection refused".to_string())
+        );
+        check(
+            backend,
+            "the azure-vmss provider failed to list nodes",
+            "backend",
+        );
+        assert_eq!(Operation::RemoveNode.as_str(), "remove_node");
+    }
+}

@@ -562,6 +562,8 @@ impl ComputeSpec {
         let root = parse_mapping(file, text)?;
         let mut r = Reader::new(file);
         let spec = read_compute(&mut r, &root);
+        // Checks that span fields run last; show every message in file order.
+        r.errors.sort_by_key(|d| d.line);
         let (spec, warnings) = r.finish(spec)?;
         match spec {
             Some(spec) => Ok(ParsedCompute { spec, warnings }),
@@ -890,22 +892,42 @@ fn read_compute(r: &mut Reader, root: &Node) -> Option<ComputeSpec> {
         Some(n) => read_drover(r, n),
     };
 
+    // Fields that failed to read already have their message; the rest are
+    // still checked together, so one run shows every mistake of the file.
+    let failed: Vec<Field> = [
+        (Field::Name, name.is_none()),
+        (Field::VmSize, vm_size.is_none()),
+        (Field::MinNodes, min_nodes.is_none()),
+        (Field::MaxNodes, max_nodes.is_none()),
+        (Field::Idle, idle.is_none()),
+        (Field::VmPriority, vm_priority.is_none()),
+        (Field::Identity, identity.is_none()),
+        (Field::Provider, provider.is_none()),
+    ]
+    .into_iter()
+    .filter_map(|(f, bad)| bad.then_some(f))
+    .collect();
     let spec = ComputeSpec {
-        name: name?,
+        name: name.unwrap_or_default(),
         description,
-        vm_size: vm_size?,
-        min_nodes: min_nodes?,
-        max_nodes: max_nodes?,
-        idle_seconds_before_scaledown: idle?,
-        vm_priority: vm_priority?,
-        identity: identity?,
+        vm_size: vm_size.unwrap_or_default(),
+        min_nodes: min_nodes.unwrap_or(0),
+        max_nodes: max_nodes.unwrap_or(u32::MAX),
+        idle_seconds_before_scaledown: idle.unwrap_or(DEFAULT_IDLE_SECONDS),
+        vm_priority: vm_priority.unwrap_or_default(),
+        identity: identity.unwrap_or_default(),
         location,
         tags,
-        provider: provider?,
+        provider: provider.unwrap_or_default(),
     };
     let mut p = Problems::new(Naming::Yaml);
     check_spec(&spec, &mut p);
     for (field, message) in p.errors {
+        // A max below a min that failed to read is not news either.
+        let related = field == Field::MaxNodes && failed.contains(&Field::MinNodes);
+        if failed.contains(&field) || related {
+            continue;
+        }
         let key = Naming::Yaml.name(field);
         let node = match field {
             Field::Provider => get("drover").and_then(|d| d.as_mapping()?.get_node("provider")),
@@ -914,7 +936,7 @@ fn read_compute(r: &mut Reader, root: &Node) -> Option<ComputeSpec> {
         let line = node.map(line_of).unwrap_or(0);
         r.error_at(line, key, message);
     }
-    Some(spec)
+    failed.is_empty().then_some(spec)
 }
 
 /// `idle_time_before_scale_down`: seconds as Azure ML writes them, or a
@@ -1743,11 +1765,23 @@ drover:
                 uai("one")
             ),
         );
-        // Every error of a file at once, in document order of discovery.
+        // Every error of a file at once, in line order.
         check(
             "type: amlcompute\nname: cpu\ntier: spot\nmin_instances: x\n",
             "compute.yml:3: tier: expected dedicated or low_priority, got spot\n\
              compute.yml:4: min_instances: expected a non-negative integer, got x",
+        );
+        check(
+            "type: amlcompute\nname: c\nmax_instances: 1\ntier: spot\nmin_instances: 2\n",
+            "compute.yml:2: name: `c` is not a valid compute name (2 to 24 letters, digits and `-`, starting with a letter, not ending with `-`)\n\
+             compute.yml:3: max_instances: must be at least min_instances (2), got 1\n\
+             compute.yml:4: tier: expected dedicated or low_priority, got spot",
+        );
+        // A min that failed to read does not also produce a max message.
+        check(
+            "type: amlcompute\nname: cpu\nmin_instances: many\nmax_instances: 0\n",
+            "compute.yml:3: min_instances: expected a non-negative integer, got many\n\
+             compute.yml:4: max_instances: expected a positive integer, got 0",
         );
         check(
             "- a\n",

@@ -80,7 +80,7 @@ pub enum VmPriority {
     #[serde(rename = "dedicated")]
     Dedicated,
     /// Spot VMs: cheaper, may be preempted; their jobs are requeued.
-    #[serde(rename = "lowpriority")]
+    #[serde(rename = "lowpriority", alias = "low_priority")]
     LowPriority,
 }
 
@@ -1512,6 +1512,8 @@ mod tests {
         let minimal: ComputeSpec =
             serde_json::from_str(r#"{"name":"cpu","max_nodes":3}"#).expect("defaults");
         assert_eq!(minimal, ComputeSpec::new("cpu", DEFAULT_VM_SIZE, 3));
+        let low: VmPriority = serde_json::from_str(r#""low_priority""#).expect("alias");
+        assert_eq!(low, VmPriority::LowPriority);
         let system: Identity =
             serde_json::from_str(r#"{"type":"system-assigned"}"#).expect("identity");
         assert_eq!(system, Identity::SystemAssigned);

@@ -28,7 +28,8 @@ pub fn run(args: InventoryArgs) -> anyhow::Result<()> {
     };
     let inventory = InventoryCollector::open(&config).refresh();
     let text = if args.json {
-        let mut s = serde_json::to_string_pretty(&inventory).context("serializing the inventory")?;
+        let mut s =
+            serde_json::to_string_pretty(&inventory).context("serializing the inventory")?;
         s.push('\n');
         s
     } else {

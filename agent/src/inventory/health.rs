@@ -283,7 +283,10 @@ mod tests {
         ];
         let mut pruned = events.clone();
         prune(&policy, &mut pruned, 64);
-        assert_eq!(pruned, vec![xid(94, 30 * MIN), xid(79, 32 * MIN), dbe(35 * MIN)]);
+        assert_eq!(
+            pruned,
+            vec![xid(94, 30 * MIN), xid(79, 32 * MIN), dbe(35 * MIN)]
+        );
         for now in [35 * MIN, 40 * MIN, 44 * MIN, 45 * MIN, 50 * MIN] {
             assert_eq!(
                 evaluate(&policy, &events, t(now)),

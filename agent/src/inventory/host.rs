@@ -82,13 +82,13 @@ impl HostProbe {
             list.refresh_specifics(true, DiskRefreshKind::nothing().with_storage());
             disks = list
                 .iter()
-            .map(|d| DiskInfo {
-                mount_point: d.mount_point().to_string_lossy().into_owned(),
-                file_system: d.file_system().to_string_lossy().into_owned(),
-                total_bytes: d.total_space(),
-                available_bytes: d.available_space(),
-            })
-            .collect();
+                .map(|d| DiskInfo {
+                    mount_point: d.mount_point().to_string_lossy().into_owned(),
+                    file_system: d.file_system().to_string_lossy().into_owned(),
+                    total_bytes: d.total_space(),
+                    available_bytes: d.available_space(),
+                })
+                .collect();
         }
         disks.sort_by(|a, b| a.mount_point.cmp(&b.mount_point));
         HostInfo {
@@ -128,7 +128,9 @@ mod tests {
     #[test]
     fn host_facts_match_the_os() {
         let info = HostProbe::default().collect();
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         // available_parallelism may be limited by affinity or cgroups, never above the CPU count.
         assert!(info.logical_cores >= cpus, "{info:?}");
         assert!(info.memory_total_bytes > 0);

@@ -24,7 +24,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use nvml_wrapper::bitmasks::event::EventTypes;
-use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, RetirementCause, TemperatureSensor};
+use nvml_wrapper::enum_wrappers::device::{
+    EccCounter, MemoryError, RetirementCause, TemperatureSensor,
+};
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::{NvmlError, nvml_try};
 use nvml_wrapper::{Device, EventSet, Nvml};
@@ -169,7 +171,12 @@ impl NvmlGpus {
     }
 
     /// Turns a failed read into `None`, logging it once per field and kind.
-    fn field<T>(&self, field: &'static str, gpu: Option<u32>, r: Result<T, NvmlError>) -> Option<T> {
+    fn field<T>(
+        &self,
+        field: &'static str,
+        gpu: Option<u32>,
+        r: Result<T, NvmlError>,
+    ) -> Option<T> {
         match r {
             Ok(v) => Some(v),
             Err(error) => {
@@ -185,9 +192,9 @@ impl NvmlGpus {
                             field, gpu, error = %error,
                             "nvml library lacks this function, field left out"
                         ),
-                        ErrorClass::NotSupported => tracing::debug!(
-                            field, gpu, "not supported by this gpu, field left out"
-                        ),
+                        ErrorClass::NotSupported => {
+                            tracing::debug!(field, gpu, "not supported by this gpu, field left out")
+                        }
                         ErrorClass::Other => tracing::warn!(
                             field, gpu, error = %error,
                             "failed to read gpu field, field left out"
@@ -203,7 +210,11 @@ impl NvmlGpus {
         let i = Some(index);
         let health = {
             let log = self.events.lock().unwrap_or_else(PoisonError::into_inner);
-            health::evaluate(&self.policy, log.get(&index).map_or(&[], Vec::as_slice), now)
+            health::evaluate(
+                &self.policy,
+                log.get(&index).map_or(&[], Vec::as_slice),
+                now,
+            )
         };
         let retired_pages = self
             .field(
@@ -219,7 +230,11 @@ impl NvmlGpus {
             .map(|(sbe, dbe)| RetiredPages {
                 single_bit_ecc: u32::try_from(sbe).unwrap_or(u32::MAX),
                 double_bit_ecc: u32::try_from(dbe).unwrap_or(u32::MAX),
-                pending: self.field("retired_pages_pending", i, device.are_pages_pending_retired()),
+                pending: self.field(
+                    "retired_pages_pending",
+                    i,
+                    device.are_pages_pending_retired(),
+                ),
             });
         GpuInfo {
             index,
@@ -227,11 +242,13 @@ impl NvmlGpus {
             uuid: self.field("uuid", i, device.uuid()),
             serial: self.field("serial", i, device.serial()),
             pci_bus_id: self.field("pci_bus_id", i, device.pci_info().map(|p| p.bus_id)),
-            memory: self.field("memory", i, device.memory_info()).map(|m| GpuMemory {
-                total_bytes: m.total,
-                used_bytes: m.used,
-                free_bytes: m.free,
-            }),
+            memory: self
+                .field("memory", i, device.memory_info())
+                .map(|m| GpuMemory {
+                    total_bytes: m.total,
+                    used_bytes: m.used,
+                    free_bytes: m.free,
+                }),
             utilization: self
                 .field("utilization", i, device.utilization_rates())
                 .map(|u| GpuUtilization {
@@ -243,10 +260,12 @@ impl NvmlGpus {
             compute_capability: self
                 .field("compute_capability", i, device.cuda_compute_capability())
                 .map(|c| format!("{}.{}", c.major, c.minor)),
-            ecc: self.field("ecc_mode", i, device.is_ecc_enabled()).map(|e| EccMode {
-                enabled: e.currently_enabled,
-                pending_enabled: e.pending_enabled,
-            }),
+            ecc: self
+                .field("ecc_mode", i, device.is_ecc_enabled())
+                .map(|e| EccMode {
+                    enabled: e.currently_enabled,
+                    pending_enabled: e.pending_enabled,
+                }),
             ecc_uncorrected_volatile: self.field(
                 "ecc_uncorrected_volatile",
                 i,
@@ -259,11 +278,13 @@ impl NvmlGpus {
             ),
             retired_pages,
             remapped_rows: self.field("remapped_rows", i, remapped_rows(&self.nvml, device)),
-            mig: self.field("mig_mode", i, device.mig_mode()).map(|m| MigMode {
-                // NVML_DEVICE_MIG_ENABLE
-                enabled: m.current == 1,
-                pending_enabled: m.pending == 1,
-            }),
+            mig: self
+                .field("mig_mode", i, device.mig_mode())
+                .map(|m| MigMode {
+                    // NVML_DEVICE_MIG_ENABLE
+                    enabled: m.current == 1,
+                    pending_enabled: m.pending == 1,
+                }),
             health,
         }
     }
@@ -279,10 +300,16 @@ impl GpuDiscovery for NvmlGpus {
                 .map(cuda_version),
             nvml_version: self.field("nvml_version", None, self.nvml.sys_nvml_version()),
         };
-        let count = self.field("device_count", None, self.nvml.device_count()).unwrap_or(0);
+        let count = self
+            .field("device_count", None, self.nvml.device_count())
+            .unwrap_or(0);
         let mut gpus = Vec::new();
         for index in 0..count {
-            if let Some(device) = self.field("device_handle", Some(index), self.nvml.device_by_index(index)) {
+            if let Some(device) = self.field(
+                "device_handle",
+                Some(index),
+                self.nvml.device_by_index(index),
+            ) {
                 gpus.push(self.read_gpu(index, &device, now));
             }
         }
@@ -311,7 +338,15 @@ fn remapped_rows(nvml: &Nvml, device: &Device<'_>) -> Result<RemappedRows, NvmlE
     // SAFETY: `device.handle()` is a handle NVML gave for this still
     // initialised library, and the four out-pointers are valid, writable
     // `unsigned int`s, as the C signature requires.
-    let rc = unsafe { sym(device.handle(), &mut corr, &mut unc, &mut pending, &mut failed) };
+    let rc = unsafe {
+        sym(
+            device.handle(),
+            &mut corr,
+            &mut unc,
+            &mut pending,
+            &mut failed,
+        )
+    };
     nvml_try(rc)?;
     Ok(RemappedRows {
         correctable: corr,
@@ -463,7 +498,11 @@ fn watch(
                 health::prune(policy, events, MAX_EVENTS_PER_GPU);
             }
             Err(NvmlError::Timeout) => failing = false,
-            Err(error @ (NvmlError::FailedToLoadSymbol(_) | NvmlError::FunctionNotFound | NvmlError::NotSupported)) => {
+            Err(
+                error @ (NvmlError::FailedToLoadSymbol(_)
+                | NvmlError::FunctionNotFound
+                | NvmlError::NotSupported),
+            ) => {
                 tracing::warn!(error = %error, "cannot wait for gpu events, gpu health will not change");
                 return;
             }
@@ -491,8 +530,13 @@ fn register(nvml: &Nvml) -> Result<Option<EventSet<'_>>, WatcherError> {
             .and_then(|d| d.supported_event_types());
         match types {
             Ok(t) if !(t & wanted).is_empty() => plan.push((index, t & wanted)),
-            Ok(_) => tracing::info!(gpu = index, "gpu reports no xid or ecc events, its health is not watched"),
-            Err(error) => tracing::warn!(gpu = index, error = %error, "failed to read supported gpu events, its health is not watched"),
+            Ok(_) => tracing::info!(
+                gpu = index,
+                "gpu reports no xid or ecc events, its health is not watched"
+            ),
+            Err(error) => {
+                tracing::warn!(gpu = index, error = %error, "failed to read supported gpu events, its health is not watched")
+            }
         }
     }
     // nvmlDeviceRegisterEvents frees the whole set when it fails, so a GPU that
@@ -501,7 +545,10 @@ fn register(nvml: &Nvml) -> Result<Option<EventSet<'_>>, WatcherError> {
         if plan.is_empty() {
             return Ok(None);
         }
-        let mut set = Some(nvml.create_event_set().map_err(WatcherError::CreateEventSet)?);
+        let mut set = Some(
+            nvml.create_event_set()
+                .map_err(WatcherError::CreateEventSet)?,
+        );
         let mut refused = None;
         for (pos, &(index, types)) in plan.iter().enumerate() {
             let registered = nvml

@@ -15,7 +15,11 @@ pub fn render(inv: &Inventory) -> String {
     let dash = || "-".to_owned();
     // Writing to a String cannot fail; the results are ignored for that reason.
     let _ = writeln!(out, "HOST");
-    let _ = writeln!(out, "  hostname   {}", h.hostname.clone().unwrap_or_else(dash));
+    let _ = writeln!(
+        out,
+        "  hostname   {}",
+        h.hostname.clone().unwrap_or_else(dash)
+    );
     let _ = writeln!(
         out,
         "  os         {} (kernel {})",
@@ -45,7 +49,8 @@ pub fn render(inv: &Inventory) -> String {
         out,
         "  uptime     {}",
         h.uptime_secs
-            .map_or_else(dash, |s| humantime::format_duration(Duration::from_secs(s)).to_string())
+            .map_or_else(dash, |s| humantime::format_duration(Duration::from_secs(s))
+                .to_string())
     );
     for d in &h.disks {
         let _ = writeln!(
@@ -77,8 +82,20 @@ pub fn render(inv: &Inventory) -> String {
         return out;
     }
     let header = [
-        "IDX", "NAME", "UUID", "PCI", "MEM USED/TOTAL", "UTIL", "TEMP", "POWER", "CC", "ECC",
-        "UNCORR", "REMAP", "MIG", "HEALTH",
+        "IDX",
+        "NAME",
+        "UUID",
+        "PCI",
+        "MEM USED/TOTAL",
+        "UTIL",
+        "TEMP",
+        "POWER",
+        "CC",
+        "ECC",
+        "UNCORR",
+        "REMAP",
+        "MIG",
+        "HEALTH",
     ];
     let rows: Vec<[String; 14]> = inv
         .gpus
@@ -90,18 +107,32 @@ pub fn render(inv: &Inventory) -> String {
                 g.uuid.clone().unwrap_or_else(dash),
                 g.pci_bus_id.clone().unwrap_or_else(dash),
                 g.memory.map_or_else(dash, |m| {
-                    format!("{:.1}/{:.1} GiB", m.used_bytes as f64 / GIB, m.total_bytes as f64 / GIB)
+                    format!(
+                        "{:.1}/{:.1} GiB",
+                        m.used_bytes as f64 / GIB,
+                        m.total_bytes as f64 / GIB
+                    )
                 }),
-                g.utilization.map_or_else(dash, |u| format!("{}%", u.gpu_percent)),
+                g.utilization
+                    .map_or_else(dash, |u| format!("{}%", u.gpu_percent)),
                 g.temperature_c.map_or_else(dash, |t| format!("{t}C")),
-                g.power_mw.map_or_else(dash, |p| format!("{:.0}W", f64::from(p) / 1000.0)),
+                g.power_mw
+                    .map_or_else(dash, |p| format!("{:.0}W", f64::from(p) / 1000.0)),
                 g.compute_capability.clone().unwrap_or_else(dash),
-                g.ecc.map_or_else(dash, |e| if e.enabled { "on" } else { "off" }.to_owned()),
-                g.ecc_uncorrected_volatile.map_or_else(dash, |n| n.to_string()),
+                g.ecc
+                    .map_or_else(dash, |e| if e.enabled { "on" } else { "off" }.to_owned()),
+                g.ecc_uncorrected_volatile
+                    .map_or_else(dash, |n| n.to_string()),
                 g.remapped_rows.map_or_else(dash, |r| {
-                    format!("{}/{}{}", r.correctable, r.uncorrectable, if r.pending { " pending" } else { "" })
+                    format!(
+                        "{}/{}{}",
+                        r.correctable,
+                        r.uncorrectable,
+                        if r.pending { " pending" } else { "" }
+                    )
                 }),
-                g.mig.map_or_else(dash, |m| if m.enabled { "on" } else { "off" }.to_owned()),
+                g.mig
+                    .map_or_else(dash, |m| if m.enabled { "on" } else { "off" }.to_owned()),
                 match &g.health {
                     GpuHealth::Healthy => "healthy".to_owned(),
                     GpuHealth::Unhealthy { .. } => "UNHEALTHY".to_owned(),
@@ -134,7 +165,8 @@ pub fn render(inv: &Inventory) -> String {
             ..
         } = &g.health
         {
-            let at = |ms: u64| humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms));
+            let at =
+                |ms: u64| humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms));
             let _ = writeln!(
                 out,
                 "gpu {}: unhealthy since {} ({reason}), healthy again at {} if no new error",
@@ -207,8 +239,14 @@ mod tests {
     fn no_nvml() {
         let text = render(&inventory(vec![], false));
         assert!(text.contains("hostname   node-0"), "{text}");
-        assert!(text.contains("cpu        Xeon (8 logical, 4 physical)"), "{text}");
-        assert!(text.contains("memory     16.0 GiB total, 8.0 GiB available"), "{text}");
+        assert!(
+            text.contains("cpu        Xeon (8 logical, 4 physical)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("memory     16.0 GiB total, 8.0 GiB available"),
+            "{text}"
+        );
         assert!(text.contains("GPUS       none (no NVML)"), "{text}");
     }
 
@@ -220,12 +258,26 @@ mod tests {
             last_event_unix_ms: 1_700_000_000_000,
             recovers_at_unix_ms: 1_700_000_600_000,
         };
-        let text = render(&inventory(vec![gpu(0, GpuHealth::Healthy), gpu(1, unhealthy)], true));
+        let text = render(&inventory(
+            vec![gpu(0, GpuHealth::Healthy), gpu(1, unhealthy)],
+            true,
+        ));
         let lines: Vec<&str> = text.lines().collect();
-        assert!(text.contains("GPUS       2 (driver 550.54.15, CUDA 12.4)"), "{text}");
+        assert!(
+            text.contains("GPUS       2 (driver 550.54.15, CUDA 12.4)"),
+            "{text}"
+        );
         let row0 = lines.iter().find(|l| l.starts_with("0 ")).unwrap();
-        assert!(row0.contains("NVIDIA A10") && row0.contains("1.0/24.0 GiB") && row0.ends_with("healthy"), "{row0}");
-        assert!(row0.contains("61W") && row0.contains("40C") && row0.contains("8.6"), "{row0}");
+        assert!(
+            row0.contains("NVIDIA A10")
+                && row0.contains("1.0/24.0 GiB")
+                && row0.ends_with("healthy"),
+            "{row0}"
+        );
+        assert!(
+            row0.contains("61W") && row0.contains("40C") && row0.contains("8.6"),
+            "{row0}"
+        );
         let row1 = lines.iter().find(|l| l.starts_with("1 ")).unwrap();
         assert!(row1.ends_with("UNHEALTHY"), "{row1}");
         assert!(

@@ -81,7 +81,9 @@ fn refusal(flag: &str) -> Option<&'static str> {
         "--cgroup-parent" | "--runtime" | "--isolation" | "--oom-score-adj" => {
             "changes how the node runs containers"
         }
-        "--entrypoint" | "--init" => "drover-init is every job's entrypoint; put the program in command",
+        "--entrypoint" | "--init" => {
+            "drover-init is every job's entrypoint; put the program in command"
+        }
         "--rm" | "-d" | "--detach" | "-i" | "--interactive" | "-t" | "--tty" | "--name"
         | "--restart" => "the container's lifecycle is managed by Drover",
         _ => return None,
@@ -393,7 +395,10 @@ mod tests {
             ("--network host", "--network is not allowed"),
             ("--ipc=host", "--ipc=host is not allowed"),
             ("--device /dev/sda", "--device is not allowed"),
-            ("--security-opt seccomp=unconfined", "--security-opt is not allowed"),
+            (
+                "--security-opt seccomp=unconfined",
+                "--security-opt is not allowed",
+            ),
             ("--gpus all", "use drover.gpus_per_instance"),
             ("--frobnicate 1", "--frobnicate is not supported"),
             ("--memory", "--memory expects a value"),

@@ -279,7 +279,11 @@ impl JobSpec {
     /// Parses Azure ML v2 command-job YAML.
     ///
     /// `file` names the file in messages; `base_dir` anchors relative paths.
-    pub fn from_yaml(file: &str, text: &str, base_dir: &Path) -> Result<ParsedJob, InvalidDefinition> {
+    pub fn from_yaml(
+        file: &str,
+        text: &str,
+        base_dir: &Path,
+    ) -> Result<ParsedJob, InvalidDefinition> {
         let root = parse_mapping(file, text)?;
         let mut r = Reader::new(file);
         let spec = read_job(&mut r, &root, base_dir);
@@ -295,8 +299,10 @@ impl JobSpec {
     /// literal values or container paths, and `$[[…]]` optional sections kept
     /// only when the inputs they mention are given.
     pub fn resolved_command(&self) -> String {
-        substitute(&self.command, &|kind, name| self.placeholder_value(kind, name))
-            .unwrap_or_else(|_| self.command.clone())
+        substitute(&self.command, &|kind, name| {
+            self.placeholder_value(kind, name)
+        })
+        .unwrap_or_else(|_| self.command.clone())
     }
 
     fn placeholder_value(&self, kind: &str, name: &str) -> Option<String> {
@@ -353,10 +359,7 @@ pub fn input_container_path(name: &str, input: &Input) -> String {
 
 /// Replaces `${{kind.name}}` placeholders through `lookup`. An unknown
 /// placeholder is an error naming it; inside `$[[ … ]]` it drops the section.
-fn substitute(
-    text: &str,
-    lookup: &dyn Fn(&str, &str) -> Option<String>,
-) -> Result<String, String> {
+fn substitute(text: &str, lookup: &dyn Fn(&str, &str) -> Option<String>) -> Result<String, String> {
     fn replace_all(
         text: &str,
         lookup: &dyn Fn(&str, &str) -> Option<String>,
@@ -412,16 +415,15 @@ fn read_job(r: &mut Reader, root: &Node, base_dir: &Path) -> Option<JobSpec> {
     let top = r.mapping(root, "", TOP_KEYS)?;
     let get = |k: &str| top.get_node(k);
 
-    if let Some(n) = get("type") {
-        if let Some(t) = r.string(n, "type") {
-            if t != "command" {
-                r.error(
-                    n,
-                    "type",
-                    format!("only command jobs are supported, got {t}"),
-                );
-            }
-        }
+    if let Some(n) = get("type")
+        && let Some(t) = r.string(n, "type")
+        && t != "command"
+    {
+        r.error(
+            n,
+            "type",
+            format!("only command jobs are supported, got {t}"),
+        );
     }
 
     let opt_string = |r: &mut Reader, key: &str| -> Option<String> {
@@ -432,16 +434,16 @@ fn read_job(r: &mut Reader, root: &Node, base_dir: &Path) -> Option<JobSpec> {
         r.string(n, key)
     };
     let name = opt_string(r, "name");
-    if let (Some(n), Some(name)) = (get("name"), &name) {
-        if !is_valid_name(name) {
-            r.error(
+    if let (Some(n), Some(name)) = (get("name"), &name)
+        && !is_valid_name(name)
+    {
+        r.error(
                 n,
                 "name",
                 format!(
                     "`{name}` is not a valid job name (letters, digits, `-` and `_`, starting with a letter or digit)"
                 ),
             );
-        }
     }
     let display_name = opt_string(r, "display_name");
     let experiment_name = opt_string(r, "experiment_name");
@@ -465,14 +467,14 @@ fn read_job(r: &mut Reader, root: &Node, base_dir: &Path) -> Option<JobSpec> {
         .map(|n| r.string_map(n, "environment_variables"))
         .unwrap_or_default();
     for (k, _) in environment_variables.iter() {
-        if k.is_empty() || k.contains('=') {
-            if let Some(n) = get("environment_variables") {
-                r.error(
-                    n,
-                    "environment_variables",
-                    format!("`{k}` is not a valid environment variable name"),
-                );
-            }
+        if (k.is_empty() || k.contains('='))
+            && let Some(n) = get("environment_variables")
+        {
+            r.error(
+                n,
+                "environment_variables",
+                format!("`{k}` is not a valid environment variable name"),
+            );
         }
     }
 
@@ -552,10 +554,11 @@ fn read_job(r: &mut Reader, root: &Node, base_dir: &Path) -> Option<JobSpec> {
         drover,
     };
     // Every placeholder must name a defined input or output.
-    if let Err(e) = substitute(&spec.command, &|kind, name| spec.placeholder_value(kind, name)) {
-        if let Some(n) = command_node {
-            r.error(n, "command", e);
-        }
+    if let Err(e) = substitute(&spec.command, &|kind, name| {
+        spec.placeholder_value(kind, name)
+    }) && let Some(n) = command_node
+    {
+        r.error(n, "command", e);
     }
     Some(spec)
 }
@@ -578,9 +581,7 @@ fn read_image(r: &mut Reader, env: Option<&Node>, bare: Option<&Node>) -> Option
                 r.error(
                     n,
                     "environment",
-                    format!(
-                        "expected `image:` inside environment or azureml:NAME@latest, got {v}"
-                    ),
+                    format!("expected `image:` inside environment or azureml:NAME@latest, got {v}"),
                 );
             }
             return None;
@@ -589,7 +590,17 @@ fn read_image(r: &mut Reader, env: Option<&Node>, bare: Option<&Node>) -> Option
             let m = r.mapping(
                 n,
                 "environment",
-                &["image", "name", "version", "description", "tags", "conda_file", "build", "os_type", "$schema"],
+                &[
+                    "image",
+                    "name",
+                    "version",
+                    "description",
+                    "tags",
+                    "conda_file",
+                    "build",
+                    "os_type",
+                    "$schema",
+                ],
             )?;
             for unsupported in ["conda_file", "build"] {
                 if let Some(u) = m.get_node(unsupported) {
@@ -627,7 +638,11 @@ fn read_image(r: &mut Reader, env: Option<&Node>, bare: Option<&Node>) -> Option
         (None, Some(b)) => b,
         (None, None) => {
             if env.is_none() && bare.is_none() {
-                r.error_at(0, "environment", "is required (environment: {image: REPO:TAG})");
+                r.error_at(
+                    0,
+                    "environment",
+                    "is required (environment: {image: REPO:TAG})",
+                );
             }
             return None;
         }
@@ -656,31 +671,31 @@ pub fn check_image_reference(image: &str) -> Result<(), String> {
         Some((n, d)) => (n, Some(d)),
         None => (image, None),
     };
-    if let Some(d) = digest {
-        if !d.contains(':') {
-            return bad("a digest looks like sha256:…");
-        }
+    if let Some(d) = digest
+        && !d.contains(':')
+    {
+        return bad("a digest looks like sha256:…");
     }
     let last = name.rsplit('/').next().unwrap_or(name);
     let (repo_last, tag) = match last.split_once(':') {
         Some((r, t)) => (r, Some(t)),
         None => (last, None),
     };
-    if let Some(t) = tag {
-        if t.is_empty()
+    if let Some(t) = tag
+        && (t.is_empty()
             || t.len() > 128
             || !t
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-')
-        {
-            return bad("a tag has letters, digits, `_`, `.` and `-`");
-        }
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-'))
+    {
+        return bad("a tag has letters, digits, `_`, `.` and `-`");
     }
     let path_parts: Vec<&str> = name.split('/').collect();
     let n = path_parts.len();
     for (i, part) in path_parts.iter().enumerate() {
         let part: &str = if i == n - 1 { repo_last } else { part };
-        let is_host = i == 0 && n > 1 && (part.contains('.') || part.contains(':') || part == "localhost");
+        let is_host =
+            i == 0 && n > 1 && (part.contains('.') || part.contains(':') || part == "localhost");
         if part.is_empty() {
             return bad("empty path component");
         }
@@ -700,25 +715,32 @@ fn read_resources(r: &mut Reader, n: &Node) -> Resources {
     let Some(m) = r.mapping(
         n,
         "resources",
-        &["instance_count", "instance_type", "shm_size", "docker_args", "properties", "locations"],
+        &[
+            "instance_count",
+            "instance_type",
+            "shm_size",
+            "docker_args",
+            "properties",
+            "locations",
+        ],
     ) else {
         return res;
     };
-    if let Some(c) = m.get_node("instance_count") {
-        if let Some(v) = r.positive(c, "resources.instance_count") {
-            res.instance_count = v;
-        }
+    if let Some(c) = m.get_node("instance_count")
+        && let Some(v) = r.positive(c, "resources.instance_count")
+    {
+        res.instance_count = v;
     }
     if let Some(t) = m.get_node("instance_type").filter(|t| !is_null(t)) {
         res.instance_type = r.non_empty(t, "resources.instance_type");
     }
-    if let Some(s) = m.get_node("shm_size").filter(|s| !is_null(s)) {
-        if let Some(v) = r.string(s, "resources.shm_size") {
-            match parse_bytes(&v) {
-                Ok(b) if b > 0 => res.shm_size = Some(b),
-                Ok(_) => r.error(s, "resources.shm_size", "must be larger than 0"),
-                Err(e) => r.error(s, "resources.shm_size", e),
-            }
+    if let Some(s) = m.get_node("shm_size").filter(|s| !is_null(s))
+        && let Some(v) = r.string(s, "resources.shm_size")
+    {
+        match parse_bytes(&v) {
+            Ok(b) if b > 0 => res.shm_size = Some(b),
+            Ok(_) => r.error(s, "resources.shm_size", "must be larger than 0"),
+            Err(e) => r.error(s, "resources.shm_size", e),
         }
     }
     if let Some(d) = m.get_node("docker_args").filter(|d| !is_null(d)) {
@@ -744,7 +766,11 @@ fn read_resources(r: &mut Reader, n: &Node) -> Resources {
 }
 
 fn read_distribution(r: &mut Reader, n: &Node) -> Option<Distribution> {
-    let m = r.mapping(n, "distribution", &["type", "process_count_per_instance", "$schema"])?;
+    let m = r.mapping(
+        n,
+        "distribution",
+        &["type", "process_count_per_instance", "$schema"],
+    )?;
     let kind = match m.get_node("type") {
         Some(t) => {
             let v = r.string(t, "distribution.type")?;
@@ -810,7 +836,19 @@ fn read_inputs(r: &mut Reader, n: &Node, base_dir: &Path) -> BTreeMap<String, In
                 None
             }
             Node::Mapping(im) => {
-                r.mapping(v, &path, &["type", "path", "mode", "default", "value", "description", "optional"]);
+                r.mapping(
+                    v,
+                    &path,
+                    &[
+                        "type",
+                        "path",
+                        "mode",
+                        "default",
+                        "value",
+                        "description",
+                        "optional",
+                    ],
+                );
                 let kind = im
                     .get_node("type")
                     .and_then(|t| r.string(t, &join(&path, "type")));
@@ -874,12 +912,15 @@ fn read_outputs(r: &mut Reader, n: &Node, base_dir: &Path) -> BTreeMap<String, O
         let output = if is_null(v) {
             Output { path: None }
         } else if let Some(om) = r.mapping(v, &path, &["type", "path", "mode", "description"]) {
-            if let Some(t) = om.get_node("type") {
-                if let Some(t_str) = r.string(t, &join(&path, "type")) {
-                    if t_str != "uri_folder" {
-                        r.error(t, &join(&path, "type"), format!("only uri_folder outputs are supported, got {t_str}"));
-                    }
-                }
+            if let Some(t) = om.get_node("type")
+                && let Some(t_str) = r.string(t, &join(&path, "type"))
+                && t_str != "uri_folder"
+            {
+                r.error(
+                    t,
+                    &join(&path, "type"),
+                    format!("only uri_folder outputs are supported, got {t_str}"),
+                );
             }
             Output {
                 path: om
@@ -896,7 +937,11 @@ fn read_outputs(r: &mut Reader, n: &Node, base_dir: &Path) -> BTreeMap<String, O
 
 fn check_target(r: &mut Reader, node: &Node, path: &str, target: &str) -> bool {
     if !target.starts_with('/') || target == "/" {
-        r.error(node, path, format!("the target must be an absolute path other than /, got {target}"));
+        r.error(
+            node,
+            path,
+            format!("the target must be an absolute path other than /, got {target}"),
+        );
         return false;
     }
     if target == RESERVED_DIR || target.starts_with("/drover/") {
@@ -911,27 +956,34 @@ fn read_drover(r: &mut Reader, n: &Node, base_dir: &Path) -> DroverOptions {
     let Some(m) = r.mapping(
         n,
         "drover",
-        &["gpus_per_instance", "mounts", "registry_credentials", "pull_policy"],
+        &[
+            "gpus_per_instance",
+            "mounts",
+            "registry_credentials",
+            "pull_policy",
+        ],
     ) else {
         return out;
     };
-    if let Some(g) = m.get_node("gpus_per_instance") {
-        if let Some(v) = r.non_negative(g, "drover.gpus_per_instance") {
-            out.gpus_per_instance = v.min(u64::from(u32::MAX)) as u32;
-        }
+    if let Some(g) = m.get_node("gpus_per_instance")
+        && let Some(v) = r.non_negative(g, "drover.gpus_per_instance")
+    {
+        out.gpus_per_instance = v.min(u64::from(u32::MAX)) as u32;
     }
-    if let Some(p) = m.get_node("pull_policy") {
-        if let Some(v) = r.string(p, "drover.pull_policy") {
-            match v.as_str() {
-                "if-not-present" | "if_not_present" | "IfNotPresent" => out.pull_policy = PullPolicy::IfNotPresent,
-                "always" | "Always" => out.pull_policy = PullPolicy::Always,
-                "never" | "Never" => out.pull_policy = PullPolicy::Never,
-                other => r.error(
-                    p,
-                    "drover.pull_policy",
-                    format!("expected if-not-present, always or never, got {other}"),
-                ),
+    if let Some(p) = m.get_node("pull_policy")
+        && let Some(v) = r.string(p, "drover.pull_policy")
+    {
+        match v.as_str() {
+            "if-not-present" | "if_not_present" | "IfNotPresent" => {
+                out.pull_policy = PullPolicy::IfNotPresent
             }
+            "always" | "Always" => out.pull_policy = PullPolicy::Always,
+            "never" | "Never" => out.pull_policy = PullPolicy::Never,
+            other => r.error(
+                p,
+                "drover.pull_policy",
+                format!("expected if-not-present, always or never, got {other}"),
+            ),
         }
     }
     if let Some(ms) = m.get_node("mounts").filter(|n| !is_null(n)) {
@@ -962,7 +1014,11 @@ fn read_mount(r: &mut Reader, n: &Node, path: &str, base_dir: &Path) -> Option<M
                 [src, dst, "ro"] => (src.to_string(), dst.to_string(), true),
                 [src, dst, "rw"] => (src.to_string(), dst.to_string(), false),
                 _ => {
-                    r.error(n, path, format!("expected SOURCE:TARGET[:ro], got {}", s.as_str()));
+                    r.error(
+                        n,
+                        path,
+                        format!("expected SOURCE:TARGET[:ro], got {}", s.as_str()),
+                    );
                     return None;
                 }
             }
@@ -993,7 +1049,14 @@ fn read_credentials(r: &mut Reader, n: &Node, base_dir: &Path) -> Option<Registr
     let m = r.mapping(
         n,
         path,
-        &["docker_config", "registry", "username", "password_file", "password_env", "password"],
+        &[
+            "docker_config",
+            "registry",
+            "username",
+            "password_file",
+            "password_env",
+            "password",
+        ],
     )?;
     if let Some(p) = m.get_node("password") {
         r.error(
@@ -1008,7 +1071,11 @@ fn read_credentials(r: &mut Reader, n: &Node, base_dir: &Path) -> Option<Registr
         return Some(RegistryCredentials::DockerConfig(resolve(base_dir, &p)));
     }
     let Some(u) = m.get_node("username") else {
-        r.error(n, path, "expected docker_config, or username with password_file or password_env");
+        r.error(
+            n,
+            path,
+            "expected docker_config, or username with password_file or password_env",
+        );
         return None;
     };
     let username = r.non_empty(u, &join(path, "username"))?;
@@ -1019,7 +1086,11 @@ fn read_credentials(r: &mut Reader, n: &Node, base_dir: &Path) -> Option<Registr
         )),
         (None, Some(e)) => SecretSource::Env(r.non_empty(e, &join(path, "password_env"))?),
         _ => {
-            r.error(n, path, "give exactly one of password_file and password_env");
+            r.error(
+                n,
+                path,
+                "give exactly one of password_file and password_env",
+            );
             return None;
         }
     };
@@ -1113,7 +1184,10 @@ drover:
         assert_eq!(j.experiment_name.as_deref(), Some("mnist"));
         assert_eq!(j.tags.get("team").map(String::as_str), Some("ml"));
         assert_eq!(j.code, Some(PathBuf::from("/jobs/demo/src")));
-        assert_eq!(j.image, "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest");
+        assert_eq!(
+            j.image,
+            "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
+        );
         assert_eq!(j.compute.as_deref(), Some("gpu-cluster"));
         assert_eq!(j.resources.instance_count, 2);
         assert_eq!(j.resources.shm_size, Some(16 << 30));
@@ -1191,7 +1265,8 @@ drover:
 
     #[test]
     fn unknown_keys_warn_with_line() {
-        let parsed = parse("command: echo\nimage: x\nresorces: {}\nresources:\n  gpu: 1\n").unwrap();
+        let parsed =
+            parse("command: echo\nimage: x\nresorces: {}\nresources:\n  gpu: 1\n").unwrap();
         let w: Vec<String> = parsed.warnings.iter().map(|w| w.to_string()).collect();
         assert_eq!(
             w,
@@ -1214,7 +1289,10 @@ drover:
                 "job.yml:4: resources.instance_count: expected a positive integer, got two",
             ),
             ("image: x\n", "job.yml: command: is required"),
-            ("command: echo\n", "job.yml: environment: is required (environment: {image: REPO:TAG})"),
+            (
+                "command: echo\n",
+                "job.yml: environment: is required (environment: {image: REPO:TAG})",
+            ),
             (
                 "command: echo\nenvironment: azureml:pytorch-env@latest\n",
                 "job.yml:2: environment: `azureml:pytorch-env@latest` refers to a registered environment, which Drover does not support yet; give the image inline (environment: {image: REPO:TAG})",
@@ -1298,16 +1376,21 @@ drover:
 
     #[test]
     fn every_error_of_a_file_is_reported_at_once() {
-        let err = parse("command: echo\nimage: x\nresources:\n  instance_count: 0\n  shm_size: x\n")
-            .unwrap_err();
+        let err =
+            parse("command: echo\nimage: x\nresources:\n  instance_count: 0\n  shm_size: x\n")
+                .unwrap_err();
         assert_eq!(err.errors.len(), 2, "{err}");
     }
 
     #[test]
     fn compute_prefix_is_stripped_and_name_kept() {
-        let j = parse("command: echo\nimage: x\ncompute: azureml:cpu\n").unwrap().spec;
+        let j = parse("command: echo\nimage: x\ncompute: azureml:cpu\n")
+            .unwrap()
+            .spec;
         assert_eq!(j.compute.as_deref(), Some("cpu"));
-        let j = parse("command: echo\nimage: x\ncompute: cpu\n").unwrap().spec;
+        let j = parse("command: echo\nimage: x\ncompute: cpu\n")
+            .unwrap()
+            .spec;
         assert_eq!(j.compute.as_deref(), Some("cpu"));
     }
 

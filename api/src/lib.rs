@@ -4,10 +4,10 @@
 //! Architecture Invariant: no I/O, no async runtime — the crate is shared by
 //! the agent, the control plane and the CLI and must stay cheap to depend on.
 
-pub mod docker_args;
-pub mod job;
 pub mod cluster;
 pub mod compute;
+pub mod docker_args;
+pub mod job;
 pub mod labels;
 pub mod units;
 pub mod yaml;

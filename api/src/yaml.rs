@@ -129,7 +129,9 @@ fn describe(node: &Node) -> String {
 /// True for YAML's null spellings (and an empty value).
 pub(crate) fn is_null(node: &Node) -> bool {
     match node {
-        Node::Scalar(s) => s.may_coerce() && matches!(s.as_str(), "" | "~" | "null" | "Null" | "NULL"),
+        Node::Scalar(s) => {
+            s.may_coerce() && matches!(s.as_str(), "" | "~" | "null" | "Null" | "NULL")
+        }
         _ => false,
     }
 }

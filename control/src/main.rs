@@ -12,7 +12,11 @@ use drover_control::run::{RunConfig, run_job};
 use drover_runner::PullLimits;
 
 #[derive(Parser)]
-#[command(name = "drover", version, about = "Drover: GPU compute clusters for ML jobs, self-hosted")]
+#[command(
+    name = "drover",
+    version,
+    about = "Drover: GPU compute clusters for ML jobs, self-hosted"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

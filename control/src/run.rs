@@ -11,7 +11,9 @@ use std::time::Duration;
 use drover_api::job::JobSpec;
 use drover_runner::part::{PartEvent, StopReason};
 use drover_runner::runtime::{LogStream, PullProgress};
-use drover_runner::{DockerRuntime, ImagePuller, PartOutcome, Placement, PullLimits, RunOptions};
+use drover_runner::{
+    DockerRuntime, HostFacts, PartOutcome, PartRunner, Placement, PullLimits, RunOptions,
+};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -132,7 +134,13 @@ fn default_name(path: &Path) -> String {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "job".into())
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     let stem = stem.trim_matches('-');
     let secs = std::time::SystemTime::now()
@@ -155,7 +163,13 @@ pub fn load_job(path: &Path) -> Result<JobSpec, RunError> {
     })?;
     let base = path
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
         .unwrap_or(Path::new("."));
     let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
     let parsed = JobSpec::from_yaml(&path.display().to_string(), &text, &base)?;
@@ -198,15 +212,22 @@ impl PullView {
         );
         if !self.terminal {
             if done && p.status != "Download complete" {
-                self.line(&format!("pull {}: layer {} {}", p.image, p.layer, p.status.to_lowercase()));
+                self.line(&format!(
+                    "pull {}: layer {} {}",
+                    p.image,
+                    p.layer,
+                    p.status.to_lowercase()
+                ));
             }
             return;
         }
         let bar = self.bars.entry(p.layer.clone()).or_insert_with(|| {
             let bar = self.multi.add(ProgressBar::new(p.total.unwrap_or(0)));
             bar.set_style(
-                ProgressStyle::with_template("{prefix:.dim} {msg:<18} {bar:30} {bytes}/{total_bytes}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template(
+                    "{prefix:.dim} {msg:<18} {bar:30} {bytes}/{total_bytes}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             bar.set_prefix(p.layer.clone());
             bar
@@ -276,11 +297,12 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
     let outputs_root = if outputs_root.is_absolute() {
         outputs_root
     } else {
-        std::env::current_dir().unwrap_or_default().join(outputs_root)
+        std::env::current_dir()
+            .unwrap_or_default()
+            .join(outputs_root)
     };
 
     let runtime = Arc::new(DockerRuntime::connect().await?);
-    let puller = ImagePuller::new(runtime.clone(), config.pull_limits);
     let placement = Placement {
         job: name.clone(),
         node_rank: 0,
@@ -295,16 +317,29 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
         rank_grace: Duration::from_secs(10),
         extra_env: Default::default(),
     };
-    let options = RunOptions {
-        stop_grace: config.stop_grace,
-        remove: true,
-    };
+    let host = HostFacts::probe();
+    if host.memlock_max >= 0 {
+        tracing::info!(
+            memlock_max = host.memlock_max,
+            "this host cannot grant an unlimited memlock limit (no CAP_SYS_RESOURCE); job containers get its hard limit"
+        );
+    }
+    let runner = PartRunner::new(
+        runtime,
+        config.pull_limits,
+        RunOptions {
+            stop_grace: config.stop_grace,
+            remove: true,
+        },
+        host,
+    );
 
     let cancel = CancellationToken::new();
     let signals = {
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             let term_recv = async {
                 match term.as_mut() {
                     Some(t) => {
@@ -317,7 +352,7 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term_recv => {}
             }
-            eprintln!("drover: stopping job {} …", "(signal received)");
+            eprintln!("drover: stopping job (signal received) …");
             cancel.cancel();
         })
     };
@@ -350,17 +385,7 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
         let _ = stdout.flush();
     });
 
-    let host = drover_runner::part::HostFacts::probe();
-    if host.memlock_max >= 0 {
-        tracing::info!(
-            memlock_max = host.memlock_max,
-            "this host cannot grant an unlimited memlock limit (no CAP_SYS_RESOURCE); job containers get its hard limit"
-        );
-    }
-    let result = drover_runner::run_part(
-        &runtime, &puller, &job, &placement, &options, &host, tx, cancel,
-    )
-    .await;
+    let result = runner.run(&job, &placement, tx, cancel).await;
     signals.abort();
     let _ = printer.await;
     let outcome = result?;
@@ -376,7 +401,9 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
             "drover: job {name} timed out after {}s (limits.timeout) and was stopped",
             job.timeout_seconds.unwrap_or(0)
         ),
-        PartOutcome::Canceled => eprintln!("drover: job {name} canceled; its container was removed"),
+        PartOutcome::Canceled => {
+            eprintln!("drover: job {name} canceled; its container was removed")
+        }
     }
     if !job.outputs.is_empty() {
         for out in job.outputs.keys() {

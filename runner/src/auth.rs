@@ -238,8 +238,13 @@ mod tests {
         assert_eq!(hub.username, "alice");
         assert_eq!(hub.password, "s3cret");
         assert!(!format!("{hub:?}").contains("s3cret"));
-        let local = from_docker_config(&path, "127.0.0.1:5000").unwrap().unwrap();
-        assert_eq!((local.username.as_str(), local.password.as_str()), ("bob", "pw"));
+        let local = from_docker_config(&path, "127.0.0.1:5000")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (local.username.as_str(), local.password.as_str()),
+            ("bob", "pw")
+        );
         assert!(from_docker_config(&path, "other:1").unwrap().is_none());
         assert!(
             from_docker_config(&dir.path().join("missing.json"), "x")
@@ -258,7 +263,9 @@ mod tests {
             username: "u".into(),
             password: SecretSource::File(pw),
         };
-        let auth = resolve("127.0.0.1:5000/a:1", Some(&creds)).unwrap().unwrap();
+        let auth = resolve("127.0.0.1:5000/a:1", Some(&creds))
+            .unwrap()
+            .unwrap();
         assert_eq!(auth.server, "127.0.0.1:5000");
         assert_eq!(auth.password, "hunter2");
         let creds = RegistryCredentials::Login {

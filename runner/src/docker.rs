@@ -9,8 +9,8 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
-    ContainerCreateBody, ContainerSummaryStateEnum, DeviceMapping,
-    DeviceRequest, HostConfig, ResourcesUlimits,
+    ContainerCreateBody, ContainerSummaryStateEnum, DeviceMapping, DeviceRequest, HostConfig,
+    ResourcesUlimits,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, ListContainersOptions, LogsOptions,
@@ -171,11 +171,12 @@ impl ContainerRuntime for DockerRuntime {
         auth: Option<RegistryAuth>,
     ) -> BoxStream<'static, Result<PullProgress, RuntimeError>> {
         // fromImage takes the full reference; a bare name would pull every tag.
-        let reference = if image.contains('@') || image.rsplit('/').next().is_some_and(|l| l.contains(':')) {
-            image.to_string()
-        } else {
-            format!("{image}:latest")
-        };
+        let reference =
+            if image.contains('@') || image.rsplit('/').next().is_some_and(|l| l.contains(':')) {
+                image.to_string()
+            } else {
+                format!("{image}:latest")
+            };
         let options = CreateImageOptions {
             from_image: Some(reference),
             ..Default::default()
@@ -295,7 +296,10 @@ impl ContainerRuntime for DockerRuntime {
         };
         let inspect = self
             .docker
-            .inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>)
+            .inspect_container(
+                id,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
             .await
             .map_err(engine_error)?;
         let state = inspect.state.unwrap_or_default();
@@ -332,7 +336,10 @@ impl ContainerRuntime for DockerRuntime {
             .map_err(engine_error)
     }
 
-    async fn list(&self, labels: &[(String, String)]) -> Result<Vec<ContainerSummary>, RuntimeError> {
+    async fn list(
+        &self,
+        labels: &[(String, String)],
+    ) -> Result<Vec<ContainerSummary>, RuntimeError> {
         let filters: HashMap<String, Vec<String>> = HashMap::from([(
             "label".to_string(),
             labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
@@ -371,7 +378,6 @@ impl ContainerRuntime for DockerRuntime {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,8 +407,15 @@ mod tests {
         assert_eq!(h.binds, Some(vec!["/a:/b:ro".to_string()]));
         assert_eq!(h.init, Some(false));
         let dev = h.devices.expect("devices");
-        assert_eq!(dev[0].path_on_host.as_deref(), Some("/dev/infiniband/uverbs0"));
-        assert!(host_config(&ContainerConfig::default()).device_requests.is_none());
+        assert_eq!(
+            dev[0].path_on_host.as_deref(),
+            Some("/dev/infiniband/uverbs0")
+        );
+        assert!(
+            host_config(&ContainerConfig::default())
+                .device_requests
+                .is_none()
+        );
     }
 
     #[test]
@@ -414,6 +427,9 @@ mod tests {
                 "hello world".to_string()
             )
         );
-        assert_eq!(split_timestamp("no stamp"), (String::new(), "no stamp".to_string()));
+        assert_eq!(
+            split_timestamp("no stamp"),
+            (String::new(), "no stamp".to_string())
+        );
     }
 }

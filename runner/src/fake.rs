@@ -127,7 +127,9 @@ impl ContainerRuntime for FakeRuntime {
         self.with_record(|r| r.pulls += 1);
         let image = image.to_string();
         match self.pull.clone() {
-            PullScript::Fail(reason) => stream::once(async move { Err(RuntimeError::Registry(reason)) }).boxed(),
+            PullScript::Fail(reason) => {
+                stream::once(async move { Err(RuntimeError::Registry(reason)) }).boxed()
+            }
             PullScript::Progress { n, every } => stream::iter(0..n)
                 .then(move |i| {
                     let image = image.clone();
@@ -153,7 +155,10 @@ impl ContainerRuntime for FakeRuntime {
             .lock()
             .map_err(|_| RuntimeError::Engine("poisoned".into()))?;
         if containers.contains_key(&id) {
-            return Err(RuntimeError::Conflict(format!("name {} in use", config.name)));
+            return Err(RuntimeError::Conflict(format!(
+                "name {} in use",
+                config.name
+            )));
         }
         let (exit, _) = watch::channel(None);
         containers.insert(
@@ -232,13 +237,13 @@ impl ContainerRuntime for FakeRuntime {
 
     async fn stop(&self, id: &str, _grace: Duration) -> Result<(), RuntimeError> {
         self.with_record(|r| r.stopped.push(id.to_string()));
-        if let Ok(containers) = self.containers.lock() {
-            if let Some(c) = containers.get(id) {
-                let _ = c.exit.send(Some(ExitStatus {
-                    code: 143,
-                    oom_killed: false,
-                }));
-            }
+        if let Ok(containers) = self.containers.lock()
+            && let Some(c) = containers.get(id)
+        {
+            let _ = c.exit.send(Some(ExitStatus {
+                code: 143,
+                oom_killed: false,
+            }));
         }
         Ok(())
     }
@@ -254,7 +259,10 @@ impl ContainerRuntime for FakeRuntime {
         Ok(())
     }
 
-    async fn list(&self, labels: &[(String, String)]) -> Result<Vec<ContainerSummary>, RuntimeError> {
+    async fn list(
+        &self,
+        labels: &[(String, String)],
+    ) -> Result<Vec<ContainerSummary>, RuntimeError> {
         let containers = self
             .containers
             .lock()

@@ -19,6 +19,6 @@ pub mod pull;
 pub mod runtime;
 
 pub use docker::DockerRuntime;
-pub use part::{PartEvent, PartOutcome, Placement, RunOptions, run_part};
+pub use part::{HostFacts, PartEvent, PartOutcome, PartRunner, Placement, RunOptions};
 pub use pull::{ImagePuller, PullLimits};
 pub use runtime::ContainerRuntime;

@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{self, AuthError, RegistryAuth};
 use crate::pull::{ImagePuller, PullError};
-use crate::runtime::{Bind, ContainerConfig, ContainerRuntime, LogLine, PullProgress, RuntimeError};
+use crate::runtime::{
+    Bind, ContainerConfig, ContainerRuntime, LogLine, PullProgress, RuntimeError,
+};
 
 /// Where drover-init is mounted in every job container.
 pub const INIT_PATH: &str = "/drover/bin/drover-init";
@@ -80,7 +82,10 @@ fn distributed_env(job: &JobSpec, p: &Placement) -> BTreeMap<String, String> {
     };
     let master = ips[0].clone();
     let nodes = job.resources.instance_count.max(1);
-    env.insert("AZ_BATCH_MASTER_NODE".into(), format!("{master}:{MASTER_PORT}"));
+    env.insert(
+        "AZ_BATCH_MASTER_NODE".into(),
+        format!("{master}:{MASTER_PORT}"),
+    );
     env.insert("AZ_BATCHAI_MPI_MASTER_NODE".into(), master.clone());
     env.insert("AZ_BATCH_NODE_LIST".into(), ips.join(";"));
     env.insert("AZ_BATCH_HOST_LIST".into(), ips.join(","));
@@ -169,7 +174,9 @@ fn has_cap_sys_resource() -> bool {
 /// The hard `Max locked memory` of this process in bytes; `None` if unlimited or unknown.
 fn hard_memlock_limit() -> Option<i64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max locked memory"))?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))?;
     let hard = line.split_whitespace().nth(4)?;
     hard.parse().ok()
 }
@@ -197,7 +204,10 @@ pub fn plan_container(job: &JobSpec, p: &Placement, host: &HostFacts) -> Contain
     for (k, v) in &job.resources.docker_args.env {
         // `-e NAME` without a value takes it from the job's environment, as docker does from the shell's.
         let value = if v.is_empty() {
-            job.environment_variables.get(k).cloned().unwrap_or_default()
+            job.environment_variables
+                .get(k)
+                .cloned()
+                .unwrap_or_default()
         } else {
             v.clone()
         };
@@ -255,7 +265,13 @@ pub fn plan_container(job: &JobSpec, p: &Placement, host: &HostFacts) -> Contain
         ulimits.push(u.clone());
     }
     if host.memlock_max >= 0 {
-        let clamp = |v: i64| if v < 0 || v > host.memlock_max { host.memlock_max } else { v };
+        let clamp = |v: i64| {
+            if v < 0 || v > host.memlock_max {
+                host.memlock_max
+            } else {
+                v
+            }
+        };
         for u in ulimits.iter_mut().filter(|u| u.name == "memlock") {
             u.soft = clamp(u.soft);
             u.hard = clamp(u.hard);
@@ -467,16 +483,16 @@ pub fn prepare_host_paths(job: &JobSpec, p: &Placement) -> Result<(), PartError>
     if !p.init_binary.is_file() {
         return Err(missing("drover-init binary".into(), &p.init_binary));
     }
-    if let Some(code) = &job.code {
-        if !code.is_dir() {
-            return Err(missing("code folder".into(), code));
-        }
+    if let Some(code) = &job.code
+        && !code.is_dir()
+    {
+        return Err(missing("code folder".into(), code));
     }
     for (name, input) in &job.inputs {
-        if let Input::Path { path, .. } = input {
-            if !path.exists() {
-                return Err(missing(format!("input {name}:"), path));
-            }
+        if let Input::Path { path, .. } = input
+            && !path.exists()
+        {
+            return Err(missing(format!("input {name}:"), path));
         }
     }
     for (i, m) in job.drover.mounts.iter().enumerate() {
@@ -494,19 +510,64 @@ pub fn prepare_host_paths(job: &JobSpec, p: &Placement) -> Result<(), PartError>
     Ok(())
 }
 
-/// Runs one part to its end: pull, create, start, stream logs, wait (bounded
-/// by `limits.timeout` and `cancel`), stop if needed, remove. Events go to
-/// `events`; a full or closed channel never blocks or fails the part.
-pub async fn run_part<R: ContainerRuntime>(
-    runtime: &Arc<R>,
-    puller: &ImagePuller<R>,
+/// Runs parts on one container runtime: the runtime, its shared puller, the
+/// host's facts and the run options, held together so every part of a node
+/// shares one puller (and so one pull per image).
+pub struct PartRunner<R: ContainerRuntime> {
+    /// The container engine.
+    pub runtime: Arc<R>,
+    /// Shared image puller over `runtime`.
+    pub puller: ImagePuller<R>,
+    /// How parts are stopped and cleaned up.
+    pub options: RunOptions,
+    /// What the host can give containers.
+    pub host: HostFacts,
+}
+
+impl<R: ContainerRuntime> PartRunner<R> {
+    /// A runner over `runtime` with its own puller.
+    pub fn new(
+        runtime: Arc<R>,
+        limits: crate::pull::PullLimits,
+        options: RunOptions,
+        host: HostFacts,
+    ) -> Self {
+        let puller = ImagePuller::new(runtime.clone(), limits);
+        PartRunner {
+            runtime,
+            puller,
+            options,
+            host,
+        }
+    }
+
+    /// Runs one part to its end: pull, create, start, stream logs, wait
+    /// (bounded by `limits.timeout` and `cancel`), stop if needed, remove.
+    /// Events go to `events`; a closed channel never fails the part.
+    pub async fn run(
+        &self,
+        job: &JobSpec,
+        placement: &Placement,
+        events: mpsc::Sender<PartEvent>,
+        cancel: CancellationToken,
+    ) -> Result<PartOutcome, PartError> {
+        run_part(self, job, placement, events, cancel).await
+    }
+}
+
+async fn run_part<R: ContainerRuntime>(
+    runner: &PartRunner<R>,
     job: &JobSpec,
     placement: &Placement,
-    options: &RunOptions,
-    host: &HostFacts,
     events: mpsc::Sender<PartEvent>,
     cancel: CancellationToken,
 ) -> Result<PartOutcome, PartError> {
+    let PartRunner {
+        runtime,
+        puller,
+        options,
+        host,
+    } = runner;
     prepare_host_paths(job, placement)?;
     let auth: Option<RegistryAuth> =
         auth::resolve(&job.image, job.drover.registry_credentials.as_ref())?;
@@ -610,10 +671,10 @@ pub async fn run_part<R: ContainerRuntime>(
     };
     // The log stream ends when the container does; bound the wait in case the engine lags.
     let _ = tokio::time::timeout(Duration::from_secs(5), logs).await;
-    if options.remove {
-        if let Err(e) = runtime.remove(&id).await {
-            tracing::warn!(container = %name, error = %e, "removing container failed");
-        }
+    if options.remove
+        && let Err(e) = runtime.remove(&id).await
+    {
+        tracing::warn!(container = %name, error = %e, "removing container failed");
     }
     Ok(outcome)
 }
@@ -667,12 +728,21 @@ mod tests {
         let c = plan_container(&j, &p, &HostFacts::default());
         assert_eq!(c.name, "drover-j1-1-a2");
         assert_eq!(c.entrypoint, vec![INIT_PATH]);
-        assert_eq!(c.cmd, vec!["--procs", "4", "--grace", "10", "--", "python t.py 0.1"]);
+        assert_eq!(
+            c.cmd,
+            vec!["--procs", "4", "--grace", "10", "--", "python t.py 0.1"]
+        );
         assert_eq!(c.labels.get(labels::JOB).map(String::as_str), Some("j1"));
         assert_eq!(c.labels.get(labels::PART).map(String::as_str), Some("1"));
         assert_eq!(c.labels.get(labels::ATTEMPT).map(String::as_str), Some("2"));
-        assert_eq!(c.labels.get(labels::OWNER).map(String::as_str), Some("node-a"));
-        assert_eq!(c.labels.get(labels::MANAGED).map(String::as_str), Some("true"));
+        assert_eq!(
+            c.labels.get(labels::OWNER).map(String::as_str),
+            Some("node-a")
+        );
+        assert_eq!(
+            c.labels.get(labels::MANAGED).map(String::as_str),
+            Some("true")
+        );
         let env = env_of(&c);
         for (k, v) in [
             ("AZ_BATCH_MASTER_NODE", "10.0.0.4:29500"),
@@ -745,20 +815,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rt = Arc::new(rt);
         rt.present.lock().unwrap().push("img:1".into());
-        let puller = ImagePuller::new(rt.clone(), PullLimits::default());
+        let runner = PartRunner::new(
+            rt.clone(),
+            PullLimits::default(),
+            RunOptions::default(),
+            HostFacts::default(),
+        );
         let (tx, mut rx) = mpsc::channel(64);
         tokio::spawn(async move { while rx.recv().await.is_some() {} });
-        let r = run_part(
-            &rt,
-            &puller,
-            &job(yaml),
-            &placement(dir.path()),
-            &RunOptions::default(),
-            &HostFacts::default(),
-            tx,
-            cancel,
-        )
-        .await;
+        let r = runner
+            .run(&job(yaml), &placement(dir.path()), tx, cancel)
+            .await;
         (rt, r)
     }
 
@@ -777,7 +844,8 @@ mod tests {
                     oom,
                 },
             );
-            let (rt, r) = run_with(rt, "command: x\nimage: img:1\n", CancellationToken::new()).await;
+            let (rt, r) =
+                run_with(rt, "command: x\nimage: img:1\n", CancellationToken::new()).await;
             assert_eq!(r.unwrap(), expect);
             let rec = rt.record();
             assert_eq!(rec.created.len(), 1);

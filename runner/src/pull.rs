@@ -200,7 +200,9 @@ impl<R: ContainerRuntime> ImagePuller<R> {
             let started = std::time::Instant::now();
             let result = pull_with_limits(&*runtime, &image, auth, limits, &progress_tx).await;
             match &result {
-                Ok(()) => tracing::info!(image = %image, elapsed_ms = started.elapsed().as_millis() as u64, "pull finished"),
+                Ok(()) => {
+                    tracing::info!(image = %image, elapsed_ms = started.elapsed().as_millis() as u64, "pull finished")
+                }
                 Err(e) => tracing::warn!(image = %image, error = %e, "pull failed"),
             }
             // Remove before publishing, so a caller arriving after a failure starts afresh.
@@ -264,7 +266,10 @@ mod tests {
     use super::*;
     use crate::fake::{ExitScript, FakeRuntime, PullScript};
 
-    fn puller(pull: PullScript, limits: PullLimits) -> (Arc<FakeRuntime>, ImagePuller<FakeRuntime>) {
+    fn puller(
+        pull: PullScript,
+        limits: PullLimits,
+    ) -> (Arc<FakeRuntime>, ImagePuller<FakeRuntime>) {
         let rt = Arc::new(FakeRuntime::new(pull, ExitScript::UntilStopped));
         (rt.clone(), ImagePuller::new(rt, limits))
     }
@@ -282,7 +287,10 @@ mod tests {
             },
             limits,
         );
-        let err = p.ensure("img:1", PullPolicy::Always, None, None).await.unwrap_err();
+        let err = p
+            .ensure("img:1", PullPolicy::Always, None, None)
+            .await
+            .unwrap_err();
         assert_eq!(
             err,
             PullError::Stalled {
@@ -305,7 +313,10 @@ mod tests {
             },
             limits,
         );
-        let err = p.ensure("img:1", PullPolicy::Always, None, None).await.unwrap_err();
+        let err = p
+            .ensure("img:1", PullPolicy::Always, None, None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, PullError::Timeout { .. }), "{err}");
     }
 
@@ -344,16 +355,26 @@ mod tests {
             PullScript::Fail("unauthorized: authentication required".into()),
             PullLimits::default(),
         );
-        let err = p.ensure("r/x:1", PullPolicy::Always, None, None).await.unwrap_err();
+        let err = p
+            .ensure("r/x:1", PullPolicy::Always, None, None)
+            .await
+            .unwrap_err();
         assert_eq!(
             err.to_string(),
             "pulling r/x:1 failed: unauthorized: authentication required"
         );
         rt.present.lock().unwrap().push("r/x:1".into());
-        p.ensure("r/x:1", PullPolicy::IfNotPresent, None, None).await.unwrap();
-        p.ensure("r/x:1", PullPolicy::Never, None, None).await.unwrap();
+        p.ensure("r/x:1", PullPolicy::IfNotPresent, None, None)
+            .await
+            .unwrap();
+        p.ensure("r/x:1", PullPolicy::Never, None, None)
+            .await
+            .unwrap();
         assert_eq!(rt.record().pulls, 1);
-        let err = p.ensure("r/y:1", PullPolicy::Never, None, None).await.unwrap_err();
+        let err = p
+            .ensure("r/y:1", PullPolicy::Never, None, None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, PullError::NotPresent { .. }));
     }
 }

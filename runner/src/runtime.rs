@@ -167,7 +167,8 @@ pub enum RuntimeError {
 /// What the runner needs from a container engine.
 pub trait ContainerRuntime: Send + Sync + 'static {
     /// True if the image is present locally.
-    fn image_present(&self, image: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
+    fn image_present(&self, image: &str)
+    -> impl Future<Output = Result<bool, RuntimeError>> + Send;
     /// Pulls an image, yielding progress until done; an `Err` item ends it.
     fn pull(
         &self,
@@ -186,7 +187,11 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Waits until the container exits.
     fn wait(&self, id: &str) -> impl Future<Output = Result<ExitStatus, RuntimeError>> + Send;
     /// Sends SIGTERM, then SIGKILL after `grace`.
-    fn stop(&self, id: &str, grace: Duration) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn stop(
+        &self,
+        id: &str,
+        grace: Duration,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Removes a container (forcefully, with its anonymous volumes).
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Lists containers (running or not) carrying every given `label=value`.

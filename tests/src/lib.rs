@@ -52,38 +52,53 @@ fn run_checked(cmd: &mut Command, what: &str) {
 /// up to date, which is the case after `make build`.
 pub fn drover_bin() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let _guard = build_lock();
-            run_checked(
-                cargo()
-                    .current_dir(repo_root())
-                    .args(["build", "-q", "-p", "drover-control", "--bin", "drover"]),
-                "building drover",
-            );
-            run_checked(
-                cargo()
-                    .current_dir(repo_root())
-                    .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                    .args([
-                        "build",
-                        "-q",
-                        "--release",
-                        "--target",
-                        "x86_64-unknown-linux-gnu",
-                        "-p",
-                        "drover-init",
-                    ]),
-                "building drover-init",
-            );
-            target_dir().join("debug/drover")
-        })
-        .clone()
+    BUILT.get_or_init(|| build_drover(false)).clone()
+}
+
+/// Like [`drover_bin`], but the optimised build (for benchmarks).
+pub fn drover_bin_release() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| build_drover(true)).clone()
+}
+
+fn build_drover(release: bool) -> PathBuf {
+    let _guard = build_lock();
+    let mut args = vec!["build", "-q", "-p", "drover-control", "--bin", "drover"];
+    if release {
+        args.push("--release");
+    }
+    run_checked(
+        cargo().current_dir(repo_root()).args(&args),
+        "building drover",
+    );
+    run_checked(
+        cargo()
+            .current_dir(repo_root())
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .args([
+                "build",
+                "-q",
+                "--release",
+                "--target",
+                "x86_64-unknown-linux-gnu",
+                "-p",
+                "drover-init",
+            ]),
+        "building drover-init",
+    );
+    target_dir().join(if release {
+        "release/drover"
+    } else {
+        "debug/drover"
+    })
 }
 
 /// Path of the static drover-init built by [`drover_bin`].
 pub fn init_bin() -> PathBuf {
-    drover_bin();
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        drover_bin();
+    });
     target_dir().join("x86_64-unknown-linux-gnu/release/drover-init")
 }
 
@@ -96,10 +111,14 @@ fn build_lock() -> std::sync::MutexGuard<'static, ()> {
 pub fn require_docker() {
     static CHECKED: OnceLock<()> = OnceLock::new();
     CHECKED.get_or_init(|| {
-        let info = Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output();
+        let info = Command::new("docker")
+            .args(["info", "--format", "{{.ServerVersion}}"])
+            .output();
         match info {
             Ok(o) if o.status.success() => {}
-            _ => panic!("these tests need a running Docker engine (`docker info` failed); start dockerd"),
+            _ => panic!(
+                "these tests need a running Docker engine (`docker info` failed); start dockerd"
+            ),
         }
         let img = Command::new("docker")
             .args(["image", "inspect", BASE_IMAGE])
@@ -210,12 +229,7 @@ pub fn unique_name(prefix: &str) -> String {
 /// Containers (any state) whose `drover.job` label is `job`.
 pub fn containers_of_job(job: &str) -> Vec<String> {
     let out = Command::new("docker")
-        .args([
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=drover.job={job}"),
-        ])
+        .args(["ps", "-aq", "--filter", &format!("label=drover.job={job}")])
         .output()
         .expect("docker ps");
     String::from_utf8_lossy(&out.stdout)
@@ -268,19 +282,23 @@ pub fn tiny_image() -> &'static str {
         std::fs::create_dir_all(root.path().join("bin")).expect("mkdir bin");
         std::fs::copy(busybox, root.path().join("bin/busybox")).expect("copy busybox");
         std::os::unix::fs::symlink("busybox", root.path().join("bin/sh")).expect("symlink sh");
-        let tar = Command::new("tar")
+        let mut tar = Command::new("tar")
             .arg("-C")
             .arg(root.path())
             .args(["-c", "."])
             .stdout(Stdio::piped())
             .spawn()
             .expect("tar");
-        let stdout = tar.stdout.expect("tar stdout");
+        let stdout = tar.stdout.take().expect("tar stdout");
         run_checked(
             Command::new("docker")
                 .args(["import", "--change", "CMD [\"/bin/sh\"]", "-", TAG])
                 .stdin(stdout),
             "docker import tiny image",
+        );
+        assert!(
+            tar.wait().map(|s| s.success()).unwrap_or(false),
+            "tar failed"
         );
     });
     TAG
@@ -358,7 +376,10 @@ impl Registry {
             c
         };
         let mut login = docker(&["login", "-u", &self.user, "--password-stdin", &self.addr]);
-        login.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+        login
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = login.spawn().expect("docker login");
         {
             use std::io::Write;
@@ -366,7 +387,11 @@ impl Registry {
             stdin.write_all(self.password.as_bytes()).expect("password");
         }
         let out = child.wait_with_output().expect("docker login");
-        assert!(out.status.success(), "docker login failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "docker login failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         run_checked(&mut docker(&["tag", image, &target]), "docker tag");
         run_checked(&mut docker(&["push", &target]), "docker push");
         // Drop the local copy so a later pull really goes to the registry.

@@ -25,7 +25,11 @@ fn credentials_from_the_job_pull_and_wrong_ones_fail_with_the_registry_reason() 
     let r = drover_run(&good, &unique_name("regok"), &[]);
     assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
     assert!(r.stdout.contains("pulled-and-ran"));
-    assert!(!r.stderr.contains(&reg.password), "password leaked: {}", r.stderr);
+    assert!(
+        !r.stderr.contains(&reg.password),
+        "password leaked: {}",
+        r.stderr
+    );
 
     let bad = job_with_credentials(&image, "wrong-password");
     let r = drover_run(&bad, &unique_name("regbad"), &[]);
@@ -35,7 +39,11 @@ fn credentials_from_the_job_pull_and_wrong_ones_fail_with_the_registry_reason() 
         "expected the registry's 401 reason: {}",
         r.stderr
     );
-    assert!(!r.stderr.contains("wrong-password"), "password leaked: {}", r.stderr);
+    assert!(
+        !r.stderr.contains("wrong-password"),
+        "password leaked: {}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -92,7 +100,12 @@ async fn two_parts_on_one_image_cause_one_pull() {
 
     // pull_policy never on a missing image is refused without a pull.
     let err = puller
-        .ensure(&format!("{}/drover/absent:1", reg.addr), PullPolicy::Never, None, None)
+        .ensure(
+            &format!("{}/drover/absent:1", reg.addr),
+            PullPolicy::Never,
+            None,
+            None,
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, PullError::NotPresent { .. }), "{err}");

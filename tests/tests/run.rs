@@ -18,7 +18,11 @@ fn a_job_prints_and_exits_zero() {
     let name = unique_name("hello");
     let r = drover_run(&j, &name, &[]);
     assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
-    assert!(r.stdout.contains("hello-from-drover"), "stdout: {}", r.stdout);
+    assert!(
+        r.stdout.contains("hello-from-drover"),
+        "stdout: {}",
+        r.stdout
+    );
     assert!(r.stderr.contains("completed"), "stderr: {}", r.stderr);
     assert!(containers_of_job(&name).is_empty(), "container left behind");
 }
@@ -28,7 +32,11 @@ fn exit_code_propagates() {
     let j = job("'echo failing >&2; exit 3'", "");
     let r = drover_run(&j, &unique_name("exit3"), &[]);
     assert_eq!(r.code, Some(3), "stderr: {}", r.stderr);
-    assert!(r.stderr.contains("failing"), "job stderr is streamed: {}", r.stderr);
+    assert!(
+        r.stderr.contains("failing"),
+        "job stderr is streamed: {}",
+        r.stderr
+    );
     assert!(r.stderr.contains("failed with exit code 3"), "{}", r.stderr);
 }
 
@@ -69,7 +77,8 @@ fn privileged_docker_args_are_refused_before_anything_runs() {
     let r = drover_run(&j, &name, &[]);
     assert_eq!(r.code, Some(125), "stderr: {}", r.stderr);
     assert!(
-        r.stderr.contains("job.yml:5: resources.docker_args: --privileged is not allowed"),
+        r.stderr
+            .contains("job.yml:5: resources.docker_args: --privileged is not allowed"),
         "{}",
         r.stderr
     );
@@ -79,7 +88,9 @@ fn privileged_docker_args_are_refused_before_anything_runs() {
 
 #[test]
 fn malformed_yaml_names_file_and_line() {
-    let j = JobDir::new("command: echo hi\nresources:\n  instance_count: -1\nenvironment: {image: x}\n");
+    let j = JobDir::new(
+        "command: echo hi\nresources:\n  instance_count: -1\nenvironment: {image: x}\n",
+    );
     let r = drover_run(&j, &unique_name("bad"), &[]);
     assert_eq!(r.code, Some(125));
     assert!(
@@ -121,7 +132,13 @@ drover:
     j.write("one.txt", "file-input-visible\n");
     j.write("extra/e.txt", "mount-visible\n");
     let r = drover_run(&j, &unique_name("env"), &[]);
-    assert_eq!(r.code, Some(0), "stdout: {}\nstderr: {}", r.stdout, r.stderr);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        r.stdout,
+        r.stderr
+    );
     for expect in [
         "foo=bar baz",
         "code-visible",
@@ -132,7 +149,11 @@ drover:
         "extra-is-ro",
         "/drover/code",
     ] {
-        assert!(r.stdout.contains(expect), "missing {expect:?} in:\n{}", r.stdout);
+        assert!(
+            r.stdout.contains(expect),
+            "missing {expect:?} in:\n{}",
+            r.stdout
+        );
     }
     // df -k: 256 MiB of shm is 262144 KiB.
     assert!(r.stdout.contains(" 262144 "), "shm size:\n{}", r.stdout);
@@ -163,7 +184,11 @@ fn three_local_ranks_get_rank_variables() {
     );
     let r = drover_run(&j, &unique_name("ranks"), &[]);
     assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
-    let mut lines: Vec<&str> = r.stdout.lines().filter(|l| l.starts_with("rank=")).collect();
+    let mut lines: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("rank="))
+        .collect();
     lines.sort();
     assert_eq!(
         lines,
@@ -183,8 +208,16 @@ fn one_failing_rank_fails_the_part_and_stops_the_others() {
     );
     let r = drover_run(&j, &unique_name("rankfail"), &[]);
     assert_eq!(r.code, Some(7), "stderr: {}", r.stderr);
-    assert!(r.stderr.contains("rank 1 exited with code 7"), "{}", r.stderr);
-    assert!(r.elapsed < Duration::from_secs(60), "others were not stopped: {:?}", r.elapsed);
+    assert!(
+        r.stderr.contains("rank 1 exited with code 7"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.elapsed < Duration::from_secs(60),
+        "others were not stopped: {:?}",
+        r.elapsed
+    );
 }
 
 #[test]
@@ -192,7 +225,9 @@ fn ctrl_c_stops_the_job_and_leaves_no_container() {
     let j = job("sleep 300", "");
     let name = unique_name("cancel");
     let child = drover_run_spawn(&j, &name);
-    let running = wait_until(Duration::from_secs(30), || !containers_of_job(&name).is_empty());
+    let running = wait_until(Duration::from_secs(30), || {
+        !containers_of_job(&name).is_empty()
+    });
     assert!(running, "job container never appeared");
     // Give drover a moment to start supervising, then interrupt it like Ctrl-C.
     std::thread::sleep(Duration::from_millis(500));

@@ -235,11 +235,11 @@ fn main() {
             }
         }
 
-        if let Some(t) = kill_at {
-            if Instant::now() >= t {
-                signal_ranks(&ranks, libc::SIGKILL);
-                kill_at = None;
-            }
+        if let Some(t) = kill_at
+            && Instant::now() >= t
+        {
+            signal_ranks(&ranks, libc::SIGKILL);
+            kill_at = None;
         }
     }
     std::process::exit(result.unwrap_or(0));

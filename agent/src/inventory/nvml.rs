@@ -421,10 +421,10 @@ impl Watcher {
 
     fn shut_down(&mut self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("gpu event watcher thread panicked");
-            }
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("gpu event watcher thread panicked");
         }
     }
 }

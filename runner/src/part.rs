@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{self, AuthError, RegistryAuth};
 use crate::pull::{ImagePuller, PullError};
 use crate::runtime::{
-    Bind, ContainerConfig, ContainerRuntime, LogLine, PullProgress, RuntimeError,
+    Bind, ContainerConfig, ContainerRuntime, ContainerState, ContainerSummary, LogLine,
+    PullProgress, RuntimeError,
 };
 
 /// Where drover-init is mounted in every job container.
@@ -330,6 +331,42 @@ pub fn plan_container(job: &JobSpec, p: &Placement, host: &HostFacts) -> Contain
     }
 }
 
+/// A part's container as found on the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartContainer {
+    /// Engine id.
+    pub id: String,
+    /// Container name.
+    pub name: String,
+    /// Job name.
+    pub job: String,
+    /// Node rank.
+    pub node_rank: u32,
+    /// Attempt.
+    pub attempt: u32,
+    /// Owner.
+    pub owner: String,
+    /// Engine state.
+    pub state: ContainerState,
+}
+
+impl PartContainer {
+    /// Reads the part identity from a container's labels; `None` for a
+    /// container whose labels are incomplete (not created by Drover).
+    pub fn from_summary(c: ContainerSummary) -> Option<Self> {
+        let get = |k: &str| c.labels.get(k).cloned();
+        Some(PartContainer {
+            job: get(labels::JOB)?,
+            node_rank: get(labels::PART)?.parse().ok()?,
+            attempt: get(labels::ATTEMPT)?.parse().ok()?,
+            owner: get(labels::OWNER)?,
+            id: c.id,
+            name: c.name,
+            state: c.state,
+        })
+    }
+}
+
 /// Something that happened while a part ran, in order.
 #[derive(Debug, Clone)]
 pub enum PartEvent {
@@ -539,6 +576,24 @@ impl<R: ContainerRuntime> PartRunner<R> {
             options,
             host,
         }
+    }
+
+    /// Every part container this runner's engine holds (any state), found by
+    /// the `drover.*` labels; with `owner`, only that owner's. This is what an
+    /// agent re-adopts after a restart: state lives in Docker, not in memory.
+    pub async fn list_parts(
+        &self,
+        owner: Option<&str>,
+    ) -> Result<Vec<PartContainer>, RuntimeError> {
+        let mut filter = vec![(labels::MANAGED.to_string(), "true".to_string())];
+        if let Some(o) = owner {
+            filter.push((labels::OWNER.to_string(), o.to_string()));
+        }
+        let found = self.runtime.list(&filter).await?;
+        Ok(found
+            .into_iter()
+            .filter_map(PartContainer::from_summary)
+            .collect())
     }
 
     /// Runs one part to its end: pull, create, start, stream logs, wait
@@ -884,6 +939,55 @@ mod tests {
         assert_eq!(r.unwrap(), PartOutcome::Canceled);
         let rec = rt.record();
         assert_eq!((rec.stopped.len(), rec.removed.len()), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn running_parts_are_listed_by_label() {
+        let rt = Arc::new(FakeRuntime::new(
+            PullScript::Fail("unused".into()),
+            ExitScript::UntilStopped,
+        ));
+        rt.present.lock().unwrap().push("img:1".into());
+        let runner = Arc::new(PartRunner::new(
+            rt.clone(),
+            PullLimits::default(),
+            RunOptions::default(),
+            HostFacts::default(),
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let p = placement(dir.path());
+        let cancel = CancellationToken::new();
+        let (tx, mut rx) = mpsc::channel(64);
+        let task = {
+            let (runner, cancel) = (runner.clone(), cancel.clone());
+            tokio::spawn(async move {
+                runner
+                    .run(&job("command: x\nimage: img:1\n"), &p, tx, cancel)
+                    .await
+            })
+        };
+        // Wait until the part has started.
+        while let Some(ev) = rx.recv().await {
+            if matches!(ev, PartEvent::Started { .. }) {
+                break;
+            }
+        }
+        let parts = runner.list_parts(Some("node-a")).await.unwrap();
+        assert_eq!(parts.len(), 1);
+        assert_eq!(
+            (
+                parts[0].job.as_str(),
+                parts[0].node_rank,
+                parts[0].attempt,
+                parts[0].state
+            ),
+            ("j1", 1, 2, ContainerState::Running)
+        );
+        assert!(runner.list_parts(Some("node-b")).await.unwrap().is_empty());
+        cancel.cancel();
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        assert_eq!(task.await.unwrap().unwrap(), PartOutcome::Canceled);
+        assert!(runner.list_parts(None).await.unwrap().is_empty());
     }
 
     #[tokio::test]

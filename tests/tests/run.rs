@@ -229,6 +229,26 @@ fn ctrl_c_stops_the_job_and_leaves_no_container() {
         !containers_of_job(&name).is_empty()
     });
     assert!(running, "job container never appeared");
+    // The part is found on the engine by its labels (what an agent re-adopts).
+    let parts = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(async {
+            let rt = std::sync::Arc::new(
+                drover_runner::DockerRuntime::connect()
+                    .await
+                    .expect("docker"),
+            );
+            let runner = drover_runner::PartRunner::new(
+                rt,
+                drover_runner::PullLimits::default(),
+                drover_runner::RunOptions::default(),
+                drover_runner::HostFacts::default(),
+            );
+            runner.list_parts(Some("run")).await.expect("list parts")
+        });
+    let ours: Vec<_> = parts.iter().filter(|p| p.job == name).collect();
+    assert_eq!(ours.len(), 1, "{parts:?}");
+    assert_eq!((ours[0].node_rank, ours[0].attempt), (0, 1));
     // Give drover a moment to start supervising, then interrupt it like Ctrl-C.
     std::thread::sleep(Duration::from_millis(500));
     let pid = child.id() as i32;

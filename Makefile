@@ -20,7 +20,8 @@ init:
 build: init
 	cargo build --workspace --all-targets
 
-demo: setup build
+demo: setup init
+	cargo build -p drover-control --bin drover
 	target/debug/drover run examples/hello.yml
 
 test: setup build

@@ -124,6 +124,16 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [JobState; 6] = [
+        JobState::Queued,
+        JobState::Preparing,
+        JobState::Running,
+        JobState::Completed,
+        JobState::Failed,
+        JobState::Canceled,
+    ];
+
     /// The lowercase name (`queued`).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -442,6 +452,63 @@ mod tests {
         assert_eq!(
             Timestamp(u64::MAX).plus(Duration::from_secs(1)),
             Timestamp(u64::MAX)
+        );
+    }
+}
+
+/// A state name that is not one of the known states.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {kind} state `{name}`")]
+pub struct UnknownState {
+    /// `node` or `job`.
+    pub kind: &'static str,
+    /// The name given.
+    pub name: String,
+}
+
+impl std::str::FromStr for NodeState {
+    type Err = UnknownState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        NodeState::ALL
+            .into_iter()
+            .find(|n| n.as_str() == s)
+            .ok_or_else(|| UnknownState {
+                kind: "node",
+                name: s.to_string(),
+            })
+    }
+}
+
+impl std::str::FromStr for JobState {
+    type Err = UnknownState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|j| j.as_str() == s)
+            .ok_or_else(|| UnknownState {
+                kind: "job",
+                name: s.to_string(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod from_str_tests {
+    use super::*;
+
+    #[test]
+    fn state_names_round_trip() {
+        for n in NodeState::ALL {
+            assert_eq!(n.as_str().parse::<NodeState>(), Ok(n));
+        }
+        for j in JobState::ALL {
+            assert_eq!(j.as_str().parse::<JobState>(), Ok(j));
+        }
+        assert_eq!(
+            "lost".parse::<NodeState>().unwrap_err().to_string(),
+            "unknown node state `lost`"
         );
     }
 }

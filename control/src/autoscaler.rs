@@ -302,15 +302,7 @@ mod tests {
     /// `id:state[:free_since_secs][:job]`, e.g. `n1:idle:100`.
     fn node(text: &str) -> NodeSummary {
         let parts: Vec<&str> = text.split(':').collect();
-        let state = match parts[1] {
-            "idle" => NodeState::Idle,
-            "running" => NodeState::Running,
-            "preparing" => NodeState::Preparing,
-            "unusable" => NodeState::Unusable,
-            "leaving" => NodeState::Leaving,
-            "preempted" => NodeState::Preempted,
-            other => panic!("bad state {other}"),
-        };
+        let state: NodeState = parts[1].parse().expect("node state");
         NodeSummary {
             id: parts[0].to_string(),
             state,
@@ -328,15 +320,7 @@ mod tests {
     /// `id:state:instances`, e.g. `j1:queued:2`.
     fn job(text: &str) -> JobSummary {
         let parts: Vec<&str> = text.split(':').collect();
-        let state = match parts[1] {
-            "queued" => JobState::Queued,
-            "preparing" => JobState::Preparing,
-            "running" => JobState::Running,
-            "completed" => JobState::Completed,
-            "failed" => JobState::Failed,
-            "canceled" => JobState::Canceled,
-            other => panic!("bad state {other}"),
-        };
+        let state: JobState = parts[1].parse().expect("job state");
         JobSummary {
             id: parts[0].to_string(),
             state,

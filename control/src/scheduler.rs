@@ -141,15 +141,7 @@ mod tests {
     /// `id:state:healthy_gpus[:free_since_secs][:job]`, e.g. `n1:idle:8:100`.
     fn node(text: &str) -> NodeSummary {
         let parts: Vec<&str> = text.split(':').collect();
-        let state = match parts[1] {
-            "idle" => NodeState::Idle,
-            "running" => NodeState::Running,
-            "preparing" => NodeState::Preparing,
-            "unusable" => NodeState::Unusable,
-            "leaving" => NodeState::Leaving,
-            "preempted" => NodeState::Preempted,
-            other => panic!("bad state {other}"),
-        };
+        let state: NodeState = parts[1].parse().expect("node state");
         let gpus: u32 = parts[2].parse().expect("gpus");
         NodeSummary {
             id: parts[0].to_string(),
@@ -168,15 +160,7 @@ mod tests {
     /// `id:state:instances:gpus:submitted`, e.g. `j1:queued:2:8:1`.
     fn job(text: &str) -> JobSummary {
         let parts: Vec<&str> = text.split(':').collect();
-        let state = match parts[1] {
-            "queued" => JobState::Queued,
-            "preparing" => JobState::Preparing,
-            "running" => JobState::Running,
-            "completed" => JobState::Completed,
-            "failed" => JobState::Failed,
-            "canceled" => JobState::Canceled,
-            other => panic!("bad state {other}"),
-        };
+        let state: JobState = parts[1].parse().expect("job state");
         JobSummary {
             id: parts[0].to_string(),
             state,

@@ -44,6 +44,14 @@ pub enum AuthError {
     /// A password environment variable is not set.
     #[error("registry password variable {0} is not set")]
     MissingEnv(String),
+    /// A credential helper failed.
+    #[error("credential helper {helper} failed: {reason}")]
+    Helper {
+        /// Helper name (`desktop`, `ecr-login`, …).
+        helper: String,
+        /// What went wrong (never the secret).
+        reason: String,
+    },
     /// A Docker config file is not valid.
     #[error("{path} is not a valid docker config: {reason}")]
     BadConfig {
@@ -69,6 +77,79 @@ pub fn registry_of(image: &str) -> &str {
 struct DockerConfigFile {
     #[serde(default)]
     auths: BTreeMap<String, DockerConfigAuth>,
+    /// Default credential helper (`docker-credential-<name>`).
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+    /// Per-registry credential helpers.
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct HelperAnswer {
+    #[serde(rename = "Username")]
+    username: String,
+    #[serde(rename = "Secret")]
+    secret: String,
+}
+
+/// The server name a credential helper is asked for: Docker Hub's historical URL, else the host.
+fn helper_server(registry: &str) -> &str {
+    if registry == "docker.io" {
+        "https://index.docker.io/v1/"
+    } else {
+        registry
+    }
+}
+
+/// Asks `docker-credential-<helper> get` (found in `helper_dir`, else on
+/// `PATH`) for `registry`, the way the Docker CLI does. A helper that knows
+/// no credentials for it answers `None`.
+fn from_helper(
+    helper: &str,
+    registry: &str,
+    helper_dir: Option<&Path>,
+) -> Result<Option<RegistryAuth>, AuthError> {
+    use std::io::Write;
+    let program = format!("docker-credential-{helper}");
+    let program = match helper_dir {
+        Some(dir) => dir.join(program),
+        None => PathBuf::from(program),
+    };
+    let failed = |reason: String| AuthError::Helper {
+        helper: helper.to_string(),
+        reason,
+    };
+    let mut child = std::process::Command::new(&program)
+        .arg("get")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| failed(format!("cannot run {}: {e}", program.display())))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(helper_server(registry).as_bytes())
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| failed(e.to_string()))?;
+    if !out.status.success() {
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        if text.contains("credentials not found") {
+            return Ok(None);
+        }
+        return Err(failed(text.trim().to_string()));
+    }
+    let answer: HelperAnswer = serde_json::from_slice(&out.stdout)
+        .map_err(|e| failed(format!("unreadable answer: {e}")))?;
+    Ok(Some(RegistryAuth {
+        server: registry.to_string(),
+        username: answer.username,
+        password: answer.secret,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -118,8 +199,17 @@ fn decode_base64(s: &str) -> Option<Vec<u8>> {
 }
 
 /// Reads the login for `registry` from a Docker `config.json`; `Ok(None)`
-/// when the file does not exist or has no entry for it.
+/// when the file does not exist or has no entry for it. Like the Docker CLI,
+/// a per-registry `credHelpers` entry wins, then `credsStore`, then `auths`.
 pub fn from_docker_config(path: &Path, registry: &str) -> Result<Option<RegistryAuth>, AuthError> {
+    from_docker_config_with(path, registry, None)
+}
+
+fn from_docker_config_with(
+    path: &Path,
+    registry: &str,
+    helper_dir: Option<&Path>,
+) -> Result<Option<RegistryAuth>, AuthError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -135,6 +225,17 @@ pub fn from_docker_config(path: &Path, registry: &str) -> Result<Option<Registry
         reason,
     };
     let cfg: DockerConfigFile = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let helper = cfg
+        .cred_helpers
+        .iter()
+        .find(|(k, _)| same_registry(k, registry))
+        .map(|(_, v)| v.clone())
+        .or(cfg.creds_store.clone());
+    if let Some(helper) = helper {
+        if let Some(auth) = from_helper(&helper, registry, helper_dir)? {
+            return Ok(Some(auth));
+        }
+    }
     for (key, entry) in cfg.auths {
         if !same_registry(&key, registry) {
             continue;
@@ -250,6 +351,55 @@ mod tests {
             from_docker_config(&dir.path().join("missing.json"), "x")
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn credential_helpers_are_asked_like_the_docker_cli_does() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let helper = dir.path().join("docker-credential-drovertest");
+        // Answers for 127.0.0.1:5000 only; records what it was asked.
+        std::fs::write(
+            &helper,
+            format!(
+                "#!/bin/sh\nread server\necho \"$server\" > {}/asked\nif [ \"$server\" = 127.0.0.1:5000 ]; then echo '{{\"ServerURL\":\"127.0.0.1:5000\",\"Username\":\"h-user\",\"Secret\":\"h-secret\"}}'; else echo 'credentials not found in native keychain'; exit 1; fi\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cfg = dir.path().join("config.json");
+        std::fs::write(
+            &cfg,
+            r#"{"credsStore":"drovertest","auths":{"https://index.docker.io/v1/":{"auth":"YWxpY2U6czNjcmV0"}}}"#,
+        )
+        .unwrap();
+        let got = from_docker_config_with(&cfg, "127.0.0.1:5000", Some(dir.path()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (got.username.as_str(), got.password.as_str()),
+            ("h-user", "h-secret")
+        );
+        // Not in the helper: falls back to auths (Hub is asked by its historical URL).
+        let hub = from_docker_config_with(&cfg, "docker.io", Some(dir.path()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(hub.username, "alice");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("asked"))
+                .unwrap()
+                .trim(),
+            "https://index.docker.io/v1/"
+        );
+        // A helper that cannot run is a clear error.
+        std::fs::write(&cfg, r#"{"credHelpers":{"r.io":"absent"}}"#).unwrap();
+        let err = from_docker_config_with(&cfg, "r.io", Some(dir.path())).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("credential helper absent failed: cannot run"),
+            "{err}"
         );
     }
 

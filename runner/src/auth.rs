@@ -231,10 +231,10 @@ fn from_docker_config_with(
         .find(|(k, _)| same_registry(k, registry))
         .map(|(_, v)| v.clone())
         .or(cfg.creds_store.clone());
-    if let Some(helper) = helper {
-        if let Some(auth) = from_helper(&helper, registry, helper_dir)? {
-            return Ok(Some(auth));
-        }
+    if let Some(helper) = helper
+        && let Some(auth) = from_helper(&helper, registry, helper_dir)?
+    {
+        return Ok(Some(auth));
     }
     for (key, entry) in cfg.auths {
         if !same_registry(&key, registry) {

@@ -352,7 +352,6 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term_recv => {}
             }
-            eprintln!("drover: stopping job (signal received) …");
             cancel.cancel();
         })
     };
@@ -376,7 +375,7 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
                 PartEvent::Stopping { reason } => {
                     let why = match reason {
                         StopReason::Timeout => "limits.timeout reached",
-                        StopReason::Canceled => "canceled",
+                        StopReason::Canceled => "interrupted",
                     };
                     eprintln!("drover: stopping the job ({why})");
                 }

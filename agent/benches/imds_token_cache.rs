@@ -20,6 +20,7 @@ const TASKS: usize = 64;
 const RESOURCE: &str = "https://management.azure.com/";
 
 struct Run {
+    tasks: usize,
     latencies: Vec<Duration>,
     wall: Duration,
 }
@@ -33,7 +34,8 @@ impl Run {
         };
         let ops = self.latencies.len();
         format!(
-            "| {what} | {TASKS} | {ops} | {:.2} µs | {:.2} µs | {:.0} |",
+            "| {what} | {} | {ops} | {:.2} µs | {:.2} µs | {:.0} |",
+            self.tasks,
             pct(0.50).as_secs_f64() * 1e6,
             pct(0.99).as_secs_f64() * 1e6,
             ops as f64 / self.wall.as_secs_f64(),
@@ -41,9 +43,14 @@ impl Run {
     }
 }
 
-async fn run_concurrent(client: &ImdsClient, per_task: usize, cached: bool) -> anyhow::Result<Run> {
+async fn run_concurrent(
+    client: &ImdsClient,
+    tasks: usize,
+    per_task: usize,
+    cached: bool,
+) -> anyhow::Result<Run> {
     let start = Instant::now();
-    let tasks: Vec<_> = (0..TASKS)
+    let handles: Vec<_> = (0..tasks)
         .map(|_| {
             let client = client.clone();
             tokio::spawn(async move {
@@ -61,8 +68,8 @@ async fn run_concurrent(client: &ImdsClient, per_task: usize, cached: bool) -> a
             })
         })
         .collect();
-    let mut latencies = Vec::with_capacity(TASKS * per_task);
-    for task in tasks {
+    let mut latencies = Vec::with_capacity(tasks * per_task);
+    for task in handles {
         latencies.extend(
             task.await
                 .context("join bench task")?
@@ -70,6 +77,7 @@ async fn run_concurrent(client: &ImdsClient, per_task: usize, cached: bool) -> a
         );
     }
     Ok(Run {
+        tasks,
         latencies,
         wall: start.elapsed(),
     })
@@ -113,10 +121,13 @@ fn main() -> anyhow::Result<()> {
             .token(RESOURCE, &Identity::System)
             .await
             .context("warm up")?;
-        run_concurrent(&client, 5, false).await?;
+        run_concurrent(&client, TASKS, 5, false).await?;
 
-        let mut uncached = run_concurrent(&client, uncached_per_task, false).await?;
-        let mut cached = run_concurrent(&client, cached_per_task, true).await?;
+        let mut uncached = run_concurrent(&client, TASKS, uncached_per_task, false).await?;
+        let mut cached = run_concurrent(&client, TASKS, cached_per_task, true).await?;
+        // One caller at a time: the bare round trip, without queueing.
+        let mut uncached_1 = run_concurrent(&client, 1, 500, false).await?;
+        let mut cached_1 = run_concurrent(&client, 1, 100_000, true).await?;
         let issued = emulator.stats().tokens_issued;
 
         println!("| path | concurrent callers | lookups | p50 | p99 | lookups/s |");
@@ -126,11 +137,16 @@ fn main() -> anyhow::Result<()> {
             "{}",
             uncached.row("`ImdsClient::fetch_token` (uncached HTTP round trip to the emulator)")
         );
+        println!("{}", cached_1.row("`ImdsClient::token` (cache hit)"));
+        println!(
+            "{}",
+            uncached_1.row("`ImdsClient::fetch_token` (uncached HTTP round trip to the emulator)")
+        );
         println!();
         println!(
             "tokens issued by the emulator: {issued} (cache fill 1 + warm-up {} + uncached {})",
             TASKS * 5,
-            TASKS * uncached_per_task
+            TASKS * uncached_per_task + 500
         );
         server.shutdown().await;
         Ok(())

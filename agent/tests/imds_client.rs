@@ -316,7 +316,10 @@ async fn cache_refreshes_before_expiry() {
     for h in handles {
         let (token, waited) = h.await.expect("join");
         assert!(Arc::ptr_eq(&token.expect("token"), &first));
-        assert!(waited < Duration::from_millis(250), "caller waited {waited:?} for the refresh");
+        assert!(
+            waited < Duration::from_millis(250),
+            "caller waited {waited:?} for the refresh"
+        );
     }
     let deadline = asked + Duration::from_millis(1900);
     let fresh = loop {

@@ -91,7 +91,9 @@ impl Emulator {
     pub fn serve(&self, listener: TcpListener) -> Result<RunningEmulator, ServeError> {
         let addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
         let (tx, rx) = oneshot::channel::<()>();
-        let app = self.router().into_make_service_with_connect_info::<SocketAddr>();
+        let app = self
+            .router()
+            .into_make_service_with_connect_info::<SocketAddr>();
         let task = tokio::spawn(async move {
             let server = axum::serve(listener, app).with_graceful_shutdown(async {
                 let _ = rx.await;
@@ -155,10 +157,11 @@ async fn imds(
     }
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, Json(answer.body)).into_response();
-    if let Some(secs) = answer.retry_after {
-        if let Ok(value) = HeaderValue::from_str(&secs.to_string()) {
-            response.headers_mut().insert(header::RETRY_AFTER, value);
-        }
+    if let Some(value) = answer
+        .retry_after
+        .and_then(|secs| HeaderValue::from_str(&secs.to_string()).ok())
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
     }
     response
 }

@@ -31,7 +31,9 @@ pub use model::{
     ADMIN_PREFIX, EmulatorConfig, Endpoint, EventSource, EventSpec, EventType, Fault, FaultKind,
     FaultLimit, ManagedIdentity, Priority, VmSpec,
 };
-pub use state::{Emulator, EmulatorError, ImdsRequest, ImdsResponse, SUPPORTED_API_VERSIONS, Stats};
+pub use state::{
+    Emulator, EmulatorError, ImdsRequest, ImdsResponse, SUPPORTED_API_VERSIONS, Stats,
+};
 
 /// A random RFC 4122 version-4 UUID string, for VM, identity and event ids.
 pub fn random_uuid() -> String {
@@ -41,5 +43,12 @@ pub fn random_uuid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }

@@ -25,21 +25,30 @@ async fn main() -> anyhow::Result<()> {
         match arg.as_str() {
             "--listen" => {
                 let value = args.next().context("--listen needs an address")?;
-                listen = value.parse().with_context(|| format!("parse --listen {value}"))?;
+                listen = value
+                    .parse()
+                    .with_context(|| format!("parse --listen {value}"))?;
             }
             "--vm" => vms.push(args.next().context("--vm needs a name")?),
             "--no-rate-limit" => {
                 config.general_rate_limit = None;
                 config.identity_rate_limit = None;
             }
-            other => anyhow::bail!("unknown argument {other}; usage: drover-imds-emulator [--listen ADDR] [--vm NAME]... [--no-rate-limit]"),
+            other => anyhow::bail!(
+                "unknown argument {other}; usage: drover-imds-emulator [--listen ADDR] [--vm NAME]... [--no-rate-limit]"
+            ),
         }
     }
     let emulator = Emulator::new(config);
     for name in &vms {
-        emulator.add_vm(VmSpec::new(name)).with_context(|| format!("register vm {name}"))?;
+        emulator
+            .add_vm(VmSpec::new(name))
+            .with_context(|| format!("register vm {name}"))?;
     }
-    let server = emulator.bind(listen).await.with_context(|| format!("listen on {listen}"))?;
+    let server = emulator
+        .bind(listen)
+        .await
+        .with_context(|| format!("listen on {listen}"))?;
     tracing::info!(addr = %server.local_addr(), vms = vms.len(), "imds emulator listening");
     tokio::signal::ctrl_c().await.context("wait for ctrl-c")?;
     server.shutdown().await;

@@ -230,7 +230,9 @@ impl EventSpec {
             EventType::Freeze => {
                 "Virtual machine is being paused because of a memory-preserving Live Migration operation."
             }
-            EventType::Reboot => "Virtual machine is going to be restarted as requested by authorized user.",
+            EventType::Reboot => {
+                "Virtual machine is going to be restarted as requested by authorized user."
+            }
             EventType::Redeploy => "Host server is undergoing an emergency repair.",
             EventType::Preempt => "Spot virtual machine is being evicted.",
             EventType::Terminate => "Virtual machine is being deleted.",
@@ -239,7 +241,11 @@ impl EventSpec {
             event_type,
             resources: vec![vm.to_owned()],
             not_before_in,
-            duration_in_seconds: if event_type == EventType::Freeze { 5 } else { -1 },
+            duration_in_seconds: if event_type == EventType::Freeze {
+                5
+            } else {
+                -1
+            },
             started_for: Duration::from_secs(5),
             description: description.to_owned(),
             source: EventSource::Platform,
@@ -294,7 +300,11 @@ pub struct Fault {
 impl Fault {
     /// The next `n` requests to `endpoint` (all if `None`) get `status`.
     pub fn status_times(status: u16, n: u32, endpoint: Option<Endpoint>) -> Self {
-        Self { kind: FaultKind::Status(status), limit: FaultLimit::Requests(n), endpoint }
+        Self {
+            kind: FaultKind::Status(status),
+            limit: FaultLimit::Requests(n),
+            endpoint,
+        }
     }
 
     /// Requests to `endpoint` get `status` for the next `duration`.

@@ -108,11 +108,21 @@ pub struct ImdsResponse {
 
 impl ImdsResponse {
     fn ok(body: Value) -> Self {
-        Self { status: 200, body, retry_after: None, delay: None }
+        Self {
+            status: 200,
+            body,
+            retry_after: None,
+            delay: None,
+        }
     }
 
     fn error(status: u16, body: Value) -> Self {
-        Self { status, body, retry_after: None, delay: None }
+        Self {
+            status,
+            body,
+            retry_after: None,
+            delay: None,
+        }
     }
 }
 
@@ -201,10 +211,12 @@ impl Emulator {
     /// VM's own resource id, as in Azure.
     pub fn add_vm(&self, mut vm: VmSpec) -> Result<(), EmulatorError> {
         let resource_id = vm.resource_id();
-        if let Some(identity) = vm.system_identity.as_mut() {
-            if identity.resource_id.is_empty() {
-                identity.resource_id = resource_id;
-            }
+        if let Some(identity) = vm
+            .system_identity
+            .as_mut()
+            .filter(|i| i.resource_id.is_empty())
+        {
+            identity.resource_id = resource_id;
         }
         let mut state = self.state();
         if state.vms.iter().any(|v| v.name == vm.name) {
@@ -232,7 +244,11 @@ impl Emulator {
     }
 
     /// Assigns a user-assigned identity to a VM.
-    pub fn add_user_identity(&self, vm: &str, identity: ManagedIdentity) -> Result<(), EmulatorError> {
+    pub fn add_user_identity(
+        &self,
+        vm: &str,
+        identity: ManagedIdentity,
+    ) -> Result<(), EmulatorError> {
         let mut state = self.state();
         let vm = state
             .vms
@@ -279,7 +295,11 @@ impl Emulator {
             FaultLimit::Requests(n) => (n, None),
             FaultLimit::Millis(ms) => (u32::MAX, Some(Instant::now() + Duration::from_millis(ms))),
         };
-        self.state().faults.push(ActiveFault { fault, remaining, until });
+        self.state().faults.push(ActiveFault {
+            fault,
+            remaining,
+            until,
+        });
     }
 
     /// Removes all injected faults.
@@ -355,7 +375,9 @@ impl Emulator {
         if let Some(fault) = take_fault(&mut state.faults, endpoint, now) {
             match fault {
                 FaultKind::Status(status) => return fault_response(status, None),
-                FaultKind::StatusRetryAfter(status, secs) => return fault_response(status, Some(secs)),
+                FaultKind::StatusRetryAfter(status, secs) => {
+                    return fault_response(status, Some(secs));
+                }
                 FaultKind::SlowMillis(ms) => delay = Some(Duration::from_millis(ms)),
             }
         }
@@ -375,8 +397,14 @@ impl Emulator {
             self.inner.config.general_rate_limit
         };
         if let Some(limit) = limit {
-            let window = state.windows.entry((vm.name.clone(), identity)).or_default();
-            while window.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1)) {
+            let window = state
+                .windows
+                .entry((vm.name.clone(), identity))
+                .or_default();
+            while window
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+            {
                 window.pop_front();
             }
             if window.len() >= limit as usize {
@@ -390,8 +418,11 @@ impl Emulator {
         let mut response = match (endpoint, req.post) {
             (Endpoint::Instance, false) => instance(&vm, &req.path),
             (Endpoint::Identity, false) => {
-                state.stats.tokens_issued += 1;
-                self.token(&vm, &query)
+                let response = self.token(&vm, &query);
+                if response.status == 200 {
+                    state.stats.tokens_issued += 1;
+                }
+                response
             }
             (Endpoint::ScheduledEvents, false) => {
                 advance_events(&mut state, SystemTime::now());
@@ -401,10 +432,6 @@ impl Emulator {
             (_, true) => ImdsResponse::error(405, json!({"error": "Method not allowed"})),
             (Endpoint::Other, false) => ImdsResponse::error(404, json!({"error": "Not found"})),
         };
-        if response.status == 400 && endpoint == Endpoint::Identity {
-            // A token that was never issued.
-            state.stats.tokens_issued -= 1;
-        }
         response.delay = delay;
         response
     }
@@ -422,11 +449,14 @@ impl Emulator {
             .filter_map(|k| query.get(*k).map(|v| (*k, v)))
             .collect();
         let identity = match selectors.as_slice() {
-            [] => vm.system_identity.as_ref().or(match vm.user_identities.as_slice() {
-                // With no system identity and exactly one user-assigned one, IMDS uses that.
-                [only] => Some(only),
-                _ => None,
-            }),
+            [] => vm
+                .system_identity
+                .as_ref()
+                .or(match vm.user_identities.as_slice() {
+                    // With no system identity and exactly one user-assigned one, IMDS uses that.
+                    [only] => Some(only),
+                    _ => None,
+                }),
             [(kind, value)] => all_identities(vm).find(|id| match *kind {
                 "client_id" => id.client_id.eq_ignore_ascii_case(value),
                 "object_id" => id.object_id.eq_ignore_ascii_case(value),
@@ -504,7 +534,11 @@ fn find_vm(vms: &[VmSpec], peer: IpAddr) -> Option<&VmSpec> {
     }
 }
 
-fn take_fault(faults: &mut Vec<ActiveFault>, endpoint: Endpoint, now: Instant) -> Option<FaultKind> {
+fn take_fault(
+    faults: &mut Vec<ActiveFault>,
+    endpoint: Endpoint,
+    now: Instant,
+) -> Option<FaultKind> {
     faults.retain(|f| f.remaining > 0 && f.until.is_none_or(|u| now < u));
     let fault = faults
         .iter_mut()
@@ -523,7 +557,12 @@ fn fault_response(status: u16, retry_after: Option<u64>) -> ImdsResponse {
         404 => "Not found",
         _ => "Injected fault",
     };
-    ImdsResponse { status, body: json!({"error": error}), retry_after, delay: None }
+    ImdsResponse {
+        status,
+        body: json!({"error": error}),
+        retry_after,
+        delay: None,
+    }
 }
 
 /// Parses a query string, rejecting duplicate names as IMDS does.
@@ -560,12 +599,24 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn instance(vm: &VmSpec, path: &str) -> ImdsResponse {
-    let tags = vm.tags.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(";");
-    let tags_list: Vec<Value> = vm.tags.iter().map(|(k, v)| json!({"name": k, "value": v})).collect();
+    let tags = vm
+        .tags
+        .iter()
+        .map(|(k, v)| format!("{k}:{v}"))
+        .collect::<Vec<_>>()
+        .join(";");
+    let tags_list: Vec<Value> = vm
+        .tags
+        .iter()
+        .map(|(k, v)| json!({"name": k, "value": v}))
+        .collect();
     // In IMDS JSON every primitive is a string and missing values are "".
     // https://learn.microsoft.com/azure/virtual-machines/instance-metadata-service#data-format
     let doc = json!({
@@ -691,7 +742,8 @@ fn acknowledge(state: &mut State, vm: &VmSpec, body: &[u8]) -> ImdsResponse {
         #[serde(rename = "StartRequests")]
         start_requests: Vec<StartRequest>,
     }
-    let bad = |what: &str| ImdsResponse::error(400, json!({"error": format!("Bad request. {what}")}));
+    let bad =
+        |what: &str| ImdsResponse::error(400, json!({"error": format!("Bad request. {what}")}));
     let Ok(body) = serde_json::from_slice::<Body>(body) else {
         return bad("The request body is malformed");
     };

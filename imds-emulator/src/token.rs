@@ -80,6 +80,9 @@ impl Signer {
             URL_SAFE_NO_PAD.encode(payload.to_string())
         );
         let signature: Signature = self.key.sign(signing_input.as_bytes());
-        format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature.to_bytes()))
+        format!(
+            "{signing_input}.{}",
+            URL_SAFE_NO_PAD.encode(signature.to_bytes())
+        )
     }
 }

@@ -53,12 +53,19 @@ async fn python_azure_identity_gets_tokens_from_the_emulator() {
         return;
     }
     let mut vm = VmSpec::new("node-0");
-    let user = ManagedIdentity::user_assigned(&vm.subscription_id, &vm.resource_group, "job-identity");
+    let user =
+        ManagedIdentity::user_assigned(&vm.subscription_id, &vm.resource_group, "job-identity");
     vm.user_identities.push(user.clone());
     let emulator = Emulator::new(EmulatorConfig::default());
     emulator.add_vm(vm.clone()).expect("add vm");
-    let server = emulator.bind("127.0.0.1:0".parse().expect("addr")).await.expect("bind");
-    let system = emulator.vms()[0].system_identity.clone().expect("system identity");
+    let server = emulator
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind");
+    let system = emulator.vms()[0]
+        .system_identity
+        .clone()
+        .expect("system identity");
 
     let base_url = server.base_url();
     let client_id = user.client_id.clone();
@@ -68,7 +75,19 @@ async fn python_azure_identity_gets_tokens_from_the_emulator() {
             .env("AZURE_POD_IDENTITY_AUTHORITY_HOST", &base_url)
             .env("NO_PROXY", "*");
         // Make sure the credential picks IMDS, not App Service / Azure ML / Arc.
-        for var in ["IDENTITY_ENDPOINT", "IDENTITY_HEADER", "IDENTITY_SERVER_THUMBPRINT", "IMDS_ENDPOINT", "MSI_ENDPOINT", "MSI_SECRET", "AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE", "HTTP_PROXY", "http_proxy"] {
+        for var in [
+            "IDENTITY_ENDPOINT",
+            "IDENTITY_HEADER",
+            "IDENTITY_SERVER_THUMBPRINT",
+            "IMDS_ENDPOINT",
+            "MSI_ENDPOINT",
+            "MSI_SECRET",
+            "AZURE_CLIENT_ID",
+            "AZURE_TENANT_ID",
+            "AZURE_FEDERATED_TOKEN_FILE",
+            "HTTP_PROXY",
+            "http_proxy",
+        ] {
             cmd.env_remove(var);
         }
         cmd.output()
@@ -98,6 +117,9 @@ async fn python_azure_identity_gets_tokens_from_the_emulator() {
     // An identity the VM does not have: azure-identity turns IMDS's 400 into
     // CredentialUnavailableError, as on Azure.
     let unknown = out["unknown"].as_str().expect("unknown");
-    assert!(unknown.starts_with("CredentialUnavailableError"), "{unknown}");
+    assert!(
+        unknown.starts_with("CredentialUnavailableError"),
+        "{unknown}"
+    );
     assert_eq!(emulator.stats().tokens_issued, 2);
 }

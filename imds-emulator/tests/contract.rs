@@ -21,14 +21,25 @@ async fn start(config: EmulatorConfig, vms: Vec<VmSpec>) -> RunningEmulator {
     for vm in vms {
         emulator.add_vm(vm).expect("add vm");
     }
-    emulator.bind("127.0.0.1:0".parse().expect("addr")).await.expect("bind")
+    emulator
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind")
 }
 
 fn unlimited() -> EmulatorConfig {
-    EmulatorConfig { general_rate_limit: None, identity_rate_limit: None, ..EmulatorConfig::default() }
+    EmulatorConfig {
+        general_rate_limit: None,
+        identity_rate_limit: None,
+        ..EmulatorConfig::default()
+    }
 }
 
-async fn get(server: &RunningEmulator, path_and_query: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+async fn get(
+    server: &RunningEmulator,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
     get_from(&reqwest::Client::new(), server, path_and_query, headers).await
 }
 
@@ -55,14 +66,27 @@ async fn missing_metadata_header_is_rejected() {
     let server = start(unlimited(), vec![VmSpec::new("vm0")]).await;
     let (status, body) = get(&server, INSTANCE, &[]).await;
     assert_eq!(status, 400);
-    assert_eq!(body["error"], "Bad request. Required metadata header not specified");
+    assert_eq!(
+        body["error"],
+        "Bad request. Required metadata header not specified"
+    );
     let (status, body) = get(&server, INSTANCE, &[("Metadata", "false")]).await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("Bad request. Required metadata header not specified")));
-    let token = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net";
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (
+            400,
+            Some("Bad request. Required metadata header not specified")
+        )
+    );
+    let token =
+        "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net";
     let (status, body) = get(&server, token, &[]).await;
     assert_eq!(status, 400);
     assert_eq!(body["error"], "bad_request_102");
-    assert_eq!(body["error_description"], "Required metadata header not specified");
+    assert_eq!(
+        body["error_description"],
+        "Required metadata header not specified"
+    );
     let (status, _) = get(&server, EVENTS, &[]).await;
     assert_eq!(status, 400);
     // Header name and value are case-insensitive.
@@ -73,14 +97,33 @@ async fn missing_metadata_header_is_rejected() {
 #[tokio::test]
 async fn api_version_is_mandatory_and_checked() {
     let server = start(unlimited(), vec![VmSpec::new("vm0")]).await;
-    for path in ["/metadata/instance", "/metadata/instance?api-version=2099-01-01", "/metadata/scheduledevents?api-version=latest"] {
+    for path in [
+        "/metadata/instance",
+        "/metadata/instance?api-version=2099-01-01",
+        "/metadata/scheduledevents?api-version=latest",
+    ] {
         let (status, body) = get(&server, path, &[MD]).await;
         assert_eq!(status, 400, "{path}");
-        assert!(body["error"].as_str().is_some_and(|e| e.contains("api-version is invalid or was not specified")), "{body}");
-        let newest: Vec<&str> = body["newest-versions"].as_array().expect("list").iter().filter_map(Value::as_str).collect();
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("api-version is invalid or was not specified")),
+            "{body}"
+        );
+        let newest: Vec<&str> = body["newest-versions"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
         assert_eq!(newest, ["2025-04-07", "2024-07-17", "2024-03-15"]);
     }
-    let (status, _) = get(&server, "/metadata/instance?api-version=2021-02-01&api-version=2021-02-01", &[MD]).await;
+    let (status, _) = get(
+        &server,
+        "/metadata/instance?api-version=2021-02-01&api-version=2021-02-01",
+        &[MD],
+    )
+    .await;
     assert_eq!(status, 400, "duplicate query parameters are rejected");
 }
 
@@ -89,7 +132,12 @@ async fn forwarded_requests_are_rejected() {
     let server = start(unlimited(), vec![VmSpec::new("vm0")]).await;
     let (status, body) = get(&server, INSTANCE, &[MD, ("X-Forwarded-For", "10.1.1.1")]).await;
     assert_eq!(status, 400);
-    assert!(body["error"].as_str().is_some_and(|e| e.contains("X-Forwarded-For")), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("X-Forwarded-For")),
+        "{body}"
+    );
 }
 
 #[tokio::test]
@@ -114,7 +162,11 @@ async fn rate_limits_answer_429() {
     }
     assert_eq!((ok, throttled), (20, 1));
     tokio::time::sleep(Duration::from_millis(1050)).await;
-    assert_eq!(get_from(&client, &server, INSTANCE, &[MD]).await.0, 200, "window slid");
+    assert_eq!(
+        get_from(&client, &server, INSTANCE, &[MD]).await.0,
+        200,
+        "window slid"
+    );
     assert_eq!(server.emulator().stats().throttled, 2);
 }
 
@@ -135,7 +187,10 @@ async fn instance_metadata_is_the_requesting_vms() {
     assert_eq!(status, 200);
     assert_eq!(body["compute"]["name"], "regular-0");
     assert_eq!(body["compute"]["priority"], "Regular");
-    assert_eq!(body["compute"]["evictionPolicy"], "", "missing values are empty strings");
+    assert_eq!(
+        body["compute"]["evictionPolicy"], "",
+        "missing values are empty strings"
+    );
 
     let from_2 = reqwest::Client::builder()
         .local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)))
@@ -153,10 +208,19 @@ async fn instance_metadata_is_the_requesting_vms() {
     assert_eq!(c["userData"], "aGVsbG8=");
     assert_eq!(c["resourceId"], spot.resource_id().as_str());
     assert_eq!(c["platformFaultDomain"], "0", "primitives are strings");
-    assert_eq!(body["network"]["interface"][0]["ipv4"]["ipAddress"][0]["privateIpAddress"], "10.1.0.7");
+    assert_eq!(
+        body["network"]["interface"][0]["ipv4"]["ipAddress"][0]["privateIpAddress"],
+        "10.1.0.7"
+    );
 
     // Route parameters walk into the document.
-    let (status, body) = get_from(&from_2, &server, "/metadata/instance/compute/vmSize?api-version=2021-02-01", &[MD]).await;
+    let (status, body) = get_from(
+        &from_2,
+        &server,
+        "/metadata/instance/compute/vmSize?api-version=2021-02-01",
+        &[MD],
+    )
+    .await;
     assert_eq!((status, body), (200, Value::from("Standard_D4s_v3")));
 
     // An address no VM claims, with two VMs registered: no answer.
@@ -168,14 +232,27 @@ async fn instance_metadata_is_the_requesting_vms() {
 }
 
 fn token_path(extra: &str) -> String {
-    format!("/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F{extra}")
+    format!(
+        "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fmanagement.azure.com%2F{extra}"
+    )
 }
 
 /// Verifies a compact ES256 JWS against the emulator's JWKS, returns its claims.
 fn verify(jwks: &Value, token: &str) -> Value {
     let key = &jwks["keys"][0];
-    assert_eq!((key["kty"].as_str(), key["crv"].as_str(), key["alg"].as_str()), (Some("EC"), Some("P-256"), Some("ES256")));
-    let coord = |name: &str| URL_SAFE_NO_PAD.decode(key[name].as_str().expect("coordinate")).expect("base64url");
+    assert_eq!(
+        (
+            key["kty"].as_str(),
+            key["crv"].as_str(),
+            key["alg"].as_str()
+        ),
+        (Some("EC"), Some("P-256"), Some("ES256"))
+    );
+    let coord = |name: &str| {
+        URL_SAFE_NO_PAD
+            .decode(key[name].as_str().expect("coordinate"))
+            .expect("base64url")
+    };
     let point = p256::EncodedPoint::from_affine_coordinates(
         coord("x").as_slice().into(),
         coord("y").as_slice().into(),
@@ -183,10 +260,14 @@ fn verify(jwks: &Value, token: &str) -> Value {
     );
     let verifying = VerifyingKey::from_encoded_point(&point).expect("public key");
     let (signing_input, signature) = token.rsplit_once('.').expect("three parts");
-    let signature = Signature::from_slice(&URL_SAFE_NO_PAD.decode(signature).expect("sig")).expect("signature");
-    verifying.verify(signing_input.as_bytes(), &signature).expect("signature verifies");
+    let signature =
+        Signature::from_slice(&URL_SAFE_NO_PAD.decode(signature).expect("sig")).expect("signature");
+    verifying
+        .verify(signing_input.as_bytes(), &signature)
+        .expect("signature verifies");
     let (header, payload) = signing_input.split_once('.').expect("header.payload");
-    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).expect("b64")).expect("json");
+    let header: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).expect("b64")).expect("json");
     assert_eq!(header["alg"], "ES256");
     assert_eq!(header["kid"], key["kid"]);
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).expect("b64")).expect("json")
@@ -198,17 +279,31 @@ async fn tokens_are_signed_jwts_for_the_selected_identity() {
     let user = ManagedIdentity::user_assigned(&vm.subscription_id, &vm.resource_group, "uami-1");
     vm.user_identities.push(user.clone());
     let server = start(unlimited(), vec![vm.clone()]).await;
-    let system = server.emulator().vms()[0].system_identity.clone().expect("system identity");
-    assert_eq!(system.resource_id, vm.resource_id(), "system identity's resource id is the VM's");
+    let system = server.emulator().vms()[0]
+        .system_identity
+        .clone()
+        .expect("system identity");
+    assert_eq!(
+        system.resource_id,
+        vm.resource_id(),
+        "system identity's resource id is the VM's"
+    );
     let jwks = {
-        let resp = reqwest::get(format!("{}/drover-emulator/jwks", server.base_url())).await.expect("jwks");
+        let resp = reqwest::get(format!("{}/drover-emulator/jwks", server.base_url()))
+            .await
+            .expect("jwks");
         resp.json::<Value>().await.expect("json")
     };
 
     let (status, body) = get(&server, &token_path(""), &[MD]).await;
     assert_eq!(status, 200, "{body}");
     for field in ["expires_in", "expires_on", "not_before", "ext_expires_in"] {
-        assert!(body[field].as_str().is_some_and(|s| s.parse::<u64>().is_ok()), "{field} is a numeric string: {body}");
+        assert!(
+            body[field]
+                .as_str()
+                .is_some_and(|s| s.parse::<u64>().is_ok()),
+            "{field} is a numeric string: {body}"
+        );
     }
     assert_eq!(body["refresh_token"], "");
     assert_eq!(body["token_type"], "Bearer");
@@ -240,11 +335,27 @@ async fn tokens_are_signed_jwts_for_the_selected_identity() {
         assert_eq!(claims["xms_mirid"], user.resource_id.as_str());
     }
 
-    let (status, body) = get(&server, &token_path("&client_id=00000000-0000-0000-0000-000000000000"), &[MD]).await;
+    let (status, body) = get(
+        &server,
+        &token_path("&client_id=00000000-0000-0000-0000-000000000000"),
+        &[MD],
+    )
+    .await;
     assert_eq!(status, 400);
-    assert_eq!(body, serde_json::json!({"error": "invalid_request", "error_description": "Identity not found"}));
-    let (status, body) = get(&server, "/metadata/identity/oauth2/token?api-version=2018-02-01", &[MD]).await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_request")));
+    assert_eq!(
+        body,
+        serde_json::json!({"error": "invalid_request", "error_description": "Identity not found"})
+    );
+    let (status, body) = get(
+        &server,
+        "/metadata/identity/oauth2/token?api-version=2018-02-01",
+        &[MD],
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
     assert_eq!(server.emulator().stats().tokens_issued, 5);
 }
 
@@ -278,7 +389,10 @@ async fn scheduled_events_lifecycle() {
     let emulator = server.emulator();
     let (status, doc) = get(&server, EVENTS, &[MD]).await;
     assert_eq!(status, 200);
-    assert_eq!(doc, serde_json::json!({"DocumentIncarnation": 1, "Events": []}));
+    assert_eq!(
+        doc,
+        serde_json::json!({"DocumentIncarnation": 1, "Events": []})
+    );
 
     let mut preempt = EventSpec::new(EventType::Preempt, "vm0", Duration::from_secs(30));
     preempt.started_for = Duration::from_millis(300);
@@ -298,8 +412,11 @@ async fn scheduled_events_lifecycle() {
     assert_eq!(e["ResourceType"], "VirtualMachine");
     assert_eq!(e["Resources"], serde_json::json!(["vm0"]));
     assert_eq!(e["EventSource"], "Platform");
-    let not_before = httpdate::parse_http_date(e["NotBefore"].as_str().expect("NotBefore")).expect("RFC 1123");
-    let notice = not_before.duration_since(std::time::SystemTime::now()).expect("in the future");
+    let not_before =
+        httpdate::parse_http_date(e["NotBefore"].as_str().expect("NotBefore")).expect("RFC 1123");
+    let notice = not_before
+        .duration_since(std::time::SystemTime::now())
+        .expect("in the future");
     assert!(notice > Duration::from_secs(28), "{notice:?}");
 
     // The freeze passes its NotBefore and starts on its own.
@@ -308,17 +425,40 @@ async fn scheduled_events_lifecycle() {
     assert_eq!(doc["DocumentIncarnation"], 4);
     assert_eq!(doc["Events"][1]["EventId"], freeze_id.as_str());
     assert_eq!(doc["Events"][1]["EventStatus"], "Started");
-    assert_eq!(doc["Events"][1]["NotBefore"], "", "NotBefore is blank once started");
+    assert_eq!(
+        doc["Events"][1]["NotBefore"], "",
+        "NotBefore is blank once started"
+    );
 
     // Malformed and unknown acknowledgements are 400; a valid one starts the event.
     assert_eq!(post_ack(&server, "not json").await, 400);
-    assert_eq!(post_ack(&server, r#"{"StartRequests":[{"EventId":"nope"}]}"#).await, 400);
-    assert_eq!(post_ack(&server, &format!(r#"{{"StartRequests":[{{"EventId":"{id}"}}]}}"#)).await, 200);
+    assert_eq!(
+        post_ack(&server, r#"{"StartRequests":[{"EventId":"nope"}]}"#).await,
+        400
+    );
+    // vm0 may not approve an event that only names vm1.
+    let not_mine = format!(r#"{{"StartRequests":[{{"EventId":"{freeze_id}"}}]}}"#);
+    assert_eq!(post_ack(&server, &not_mine).await, 400);
+    assert_eq!(
+        post_ack(
+            &server,
+            &format!(r#"{{"StartRequests":[{{"EventId":"{id}"}}]}}"#)
+        )
+        .await,
+        200
+    );
     let (_, doc) = get(&server, EVENTS, &[MD]).await;
     assert_eq!(doc["DocumentIncarnation"], 5);
     assert_eq!(doc["Events"][0]["EventStatus"], "Started");
     // Acknowledging again changes nothing.
-    assert_eq!(post_ack(&server, &format!(r#"{{"StartRequests":[{{"EventId":"{id}"}}]}}"#)).await, 200);
+    assert_eq!(
+        post_ack(
+            &server,
+            &format!(r#"{{"StartRequests":[{{"EventId":"{id}"}}]}}"#)
+        )
+        .await,
+        200
+    );
     assert_eq!(emulator.incarnation(), 5);
 
     // Once it has happened the event is gone.
@@ -335,7 +475,11 @@ async fn injected_faults() {
     let emulator = server.emulator();
     emulator.inject_fault(Fault::status_times(500, 2, Some(Endpoint::Instance)));
     emulator.inject_fault(Fault::status_times(429, 1, None));
-    assert_eq!(get(&server, EVENTS, &[MD]).await.0, 429, "the instance fault does not match events");
+    assert_eq!(
+        get(&server, EVENTS, &[MD]).await.0,
+        429,
+        "the instance fault does not match events"
+    );
     assert_eq!(get(&server, INSTANCE, &[MD]).await.0, 500);
     assert_eq!(get(&server, INSTANCE, &[MD]).await.0, 500);
     assert_eq!(get(&server, INSTANCE, &[MD]).await.0, 200);
@@ -365,9 +509,23 @@ async fn admin_api_drives_the_emulator() {
     let admin = format!("{}/drover-emulator", server.base_url());
     let client = reqwest::Client::new();
     let vm = serde_json::json!({"name": "node-7", "vm_size": "Standard_NC24ads_A100_v4", "priority": "Spot", "tags": [["a", "b"]]});
-    let status = client.post(format!("{admin}/vms")).header("content-type", "application/json").body(vm.to_string()).send().await.expect("post").status();
+    let status = client
+        .post(format!("{admin}/vms"))
+        .header("content-type", "application/json")
+        .body(vm.to_string())
+        .send()
+        .await
+        .expect("post")
+        .status();
     assert_eq!(status.as_u16(), 201);
-    let again = client.post(format!("{admin}/vms")).header("content-type", "application/json").body(vm.to_string()).send().await.expect("post").status();
+    let again = client
+        .post(format!("{admin}/vms"))
+        .header("content-type", "application/json")
+        .body(vm.to_string())
+        .send()
+        .await
+        .expect("post")
+        .status();
     assert_eq!(again.as_u16(), 409);
 
     let (status, body) = get(&server, INSTANCE, &[MD]).await;
@@ -378,21 +536,50 @@ async fn admin_api_drives_the_emulator() {
     assert_eq!(body["compute"]["tags"], "a:b");
 
     let event = serde_json::json!({"event_type": "Terminate", "resources": ["node-7"], "not_before_in": 300, "duration_in_seconds": -1, "started_for": 5, "description": "bye", "source": "User"});
-    let resp = client.post(format!("{admin}/events")).header("content-type", "application/json").body(event.to_string()).send().await.expect("post");
+    let resp = client
+        .post(format!("{admin}/events"))
+        .header("content-type", "application/json")
+        .body(event.to_string())
+        .send()
+        .await
+        .expect("post");
     assert_eq!(resp.status().as_u16(), 201);
-    let id = resp.json::<Value>().await.expect("json")["EventId"].as_str().expect("id").to_owned();
+    let id = resp.json::<Value>().await.expect("json")["EventId"]
+        .as_str()
+        .expect("id")
+        .to_owned();
     let (_, doc) = get(&server, EVENTS, &[MD]).await;
     assert_eq!(doc["Events"][0]["EventId"], id.as_str());
     assert_eq!(doc["Events"][0]["EventSource"], "User");
 
-    let fault = serde_json::json!({"kind": {"Status": 503}, "limit": {"Requests": 1}, "endpoint": null});
-    let status = client.post(format!("{admin}/faults")).header("content-type", "application/json").body(fault.to_string()).send().await.expect("post").status();
+    let fault =
+        serde_json::json!({"kind": {"Status": 503}, "limit": {"Requests": 1}, "endpoint": null});
+    let status = client
+        .post(format!("{admin}/faults"))
+        .header("content-type", "application/json")
+        .body(fault.to_string())
+        .send()
+        .await
+        .expect("post")
+        .status();
     assert_eq!(status.as_u16(), 201);
     assert_eq!(get(&server, INSTANCE, &[MD]).await.0, 503);
 
-    let stats: Value = client.get(format!("{admin}/stats")).send().await.expect("get").json().await.expect("json");
+    let stats: Value = client
+        .get(format!("{admin}/stats"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(stats["instance"], 2);
-    let status = client.delete(format!("{admin}/vms/node-7")).send().await.expect("delete").status();
+    let status = client
+        .delete(format!("{admin}/vms/node-7"))
+        .send()
+        .await
+        .expect("delete")
+        .status();
     assert_eq!(status.as_u16(), 204);
     assert_eq!(get(&server, INSTANCE, &[MD]).await.0, 404);
 }

@@ -96,7 +96,9 @@ pub struct ScheduledEvent {
 impl ScheduledEvent {
     /// Whether the event names the VM called `vm_name`.
     pub fn affects(&self, vm_name: &str) -> bool {
-        self.resources.iter().any(|r| r.eq_ignore_ascii_case(vm_name))
+        self.resources
+            .iter()
+            .any(|r| r.eq_ignore_ascii_case(vm_name))
     }
 
     /// `NotBefore` parsed; `None` when blank (started) or malformed.
@@ -124,7 +126,11 @@ pub struct ScheduledEventsWatcher {
 impl ScheduledEventsWatcher {
     /// A watcher for the VM called `vm_name` (instance metadata `compute.name`).
     pub fn new(client: ImdsClient, vm_name: &str) -> Self {
-        Self { client, vm_name: vm_name.to_owned(), last_incarnation: None }
+        Self {
+            client,
+            vm_name: vm_name.to_owned(),
+            last_incarnation: None,
+        }
     }
 
     /// Fetches the document once; `Some` when its incarnation is new (the
@@ -146,7 +152,10 @@ impl ScheduledEventsWatcher {
             vm = %self.vm_name,
             "imds scheduled events changed"
         );
-        Ok(Some(EventsUpdate { incarnation: doc.document_incarnation, events }))
+        Ok(Some(EventsUpdate {
+            incarnation: doc.document_incarnation,
+            events,
+        }))
     }
 
     /// The `imds-scheduled-events` task: polls every `interval` and sends each

@@ -31,7 +31,10 @@ impl RateLimiter {
     /// A limiter admitting `limit` requests per window (at least one).
     pub(crate) fn new(limit: u32) -> Self {
         let limit = usize::try_from(limit.max(1)).unwrap_or(usize::MAX);
-        Self { limit, sent: Mutex::new(VecDeque::with_capacity(limit)) }
+        Self {
+            limit,
+            sent: Mutex::new(VecDeque::with_capacity(limit)),
+        }
     }
 
     /// Waits until one more request may be sent, and records it as sent.
@@ -39,7 +42,10 @@ impl RateLimiter {
         let mut sent = self.sent.lock().await;
         loop {
             let now = Instant::now();
-            while sent.front().is_some_and(|t| now.duration_since(*t) >= WINDOW) {
+            while sent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= WINDOW)
+            {
                 sent.pop_front();
             }
             if sent.len() < self.limit {
@@ -48,7 +54,10 @@ impl RateLimiter {
             }
             if let Some(oldest) = sent.front() {
                 let wait = (*oldest + WINDOW).saturating_duration_since(now);
-                tracing::trace!(wait_ms = wait.as_millis() as u64, "imds request held by rate limiter");
+                tracing::trace!(
+                    wait_ms = wait.as_millis() as u64,
+                    "imds request held by rate limiter"
+                );
                 tokio::time::sleep(wait).await;
             }
         }
@@ -69,8 +78,14 @@ mod tests {
             times.push(start.elapsed());
         }
         // A burst of five, then five more one window later, then two more.
-        assert!(times[..5].iter().all(|t| *t < Duration::from_millis(1)), "{times:?}");
-        assert!(times[5] >= WINDOW && times[9] < WINDOW + Duration::from_millis(1), "{times:?}");
+        assert!(
+            times[..5].iter().all(|t| *t < Duration::from_millis(1)),
+            "{times:?}"
+        );
+        assert!(
+            times[5] >= WINDOW && times[9] < WINDOW + Duration::from_millis(1),
+            "{times:?}"
+        );
         assert!(times[10] >= WINDOW * 2, "{times:?}");
         for (i, t) in times.iter().enumerate().skip(5) {
             assert!(*t - times[i - 5] >= WINDOW, "{times:?}");

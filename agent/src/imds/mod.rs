@@ -22,8 +22,8 @@ use reqwest::{Method, StatusCode};
 use tokio::time::Instant;
 
 pub use events::{
-    DEFAULT_POLL_INTERVAL, EVENTS_API_VERSION, EventStatus, EventType, EventsUpdate, ScheduledEvent,
-    ScheduledEvents, ScheduledEventsWatcher,
+    DEFAULT_POLL_INTERVAL, EVENTS_API_VERSION, EventStatus, EventType, EventsUpdate,
+    ScheduledEvent, ScheduledEvents, ScheduledEventsWatcher,
 };
 pub use instance::{
     Compute, INSTANCE_API_VERSION, InstanceMetadata, Interface, IpAddress, IpConfig, Network,
@@ -65,7 +65,10 @@ pub struct RateLimits {
 
 impl Default for RateLimits {
     fn default() -> Self {
-        Self { general: 5, identity: 20 }
+        Self {
+            general: 5,
+            identity: 20,
+        }
     }
 }
 
@@ -131,7 +134,9 @@ impl ImdsError {
     /// IMDS's `(error, error_description)` when IMDS rejected the request.
     pub fn rejection(&self) -> Option<(&str, &str)> {
         match self.request_error()? {
-            RequestError::Rejected { error, description, .. } => Some((error, description)),
+            RequestError::Rejected {
+                error, description, ..
+            } => Some((error, description)),
             _ => None,
         }
     }
@@ -237,7 +242,10 @@ impl ImdsClient {
 
     /// Instance metadata of this VM.
     pub async fn instance_metadata(&self) -> Result<InstanceMetadata, ImdsError> {
-        let url = self.url("/metadata/instance", &[("api-version", INSTANCE_API_VERSION)]);
+        let url = self.url(
+            "/metadata/instance",
+            &[("api-version", INSTANCE_API_VERSION)],
+        );
         let body = self
             .send(Class::General, Method::GET, url, None)
             .await
@@ -251,7 +259,11 @@ impl ImdsClient {
     /// refresh. Concurrent callers for one (resource, identity) share one
     /// request. A token due for refresh is still handed out while one
     /// background request replaces it.
-    pub async fn token(&self, resource: &str, identity: &Identity) -> Result<Arc<AccessToken>, ImdsError> {
+    pub async fn token(
+        &self,
+        resource: &str,
+        identity: &Identity,
+    ) -> Result<Arc<AccessToken>, ImdsError> {
         let slot = self.inner.tokens.slot(resource, identity);
         match TokenCache::lookup(&slot) {
             Lookup::Fresh(token) => return Ok(token),
@@ -291,7 +303,11 @@ impl ImdsClient {
     }
 
     /// One token request to IMDS, bypassing the cache.
-    pub async fn fetch_token(&self, resource: &str, identity: &Identity) -> Result<AccessToken, ImdsError> {
+    pub async fn fetch_token(
+        &self,
+        resource: &str,
+        identity: &Identity,
+    ) -> Result<AccessToken, ImdsError> {
         let mut query = vec![("api-version", TOKEN_API_VERSION), ("resource", resource)];
         query.extend(identity.query_param());
         let url = self.url("/metadata/identity/oauth2/token", &query);
@@ -300,7 +316,10 @@ impl ImdsClient {
             identity: identity.clone(),
             source,
         };
-        let body = self.send(Class::Identity, Method::GET, url, None).await.map_err(err)?;
+        let body = self
+            .send(Class::Identity, Method::GET, url, None)
+            .await
+            .map_err(err)?;
         let received = Instant::now();
         let response: TokenResponse =
             serde_json::from_slice(&body).map_err(|e| err(RequestError::Decode(e)))?;
@@ -309,7 +328,10 @@ impl ImdsClient {
 
     /// The scheduled-events document.
     pub async fn scheduled_events(&self) -> Result<ScheduledEvents, ImdsError> {
-        let url = self.url("/metadata/scheduledevents", &[("api-version", EVENTS_API_VERSION)]);
+        let url = self.url(
+            "/metadata/scheduledevents",
+            &[("api-version", EVENTS_API_VERSION)],
+        );
         let body = self
             .send(Class::General, Method::GET, url, None)
             .await
@@ -323,11 +345,17 @@ impl ImdsClient {
         let body = serde_json::json!({
             "StartRequests": event_ids.iter().map(|id| serde_json::json!({"EventId": id})).collect::<Vec<_>>(),
         });
-        let url = self.url("/metadata/scheduledevents", &[("api-version", EVENTS_API_VERSION)]);
+        let url = self.url(
+            "/metadata/scheduledevents",
+            &[("api-version", EVENTS_API_VERSION)],
+        );
         self.send(Class::General, Method::POST, url, Some(body.to_string()))
             .await
             .map(|_| ())
-            .map_err(|source| ImdsError::AcknowledgeEvents { event_ids: event_ids.to_vec(), source })
+            .map_err(|source| ImdsError::AcknowledgeEvents {
+                event_ids: event_ids.to_vec(),
+                source,
+            })
     }
 
     /// A watcher of scheduled events for the VM called `vm_name`.
@@ -398,7 +426,11 @@ impl ImdsClient {
             failures += 1;
             let gone = matches!(failure, AttemptError::Status { status: 410, .. });
             let elapsed = start.elapsed();
-            let Some(delay) = self.inner.retry.next_delay(failures, elapsed, gone, retry_after) else {
+            let Some(delay) = self
+                .inner
+                .retry
+                .next_delay(failures, elapsed, gone, retry_after)
+            else {
                 return Err(RequestError::RetriesExhausted {
                     attempts: u32::try_from(failures).unwrap_or(u32::MAX),
                     elapsed,
@@ -427,7 +459,14 @@ fn rejection(status: StatusCode, body: &[u8]) -> RequestError {
     }
     let (error, description) = match serde_json::from_slice::<ErrorBody>(body) {
         Ok(b) if !b.error.is_empty() => (b.error, b.error_description),
-        _ => (String::from_utf8_lossy(body).trim().to_owned(), String::new()),
+        _ => (
+            String::from_utf8_lossy(body).trim().to_owned(),
+            String::new(),
+        ),
     };
-    RequestError::Rejected { status: status.as_u16(), error, description }
+    RequestError::Rejected {
+        status: status.as_u16(),
+        error,
+        description,
+    }
 }

@@ -48,7 +48,11 @@ impl RetryPolicy {
         let scheduled = match self.delays.get(failures.saturating_sub(1)) {
             Some(d) => *d,
             None if gone => {
-                let last = self.delays.last().copied().unwrap_or(Duration::from_secs(1));
+                let last = self
+                    .delays
+                    .last()
+                    .copied()
+                    .unwrap_or(Duration::from_secs(1));
                 if elapsed + last > self.gone_budget {
                     return None;
                 }
@@ -75,7 +79,10 @@ pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 #[cfg(test)]
@@ -113,15 +120,35 @@ mod tests {
             tries.push(at);
             failures += 1;
         }
-        assert_eq!(tries, vec![secs(0), secs(2), secs(6), secs(14), secs(30), secs(46), secs(62)]);
+        assert_eq!(
+            tries,
+            vec![
+                secs(0),
+                secs(2),
+                secs(6),
+                secs(14),
+                secs(30),
+                secs(46),
+                secs(62)
+            ]
+        );
     }
 
     #[test]
     fn retry_after_is_honoured_but_capped() {
         let policy = RetryPolicy::default();
-        assert_eq!(policy.next_delay(1, Duration::ZERO, false, Some(secs(5))), Some(secs(5)));
-        assert_eq!(policy.next_delay(1, Duration::ZERO, false, Some(secs(1))), Some(secs(2)));
-        assert_eq!(policy.next_delay(1, Duration::ZERO, false, Some(secs(600))), Some(secs(60)));
+        assert_eq!(
+            policy.next_delay(1, Duration::ZERO, false, Some(secs(5))),
+            Some(secs(5))
+        );
+        assert_eq!(
+            policy.next_delay(1, Duration::ZERO, false, Some(secs(1))),
+            Some(secs(2))
+        );
+        assert_eq!(
+            policy.next_delay(1, Duration::ZERO, false, Some(secs(600))),
+            Some(secs(60))
+        );
     }
 
     #[test]
@@ -137,7 +164,10 @@ mod tests {
     #[test]
     fn retry_after_forms() {
         assert_eq!(parse_retry_after("7"), Some(secs(7)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 }

@@ -110,7 +110,10 @@ impl AccessToken {
     /// Builds a token from IMDS's response received at `received`.
     pub(crate) fn from_response(r: TokenResponse, received: Instant) -> Self {
         let now = SystemTime::now();
-        let now_secs = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now_secs = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         // Remaining lifetime: `expires_in` is relative to this answer (IMDS
         // serves cached tokens with a shorter `expires_in`); fall back to
         // `expires_on` for servers that omit it.
@@ -141,7 +144,10 @@ impl AccessToken {
             .expires_on
             .map(|s| UNIX_EPOCH + Duration::from_secs(s))
             .unwrap_or(now + remaining);
-        let not_before = r.not_before.map(|s| UNIX_EPOCH + Duration::from_secs(s)).unwrap_or(now);
+        let not_before = r
+            .not_before
+            .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+            .unwrap_or(now);
         Self {
             token: r.access_token,
             expires_on,
@@ -165,7 +171,11 @@ impl AccessToken {
 pub fn refresh_ahead(lifetime: Duration) -> Duration {
     const LONG: Duration = Duration::from_secs(2 * 3600);
     const AHEAD: Duration = Duration::from_secs(5 * 60);
-    if lifetime >= LONG { lifetime / 2 } else { AHEAD.min(lifetime / 2) }
+    if lifetime >= LONG {
+        lifetime / 2
+    } else {
+        AHEAD.min(lifetime / 2)
+    }
 }
 
 /// One cache entry: the current token, and a lock that whoever fetches holds.
@@ -178,7 +188,10 @@ pub(crate) struct Slot {
 
 impl Slot {
     pub(crate) fn current(&self) -> Option<Arc<AccessToken>> {
-        self.current.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub(crate) fn store(&self, token: Arc<AccessToken>) {
@@ -243,12 +256,21 @@ mod tests {
         let r: TokenResponse = serde_json::from_str(body).expect("parse");
         assert_eq!(r.expires_in, Some(86399));
         let t = AccessToken::from_response(r, Instant::now());
-        assert_eq!(t.expires_on, UNIX_EPOCH + Duration::from_secs(1_700_086_399));
+        assert_eq!(
+            t.expires_on,
+            UNIX_EPOCH + Duration::from_secs(1_700_086_399)
+        );
         assert_eq!(t.client_id, "abc");
         // 24 h lifetime: refresh in about 12 h.
         let until_refresh = t.refresh_at - Instant::now();
-        assert!(until_refresh > Duration::from_secs(11 * 3600) && until_refresh <= Duration::from_secs(43200));
-        assert!(!format!("{t:?}").contains("eyJ0"), "Debug must not print the token");
+        assert!(
+            until_refresh > Duration::from_secs(11 * 3600)
+                && until_refresh <= Duration::from_secs(43200)
+        );
+        assert!(
+            !format!("{t:?}").contains("eyJ0"),
+            "Debug must not print the token"
+        );
     }
 
     /// A token IMDS served from its own cache, past its half-life: refreshed
@@ -261,6 +283,8 @@ mod tests {
         let t = AccessToken::from_response(r, Instant::now());
         assert!(!t.needs_refresh());
         let until_refresh = t.refresh_at - Instant::now();
-        assert!(until_refresh > Duration::from_secs(1790) && until_refresh <= Duration::from_secs(1800));
+        assert!(
+            until_refresh > Duration::from_secs(1790) && until_refresh <= Duration::from_secs(1800)
+        );
     }
 }

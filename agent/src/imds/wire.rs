@@ -30,7 +30,9 @@ pub(crate) fn opt_i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D:
             .map(Some)
             .map_err(|_| serde::de::Error::custom(format!("{s:?} is not an integer"))),
         Value::Null => Ok(None),
-        other => Err(serde::de::Error::custom(format!("{other} is not an integer"))),
+        other => Err(serde::de::Error::custom(format!(
+            "{other} is not an integer"
+        ))),
     }
 }
 

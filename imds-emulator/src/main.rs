@@ -14,9 +14,9 @@ use drover_imds_emulator::{Emulator, EmulatorConfig, VmSpec};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
     let mut listen: SocketAddr = "127.0.0.1:8169".parse().context("parse default address")?;
     let mut vms = Vec::new();
     let mut config = EmulatorConfig::default();

@@ -50,6 +50,12 @@ pub struct HostProbe {
     system: Option<System>,
     /// `None` where sysinfo cannot list disks on this OS.
     disks: Option<Disks>,
+    /// Kernel, OS and physical core count: fixed until reboot, and reading
+    /// them (`/etc/os-release`, all of `/proc/cpuinfo`) would otherwise be
+    /// most of a refresh.
+    kernel: Option<String>,
+    os: Option<String>,
+    physical_cores: Option<usize>,
 }
 
 impl Default for HostProbe {
@@ -62,6 +68,9 @@ impl Default for HostProbe {
         Self {
             system,
             disks: ok("disks", Disks::new()),
+            kernel: ok("kernel", System::kernel_version()),
+            os: ok("os", System::long_os_version()),
+            physical_cores: ok("physical_cores", System::physical_core_count()),
         }
     }
 }
@@ -92,15 +101,16 @@ impl HostProbe {
         }
         disks.sort_by(|a, b| a.mount_point.cmp(&b.mount_point));
         HostInfo {
+            // Read each time: cloud-init may set it after the agent started.
             hostname: ok("hostname", System::host_name()),
-            kernel: ok("kernel", System::kernel_version()),
-            os: ok("os", System::long_os_version()),
+            kernel: self.kernel.clone(),
+            os: self.os.clone(),
             cpu_model: system
                 .and_then(|s| s.cpus().first())
                 .map(|c| c.brand().trim().to_owned())
                 .filter(|b| !b.is_empty()),
             logical_cores: system.map_or(0, |s| s.cpus().len()),
-            physical_cores: ok("physical_cores", System::physical_core_count()),
+            physical_cores: self.physical_cores,
             memory_total_bytes: system.map_or(0, System::total_memory),
             memory_available_bytes: system.map_or(0, System::available_memory),
             disks,

@@ -24,6 +24,7 @@ pub type NvmlDevice = *mut c_void;
 /// `nvmlEventSet_t`: opaque pointer; here the set's id.
 pub type NvmlEventSet = *mut c_void;
 
+/// `NVML_SUCCESS`.
 pub const NVML_SUCCESS: NvmlReturn = 0;
 const NVML_ERROR_UNINITIALIZED: NvmlReturn = 1;
 const NVML_ERROR_INVALID_ARGUMENT: NvmlReturn = 2;
@@ -48,13 +49,16 @@ pub struct Profile {
     #[serde(default)]
     #[allow(dead_code)]
     pub description: String,
+    /// `nvmlSystemGetDriverVersion`, e.g. `550.54.15`.
     pub driver_version: String,
     /// As NVML encodes it: 12040 is CUDA 12.4.
     pub cuda_driver_version: i32,
+    /// `nvmlSystemGetNVMLVersion`, e.g. `12.550.54.15`.
     pub nvml_version: String,
     /// Events file, relative to the profile's directory.
     #[serde(default)]
     pub events_file: Option<PathBuf>,
+    /// The GPUs, in NVML index order.
     pub gpus: Vec<Gpu>,
 }
 
@@ -63,52 +67,85 @@ pub struct Profile {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Gpu {
+    /// `nvmlDeviceGetName`.
     pub name: String,
+    /// `nvmlDeviceGetUUID`, `GPU-` and a UUID.
     pub uuid: String,
+    /// `nvmlDeviceGetSerial`.
     pub serial: String,
+    /// `nvmlPciInfo_t.busId`, `DDDDDDDD:BB:DD.F`.
     pub pci_bus_id: String,
+    /// `nvmlPciInfo_t.pciDeviceId` (device id << 16 | vendor id).
     pub pci_device_id: u32,
+    /// `nvmlPciInfo_t.pciSubSystemId`.
     pub pci_subsystem_id: u32,
+    /// `nvmlMemory_v2_t.total`, bytes.
     pub memory_total: u64,
+    /// `nvmlMemory_v2_t.reserved`, bytes.
     pub memory_reserved: u64,
+    /// `nvmlMemory_v2_t.used`, bytes.
     pub memory_used: u64,
+    /// `nvmlMemory_v2_t.free`, bytes.
     pub memory_free: u64,
+    /// `nvmlUtilization_t.gpu`, percent.
     pub utilization_gpu: u32,
+    /// `nvmlUtilization_t.memory`, percent.
     pub utilization_memory: u32,
+    /// `nvmlDeviceGetTemperature(NVML_TEMPERATURE_GPU)`, °C.
     pub temperature_c: u32,
+    /// `nvmlDeviceGetPowerUsage`, milliwatts.
     pub power_mw: u32,
+    /// `nvmlDeviceGetCudaComputeCapability` as `[major, minor]`.
     pub compute_capability: [i32; 2],
+    /// `nvmlDeviceGetEccMode`; `null`: no ECC (then no ECC counters either).
     pub ecc: Option<EnableState>,
+    /// `nvmlDeviceGetTotalEccErrors(UNCORRECTED, VOLATILE)`.
     pub ecc_uncorrected_volatile: Option<u64>,
+    /// `nvmlDeviceGetTotalEccErrors(UNCORRECTED, AGGREGATE)`.
     pub ecc_uncorrected_aggregate: Option<u64>,
+    /// `nvmlDeviceGetRetiredPages*`; `null` on Ampere and later.
     pub retired_pages: Option<RetiredPages>,
+    /// `nvmlDeviceGetRemappedRows`; `null` before Ampere.
     pub remapped_rows: Option<RemappedRows>,
+    /// `nvmlDeviceGetMigMode`; `null` on GPUs without MIG.
     pub mig: Option<EnableState>,
     /// Event kinds the GPU supports: `xid`, `dbe`, `sbe`.
     pub events: Vec<String>,
 }
 
+/// An on/off setting with its after-reboot value.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnableState {
+    /// Enabled now.
     pub current: bool,
+    /// Enabled after the next reboot or reset.
     pub pending: bool,
 }
 
+/// Page retirement (Kepler to Volta/Turing).
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetiredPages {
+    /// Pages retired for repeated single-bit errors.
     pub single_bit_ecc: u32,
+    /// Pages retired for a double-bit error.
     pub double_bit_ecc: u32,
+    /// `nvmlDeviceGetRetiredPagesPendingStatus`.
     pub pending: bool,
 }
 
+/// Row remapping (Ampere and later).
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RemappedRows {
+    /// Rows remapped for correctable errors.
     pub correctable: u32,
+    /// Rows remapped for uncorrectable errors.
     pub uncorrectable: u32,
+    /// A remapping waits for a GPU reset.
     pub pending: bool,
+    /// A remapping failed.
     pub failed: bool,
 }
 

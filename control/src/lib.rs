@@ -7,3 +7,4 @@ pub mod autoscaler;
 pub mod provider;
 pub mod run;
 pub mod scheduler;
+pub mod store;

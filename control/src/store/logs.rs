@@ -1,0 +1,212 @@
+//! Job logs, bounded per job.
+//!
+//! Each line gets the job's next sequence number; numbers are never reused,
+//! so `drover job logs -f` resumes from the last number it saw. Past
+//! [`super::StoreConfig::log_cap_bytes`] the oldest lines are dropped; a
+//! reader learns it missed some from [`LogPage::first_seq`].
+
+use drover_api::cluster::Timestamp;
+use drover_runner::runtime::LogStream;
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+
+use super::{Store, StoreError, count, ms, ts};
+
+/// A line to append.
+#[derive(Debug, Clone, Copy)]
+pub struct NewLogLine<'a> {
+    /// When it was written.
+    pub at: Timestamp,
+    /// The attempt that wrote it.
+    pub attempt: u32,
+    /// The node rank that wrote it.
+    pub node_rank: u32,
+    /// Which stream.
+    pub stream: LogStream,
+    /// The text, without a trailing newline.
+    pub text: &'a str,
+}
+
+/// A stored line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredLogLine {
+    /// Its sequence number within the job.
+    pub seq: u64,
+    /// When it was written.
+    pub at: Timestamp,
+    /// The attempt that wrote it.
+    pub attempt: u32,
+    /// The node rank that wrote it.
+    pub node_rank: u32,
+    /// Which stream.
+    pub stream: LogStream,
+    /// The text.
+    pub text: String,
+}
+
+/// A slice of a job's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogPage {
+    /// Lines from the requested number on, oldest first.
+    pub lines: Vec<StoredLogLine>,
+    /// Where to resume: pass it as `from` next time.
+    pub next_seq: u64,
+    /// The oldest number still kept; a `from` below it lost lines to the cap.
+    pub first_seq: u64,
+    /// The number the next appended line will get (`next_seq == end_seq`:
+    /// caught up).
+    pub end_seq: u64,
+}
+
+fn stream_name(s: LogStream) -> &'static str {
+    match s {
+        LogStream::Stdout => "stdout",
+        LogStream::Stderr => "stderr",
+    }
+}
+
+fn stream_of(name: &str) -> LogStream {
+    // Only this module writes the column; anything else reads as stdout
+    // rather than failing a whole page.
+    if name == "stderr" {
+        LogStream::Stderr
+    } else {
+        LogStream::Stdout
+    }
+}
+
+/// `text` cut to at most `max` bytes at a character boundary.
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+impl Store {
+    /// Appends lines to a job's log, dropping the oldest past the cap, and
+    /// returns the number the next line will get. A line longer than the
+    /// whole cap is cut to it.
+    pub fn append_logs(&mut self, job: &str, lines: &[NewLogLine<'_>]) -> Result<u64, StoreError> {
+        let cap = self.config.log_cap_bytes;
+        let max_line = usize::try_from(cap).unwrap_or(usize::MAX);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (mut next, mut bytes): (i64, i64) = tx
+            .query_row(
+                "SELECT log_next_seq, log_bytes FROM jobs WHERE id = ?1",
+                [job],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::not_found("job", job))?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO job_logs (job, seq, at, attempt, node_rank, stream, line)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for line in lines {
+                let text = truncate(line.text, max_line);
+                insert.execute(params![
+                    job,
+                    next,
+                    ms(line.at),
+                    line.attempt,
+                    line.node_rank,
+                    stream_name(line.stream),
+                    text
+                ])?;
+                next += 1;
+                bytes += i64::try_from(text.len()).unwrap_or(i64::MAX);
+            }
+        }
+        let cap = i64::try_from(cap).unwrap_or(i64::MAX);
+        if bytes > cap {
+            // Find the newest line that must go so that the rest fits, then
+            // drop it and everything older in one statement.
+            let mut excess = bytes - cap;
+            let mut cutoff = None;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT seq, length(CAST(line AS BLOB)) FROM job_logs
+                     WHERE job = ?1 ORDER BY seq",
+                )?;
+                let mut rows = stmt.query([job])?;
+                while let Some(row) = rows.next()? {
+                    let (seq, len): (i64, i64) = (row.get(0)?, row.get(1)?);
+                    excess -= len;
+                    bytes -= len;
+                    cutoff = Some(seq);
+                    if excess <= 0 {
+                        break;
+                    }
+                }
+            }
+            if let Some(cutoff) = cutoff {
+                let dropped = tx.execute(
+                    "DELETE FROM job_logs WHERE job = ?1 AND seq <= ?2",
+                    params![job, cutoff],
+                )?;
+                tracing::debug!(job = %job, dropped, "log lines dropped past the cap");
+            }
+        }
+        tx.execute(
+            "UPDATE jobs SET log_next_seq = ?2, log_bytes = ?3 WHERE id = ?1",
+            params![job, next, bytes],
+        )?;
+        tx.commit()?;
+        Ok(u64::try_from(next).unwrap_or(0))
+    }
+
+    /// Up to `limit` lines of a job's log from number `from` on.
+    pub fn read_logs(&self, job: &str, from: u64, limit: usize) -> Result<LogPage, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let end: i64 = tx
+            .query_row("SELECT log_next_seq FROM jobs WHERE id = ?1", [job], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .ok_or_else(|| StoreError::not_found("job", job))?;
+        let first: Option<i64> =
+            tx.query_row("SELECT min(seq) FROM job_logs WHERE job = ?1", [job], |r| {
+                r.get(0)
+            })?;
+        let from_i = i64::try_from(from).unwrap_or(i64::MAX);
+        let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
+        let lines = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT seq, at, attempt, node_rank, stream, line FROM job_logs
+                 WHERE job = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            stmt.query_map(params![job, from_i, limit_i], |r| {
+                Ok(StoredLogLine {
+                    seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                    at: ts(r.get(1)?),
+                    attempt: count(r.get(2)?),
+                    node_rank: count(r.get(3)?),
+                    stream: stream_of(&r.get::<_, String>(4)?),
+                    text: r.get(5)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?
+        };
+        tx.finish()?;
+        let end_seq = u64::try_from(end).unwrap_or(0);
+        // With nothing kept, the next line will be the oldest.
+        let first_seq = first.map_or(end_seq, |f| u64::try_from(f).unwrap_or(0));
+        let next_seq = match lines.last() {
+            Some(l) => l.seq + 1,
+            None => from.max(first_seq),
+        };
+        Ok(LogPage {
+            lines,
+            next_seq,
+            first_seq,
+            end_seq,
+        })
+    }
+}

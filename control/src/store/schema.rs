@@ -1,0 +1,162 @@
+//! Schema migrations: a numbered list of SQL scripts, applied in order.
+//!
+//! Script `i` (0-based) brings the database to version `i + 1`; the version is
+//! kept in `PRAGMA user_version`, which lives in the file header and is written
+//! in the same transaction as the script, so a crash leaves the database at
+//! one version or the next, never between. Scripts are append-only: a
+//! released script never changes, a new one is added at the end.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::StoreError;
+
+/// The migrations, oldest first.
+pub(crate) const MIGRATIONS: &[&str] = &[V1];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Version 1: clusters, nodes, jobs and their parts, logs, scaling errors,
+/// API tokens, and the desired-state counter.
+///
+/// Times are milliseconds since the epoch ([`drover_api::cluster::Timestamp`]).
+/// JSON documents (`spec`, `inventory`) are the `api` types as serde writes
+/// them; columns queried on are copied out of them at write time.
+const V1: &str = r#"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) STRICT;
+-- The global desired-state counter: every change to a node's assignments
+-- takes the next value, so versions only grow, even across re-registration.
+INSERT INTO meta (key, value) VALUES ('desired_version', 0);
+
+CREATE TABLE clusters (
+    name            TEXT PRIMARY KEY,
+    spec            TEXT NOT NULL,
+    provider        TEXT NOT NULL,
+    min_nodes       INTEGER NOT NULL,
+    max_nodes       INTEGER NOT NULL,
+    join_token_hash BLOB NOT NULL,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE jobs (
+    -- Submission order: AUTOINCREMENT never reuses a value, even after the
+    -- newest job is deleted, so the order is strictly monotonic.
+    seq               INTEGER PRIMARY KEY AUTOINCREMENT,
+    id                TEXT NOT NULL UNIQUE,
+    cluster           TEXT NOT NULL REFERENCES clusters(name) ON DELETE CASCADE,
+    spec              TEXT NOT NULL,
+    state             TEXT NOT NULL,
+    attempt           INTEGER NOT NULL,
+    max_attempts      INTEGER NOT NULL,
+    instance_count    INTEGER NOT NULL,
+    gpus_per_instance INTEGER NOT NULL,
+    submitted_at      INTEGER NOT NULL,
+    started_at        INTEGER,
+    ended_at          INTEGER,
+    updated_at        INTEGER NOT NULL,
+    failure_reason    TEXT,
+    log_bytes         INTEGER NOT NULL DEFAULT 0,
+    log_next_seq      INTEGER NOT NULL DEFAULT 0
+) STRICT;
+CREATE INDEX jobs_by_cluster_state ON jobs (cluster, state, seq);
+
+CREATE TABLE nodes (
+    id              TEXT PRIMARY KEY,
+    cluster         TEXT NOT NULL REFERENCES clusters(name),
+    state           TEXT NOT NULL,
+    ip              TEXT,
+    inventory       TEXT NOT NULL,
+    healthy_gpus    INTEGER NOT NULL,
+    total_gpus      INTEGER NOT NULL,
+    credential_hash BLOB NOT NULL UNIQUE,
+    registered_at   INTEGER NOT NULL,
+    last_heartbeat  INTEGER NOT NULL,
+    free_since      INTEGER,
+    current_job     TEXT REFERENCES jobs(id),
+    desired_version INTEGER NOT NULL
+) STRICT;
+CREATE INDEX nodes_by_cluster ON nodes (cluster, id);
+CREATE INDEX nodes_by_heartbeat ON nodes (last_heartbeat);
+
+-- One row per node of each attempt. `node` has no foreign key on purpose:
+-- history outlives the node that ran it.
+CREATE TABLE job_parts (
+    job        TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    attempt    INTEGER NOT NULL,
+    node_rank  INTEGER NOT NULL,
+    node       TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    exit_code  INTEGER,
+    started_at INTEGER,
+    ended_at   INTEGER,
+    PRIMARY KEY (job, attempt, node_rank)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX job_parts_by_node ON job_parts (node, state);
+
+CREATE TABLE job_logs (
+    job       TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    seq       INTEGER NOT NULL,
+    at        INTEGER NOT NULL,
+    attempt   INTEGER NOT NULL,
+    node_rank INTEGER NOT NULL,
+    stream    TEXT NOT NULL,
+    line      TEXT NOT NULL,
+    PRIMARY KEY (job, seq)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE scaling_errors (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster TEXT NOT NULL REFERENCES clusters(name) ON DELETE CASCADE,
+    at      INTEGER NOT NULL,
+    message TEXT NOT NULL
+) STRICT;
+CREATE INDEX scaling_errors_by_cluster ON scaling_errors (cluster, id);
+
+CREATE TABLE api_tokens (
+    name       TEXT PRIMARY KEY,
+    hash       BLOB NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL
+) STRICT;
+"#;
+
+/// Brings `conn` to the newest of `scripts`, one transaction per script.
+///
+/// Refuses a database whose version is above `scripts.len()`: it was written
+/// by a newer build, and running against it could lose what that build wrote.
+pub(crate) fn migrate(conn: &mut Connection, scripts: &[&str]) -> Result<u32, StoreError> {
+    let supported = u32::try_from(scripts.len()).unwrap_or(u32::MAX);
+    let found = user_version(conn)?;
+    if found > supported {
+        return Err(StoreError::TooNew { found, supported });
+    }
+    for (index, script) in scripts.iter().enumerate().skip(found as usize) {
+        let version = u32::try_from(index + 1).unwrap_or(u32::MAX);
+        let fail = |source| StoreError::Migration { version, source };
+        // IMMEDIATE: two servers opening one file must not both migrate.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(fail)?;
+        // Another process may have migrated while we waited for the lock.
+        let now = tx
+            .query_row("PRAGMA user_version", [], |r| r.get::<_, u32>(0))
+            .map_err(fail)?;
+        if now >= version {
+            continue;
+        }
+        tx.execute_batch(script).map_err(fail)?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(fail)?;
+        tx.commit().map_err(fail)?;
+        tracing::info!(version, "store schema migrated");
+    }
+    user_version(conn)
+}
+
+/// `PRAGMA user_version`.
+pub(crate) fn user_version(conn: &Connection) -> Result<u32, StoreError> {
+    Ok(conn.query_row("PRAGMA user_version", [], |r| r.get::<_, u32>(0))?)
+}

@@ -193,6 +193,17 @@ pub struct Transition {
     pub bumped: Vec<VersionBump>,
 }
 
+/// The result of [`Store::report_part`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartReport {
+    /// The part after the report (as it was, when not accepted).
+    pub part: JobPart,
+    /// False when the part had already ended and the report was ignored.
+    pub accepted: bool,
+    /// The job's state change the report caused, if any.
+    pub job: Option<Transition>,
+}
+
 const JOB_COLUMNS: &str = "id, cluster, spec, state, attempt, max_attempts, seq, submitted_at, \
                            started_at, ended_at, updated_at, failure_reason";
 
@@ -357,6 +368,106 @@ pub(super) fn requeue_in(
     Ok(bumped)
 }
 
+/// [`Store::transition_job`] inside `tx`.
+fn transition_in(
+    tx: &Transaction<'_>,
+    id: &str,
+    to: JobState,
+    reason: Option<&str>,
+    now: Timestamp,
+) -> Result<Vec<VersionBump>, StoreError> {
+    let job = load_job(tx, id)?;
+    if !job.state.can_transition_to(to) {
+        return Err(StoreError::InvalidTransition {
+            job: id.to_string(),
+            from: job.state,
+            to,
+        });
+    }
+    match to {
+        JobState::Queued => Err(StoreError::Invalid(
+            "a job goes back to the queue through requeue".to_string(),
+        )),
+        JobState::Preparing => Err(StoreError::Invalid(
+            "a job starts preparing when it is placed".to_string(),
+        )),
+        JobState::Running => {
+            tx.execute(
+                "UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, ?2),
+                                 updated_at = ?2
+                 WHERE id = ?1",
+                params![id, ms(now)],
+            )?;
+            Ok(Vec::new())
+        }
+        JobState::Completed | JobState::Failed | JobState::Canceled => {
+            tx.execute(
+                "UPDATE jobs SET state = ?2, ended_at = ?3, updated_at = ?3,
+                                 failure_reason = COALESCE(?4, failure_reason)
+                 WHERE id = ?1",
+                params![id, to.as_str(), ms(now), reason],
+            )?;
+            end_live_parts(tx, id, job.attempt, PartState::Stopped, now)?;
+            release_nodes(tx, id, now)
+        }
+    }
+}
+
+/// Writes a part's new state inside `tx`; `Ok(None)` when the part has
+/// already ended (and so was left as it is).
+fn update_part_in(
+    tx: &Transaction<'_>,
+    job: &str,
+    attempt: u32,
+    node_rank: u32,
+    state: PartState,
+    exit_code: Option<i64>,
+    now: Timestamp,
+) -> Result<Result<JobPart, JobPart>, StoreError> {
+    let part = tx
+        .query_row(
+            &format!("SELECT {PART_COLUMNS} FROM job_parts WHERE job = ?1 AND attempt = ?2 AND node_rank = ?3"),
+            params![job, attempt, node_rank],
+            read_part,
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::not_found("job part", &format!("{job}/{attempt}/{node_rank}")))?;
+    if part.state == state {
+        return Ok(Ok(part));
+    }
+    if part.state.is_terminal() {
+        return Ok(Err(part));
+    }
+    let t = ms(now);
+    let (started, ended) = match state {
+        PartState::Running => (Some(t), None),
+        s if s.is_terminal() => (None, Some(t)),
+        _ => (None, None),
+    };
+    let part = tx.query_row(
+        &format!(
+            "UPDATE job_parts SET state = ?4, exit_code = COALESCE(?5, exit_code),
+                 started_at = COALESCE(started_at, ?6), ended_at = COALESCE(ended_at, ?7)
+             WHERE job = ?1 AND attempt = ?2 AND node_rank = ?3
+             RETURNING {PART_COLUMNS}"
+        ),
+        params![
+            job,
+            attempt,
+            node_rank,
+            state.as_str(),
+            exit_code,
+            started,
+            ended
+        ],
+        read_part,
+    )?;
+    tracing::debug!(job = %job, attempt, node_rank, state = %state, exit_code, "part state");
+    Ok(Ok(part))
+}
+
+const PART_COLUMNS: &str = "job, attempt, node_rank, node, state, exit_code, started_at, ended_at";
+
 impl Store {
     /// Queues a job at the end of its cluster's queue.
     pub fn submit_job(&mut self, new: &NewJob<'_>, now: Timestamp) -> Result<Job, StoreError> {
@@ -479,45 +590,7 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let job = load_job(&tx, id)?;
-        if !job.state.can_transition_to(to) {
-            return Err(StoreError::InvalidTransition {
-                job: id.to_string(),
-                from: job.state,
-                to,
-            });
-        }
-        let bumped = match to {
-            JobState::Queued => {
-                return Err(StoreError::Invalid(
-                    "a job goes back to the queue through requeue".to_string(),
-                ));
-            }
-            JobState::Preparing => {
-                return Err(StoreError::Invalid(
-                    "a job starts preparing when it is placed".to_string(),
-                ));
-            }
-            JobState::Running => {
-                tx.execute(
-                    "UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, ?2),
-                                     updated_at = ?2
-                     WHERE id = ?1",
-                    params![id, ms(now)],
-                )?;
-                Vec::new()
-            }
-            JobState::Completed | JobState::Failed | JobState::Canceled => {
-                tx.execute(
-                    "UPDATE jobs SET state = ?2, ended_at = ?3, updated_at = ?3,
-                                     failure_reason = COALESCE(?4, failure_reason)
-                     WHERE id = ?1",
-                    params![id, to.as_str(), ms(now), reason],
-                )?;
-                end_live_parts(&tx, id, job.attempt, PartState::Stopped, now)?;
-                release_nodes(&tx, id, now)?
-            }
-        };
+        let bumped = transition_in(&tx, id, to, reason, now)?;
         let job = load_job(&tx, id)?;
         tx.commit()?;
         tracing::info!(job = %id, state = %to, reason, "job state changed");
@@ -638,10 +711,9 @@ impl Store {
 
     /// Every part of every attempt of a job, by attempt then rank.
     pub fn job_parts(&self, job: &str) -> Result<Vec<JobPart>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT job, attempt, node_rank, node, state, exit_code, started_at, ended_at
-             FROM job_parts WHERE job = ?1 ORDER BY attempt, node_rank",
-        )?;
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {PART_COLUMNS} FROM job_parts WHERE job = ?1 ORDER BY attempt, node_rank"
+        ))?;
         let parts = stmt
             .query_map([job], read_part)?
             .collect::<Result<Vec<_>, _>>()?;
@@ -652,9 +724,11 @@ impl Store {
         Ok(parts)
     }
 
-    /// Records what an agent reports of a part. `running` records the start,
-    /// a terminal state the end and `exit_code`. A part that has ended
-    /// never changes again, so a late or repeated report cannot revive it.
+    /// Sets a part's state without touching its job (the server's own
+    /// corrections; agents' reports go through [`Store::report_part`]).
+    /// `running` records the start, a terminal state the end and
+    /// `exit_code`. A part that has ended never changes again, so a late or
+    /// repeated report cannot revive it: that is a [`StoreError::Conflict`].
     pub fn set_part_state(
         &mut self,
         job: &str,
@@ -667,50 +741,103 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let part = tx
-            .query_row(
-                "SELECT job, attempt, node_rank, node, state, exit_code, started_at, ended_at
-                 FROM job_parts WHERE job = ?1 AND attempt = ?2 AND node_rank = ?3",
-                params![job, attempt, node_rank],
-                read_part,
-            )
-            .optional()?
-            .ok_or_else(|| {
-                StoreError::not_found("job part", &format!("{job}/{attempt}/{node_rank}"))
-            })?;
-        if part.state == state {
-            return Ok(part);
-        }
-        if part.state.is_terminal() {
-            return Err(StoreError::Conflict(format!(
+        match update_part_in(&tx, job, attempt, node_rank, state, exit_code, now)? {
+            Ok(part) => {
+                tx.commit()?;
+                Ok(part)
+            }
+            Err(ended) => Err(StoreError::Conflict(format!(
                 "part {node_rank} of job `{job}` attempt {attempt} already ended as {}",
-                part.state
-            )));
+                ended.state
+            ))),
         }
-        let t = ms(now);
-        let (started, ended) = match state {
-            PartState::Running => (Some(t), None),
-            s if s.is_terminal() => (None, Some(t)),
-            _ => (None, None),
+    }
+
+    /// Records an agent's report of a part and, in the same transaction,
+    /// moves the job as its parts say. A multi-node job lives or dies as one:
+    /// any part failing fails the whole job and stops every part.
+    ///
+    /// - a part `failed` → the job fails, its other parts are stopped and its
+    ///   nodes released;
+    /// - every part of the attempt `succeeded` → the job completes;
+    /// - the job `preparing` and every part `running` or `succeeded` → the
+    ///   job runs.
+    ///
+    /// Unlike [`Store::set_part_state`], a report about a part that has
+    /// already ended (a late report of an earlier attempt, a repeat after
+    /// the job was canceled) is not an error: it is ignored and
+    /// [`PartReport::accepted`] is false, so the agent can be told to stop it.
+    pub fn report_part(
+        &mut self,
+        job: &str,
+        attempt: u32,
+        node_rank: u32,
+        state: PartState,
+        exit_code: Option<i64>,
+        now: Timestamp,
+    ) -> Result<PartReport, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let part = match update_part_in(&tx, job, attempt, node_rank, state, exit_code, now)? {
+            Ok(part) => part,
+            Err(ended) => {
+                return Ok(PartReport {
+                    part: ended,
+                    accepted: false,
+                    job: None,
+                });
+            }
         };
-        let part = tx.query_row(
-            "UPDATE job_parts SET state = ?4, exit_code = COALESCE(?5, exit_code),
-                 started_at = COALESCE(started_at, ?6), ended_at = COALESCE(ended_at, ?7)
-             WHERE job = ?1 AND attempt = ?2 AND node_rank = ?3
-             RETURNING job, attempt, node_rank, node, state, exit_code, started_at, ended_at",
-            params![
-                job,
-                attempt,
-                node_rank,
-                state.as_str(),
-                exit_code,
-                started,
-                ended
-            ],
-            read_part,
-        )?;
+        let current = load_job(&tx, job)?;
+        let mut change = None;
+        if current.attempt == attempt && current.state.holds_nodes() {
+            let states: Vec<PartState> = {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT state FROM job_parts WHERE job = ?1 AND attempt = ?2",
+                )?;
+                stmt.query_map(params![job, attempt], |r| parse_col(r, "state"))?
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            let next = if part.state == PartState::Failed {
+                let why = match part.exit_code {
+                    Some(code) => format!(
+                        "part {node_rank} on node `{}` exited with code {code}",
+                        part.node
+                    ),
+                    None => format!("part {node_rank} on node `{}` failed", part.node),
+                };
+                Some((JobState::Failed, Some(why)))
+            } else if states.iter().all(|s| *s == PartState::Succeeded) {
+                Some((JobState::Completed, None))
+            } else if current.state == JobState::Preparing
+                && states
+                    .iter()
+                    .all(|s| matches!(s, PartState::Running | PartState::Succeeded))
+            {
+                Some((JobState::Running, None))
+            } else {
+                None
+            };
+            if let Some((to, why)) = next {
+                if to == JobState::Completed && current.state == JobState::Preparing {
+                    // Parts that ended before any "running" report: the job
+                    // still passes through running, the only way to completed.
+                    transition_in(&tx, job, JobState::Running, None, now)?;
+                }
+                let bumped = transition_in(&tx, job, to, why.as_deref(), now)?;
+                tracing::info!(job = %job, state = %to, reason = why, "job state changed by its parts");
+                change = Some(Transition {
+                    job: load_job(&tx, job)?,
+                    bumped,
+                });
+            }
+        }
         tx.commit()?;
-        tracing::debug!(job = %job, attempt, node_rank, state = %state, exit_code, "part state");
-        Ok(part)
+        Ok(PartReport {
+            part,
+            accepted: true,
+            job: change,
+        })
     }
 }

@@ -40,7 +40,9 @@ use rusqlite::{Connection, OpenFlags, Row};
 
 pub use clusters::Cluster;
 pub use error::StoreError;
-pub use jobs::{Job, JobFilter, JobPart, NewJob, PartState, Placed, Transition};
+pub use jobs::{
+    Job, JobFilter, JobPart, NewJob, PartReport, PartState, Placed, Transition, UnknownPartState,
+};
 pub use logs::{LogPage, NewLogLine, StoredLogLine};
 pub use nodes::{
     AssignedNode, Assignment, Assignments, Heartbeat, NewNode, Node, NodeInventory, NodeLost,

@@ -262,6 +262,18 @@ impl Store {
         rows.into_iter().map(NodeRow::decode).collect()
     }
 
+    /// Every node of every cluster, by cluster then id (`drover node list`
+    /// without a cluster).
+    pub fn all_nodes(&self) -> Result<Vec<Node>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {NODE_COLUMNS} FROM nodes ORDER BY cluster, id"
+        ))?;
+        let rows = stmt
+            .query_map([], read_node)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(NodeRow::decode).collect()
+    }
+
     /// What the scheduler and autoscaler need of a cluster's nodes, by id,
     /// without decoding inventories.
     pub fn node_summaries(&self, cluster: &str) -> Result<Vec<NodeSummary>, StoreError> {

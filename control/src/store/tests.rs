@@ -1181,3 +1181,160 @@ fn logs_go_with_their_job_when_the_cluster_is_deleted() {
         .expect("count");
     assert_eq!(left, 0);
 }
+
+// ---- part reports drive their job ----
+
+/// A fresh 2-node job placed on `a` (rank 0) and `b` (rank 1).
+fn placed_pair() -> Store {
+    let mut s = mem();
+    add_cluster(&mut s, "cpu", 4);
+    add_node(&mut s, "a", "cpu", 0);
+    add_node(&mut s, "b", "cpu", 0);
+    submit(&mut s, "j", "cpu", 2, 3);
+    s.record_placement("j", &nodes(&["a", "b"]), t(5))
+        .expect("placed");
+    s
+}
+
+#[test]
+fn part_reports_move_the_job_as_one() {
+    use PartState::{Assigned, Failed, Preparing, Running, Succeeded};
+    // (reports as (rank, state, exit code), job state after each report)
+    type Case = (
+        &'static str,
+        &'static [(u32, PartState, Option<i64>)],
+        &'static [JobState],
+    );
+    let cases: [Case; 6] = [
+        (
+            "starts when every part runs",
+            &[(0, Preparing, None), (0, Running, None), (1, Running, None)],
+            &[JobState::Preparing, JobState::Preparing, JobState::Running],
+        ),
+        (
+            "completes when every part succeeded",
+            &[
+                (0, Running, None),
+                (1, Running, None),
+                (1, Succeeded, Some(0)),
+                (0, Succeeded, Some(0)),
+            ],
+            &[
+                JobState::Preparing,
+                JobState::Running,
+                JobState::Running,
+                JobState::Completed,
+            ],
+        ),
+        (
+            "a part that ends before the other starts still counts as started",
+            &[
+                (0, Succeeded, Some(0)),
+                (1, Running, None),
+                (1, Succeeded, Some(0)),
+            ],
+            &[JobState::Preparing, JobState::Running, JobState::Completed],
+        ),
+        (
+            "parts that ended unseen complete a preparing job through running",
+            &[(0, Succeeded, Some(0)), (1, Succeeded, Some(0))],
+            &[JobState::Preparing, JobState::Completed],
+        ),
+        (
+            "one failed part fails the job",
+            &[(0, Running, None), (1, Failed, Some(2))],
+            &[JobState::Preparing, JobState::Failed],
+        ),
+        (
+            "a repeated report changes nothing",
+            &[(0, Assigned, None), (0, Running, None), (0, Running, None)],
+            &[
+                JobState::Preparing,
+                JobState::Preparing,
+                JobState::Preparing,
+            ],
+        ),
+    ];
+    for (name, reports, expect) in cases {
+        let mut s = placed_pair();
+        for (i, ((rank, state, code), want)) in reports.iter().zip(expect).enumerate() {
+            let r = s
+                .report_part("j", 1, *rank, *state, *code, t(10 + i as u64))
+                .expect(name);
+            assert!(r.accepted, "{name}: report {i}");
+            assert_eq!(r.part.state, *state, "{name}: report {i}");
+            assert_eq!(s.job("j").expect("job").state, *want, "{name}: report {i}");
+        }
+    }
+}
+
+#[test]
+fn a_failed_part_stops_the_others_and_says_why() {
+    let mut s = placed_pair();
+    s.report_part("j", 1, 0, PartState::Running, None, t(6))
+        .expect("running");
+    let r = s
+        .report_part("j", 1, 1, PartState::Failed, Some(2), t(7))
+        .expect("failed");
+    let change = r.job.expect("the job changed");
+    assert_eq!(change.job.state, JobState::Failed);
+    assert_eq!(
+        change.job.failure_reason.as_deref(),
+        Some("part 1 on node `b` exited with code 2")
+    );
+    assert_eq!(change.bumped.len(), 2);
+    let parts: Vec<(PartState, Option<i64>)> = s
+        .job_parts("j")
+        .expect("parts")
+        .into_iter()
+        .map(|p| (p.state, p.exit_code))
+        .collect();
+    assert_eq!(
+        parts,
+        [(PartState::Stopped, None), (PartState::Failed, Some(2))]
+    );
+    assert_eq!(s.node("a").expect("a").current_job, None);
+
+    // The stopped part's agent reports it exited: ignored, not an error.
+    let before = dump(&s);
+    let late = s
+        .report_part("j", 1, 0, PartState::Failed, Some(143), t(8))
+        .expect("late report");
+    assert!(!late.accepted);
+    assert_eq!(late.part.state, PartState::Stopped);
+    assert_eq!(late.job, None);
+    assert_eq!(before, dump(&s));
+}
+
+#[test]
+fn reports_about_an_earlier_attempt_are_ignored() {
+    let mut s = placed_pair();
+    s.mark_node_lost("a", NodeState::Preempted, "evicted", t(6))
+        .expect("lost");
+    add_node(&mut s, "c", "cpu", 0);
+    s.record_placement("j", &nodes(&["c", "b"]), t(7))
+        .expect("attempt 2");
+    let old = s
+        .report_part("j", 1, 1, PartState::Running, None, t(8))
+        .expect("old attempt");
+    assert!(!old.accepted);
+    assert_eq!(old.part.state, PartState::Lost);
+    let new = s
+        .report_part("j", 2, 1, PartState::Running, None, t(8))
+        .expect("new attempt");
+    assert!(new.accepted);
+    assert!(matches!(
+        s.report_part("j", 3, 0, PartState::Running, None, t(8)),
+        Err(StoreError::NotFound {
+            kind: "job part",
+            ..
+        })
+    ));
+    let ids: Vec<String> = s
+        .all_nodes()
+        .expect("all")
+        .into_iter()
+        .map(|n| n.id)
+        .collect();
+    assert_eq!(ids, ["a", "b", "c"]);
+}

@@ -75,6 +75,12 @@ fn a_job_survives_a_control_plane_restart() {
             s.report_part("train", 1, rank, PartState::Running, None, t(5))
                 .expect("running");
         }
+        assert!(
+            s.all_nodes()
+                .expect("nodes")
+                .iter()
+                .all(|n| n.state == NodeState::Running)
+        );
         s.append_logs(
             "train",
             &[NewLogLine {

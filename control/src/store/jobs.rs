@@ -625,7 +625,8 @@ impl Store {
     /// becomes `preparing` with a new attempt, each node gets a part, holds
     /// the job and gets a new desired-state version. Refused, writing
     /// nothing, unless the job is queued and every node exists, belongs to
-    /// the job's cluster and is idle without a job.
+    /// the job's cluster, is idle without a job and has the healthy GPUs the
+    /// job asks for.
     pub fn record_placement(
         &mut self,
         job_id: &str,
@@ -667,14 +668,14 @@ impl Store {
         // Each node is checked as it is written: an error on a later node
         // drops the transaction, and with it the earlier nodes' rows.
         for (rank, node) in nodes.iter().enumerate() {
-            let found: Option<(String, String, Option<String>)> = tx
+            let found: Option<(String, String, Option<String>, i64)> = tx
                 .query_row(
-                    "SELECT cluster, state, current_job FROM nodes WHERE id = ?1",
+                    "SELECT cluster, state, current_job, healthy_gpus FROM nodes WHERE id = ?1",
                     [node],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
                 .optional()?;
-            let (cluster, state, current) =
+            let (cluster, state, current, healthy) =
                 found.ok_or_else(|| StoreError::not_found("node", node))?;
             if cluster != job.cluster {
                 return Err(StoreError::Invalid(format!(
@@ -690,6 +691,12 @@ impl Store {
             if state != "idle" {
                 return Err(StoreError::Conflict(format!(
                     "node `{node}` is {state}, not idle"
+                )));
+            }
+            let gpus = job.spec.drover.gpus_per_instance;
+            if count(healthy) < gpus {
+                return Err(StoreError::Conflict(format!(
+                    "node `{node}` has {healthy} healthy GPU(s), job `{job_id}` needs {gpus}"
                 )));
             }
             tx.execute(
@@ -763,6 +770,9 @@ impl Store {
     /// - the job `preparing` and every part `running` or `succeeded` → the
     ///   job runs.
     ///
+    /// A part reported `running` also moves its node from `preparing` to
+    /// `running`.
+    ///
     /// Unlike [`Store::set_part_state`], a report about a part that has
     /// already ended (a late report of an earlier attempt, a repeat after
     /// the job was canceled) is not an error: it is ignored and
@@ -789,6 +799,14 @@ impl Store {
                 });
             }
         };
+        if part.state == PartState::Running {
+            // The node's state follows its part, in the same write.
+            tx.execute(
+                "UPDATE nodes SET state = 'running'
+                 WHERE id = ?1 AND current_job = ?2 AND state = 'preparing'",
+                params![part.node, job],
+            )?;
+        }
         let current = load_job(&tx, job)?;
         let mut change = None;
         if current.attempt == attempt && current.state.holds_nodes() {

@@ -776,7 +776,7 @@ fn a_refused_placement_writes_nothing() {
     let canceled: Setup = |s| {
         s.cancel_job("j", t(4)).expect("canceled");
     };
-    let cases: [(&str, Setup, &[&str], &str); 7] = [
+    let cases: [(&str, Setup, &[&str], &str); 8] = [
         // The first node passes its checks and is written before the second
         // fails: the whole transaction must go.
         (
@@ -804,6 +804,12 @@ fn a_refused_placement_writes_nothing() {
             "node `x` belongs to cluster `cpu`, not `gpu`",
         ),
         (
+            "too few gpus",
+            none,
+            &["a", "g"],
+            "node `g` has 1 healthy GPU(s), job `j` needs 2",
+        ),
+        (
             "wrong count",
             none,
             &["a"],
@@ -826,10 +832,20 @@ fn a_refused_placement_writes_nothing() {
         let mut s = mem();
         add_cluster(&mut s, "gpu", 4);
         add_cluster(&mut s, "cpu", 4);
-        add_node(&mut s, "a", "gpu", 0);
-        add_node(&mut s, "b", "gpu", 0);
-        add_node(&mut s, "x", "cpu", 0);
-        submit(&mut s, "j", "gpu", 2, 3);
+        add_node(&mut s, "a", "gpu", 2);
+        add_node(&mut s, "b", "gpu", 2);
+        add_node(&mut s, "x", "cpu", 2);
+        add_node(&mut s, "g", "gpu", 1);
+        s.submit_job(
+            &NewJob {
+                id: "j",
+                cluster: "gpu",
+                spec: &job_spec(2, 2),
+                max_attempts: 3,
+            },
+            t(3),
+        )
+        .expect("submitted");
         setup(&mut s);
         let before = dump(&s);
         let err = s.record_placement("j", &nodes(on), t(5)).expect_err(name);

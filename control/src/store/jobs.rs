@@ -476,6 +476,11 @@ impl Store {
                 "max attempts must be at least 1".to_string(),
             ));
         }
+        if new.spec.resources.instance_count == 0 {
+            return Err(StoreError::Invalid(
+                "instance count must be at least 1".to_string(),
+            ));
+        }
         let json = to_json("job spec", new.spec)?;
         let tx = self
             .conn

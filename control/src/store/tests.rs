@@ -569,6 +569,20 @@ fn submission_order_is_monotonic_across_clusters() {
         ("j9", "a", 0, "max attempts must be at least 1"),
     ];
     let before = dump(&s);
+    let mut none = job_spec(1, 0);
+    none.resources.instance_count = 0;
+    let err = s
+        .submit_job(
+            &NewJob {
+                id: "j0",
+                cluster: "a",
+                spec: &none,
+                max_attempts: 1,
+            },
+            t(4),
+        )
+        .expect_err("no instances");
+    assert_eq!(err.to_string(), "instance count must be at least 1");
     for (id, cluster, max_attempts, message) in cases {
         let err = s
             .submit_job(

@@ -429,5 +429,25 @@ impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Pulled copies are tagged with this registry's address; leave none behind.
+        if let Ok(out) = Command::new("docker")
+            .args(["images", "--format", "{{.Repository}}:{{.Tag}}"])
+            .output()
+        {
+            let prefix = format!("{}/", self.addr);
+            let ours: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.starts_with(&prefix))
+                .map(str::to_string)
+                .collect();
+            if !ours.is_empty() {
+                let _ = Command::new("docker")
+                    .arg("rmi")
+                    .args(&ours)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
     }
 }

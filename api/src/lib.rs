@@ -10,6 +10,7 @@ pub mod docker_args;
 pub mod job;
 pub mod labels;
 pub mod units;
+pub mod wire;
 pub mod yaml;
 
 pub use job::{JobSpec, ParsedJob};

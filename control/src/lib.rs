@@ -7,4 +7,5 @@ pub mod autoscaler;
 pub mod provider;
 pub mod run;
 pub mod scheduler;
+pub mod server;
 pub mod store;

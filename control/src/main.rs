@@ -1,6 +1,8 @@
-//! `drover`: the user CLI (and, in later stages, the control-plane server).
+//! `drover`: the user CLI and the control-plane server.
 //! A dispatcher only: parse arguments, set up tracing, run one command, turn
 //! its error into an exit code.
+
+mod commands;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +28,14 @@ struct Cli {
 enum Command {
     /// Run a single-node job (Azure ML command-job YAML) on this machine's Docker.
     Run(RunArgs),
+    /// Run the control plane (HTTP API, scheduler, autoscaler).
+    Server(commands::server::ServerArgs),
+    /// Manage clusters (Azure ML compute).
+    Compute(commands::compute::ComputeArgs),
+    /// Submit and inspect jobs.
+    Job(commands::job::JobArgs),
+    /// Inspect nodes.
+    Node(commands::node::NodeArgs),
 }
 
 #[derive(clap::Args)]
@@ -58,11 +68,11 @@ struct RunArgs {
     stop_grace: u64,
 }
 
-fn init_tracing() {
+fn init_tracing(default_filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,drover_runner=error")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -88,8 +98,14 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
 }
 
 fn main() -> ExitCode {
-    init_tracing();
     let cli = Cli::parse();
+    // The server is a daemon: its info lines are its record. CLI commands
+    // stay quiet unless something is wrong.
+    init_tracing(match cli.command {
+        Command::Server(_) => "info",
+        _ => "warn,drover_runner=error",
+    });
+    let is_run = matches!(cli.command, Command::Run(_));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -104,14 +120,19 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
+            Command::Server(args) => commands::server::run(args).await,
+            Command::Compute(args) => commands::compute::run(args).await,
+            Command::Job(args) => commands::job::run(args).await,
+            Command::Node(args) => commands::node::run(args).await,
         }
     });
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("drover: error: {e:#}");
-            // 125, like `docker run`: the job never ran, so no code of its own applies.
-            ExitCode::from(125)
+            // `drover run`: 125, like `docker run`: the job never ran, so no
+            // code of its own applies. Other commands: 1.
+            ExitCode::from(if is_run { 125 } else { 1 })
         }
     }
 }

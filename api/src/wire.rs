@@ -1,0 +1,552 @@
+//! Bodies of the control plane's HTTP API (version [`API_VERSION`], under
+//! `/v1`), shared by the `drover` CLI, `drover-agent` and `drover server`.
+//!
+//! API Boundary: plain serde data. Fields are only ever added (with
+//! `#[serde(default)]` on the reading side), never renamed or removed, so a
+//! newer server keeps talking to older agents. Times are [`Timestamp`]s
+//! (milliseconds since the Unix epoch).
+//!
+//! Routes (all JSON; users authenticate with `Authorization: Bearer <api
+//! token>`, agents with their node credential after registering):
+//!
+//! | route | body → answer |
+//! |---|---|
+//! | `POST /v1/clusters` | [`ClusterCreate`] → [`ClusterCreated`] |
+//! | `GET /v1/clusters` | → [`ClusterList`] |
+//! | `GET /v1/clusters/{name}` | → [`ClusterInfo`] |
+//! | `PATCH /v1/clusters/{name}` | [`ComputeUpdate`] → [`ClusterInfo`] |
+//! | `DELETE /v1/clusters/{name}` | → 204 |
+//! | `POST /v1/jobs` | [`JobSubmit`] → [`JobInfo`] (201) |
+//! | `GET /v1/jobs?compute=NAME` | → [`JobList`] |
+//! | `GET /v1/jobs/{id}` | → [`JobInfo`] |
+//! | `POST /v1/jobs/{id}/cancel` | → [`JobInfo`] |
+//! | `GET /v1/jobs/{id}/logs?from=N&limit=M` | → [`LogPage`] |
+//! | `GET /v1/nodes?compute=NAME` | → [`NodeList`] |
+//! | `POST /v1/agent/register` (no auth header; the join token is in the body) | [`RegisterRequest`] → [`RegisterResponse`] |
+//! | `POST /v1/agent/heartbeat` | [`HeartbeatRequest`] → [`HeartbeatResponse`] |
+//! | `GET /v1/agent/assignments?version=N&timeout=S` | → [`Assignments`] (long poll) |
+//! | `POST /v1/agent/logs` | [`LogBatch`] → [`LogBatchAccepted`] |
+//!
+//! Every error is [`ErrorBody`] with a stable [`ErrorCode`].
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::JobSpec;
+use crate::cluster::{ClusterStatus, JobState, NodeState, Timestamp};
+use crate::compute::ComputeSpec;
+pub use crate::compute::ComputeUpdate;
+
+/// The API version this module describes; the path prefix is `/` + it.
+pub const API_VERSION: &str = "v1";
+
+/// Every error answer: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code.
+    pub code: ErrorCode,
+    /// Lowercase human-readable message, no trailing period.
+    pub message: String,
+}
+
+/// Stable error codes; each has one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: the request or its content is invalid.
+    Invalid,
+    /// 401: no credential, or not a valid one.
+    Unauthorized,
+    /// 403: a valid credential that does not allow this.
+    Forbidden,
+    /// 404: no such cluster, job or node.
+    NotFound,
+    /// 409: exists already, or not allowed in the current state.
+    Conflict,
+    /// 503: the store is busy; retry.
+    Busy,
+    /// 500: the server failed.
+    Internal,
+    /// A code this client does not know (a newer server).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Invalid => "invalid",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+
+    /// The HTTP status code that carries it.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::Invalid => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::Conflict => 409,
+            ErrorCode::Busy => 503,
+            ErrorCode::Internal | ErrorCode::Unknown => 500,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `POST /v1/clusters`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterCreate {
+    /// The definition (the server validates it again).
+    pub spec: ComputeSpec,
+}
+
+/// Answer to [`ClusterCreate`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterCreated {
+    /// The new cluster.
+    pub cluster: ClusterInfo,
+    /// The secret agents join this cluster with; shown only now.
+    pub join_token: String,
+}
+
+/// A cluster: its definition and where it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// Its definition.
+    pub spec: ComputeSpec,
+    /// Allocation state, current and target node counts, node state counts
+    /// and the latest scaling errors (oldest first).
+    pub status: ClusterStatus,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When its definition last changed.
+    pub updated_at: Timestamp,
+}
+
+/// `GET /v1/clusters`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterList {
+    /// By name.
+    pub clusters: Vec<ClusterInfo>,
+}
+
+/// `POST /v1/jobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSubmit {
+    /// The parsed job (the CLI parses the YAML; paths are the submitter's).
+    pub spec: JobSpec,
+    /// The cluster, overriding `spec.compute`.
+    #[serde(default)]
+    pub compute: Option<String>,
+}
+
+/// State of one part (one node's share of one attempt of a job).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartState {
+    /// Assigned to its node; the agent has not picked it up yet.
+    Assigned,
+    /// The agent is pulling its image or creating its container.
+    Preparing,
+    /// Its container runs.
+    Running,
+    /// Its container exited 0.
+    Succeeded,
+    /// Its container exited non-zero or could not start.
+    Failed,
+    /// Stopped because the job ended.
+    Stopped,
+    /// Its node was lost or preempted.
+    Lost,
+}
+
+impl PartState {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartState::Assigned => "assigned",
+            PartState::Preparing => "preparing",
+            PartState::Running => "running",
+            PartState::Succeeded => "succeeded",
+            PartState::Failed => "failed",
+            PartState::Stopped => "stopped",
+            PartState::Lost => "lost",
+        }
+    }
+}
+
+impl fmt::Display for PartState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One part of a job as `job show` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartInfo {
+    /// Attempt (1-based).
+    pub attempt: u32,
+    /// Node rank (0 is the master).
+    pub node_rank: u32,
+    /// The node it was placed on.
+    pub node: String,
+    /// Its state.
+    pub state: PartState,
+    /// Exit code once ended, when there was one.
+    pub exit_code: Option<i64>,
+    /// When it started running.
+    pub started_at: Option<Timestamp>,
+    /// When it ended.
+    pub ended_at: Option<Timestamp>,
+}
+
+/// A job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// Job id (its name).
+    pub id: String,
+    /// Its cluster.
+    pub cluster: String,
+    /// State.
+    pub state: JobState,
+    /// Attempts so far (0 until first placed).
+    pub attempt: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// Nodes it runs on.
+    pub instance_count: u32,
+    /// When it was submitted.
+    pub submitted_at: Timestamp,
+    /// When the current attempt started running.
+    pub started_at: Option<Timestamp>,
+    /// When it ended.
+    pub ended_at: Option<Timestamp>,
+    /// Why it failed, was canceled, or was last requeued.
+    pub failure_reason: Option<String>,
+    /// Its parts, by attempt then rank (empty in listings).
+    #[serde(default)]
+    pub parts: Vec<PartInfo>,
+    /// What it runs (absent in listings).
+    #[serde(default)]
+    pub spec: Option<JobSpec>,
+}
+
+/// `GET /v1/jobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobList {
+    /// In submission order.
+    pub jobs: Vec<JobInfo>,
+}
+
+/// Which stream a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A stored log line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Its number in the job's log (never reused).
+    pub seq: u64,
+    /// When it was written.
+    pub at: Timestamp,
+    /// The attempt that wrote it.
+    pub attempt: u32,
+    /// The node rank that wrote it.
+    pub node_rank: u32,
+    /// Which stream.
+    pub stream: LogStream,
+    /// The text, without a trailing newline.
+    pub text: String,
+}
+
+/// `GET /v1/jobs/{id}/logs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogPage {
+    /// The lines, in order.
+    pub lines: Vec<LogLine>,
+    /// Ask from this number next.
+    pub next_seq: u64,
+    /// The oldest number still kept (older lines were dropped by the cap).
+    pub first_seq: u64,
+    /// The number the next appended line will get.
+    pub end_seq: u64,
+    /// The job's state when read (a follower stops once it is terminal and
+    /// `next_seq == end_seq`).
+    pub job_state: JobState,
+}
+
+/// A node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node id.
+    pub id: String,
+    /// Its cluster.
+    pub cluster: String,
+    /// State.
+    pub state: NodeState,
+    /// Its address, as reported.
+    pub ip: Option<String>,
+    /// GPUs that are healthy.
+    pub healthy_gpus: u32,
+    /// GPUs in total.
+    pub total_gpus: u32,
+    /// When it registered.
+    pub registered_at: Timestamp,
+    /// Last heartbeat.
+    pub last_heartbeat: Timestamp,
+    /// The job it holds.
+    pub current_job: Option<String>,
+}
+
+/// `GET /v1/nodes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeList {
+    /// By cluster, then id.
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// GPU health counts of a node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuCounts {
+    /// GPUs that are healthy.
+    pub healthy: u32,
+    /// GPUs in total.
+    pub total: u32,
+}
+
+/// `POST /v1/agent/register`: join a cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// The cluster to join.
+    pub cluster: String,
+    /// The cluster's join token.
+    pub join_token: String,
+    /// The id to register under (the VM name); the server makes one up
+    /// when absent. Re-registering an id that holds no work replaces it.
+    #[serde(default)]
+    pub node_id: Option<String>,
+    /// The node's address for other nodes of a job.
+    #[serde(default)]
+    pub ip: Option<String>,
+    /// GPU health counts.
+    #[serde(default)]
+    pub gpus: GpuCounts,
+    /// The agent's inventory document, stored as given.
+    #[serde(default)]
+    pub inventory: serde_json::Value,
+}
+
+/// Answer to [`RegisterRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    /// The node id.
+    pub node_id: String,
+    /// The bearer credential for every later agent call; shown only now.
+    pub credential: String,
+    /// How often the server expects heartbeats.
+    pub heartbeat_interval_seconds: u64,
+}
+
+/// The state of one part as the agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartStatus {
+    /// Job id.
+    pub job: String,
+    /// Attempt.
+    pub attempt: u32,
+    /// Node rank.
+    pub node_rank: u32,
+    /// Its state.
+    pub state: PartState,
+    /// Exit code, once ended.
+    #[serde(default)]
+    pub exit_code: Option<i64>,
+}
+
+/// `POST /v1/agent/heartbeat`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    /// A node state the agent asks for (`leaving` when draining).
+    #[serde(default)]
+    pub state: Option<NodeState>,
+    /// A changed address.
+    #[serde(default)]
+    pub ip: Option<String>,
+    /// GPU health counts, when known.
+    #[serde(default)]
+    pub gpus: Option<GpuCounts>,
+    /// A changed inventory document.
+    #[serde(default)]
+    pub inventory: Option<serde_json::Value>,
+    /// The state of the parts it runs or has finished since the last beat.
+    #[serde(default)]
+    pub parts: Vec<PartStatus>,
+}
+
+/// A part, by its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartKey {
+    /// Job id.
+    pub job: String,
+    /// Attempt.
+    pub attempt: u32,
+    /// Node rank.
+    pub node_rank: u32,
+}
+
+/// Answer to [`HeartbeatRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// The node's desired-state version now (watch when it is newer than
+    /// the one the agent has).
+    pub desired_version: u64,
+    /// Reported parts the control plane no longer wants (already ended
+    /// there): stop them.
+    #[serde(default)]
+    pub rejected: Vec<PartKey>,
+}
+
+/// Another node of a job, for the distributed environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerNode {
+    /// Node id.
+    pub id: String,
+    /// Its address.
+    pub ip: Option<String>,
+}
+
+/// One part a node should run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// Job id.
+    pub job: String,
+    /// Attempt.
+    pub attempt: u32,
+    /// This node's rank.
+    pub node_rank: u32,
+    /// The part's state as the control plane knows it.
+    pub state: PartState,
+    /// What to run.
+    pub spec: JobSpec,
+    /// Every node of the attempt, by rank.
+    pub nodes: Vec<PeerNode>,
+}
+
+/// `GET /v1/agent/assignments`: what the node should run now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignments {
+    /// The desired-state version this reflects.
+    pub version: u64,
+    /// Live parts of the node's placed jobs.
+    pub parts: Vec<Assignment>,
+}
+
+/// A log line from an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewLogLine {
+    /// Job id.
+    pub job: String,
+    /// Attempt.
+    pub attempt: u32,
+    /// Node rank.
+    pub node_rank: u32,
+    /// Which stream.
+    pub stream: LogStream,
+    /// When it was written.
+    pub at: Timestamp,
+    /// The text, without a trailing newline.
+    pub text: String,
+}
+
+/// `POST /v1/agent/logs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogBatch {
+    /// Lines, in order per part.
+    pub lines: Vec<NewLogLine>,
+}
+
+/// Answer to [`LogBatch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogBatchAccepted {
+    /// Lines stored.
+    pub accepted: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_body_shape() {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: ErrorCode::NotFound,
+                message: "cluster `x` not found".to_string(),
+            },
+        };
+        let json = serde_json::to_value(&body).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"error": {"code": "not_found", "message": "cluster `x` not found"}})
+        );
+        let unknown: ErrorBody =
+            serde_json::from_str(r#"{"error":{"code":"teapot","message":"m"}}"#).unwrap();
+        assert_eq!(unknown.error.code, ErrorCode::Unknown);
+    }
+
+    #[test]
+    fn codes_and_statuses() {
+        for (code, name, status) in [
+            (ErrorCode::Invalid, "invalid", 400),
+            (ErrorCode::Unauthorized, "unauthorized", 401),
+            (ErrorCode::Forbidden, "forbidden", 403),
+            (ErrorCode::NotFound, "not_found", 404),
+            (ErrorCode::Conflict, "conflict", 409),
+            (ErrorCode::Busy, "busy", 503),
+            (ErrorCode::Internal, "internal", 500),
+        ] {
+            assert_eq!(code.as_str(), name);
+            assert_eq!(code.status(), status);
+            assert_eq!(serde_json::to_value(code).unwrap(), name);
+        }
+    }
+
+    #[test]
+    fn heartbeat_fields_default() {
+        let beat: HeartbeatRequest = serde_json::from_str("{}").unwrap();
+        assert_eq!(beat, HeartbeatRequest::default());
+        let part: PartStatus =
+            serde_json::from_str(r#"{"job":"j","attempt":1,"node_rank":0,"state":"running"}"#)
+                .unwrap();
+        assert_eq!(part.state, PartState::Running);
+        assert_eq!(part.exit_code, None);
+    }
+}

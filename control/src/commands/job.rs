@@ -1,0 +1,277 @@
+//! `drover job create|list|show|cancel|logs`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use drover_api::JobSpec;
+use drover_api::wire;
+use reqwest::Method;
+
+use super::client::{Client, ClientArgs, encode, print_json};
+use super::output::{ago, or_dash, table};
+use drover_control::server::now;
+
+/// `drover job …`.
+#[derive(clap::Args, Debug)]
+pub struct JobArgs {
+    #[command(subcommand)]
+    command: JobCommand,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum JobCommand {
+    /// Submit a command job (Azure ML YAML) to a cluster's queue.
+    Create {
+        /// The job file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// The cluster (overrides `compute:` in the file).
+        #[arg(long, short = 'c')]
+        compute: Option<String>,
+        /// The job's name (overrides `name:`; generated when neither is given).
+        #[arg(long, short = 'n')]
+        name: Option<String>,
+    },
+    /// List jobs.
+    List {
+        /// Only this cluster's.
+        #[arg(long, short = 'c')]
+        compute: Option<String>,
+    },
+    /// Show a job and its parts.
+    Show {
+        /// The job.
+        name: String,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// The job.
+        name: String,
+    },
+    /// Print a job's logs.
+    Logs {
+        /// The job.
+        name: String,
+        /// Keep printing new lines until the job ends.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+}
+
+/// Runs a `drover job` command.
+pub async fn run(args: JobArgs) -> anyhow::Result<i32> {
+    let client = Client::new(&args.client)?;
+    let json = args.client.json;
+    match args.command {
+        JobCommand::Create {
+            file,
+            compute,
+            name,
+        } => create(&client, &file, compute, name, json).await,
+        JobCommand::List { compute } => {
+            let path = match &compute {
+                Some(c) => format!("/v1/jobs?compute={}", encode(c)),
+                None => "/v1/jobs".to_string(),
+            };
+            let list: wire::JobList = client
+                .call(Method::GET, &path, None::<&()>)
+                .await
+                .context("cannot list jobs")?;
+            if json {
+                print_json(&list)?;
+            } else {
+                let t = now();
+                let rows: Vec<Vec<String>> = list
+                    .jobs
+                    .iter()
+                    .map(|j| {
+                        vec![
+                            j.id.clone(),
+                            j.cluster.clone(),
+                            j.state.to_string(),
+                            j.instance_count.to_string(),
+                            format!("{}/{}", j.attempt, j.max_attempts),
+                            ago(j.submitted_at, t),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table(
+                        &[
+                            "NAME",
+                            "COMPUTE",
+                            "STATE",
+                            "INSTANCES",
+                            "ATTEMPT",
+                            "SUBMITTED"
+                        ],
+                        &rows
+                    )
+                );
+            }
+            Ok(0)
+        }
+        JobCommand::Show { name } => {
+            let job = get_job(&client, &name).await?;
+            if json {
+                print_json(&job)?;
+            } else {
+                print!("{}", show(&job));
+            }
+            Ok(0)
+        }
+        JobCommand::Cancel { name } => {
+            let job: wire::JobInfo = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/jobs/{}/cancel", encode(&name)),
+                    None::<&()>,
+                )
+                .await
+                .with_context(|| format!("cannot cancel job {name}"))?;
+            if json {
+                print_json(&job)?;
+            } else {
+                println!("job {name} is {}", job.state);
+            }
+            Ok(0)
+        }
+        JobCommand::Logs { name, follow } => logs(&client, &name, follow, json).await,
+    }
+}
+
+async fn get_job(client: &Client, name: &str) -> anyhow::Result<wire::JobInfo> {
+    client
+        .call(
+            Method::GET,
+            &format!("/v1/jobs/{}", encode(name)),
+            None::<&()>,
+        )
+        .await
+        .with_context(|| format!("cannot show job {name}"))
+}
+
+async fn create(
+    client: &Client,
+    file: &Path,
+    compute: Option<String>,
+    name: Option<String>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    // Relative paths in the job resolve against its folder, as `drover run` does.
+    let base = std::path::absolute(file)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let parsed = JobSpec::from_yaml(&file.display().to_string(), &text, &base)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("invalid job definition {}", file.display()))?;
+    for w in &parsed.warnings {
+        eprintln!("warning: {w}");
+    }
+    let mut spec = parsed.spec;
+    if name.is_some() {
+        spec.name = name;
+    }
+    let job: wire::JobInfo = client
+        .call(
+            Method::POST,
+            "/v1/jobs",
+            Some(&wire::JobSubmit { spec, compute }),
+        )
+        .await
+        .with_context(|| format!("cannot submit {}", file.display()))?;
+    if json {
+        print_json(&job)?;
+    } else {
+        println!("job {} queued on cluster {}", job.id, job.cluster);
+    }
+    Ok(0)
+}
+
+/// `job show` as text.
+fn show(j: &wire::JobInfo) -> String {
+    let t = now();
+    let mut out = String::new();
+    let mut kv = |k: &str, v: String| out.push_str(&format!("{k:<16}{v}\n"));
+    kv("name:", j.id.clone());
+    kv("compute:", j.cluster.clone());
+    kv("state:", j.state.to_string());
+    kv("instances:", j.instance_count.to_string());
+    kv("attempt:", format!("{} of {}", j.attempt, j.max_attempts));
+    kv("submitted:", ago(j.submitted_at, t));
+    kv("started:", or_dash(j.started_at.map(|s| ago(s, t))));
+    kv("ended:", or_dash(j.ended_at.map(|s| ago(s, t))));
+    if let Some(r) = &j.failure_reason {
+        kv("reason:", r.clone());
+    }
+    if let Some(spec) = &j.spec {
+        kv("image:", spec.image.clone());
+        kv("command:", spec.command.clone());
+    }
+    if !j.parts.is_empty() {
+        out.push('\n');
+        let rows: Vec<Vec<String>> = j
+            .parts
+            .iter()
+            .map(|p| {
+                vec![
+                    p.attempt.to_string(),
+                    p.node_rank.to_string(),
+                    p.node.clone(),
+                    p.state.to_string(),
+                    or_dash(p.exit_code),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["ATTEMPT", "RANK", "NODE", "STATE", "EXIT"], &rows));
+    }
+    out
+}
+
+async fn logs(client: &Client, name: &str, follow: bool, json: bool) -> anyhow::Result<i32> {
+    let multi = get_job(client, name).await?.instance_count > 1;
+    let mut from = 0u64;
+    loop {
+        let page: wire::LogPage = client
+            .call(
+                Method::GET,
+                &format!("/v1/jobs/{}/logs?from={from}", encode(name)),
+                None::<&()>,
+            )
+            .await
+            .with_context(|| format!("cannot read the logs of job {name}"))?;
+        if page.first_seq > from && from < page.end_seq {
+            eprintln!(
+                "({} earlier lines were dropped by the log cap)",
+                page.first_seq - from
+            );
+        }
+        for l in &page.lines {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(l).context("cannot encode a log line")?
+                );
+            } else if multi {
+                println!("[rank {}] {}", l.node_rank, l.text);
+            } else {
+                println!("{}", l.text);
+            }
+        }
+        from = page.next_seq;
+        let caught_up = page.next_seq >= page.end_seq;
+        if caught_up && (!follow || page.job_state.is_terminal()) {
+            return Ok(0);
+        }
+        if caught_up {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}

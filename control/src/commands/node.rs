@@ -1,0 +1,70 @@
+//! `drover node list`.
+
+use anyhow::Context;
+use drover_api::wire;
+use reqwest::Method;
+
+use super::client::{Client, ClientArgs, encode, print_json};
+use super::output::{ago, or_dash, table};
+use drover_control::server::now;
+
+/// `drover node …`.
+#[derive(clap::Args, Debug)]
+pub struct NodeArgs {
+    #[command(subcommand)]
+    command: NodeCommand,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum NodeCommand {
+    /// List nodes: state, IP, GPUs (healthy/total), last heartbeat, job.
+    List {
+        /// Only this cluster's.
+        #[arg(long, short = 'c')]
+        compute: Option<String>,
+    },
+}
+
+/// Runs a `drover node` command.
+pub async fn run(args: NodeArgs) -> anyhow::Result<i32> {
+    let client = Client::new(&args.client)?;
+    let NodeCommand::List { compute } = args.command;
+    let path = match &compute {
+        Some(c) => format!("/v1/nodes?compute={}", encode(c)),
+        None => "/v1/nodes".to_string(),
+    };
+    let list: wire::NodeList = client
+        .call(Method::GET, &path, None::<&()>)
+        .await
+        .context("cannot list nodes")?;
+    if args.client.json {
+        print_json(&list)?;
+        return Ok(0);
+    }
+    let t = now();
+    let rows: Vec<Vec<String>> = list
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.clone(),
+                n.cluster.clone(),
+                n.state.to_string(),
+                or_dash(n.ip.as_ref()),
+                format!("{}/{}", n.healthy_gpus, n.total_gpus),
+                ago(n.last_heartbeat, t),
+                or_dash(n.current_job.as_ref()),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &["NODE", "COMPUTE", "STATE", "IP", "GPUS", "HEARTBEAT", "JOB"],
+            &rows
+        )
+    );
+    Ok(0)
+}

@@ -1,0 +1,95 @@
+//! `drover server`: runs the control plane until SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use drover_control::server::{self, ADMIN_TOKEN_FILE, ServerConfig};
+
+use super::default_data_dir;
+
+/// `drover server` options.
+#[derive(clap::Args, Debug)]
+pub struct ServerArgs {
+    /// Where the database and the admin token live (default: $DROVER_DATA_DIR,
+    /// else ~/.local/share/drover).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7340")]
+    listen: SocketAddr,
+    /// A user API token to accept (instead of generating an admin token).
+    #[arg(long, env = "DROVER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Seconds without a heartbeat before a node becomes unusable.
+    #[arg(long, default_value_t = 40)]
+    grace_seconds: u64,
+    /// Attempts a job gets when its nodes are lost.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: u32,
+    /// Log bytes kept per job.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    log_cap_bytes: u64,
+    /// Heartbeat interval asked of agents, in seconds.
+    #[arg(long, default_value_t = 10)]
+    heartbeat_seconds: u64,
+}
+
+/// Runs the server until a signal stops it.
+pub async fn run(args: ServerArgs) -> anyhow::Result<i32> {
+    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let mut config = ServerConfig::new(data_dir.clone());
+    config.listen = args.listen;
+    config.token = args.token;
+    config.grace = Duration::from_secs(args.grace_seconds);
+    config.check_interval =
+        Duration::from_secs(args.grace_seconds.clamp(1, 8) / 4).max(Duration::from_millis(250));
+    config.core.max_attempts = args.max_attempts.max(1);
+    config.core.heartbeat_interval = Duration::from_secs(args.heartbeat_seconds.max(1));
+    config.store.log_cap_bytes = args.log_cap_bytes;
+    let running = server::start(config).await.with_context(|| {
+        format!(
+            "cannot start drover server (data dir {})",
+            data_dir.display()
+        )
+    })?;
+    if let Some(token) = &running.new_admin_token {
+        eprintln!(
+            "drover: created the admin api token (shown once; also in {}, mode 0600):\n  {token}",
+            data_dir.join(ADMIN_TOKEN_FILE).display()
+        );
+    }
+    eprintln!("drover: server listening on http://{}", running.addr);
+    let stop = running.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    running.wait().await.context("drover server failed")?;
+    Ok(0)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the server");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,224 @@
+//! The one error type of control-plane actions, and its HTTP mapping.
+
+use drover_api::compute::InvalidCompute;
+use drover_api::wire::ErrorCode;
+
+use crate::autoscaler::SubmissionError;
+use crate::store::StoreError;
+
+/// Why a control-plane action failed. Every handler returns this; the HTTP
+/// layer turns it into a status and an [`drover_api::wire::ErrorBody`] via
+/// [`ControlError::code`].
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A cluster definition failed validation.
+    #[error(transparent)]
+    InvalidCompute(#[from] InvalidCompute),
+    /// A job cannot ever run on its cluster.
+    #[error(transparent)]
+    Submission(#[from] SubmissionError),
+    /// The request is malformed; the message says what.
+    #[error("{0}")]
+    Invalid(String),
+    /// No credential, or a credential that is not one.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid credential that does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A blocking store call could not run to its end (its thread panicked
+    /// or the runtime is shutting down).
+    #[error("store task failed")]
+    StoreTask(#[source] tokio::task::JoinError),
+    /// The store mutex was poisoned by a panic in another request.
+    #[error("store is unavailable after an internal panic")]
+    Poisoned,
+}
+
+impl ControlError {
+    /// The error code (and so the HTTP status) this error is answered with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ControlError::Store(e) => match e {
+                StoreError::NotFound { .. } => ErrorCode::NotFound,
+                StoreError::AlreadyExists { .. }
+                | StoreError::Conflict(_)
+                | StoreError::InvalidTransition { .. } => ErrorCode::Conflict,
+                StoreError::Invalid(_) => ErrorCode::Invalid,
+                StoreError::Busy(_) => ErrorCode::Busy,
+                StoreError::Sqlite(_)
+                | StoreError::Corrupt { .. }
+                | StoreError::CreateDir { .. }
+                | StoreError::TooNew { .. }
+                | StoreError::Migration { .. } => ErrorCode::Internal,
+            },
+            ControlError::InvalidCompute(_)
+            | ControlError::Submission(_)
+            | ControlError::Invalid(_) => ErrorCode::Invalid,
+            ControlError::Unauthorized(_) => ErrorCode::Unauthorized,
+            ControlError::Forbidden(_) => ErrorCode::Forbidden,
+            ControlError::StoreTask(_) | ControlError::Poisoned => ErrorCode::Internal,
+        }
+    }
+
+    /// The message sent to the client: the whole chain for client errors,
+    /// and for server errors too (operators run both ends; hiding the cause
+    /// only slows them down).
+    pub fn message(&self) -> String {
+        let mut out = self.to_string();
+        let mut source = std::error::Error::source(self);
+        // `transparent` variants already print their source's message.
+        if matches!(
+            self,
+            ControlError::Store(_) | ControlError::InvalidCompute(_) | ControlError::Submission(_)
+        ) {
+            source = source.and_then(std::error::Error::source);
+        }
+        while let Some(e) = source {
+            out.push_str(": ");
+            out.push_str(&e.to_string());
+            source = e.source();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_api::cluster::JobState;
+    use drover_api::compute::FieldError;
+
+    fn sqlite(code: rusqlite::ffi::ErrorCode) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error {
+                code,
+                extended_code: 0,
+            },
+            None,
+        )
+    }
+
+    #[test]
+    fn error_codes_and_statuses() {
+        let cases: Vec<(ControlError, ErrorCode, u16)> = vec![
+            (
+                StoreError::NotFound {
+                    kind: "cluster",
+                    name: "x".into(),
+                }
+                .into(),
+                ErrorCode::NotFound,
+                404,
+            ),
+            (
+                StoreError::AlreadyExists {
+                    kind: "cluster",
+                    name: "x".into(),
+                }
+                .into(),
+                ErrorCode::Conflict,
+                409,
+            ),
+            (
+                StoreError::Conflict("cluster `x` still has nodes".into()).into(),
+                ErrorCode::Conflict,
+                409,
+            ),
+            (
+                StoreError::InvalidTransition {
+                    job: "j".into(),
+                    from: JobState::Completed,
+                    to: JobState::Canceled,
+                }
+                .into(),
+                ErrorCode::Conflict,
+                409,
+            ),
+            (
+                StoreError::Invalid("bad".into()).into(),
+                ErrorCode::Invalid,
+                400,
+            ),
+            (
+                StoreError::from(sqlite(rusqlite::ffi::ErrorCode::DatabaseBusy)).into(),
+                ErrorCode::Busy,
+                503,
+            ),
+            (
+                StoreError::from(sqlite(rusqlite::ffi::ErrorCode::DiskFull)).into(),
+                ErrorCode::Internal,
+                500,
+            ),
+            (
+                StoreError::TooNew {
+                    found: 9,
+                    supported: 1,
+                }
+                .into(),
+                ErrorCode::Internal,
+                500,
+            ),
+            (
+                InvalidCompute {
+                    errors: vec![FieldError {
+                        field: "max_nodes".into(),
+                        message: "must be at least min_nodes".into(),
+                    }],
+                }
+                .into(),
+                ErrorCode::Invalid,
+                400,
+            ),
+            (
+                SubmissionError::TooManyInstances {
+                    cluster: "c".into(),
+                    instance_count: 5,
+                    max_nodes: 2,
+                }
+                .into(),
+                ErrorCode::Invalid,
+                400,
+            ),
+            (
+                ControlError::Invalid("no cluster".into()),
+                ErrorCode::Invalid,
+                400,
+            ),
+            (
+                ControlError::Unauthorized("missing".into()),
+                ErrorCode::Unauthorized,
+                401,
+            ),
+            (
+                ControlError::Forbidden("other cluster".into()),
+                ErrorCode::Forbidden,
+                403,
+            ),
+            (ControlError::Poisoned, ErrorCode::Internal, 500),
+        ];
+        for (error, code, status) in cases {
+            assert_eq!(error.code(), code, "{error:?}");
+            assert_eq!(error.code().status(), status, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn messages_carry_the_cause_once() {
+        let e: ControlError = StoreError::NotFound {
+            kind: "cluster",
+            name: "gpu".into(),
+        }
+        .into();
+        assert_eq!(e.message(), "cluster `gpu` not found");
+        let e: ControlError = StoreError::from(sqlite(rusqlite::ffi::ErrorCode::DiskFull)).into();
+        assert!(
+            e.message().starts_with("database error: "),
+            "{}",
+            e.message()
+        );
+    }
+}

@@ -1,0 +1,337 @@
+//! The HTTP layer: routes, authentication and JSON bodies. Each handler
+//! only translates between HTTP and one [`ControlPlane`] method.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use drover_api::compute::ComputeUpdate;
+use drover_api::wire::{self, ErrorBody, ErrorCode, ErrorDetail};
+use serde::Deserialize;
+
+use super::core::ControlPlane;
+use super::error::ControlError;
+use crate::store::Node;
+
+/// Shared state of the handlers.
+pub type AppState = Arc<ControlPlane>;
+
+/// The API's router.
+pub fn router(core: AppState) -> Router {
+    Router::new()
+        .route("/v1/clusters", post(create_cluster).get(list_clusters))
+        .route(
+            "/v1/clusters/{name}",
+            get(show_cluster)
+                .patch(update_cluster)
+                .delete(delete_cluster),
+        )
+        .route("/v1/jobs", post(submit_job).get(list_jobs))
+        .route("/v1/jobs/{id}", get(show_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/logs", get(job_logs))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/agent/register", post(register))
+        .route("/v1/agent/heartbeat", post(heartbeat))
+        .route("/v1/agent/assignments", get(assignments))
+        .route("/v1/agent/logs", post(upload_logs))
+        .fallback(not_found)
+        .with_state(core)
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError(ControlError);
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError(ControlError::Invalid(format!(
+            "invalid request body: {}",
+            e.body_text()
+        )))
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        ApiError(ControlError::Invalid(format!(
+            "invalid query: {}",
+            e.body_text()
+        )))
+    }
+}
+
+/// The status and body for an error code and message.
+pub fn error_response(code: ErrorCode, message: String) -> Response {
+    let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (
+        status,
+        Json(ErrorBody {
+            error: ErrorDetail { code, message },
+        }),
+    )
+        .into_response();
+    match code {
+        ErrorCode::Busy => {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        ErrorCode::Unauthorized => {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        _ => {}
+    }
+    response
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = self.0.code();
+        let message = self.0.message();
+        if code == ErrorCode::Internal {
+            tracing::error!(error = %message, "request failed");
+        } else {
+            tracing::debug!(code = %code, error = %message, "request refused");
+        }
+        error_response(code, message)
+    }
+}
+
+async fn not_found() -> Response {
+    error_response(ErrorCode::NotFound, "no such route".to_string())
+}
+
+fn bearer(parts: &Parts) -> Result<&str, ControlError> {
+    let value = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| ControlError::Unauthorized("missing bearer token".to_string()))?;
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ControlError::Unauthorized(
+                "malformed authorization header: expected `Bearer <token>`".to_string(),
+            )
+        })
+}
+
+/// A request from a user with a valid API token.
+pub struct User(
+    /// The token's name.
+    pub String,
+);
+
+impl FromRequestParts<AppState> for User {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, core: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts)?;
+        Ok(User(core.authenticate_user(token).await?))
+    }
+}
+
+/// A request from a registered node's agent.
+pub struct Agent(
+    /// The node.
+    pub Node,
+);
+
+impl FromRequestParts<AppState> for Agent {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, core: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts)?;
+        Ok(Agent(core.authenticate_node(token).await?))
+    }
+}
+
+type Body<T> = Result<Json<T>, JsonRejection>;
+type Answer<T> = Result<Json<T>, ApiError>;
+
+async fn create_cluster(
+    State(core): State<AppState>,
+    User(user): User,
+    body: Body<wire::ClusterCreate>,
+) -> Result<(StatusCode, Json<wire::ClusterCreated>), ApiError> {
+    let Json(req) = body?;
+    tracing::info!(user = %user, cluster = %req.spec.name, "create cluster");
+    Ok((
+        StatusCode::CREATED,
+        Json(core.create_cluster(req.spec).await?),
+    ))
+}
+
+async fn list_clusters(State(core): State<AppState>, _user: User) -> Answer<wire::ClusterList> {
+    Ok(Json(core.clusters().await?))
+}
+
+async fn show_cluster(
+    State(core): State<AppState>,
+    _user: User,
+    Path(name): Path<String>,
+) -> Answer<wire::ClusterInfo> {
+    Ok(Json(core.cluster(name).await?))
+}
+
+async fn update_cluster(
+    State(core): State<AppState>,
+    _user: User,
+    Path(name): Path<String>,
+    body: Body<ComputeUpdate>,
+) -> Answer<wire::ClusterInfo> {
+    let Json(update) = body?;
+    Ok(Json(core.update_cluster(name, update).await?))
+}
+
+async fn delete_cluster(
+    State(core): State<AppState>,
+    User(user): User,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    tracing::info!(user = %user, cluster = %name, "delete cluster");
+    core.delete_cluster(name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn submit_job(
+    State(core): State<AppState>,
+    User(user): User,
+    body: Body<wire::JobSubmit>,
+) -> Result<(StatusCode, Json<wire::JobInfo>), ApiError> {
+    let Json(req) = body?;
+    tracing::info!(user = %user, job = ?req.spec.name, "submit job");
+    Ok((StatusCode::CREATED, Json(core.submit_job(req).await?)))
+}
+
+/// `?compute=NAME`.
+#[derive(Debug, Deserialize)]
+struct ComputeQuery {
+    compute: Option<String>,
+}
+
+async fn list_jobs(
+    State(core): State<AppState>,
+    _user: User,
+    query: Result<Query<ComputeQuery>, QueryRejection>,
+) -> Answer<wire::JobList> {
+    let Query(q) = query?;
+    Ok(Json(core.jobs(q.compute).await?))
+}
+
+async fn show_job(
+    State(core): State<AppState>,
+    _user: User,
+    Path(id): Path<String>,
+) -> Answer<wire::JobInfo> {
+    Ok(Json(core.job(id).await?))
+}
+
+async fn cancel_job(
+    State(core): State<AppState>,
+    User(user): User,
+    Path(id): Path<String>,
+) -> Answer<wire::JobInfo> {
+    tracing::info!(user = %user, job = %id, "cancel job");
+    Ok(Json(core.cancel_job(id).await?))
+}
+
+/// `?from=N&limit=M`.
+#[derive(Debug, Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    from: u64,
+    limit: Option<usize>,
+}
+
+async fn job_logs(
+    State(core): State<AppState>,
+    _user: User,
+    Path(id): Path<String>,
+    query: Result<Query<LogQuery>, QueryRejection>,
+) -> Answer<wire::LogPage> {
+    let Query(q) = query?;
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    Ok(Json(core.job_logs(id, q.from, limit).await?))
+}
+
+async fn list_nodes(
+    State(core): State<AppState>,
+    _user: User,
+    query: Result<Query<ComputeQuery>, QueryRejection>,
+) -> Answer<wire::NodeList> {
+    let Query(q) = query?;
+    Ok(Json(core.nodes(q.compute).await?))
+}
+
+async fn register(
+    State(core): State<AppState>,
+    body: Body<wire::RegisterRequest>,
+) -> Result<(StatusCode, Json<wire::RegisterResponse>), ApiError> {
+    let Json(req) = body?;
+    Ok((StatusCode::CREATED, Json(core.register(req).await?)))
+}
+
+async fn heartbeat(
+    State(core): State<AppState>,
+    Agent(node): Agent,
+    body: Body<wire::HeartbeatRequest>,
+) -> Answer<wire::HeartbeatResponse> {
+    let Json(req) = body?;
+    Ok(Json(core.heartbeat(node, req).await?))
+}
+
+/// `?version=N&timeout=S`.
+#[derive(Debug, Deserialize)]
+struct WatchQuery {
+    #[serde(default)]
+    version: u64,
+    /// Seconds; fractions allowed.
+    timeout: Option<f64>,
+}
+
+async fn assignments(
+    State(core): State<AppState>,
+    Agent(node): Agent,
+    query: Result<Query<WatchQuery>, QueryRejection>,
+) -> Answer<wire::Assignments> {
+    let Query(q) = query?;
+    let timeout = match q.timeout {
+        Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s.min(86_400.0))),
+        Some(s) => {
+            return Err(ControlError::Invalid(format!(
+                "timeout must be a non-negative number of seconds, got {s}"
+            ))
+            .into());
+        }
+        None => None,
+    };
+    Ok(Json(core.assignments(node.id, q.version, timeout).await?))
+}
+
+async fn upload_logs(
+    State(core): State<AppState>,
+    Agent(node): Agent,
+    body: Body<wire::LogBatch>,
+) -> Answer<wire::LogBatchAccepted> {
+    let Json(batch) = body?;
+    Ok(Json(core.upload_logs(node.id, batch).await?))
+}

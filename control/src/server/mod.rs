@@ -1,0 +1,327 @@
+//! `drover server`: the control plane over HTTP.
+//!
+//! - `core` — [`ControlPlane`]: every action as a plain async method over
+//!   the store (behind a mutex, on blocking threads), plus the per-node
+//!   watch channels that wake long polls and the scheduler's wake-up.
+//! - `http` — the axum router; handlers authenticate and translate only.
+//! - `error` — [`ControlError`], the one error of every action, and its
+//!   mapping to HTTP statuses.
+//!
+//! Tasks (all named, all stopped by one [`CancellationToken`] and joined
+//! before [`RunningServer::wait`] returns):
+//!
+//! ```text
+//! http ──(poke)──► scheduler ── record_placement ──► wake(node watchers) ──► long polls
+//!                    ▲  tick                       └► provider (static: errors recorded)
+//! reaper ──(silent nodes → unusable, requeue; poke)┘
+//! timeouts ──(running past limits.timeout → failed; poke)
+//! ```
+
+mod core;
+mod error;
+mod http;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use self::core::{ControlPlane, CoreConfig, new_secret, now};
+pub use self::error::ControlError;
+pub use self::http::router;
+use crate::provider::StaticProvider;
+use crate::store::{Store, StoreConfig, StoreError};
+
+/// The file in the data directory holding the first admin token.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Settings of `drover server`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where the database and the admin token live.
+    pub data_dir: PathBuf,
+    /// Address to listen on (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// A user API token to accept (stored as `configured`), instead of or
+    /// beside the generated admin token.
+    pub token: Option<String>,
+    /// A node silent this long becomes unusable.
+    pub grace: Duration,
+    /// How often the scheduler runs without being poked.
+    pub schedule_tick: Duration,
+    /// How often silent nodes and job timeouts are checked.
+    pub check_interval: Duration,
+    /// Store settings.
+    pub store: StoreConfig,
+    /// Core settings.
+    pub core: CoreConfig,
+}
+
+impl ServerConfig {
+    /// Defaults: 127.0.0.1:7340, 40 s grace, checks every 2 s.
+    pub fn new(data_dir: PathBuf) -> Self {
+        ServerConfig {
+            data_dir,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7340)),
+            token: None,
+            grace: Duration::from_secs(40),
+            schedule_tick: Duration::from_secs(5),
+            check_interval: Duration::from_secs(2),
+            store: StoreConfig::default(),
+            core: CoreConfig::default(),
+        }
+    }
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The store could not be opened.
+    #[error("cannot open the store in {}", path.display())]
+    OpenStore {
+        /// The data directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: StoreError,
+    },
+    /// The admin token could not be set up.
+    #[error("cannot set up the api token")]
+    Token(#[source] ControlError),
+    /// The admin token file could not be written.
+    #[error("cannot write {}", path.display())]
+    WriteToken {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP server failed.
+    #[error("http server failed")]
+    Serve(#[source] std::io::Error),
+    /// A background task panicked.
+    #[error("task {task} panicked")]
+    TaskPanicked {
+        /// Its name.
+        task: &'static str,
+    },
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The admin token created at this start (first start only), which was
+    /// also written to `<data dir>/admin.token`.
+    pub new_admin_token: Option<String>,
+    /// The core, for in-process callers (tests).
+    pub core: Arc<ControlPlane>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<(&'static str, Result<(), ServerError>)>,
+}
+
+impl RunningServer {
+    /// The token that stops every task.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Asks every task to stop.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits for every task to end (after [`RunningServer::shutdown`] or a
+    /// failure, which stops the others).
+    pub async fn wait(mut self) -> Result<(), ServerError> {
+        let mut result = Ok(());
+        while let Some(joined) = self.tasks.join_next().await {
+            // Any task ending ends the server: the others are told to stop.
+            self.shutdown.cancel();
+            let outcome = match joined {
+                Ok((task, r)) => {
+                    tracing::debug!(task, "task stopped");
+                    r
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "task panicked");
+                    Err(ServerError::TaskPanicked { task: "unknown" })
+                }
+            };
+            if result.is_ok() {
+                result = outcome;
+            }
+        }
+        result
+    }
+}
+
+fn write_token_file(path: &Path, token: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    // 0600 from the start: the file never exists readable by others.
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut f = options.open(path)?;
+    f.write_all(token.as_bytes())?;
+    f.write_all(b"\n")?;
+    Ok(())
+}
+
+/// Opens the store, sets up tokens, binds and starts every task.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    let dir = config.data_dir.clone();
+    let store_config = config.store.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open_with(&dir, store_config))
+        .await
+        .map_err(|_| ServerError::TaskPanicked { task: "open-store" })?
+        .map_err(|source| ServerError::OpenStore {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+    let core = Arc::new(ControlPlane::new(store, config.core.clone()));
+
+    let new_admin_token = setup_tokens(&core, &config).await?;
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), "drover server listening");
+
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    let app = router(Arc::clone(&core));
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+            .map_err(ServerError::Serve);
+        ("http", r)
+    });
+
+    let (c, stop, tick) = (Arc::clone(&core), shutdown.clone(), config.schedule_tick);
+    tasks.spawn(async move {
+        scheduler_loop(&c, &stop, tick).await;
+        ("scheduler", Ok(()))
+    });
+
+    let (c, stop) = (Arc::clone(&core), shutdown.clone());
+    let (grace, every) = (config.grace, config.check_interval);
+    tasks.spawn(async move {
+        reaper_loop(&c, &stop, grace, every).await;
+        ("reaper", Ok(()))
+    });
+
+    Ok(RunningServer {
+        addr,
+        new_admin_token,
+        core,
+        shutdown,
+        tasks,
+    })
+}
+
+/// First start: creates the `admin` token and writes it to the data dir.
+/// A configured token is (re)stored as `configured`.
+async fn setup_tokens(
+    core: &ControlPlane,
+    config: &ServerConfig,
+) -> Result<Option<String>, ServerError> {
+    if let Some(token) = config.token.clone() {
+        core.with_store(move |s| {
+            if s.api_token_name(&token)?.is_none() {
+                match s.remove_api_token("configured") {
+                    Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+                s.add_api_token("configured", &token, now())?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(ServerError::Token)?;
+    }
+    if config.token.is_some() {
+        return Ok(None);
+    }
+    let count = core
+        .with_store(|s| s.api_token_count())
+        .await
+        .map_err(ServerError::Token)?;
+    if count > 0 {
+        return Ok(None);
+    }
+    let token = new_secret().map_err(ServerError::Token)?;
+    let path = config.data_dir.join(ADMIN_TOKEN_FILE);
+    write_token_file(&path, &token).map_err(|source| ServerError::WriteToken {
+        path: path.clone(),
+        source,
+    })?;
+    let t = token.clone();
+    core.with_store(move |s| s.add_api_token("admin", &t, now()))
+        .await
+        .map_err(ServerError::Token)?;
+    tracing::info!(path = %path.display(), "admin api token created");
+    Ok(Some(token))
+}
+
+async fn scheduler_loop(core: &ControlPlane, stop: &CancellationToken, tick: Duration) {
+    let provider = StaticProvider;
+    loop {
+        if let Err(e) = core.schedule_pass(&provider).await {
+            tracing::error!(error = %e.message(), "scheduling pass failed");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = core.changed() => {}
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
+}
+
+async fn reaper_loop(
+    core: &ControlPlane,
+    stop: &CancellationToken,
+    grace: Duration,
+    every: Duration,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = core.reap_silent_nodes(grace).await {
+            tracing::error!(error = %e.message(), "checking silent nodes failed");
+        }
+        if let Err(e) = core.enforce_timeouts().await {
+            tracing::error!(error = %e.message(), "checking job timeouts failed");
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The real `drover` binary against an in-process server on a free port:
+//! compute and job commands, their tables and their errors.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use drover_control::server::{self, RunningServer, ServerConfig};
+
+struct Cli {
+    server: String,
+    token: String,
+    home: tempfile::TempDir,
+}
+
+impl Cli {
+    /// Runs `drover ARGS` off the async workers (the server answers on them).
+    async fn run(&self, args: &[&str]) -> Output {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_drover"));
+        cmd.args(args)
+            .env("DROVER_SERVER", &self.server)
+            .env("DROVER_TOKEN", &self.token)
+            // Never read a real admin token of whoever runs the tests.
+            .env("DROVER_DATA_DIR", self.home.path())
+            .env_remove("DROVER_LOG");
+        tokio::task::spawn_blocking(move || cmd.output().expect("drover runs"))
+            .await
+            .expect("join")
+    }
+
+    async fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert!(
+            out.status.success(),
+            "drover {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    async fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert_eq!(out.status.code(), Some(1), "drover {args:?} should fail");
+        String::from_utf8(out.stderr).expect("utf-8")
+    }
+}
+
+async fn start(dir: &Path) -> (RunningServer, Cli) {
+    let mut c = ServerConfig::new(dir.to_path_buf());
+    c.listen = "127.0.0.1:0".parse().expect("addr");
+    let server = server::start(c).await.expect("server starts");
+    let token = server.new_admin_token.clone().expect("first start token");
+    let cli = Cli {
+        server: format!("http://{}", server.addr),
+        token,
+        home: tempfile::tempdir().expect("tempdir"),
+    };
+    (server, cli)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compute_and_job_commands_over_the_api() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, cli) = start(dir.path()).await;
+
+    let out = cli
+        .ok(&[
+            "compute",
+            "create",
+            "--name",
+            "cpu",
+            "--vm-size",
+            "STANDARD_D3_V2",
+            "--min-nodes",
+            "0",
+            "--max-nodes",
+            "2",
+            "--vm-priority",
+            "lowpriority",
+            "--idle-seconds-before-scaledown",
+            "120",
+            "--assign-identity",
+            "[system]",
+        ])
+        .await;
+    assert!(out.starts_with("created cluster cpu\n"), "{out}");
+    assert!(out.contains("join token"), "{out}");
+
+    let yml = dir.path().join("compute.yml");
+    std::fs::write(
+        &yml,
+        "type: amlcompute\nname: gpu\nsize: STANDARD_NC6\ntier: dedicated\nmin_instances: 0\nmax_instances: 1\n",
+    )
+    .expect("write");
+    cli.ok(&["compute", "create", "-f", yml.to_str().expect("path")])
+        .await;
+
+    let err = cli
+        .fails(&[
+            "compute",
+            "create",
+            "--name",
+            "bad",
+            "--vm-size",
+            "X",
+            "--min-nodes",
+            "3",
+            "--max-nodes",
+            "1",
+        ])
+        .await;
+    assert!(err.contains("--max-nodes"), "{err}");
+
+    let list = cli.ok(&["compute", "list"]).await;
+    assert!(list.starts_with("NAME"), "{list}");
+    assert!(list.contains("cpu") && list.contains("gpu"), "{list}");
+
+    let show = cli.ok(&["compute", "show", "cpu"]).await;
+    assert!(show.contains("allocation state:"), "{show}");
+    assert!(show.contains("system-assigned"), "{show}");
+    assert!(show.contains("lowpriority"), "{show}");
+
+    let updated = cli
+        .ok(&["compute", "update", "cpu", "--max-nodes", "3"])
+        .await;
+    assert!(updated.contains("min 0, max 3"), "{updated}");
+
+    let job = dir.path().join("job.yml");
+    std::fs::write(
+        &job,
+        "command: echo hi\nenvironment:\n  image: busybox:latest\ncompute: azureml:cpu\nresources:\n  instance_count: 1\n",
+    )
+    .expect("write");
+    let out = cli
+        .ok(&["job", "create", "-f", job.to_str().expect("path")])
+        .await;
+    assert!(
+        out.starts_with("job job-") && out.contains("queued on cluster cpu"),
+        "{out}"
+    );
+    let id = out.split_whitespace().nth(1).expect("id").to_string();
+
+    let json = cli.ok(&["job", "show", &id, "--json"]).await;
+    let info: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(info["state"], "queued");
+    let table = cli.ok(&["job", "list", "--compute", "cpu"]).await;
+    assert!(table.contains(&id), "{table}");
+    let out = cli.ok(&["job", "cancel", &id]).await;
+    assert_eq!(out, format!("job {id} is canceled\n"));
+    let logs = cli.ok(&["job", "logs", &id, "-f"]).await;
+    assert_eq!(logs, "");
+    let nodes = cli.ok(&["node", "list"]).await;
+    assert!(nodes.starts_with("NODE"), "{nodes}");
+
+    // Errors say what went wrong, with the server's words.
+    let big = dir.path().join("big.yml");
+    std::fs::write(
+        &big,
+        "command: echo\nenvironment:\n  image: busybox\nresources:\n  instance_count: 9\n",
+    )
+    .expect("write");
+    let err = cli
+        .fails(&[
+            "job",
+            "create",
+            "-f",
+            big.to_str().expect("path"),
+            "--compute",
+            "cpu",
+        ])
+        .await;
+    assert!(err.contains("needs 9 nodes"), "{err}");
+    let err = cli
+        .fails(&[
+            "job",
+            "create",
+            "-f",
+            job.to_str().expect("path"),
+            "--compute",
+            "nope",
+        ])
+        .await;
+    assert!(err.contains("cluster `nope` not found"), "{err}");
+    let bad = dir.path().join("bad.yml");
+    std::fs::write(&bad, "command: [\n").expect("write");
+    let err = cli
+        .fails(&["job", "create", "-f", bad.to_str().expect("path")])
+        .await;
+    assert!(err.contains("invalid job definition"), "{err}");
+    let err = cli.fails(&["compute", "show", "nope"]).await;
+    assert!(err.contains("cluster `nope` not found"), "{err}");
+
+    let mut anon = std::process::Command::new(env!("CARGO_BIN_EXE_drover"));
+    anon.args(["compute", "list"])
+        .env("DROVER_SERVER", &cli.server)
+        .env_remove("DROVER_TOKEN")
+        .env("DROVER_DATA_DIR", cli.home.path());
+    let out = tokio::task::spawn_blocking(move || anon.output().expect("runs"))
+        .await
+        .expect("join");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("missing bearer token") && err.contains("DROVER_TOKEN"),
+        "{err}"
+    );
+
+    server.shutdown();
+    tokio::time::timeout(Duration::from_secs(10), server.wait())
+        .await
+        .expect("stops")
+        .expect("clean");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_reported_plainly() {
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let cli = Cli {
+        server: format!("http://127.0.0.1:{port}"),
+        token: "t".to_string(),
+        home: tempfile::tempdir().expect("tempdir"),
+    };
+    let err = cli.fails(&["compute", "list"]).await;
+    assert!(
+        err.contains(&format!(
+            "cannot reach the drover server at http://127.0.0.1:{port}: connection refused — is `drover server` running?"
+        )),
+        "{err}"
+    );
+}

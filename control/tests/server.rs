@@ -1,0 +1,581 @@
+//! `drover server` over real HTTP on a free 127.0.0.1 port, with a temp data
+//! dir: authentication, clusters, jobs, a fake agent registering, heart-
+//! beating and long-polling its assignments, node loss and restarts.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use drover_api::JobSpec;
+use drover_api::cluster::{JobState, NodeState};
+use drover_api::compute::ComputeSpec;
+use drover_api::wire::{self, ErrorBody, ErrorCode};
+use drover_control::server::{self, RunningServer, ServerConfig};
+use reqwest::StatusCode;
+use serde_json::json;
+
+fn config(dir: &Path) -> ServerConfig {
+    let mut c = ServerConfig::new(dir.to_path_buf());
+    c.listen = "127.0.0.1:0".parse().expect("addr");
+    c.grace = Duration::from_secs(2);
+    c.check_interval = Duration::from_millis(200);
+    c
+}
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+    token: String,
+}
+
+impl Api {
+    fn new(server: &RunningServer, token: &str) -> Api {
+        Api {
+            base: format!("http://{}", server.addr),
+            http: reqwest::Client::new(),
+            token: token.to_string(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        token: Option<&str>,
+    ) -> (StatusCode, serde_json::Value) {
+        let req = match token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let text = resp.text().await.expect("body");
+        let body = if text.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("json body: {text}"))
+        };
+        (status, body)
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, serde_json::Value) {
+        self.send(self.http.get(self.url(path)), Some(&self.token))
+            .await
+    }
+
+    async fn post(&self, path: &str, body: serde_json::Value) -> (StatusCode, serde_json::Value) {
+        self.send(
+            self.http.post(self.url(path)).json(&body),
+            Some(&self.token),
+        )
+        .await
+    }
+
+    async fn agent_post(
+        &self,
+        cred: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (StatusCode, serde_json::Value) {
+        self.send(self.http.post(self.url(path)).json(&body), Some(cred))
+            .await
+    }
+
+    async fn create_cluster(&self, name: &str, max: u32) -> String {
+        let spec = ComputeSpec::new(name, "STANDARD_D3_V2", max);
+        let (status, body) = self.post("/v1/clusters", json!({ "spec": spec })).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let created: wire::ClusterCreated = serde_json::from_value(body).expect("created");
+        created.join_token
+    }
+
+    async fn register(&self, cluster: &str, join: &str, id: &str) -> String {
+        let (status, body) = self
+            .send(
+                self.http.post(self.url("/v1/agent/register")).json(&json!({
+                    "cluster": cluster, "join_token": join, "node_id": id,
+                    "ip": "10.0.0.4", "gpus": {"healthy": 0, "total": 0},
+                    "inventory": {"cpus": 4}
+                })),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let r: wire::RegisterResponse = serde_json::from_value(body).expect("register");
+        assert_eq!(r.node_id, id);
+        r.credential
+    }
+
+    async fn submit(&self, yaml: &str, compute: Option<&str>) -> (StatusCode, serde_json::Value) {
+        let spec = JobSpec::from_yaml("job.yml", yaml, Path::new("/tmp"))
+            .expect("job parses")
+            .spec;
+        self.post("/v1/jobs", json!({ "spec": spec, "compute": compute }))
+            .await
+    }
+
+    async fn job(&self, id: &str) -> wire::JobInfo {
+        let (status, body) = self.get(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        serde_json::from_value(body).expect("job")
+    }
+
+    async fn watch(&self, cred: &str, version: u64, timeout: f64) -> wire::Assignments {
+        let (status, body) = self
+            .send(
+                self.http.get(self.url(&format!(
+                    "/v1/agent/assignments?version={version}&timeout={timeout}"
+                ))),
+                Some(cred),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        serde_json::from_value(body).expect("assignments")
+    }
+
+    /// Polls a job until `pred` holds, or fails after `within`.
+    async fn wait_job(
+        &self,
+        id: &str,
+        within: Duration,
+        pred: impl Fn(&wire::JobInfo) -> bool,
+    ) -> wire::JobInfo {
+        let start = Instant::now();
+        loop {
+            let job = self.job(id).await;
+            if pred(&job) {
+                return job;
+            }
+            assert!(start.elapsed() < within, "job never got there: {job:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn error_of(body: &serde_json::Value) -> wire::ErrorDetail {
+    serde_json::from_value::<ErrorBody>(body.clone())
+        .unwrap_or_else(|e| panic!("error body {body}: {e}"))
+        .error
+}
+
+fn job_yaml(name: &str, instances: u32) -> String {
+    format!(
+        "name: {name}\ncommand: echo hi\nenvironment:\n  image: busybox:latest\n\
+         compute: azureml:cpu\nresources:\n  instance_count: {instances}\n"
+    )
+}
+
+async fn start(dir: &Path) -> (RunningServer, String) {
+    let server = server::start(config(dir)).await.expect("server starts");
+    let token = std::fs::read_to_string(dir.join(server::ADMIN_TOKEN_FILE))
+        .expect("admin token file")
+        .trim()
+        .to_string();
+    (server, token)
+}
+
+async fn stop(server: RunningServer) {
+    server.shutdown();
+    tokio::time::timeout(Duration::from_secs(10), server.wait())
+        .await
+        .expect("server stops in time")
+        .expect("server stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_is_required_and_each_credential_opens_only_its_door() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, token) = start(dir.path()).await;
+    assert_eq!(server.new_admin_token.as_deref(), Some(token.as_str()));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(server::ADMIN_TOKEN_FILE))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let api = Api::new(&server, &token);
+
+    let (status, body) = api.send(api.http.get(api.url("/v1/clusters")), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_of(&body).code, ErrorCode::Unauthorized);
+    assert_eq!(error_of(&body).message, "missing bearer token");
+    let (status, body) = api
+        .send(api.http.get(api.url("/v1/clusters")), Some("not-a-token"))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_of(&body).message, "invalid api token");
+    let (status, _) = api.get("/v1/clusters").await;
+    assert_eq!(status, StatusCode::OK);
+
+    let cpu_join = api.create_cluster("cpu", 2).await;
+    let gpu_join = api.create_cluster("gpu", 2).await;
+    // A join token opens only its own cluster.
+    let (status, body) = api
+        .send(
+            api.http.post(api.url("/v1/agent/register")).json(&json!({
+                "cluster": "cpu", "join_token": gpu_join, "node_id": "n1"
+            })),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(
+        error_of(&body).message,
+        "invalid join token for cluster `cpu`"
+    );
+    let cred = api.register("cpu", &cpu_join, "n1").await;
+    // Node credentials are not user tokens, and user tokens are not node credentials.
+    let (status, _) = api
+        .send(api.http.get(api.url("/v1/clusters")), Some(&cred))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = api
+        .agent_post(&token, "/v1/agent/heartbeat", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body) = api
+        .agent_post(&cred, "/v1/agent/heartbeat", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let (status, body) = api.get("/v1/nowhere").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error_of(&body).code, ErrorCode::NotFound);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_are_created_shown_updated_and_deleted_with_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, token) = start(dir.path()).await;
+    let api = Api::new(&server, &token);
+
+    api.create_cluster("cpu", 4).await;
+    let spec = ComputeSpec::new("cpu", "STANDARD_D3_V2", 4);
+    let (status, body) = api.post("/v1/clusters", json!({ "spec": spec })).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(error_of(&body).message, "cluster `cpu` already exists");
+
+    let mut bad = ComputeSpec::new("bad", "STANDARD_D3_V2", 1);
+    bad.min_nodes = 3;
+    let (status, body) = api.post("/v1/clusters", json!({ "spec": bad })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let e = error_of(&body);
+    assert_eq!(e.code, ErrorCode::Invalid);
+    assert!(e.message.contains("max_nodes"), "{}", e.message);
+
+    let (status, body) = api.post("/v1/clusters", json!({ "spec": 1 })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        error_of(&body).message.starts_with("invalid request body"),
+        "{body}"
+    );
+
+    let (status, body) = api.get("/v1/clusters/cpu").await;
+    assert_eq!(status, StatusCode::OK);
+    let info: wire::ClusterInfo = serde_json::from_value(body).expect("info");
+    assert_eq!(info.spec.max_nodes, 4);
+    assert_eq!(info.status.current_node_count, 0);
+    assert_eq!(info.status.target_node_count, 0);
+
+    let (status, body) = api
+        .send(
+            api.http
+                .patch(api.url("/v1/clusters/cpu"))
+                .json(&json!({"max_nodes": 6, "idle_seconds_before_scaledown": 30})),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let info: wire::ClusterInfo = serde_json::from_value(body).expect("info");
+    assert_eq!(
+        (info.spec.max_nodes, info.spec.idle_seconds_before_scaledown),
+        (6, 30)
+    );
+    for (update, needle) in [
+        (json!({"min_nodes": 7}), "min_nodes"),
+        (json!({}), "give at least one of"),
+    ] {
+        let (status, body) = api
+            .send(
+                api.http.patch(api.url("/v1/clusters/cpu")).json(&update),
+                Some(&token),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{update}");
+        assert!(error_of(&body).message.contains(needle), "{body}");
+    }
+
+    let (status, body) = api.get("/v1/clusters").await;
+    assert_eq!(status, StatusCode::OK);
+    let list: wire::ClusterList = serde_json::from_value(body).expect("list");
+    assert_eq!(list.clusters.len(), 1);
+
+    let (status, _) = api
+        .send(api.http.delete(api.url("/v1/clusters/cpu")), Some(&token))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = api.get("/v1/clusters/cpu").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error_of(&body).message, "cluster `cpu` not found");
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_that_can_never_run_are_refused_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, token) = start(dir.path()).await;
+    let api = Api::new(&server, &token);
+    api.create_cluster("cpu", 2).await;
+
+    let (status, body) = api.submit(&job_yaml("big", 3), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let e = error_of(&body);
+    assert!(
+        e.message.contains("needs 3 nodes") && e.message.contains("max_nodes"),
+        "{}",
+        e.message
+    );
+
+    let (status, body) = api.submit(&job_yaml("lost", 1), Some("nope")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error_of(&body).message, "cluster `nope` not found");
+
+    let yaml = "command: echo\nenvironment:\n  image: busybox\n";
+    let (status, body) = api.submit(yaml, None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        error_of(&body).message.contains("names no cluster"),
+        "{body}"
+    );
+
+    let (status, body) = api.post("/v1/jobs", json!({"spec": {"command": 1}})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_of(&body).message.starts_with("invalid request body"));
+
+    // A job without a name gets one.
+    let (status, body) = api.submit(yaml, Some("cpu")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let job: wire::JobInfo = serde_json::from_value(body).expect("job");
+    assert!(job.id.starts_with("job-"), "{}", job.id);
+    assert_eq!(job.state, JobState::Queued);
+    let (status, body) = api.submit(&job_yaml(&job.id, 1), None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+
+    let (status, body) = api.get("/v1/jobs/missing").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(error_of(&body).message, "job `missing` not found");
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_wakes_the_nodes_long_poll_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, token) = start(dir.path()).await;
+    let api = Api::new(&server, &token);
+    let join = api.create_cluster("cpu", 2).await;
+    let cred = api.register("cpu", &join, "n1").await;
+
+    // First poll answers at once (version 0 is older than any node's).
+    let first = api.watch(&cred, 0, 5.0).await;
+    assert!(first.version > 0);
+    assert!(first.parts.is_empty());
+
+    // A quiet poll waits its timeout.
+    let t = Instant::now();
+    let quiet = api.watch(&cred, first.version, 0.3).await;
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    assert_eq!(quiet.version, first.version);
+
+    let watcher = {
+        let (http, url, cred) = (
+            api.http.clone(),
+            api.url(&format!(
+                "/v1/agent/assignments?version={}&timeout=20",
+                first.version
+            )),
+            cred.clone(),
+        );
+        tokio::spawn(async move {
+            let resp = http.get(url).bearer_auth(cred).send().await.expect("watch");
+            let a: wire::Assignments = resp.json().await.expect("assignments");
+            (a, Instant::now())
+        })
+    };
+    // Let the poll reach its wait.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let submitted = Instant::now();
+    let (status, body) = api.submit(&job_yaml("train", 1), None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (assigned, woke) = watcher.await.expect("watcher");
+    let latency = woke.duration_since(submitted);
+    eprintln!("watch returned {latency:?} after the submission");
+    assert!(latency < Duration::from_secs(2), "{latency:?}");
+    assert!(assigned.version > first.version);
+    assert_eq!(assigned.parts.len(), 1);
+    let part = &assigned.parts[0];
+    assert_eq!(
+        (part.job.as_str(), part.attempt, part.node_rank),
+        ("train", 1, 0)
+    );
+    assert_eq!(part.state, wire::PartState::Assigned);
+    assert_eq!(part.nodes[0].ip.as_deref(), Some("10.0.0.4"));
+
+    // The agent reports the part running: the job runs.
+    let running =
+        json!({"parts": [{"job": "train", "attempt": 1, "node_rank": 0, "state": "running"}]});
+    let (status, body) = api.agent_post(&cred, "/v1/agent/heartbeat", running).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let job = api.job("train").await;
+    assert_eq!(job.state, JobState::Running);
+    assert_eq!(job.parts[0].state, wire::PartState::Running);
+
+    // Logs go up through the agent and come back to the user.
+    let lines = json!({"lines": [
+        {"job": "train", "attempt": 1, "node_rank": 0, "stream": "stdout", "at": 1, "text": "epoch 1"},
+        {"job": "train", "attempt": 1, "node_rank": 0, "stream": "stderr", "at": 2, "text": "warn"}
+    ]});
+    let (status, body) = api.agent_post(&cred, "/v1/agent/logs", lines).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["accepted"], 2);
+    let (status, body) = api.get("/v1/jobs/train/logs?from=0").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let page: wire::LogPage = serde_json::from_value(body).expect("page");
+    let texts: Vec<&str> = page.lines.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(texts, ["epoch 1", "warn"]);
+    assert_eq!(page.job_state, JobState::Running);
+
+    // Cancel: the job ends, the node's poll answers at once with nothing to run.
+    let (status, body) = api.post("/v1/jobs/train/cancel", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let job: wire::JobInfo = serde_json::from_value(body).expect("job");
+    assert_eq!(job.state, JobState::Canceled);
+    let t = Instant::now();
+    let after = api.watch(&cred, assigned.version, 10.0).await;
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(after.parts.is_empty());
+    let (status, body) = api.post("/v1/jobs/train/cancel", json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+
+    // A late report of the canceled part is refused: the agent must stop it.
+    let late =
+        json!({"parts": [{"job": "train", "attempt": 1, "node_rank": 0, "state": "running"}]});
+    let (status, body) = api.agent_post(&cred, "/v1/agent/heartbeat", late).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let beat: wire::HeartbeatResponse = serde_json::from_value(body).expect("beat");
+    assert_eq!(beat.rejected.len(), 1);
+
+    let (status, body) = api.get("/v1/nodes?compute=cpu").await;
+    assert_eq!(status, StatusCode::OK);
+    let nodes: wire::NodeList = serde_json::from_value(body).expect("nodes");
+    assert_eq!(nodes.nodes.len(), 1);
+    assert_eq!(nodes.nodes[0].current_job, None);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_becomes_unusable_and_its_job_is_requeued() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, token) = start(dir.path()).await;
+    let api = Api::new(&server, &token);
+    let join = api.create_cluster("cpu", 2).await;
+    let cred = api.register("cpu", &join, "n1").await;
+    let (status, body) = api.submit(&job_yaml("train", 1), None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    api.wait_job("train", Duration::from_secs(5), |j| {
+        j.state == JobState::Preparing
+    })
+    .await;
+
+    // No more heartbeats: past the 2 s grace the node is lost.
+    let job = api
+        .wait_job("train", Duration::from_secs(8), |j| {
+            j.state == JobState::Queued
+        })
+        .await;
+    assert_eq!(job.attempt, 1);
+    assert_eq!(job.parts[0].state, wire::PartState::Lost);
+    assert!(
+        job.failure_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("no heartbeat")),
+        "{job:?}"
+    );
+    let (_, body) = api.get("/v1/nodes").await;
+    let nodes: wire::NodeList = serde_json::from_value(body).expect("nodes");
+    assert_eq!(nodes.nodes[0].state, NodeState::Unusable);
+    let (_, body) = api.get("/v1/clusters/cpu").await;
+    let info: wire::ClusterInfo = serde_json::from_value(body).expect("info");
+    assert_eq!(info.status.node_state_counts.unusable, 1);
+
+    // Heard from again, the node is usable and the job goes back on it.
+    let (status, _) = api
+        .agent_post(&cred, "/v1/agent/heartbeat", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let job = api
+        .wait_job("train", Duration::from_secs(5), |j| {
+            j.state == JobState::Preparing
+        })
+        .await;
+    assert_eq!(job.attempt, 2);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_past_its_timeout_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, token) = start(dir.path()).await;
+    let api = Api::new(&server, &token);
+    let join = api.create_cluster("cpu", 1).await;
+    let cred = api.register("cpu", &join, "n1").await;
+    let yaml = format!("{}limits:\n  timeout: 1\n", job_yaml("short", 1));
+    let (status, body) = api.submit(&yaml, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    api.wait_job("short", Duration::from_secs(5), |j| {
+        j.state == JobState::Preparing
+    })
+    .await;
+    let running =
+        json!({"parts": [{"job": "short", "attempt": 1, "node_rank": 0, "state": "running"}]});
+    let (status, _) = api.agent_post(&cred, "/v1/agent/heartbeat", running).await;
+    assert_eq!(status, StatusCode::OK);
+    let job = api
+        .wait_job("short", Duration::from_secs(5), |j| {
+            j.state == JobState::Failed
+        })
+        .await;
+    assert!(
+        job.failure_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("timed out")),
+        "{job:?}"
+    );
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_clusters_jobs_and_tokens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, token) = start(dir.path()).await;
+    let api = Api::new(&server, &token);
+    let join = api.create_cluster("cpu", 2).await;
+    let (status, _) = api.submit(&job_yaml("train", 2), None).await;
+    assert_eq!(status, StatusCode::CREATED);
+    stop(server).await;
+
+    let server = server::start(config(dir.path())).await.expect("restart");
+    assert_eq!(server.new_admin_token, None, "the first token stays");
+    let api = Api::new(&server, &token);
+    let (status, body) = api.get("/v1/clusters/cpu").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(api.job("train").await.state, JobState::Queued);
+    // The join token survives too.
+    api.register("cpu", &join, "n1").await;
+    stop(server).await;
+}

@@ -232,3 +232,79 @@ async fn an_unreachable_server_is_reported_plainly() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_binary_prints_its_token_once_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    for first in [true, false] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
+            .args(["server", "--data-dir"])
+            .arg(&data)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env_remove("DROVER_TOKEN")
+            .env("DROVER_LOG", "warn")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("server starts");
+        let token_file = data.join(server::ADMIN_TOKEN_FILE);
+        // Up when it answers (the token file is written before it listens).
+        let start = std::time::Instant::now();
+        let token = loop {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "server never answered"
+            );
+            if let Ok(t) = std::fs::read_to_string(&token_file) {
+                let cli = Cli {
+                    server: format!("http://127.0.0.1:{port}"),
+                    token: t.trim().to_string(),
+                    home: tempfile::tempdir().expect("tempdir"),
+                };
+                if cli.run(&["compute", "list"]).await.status.success() {
+                    break cli;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if first {
+            token
+                .ok(&[
+                    "compute",
+                    "create",
+                    "--name",
+                    "cpu",
+                    "--vm-size",
+                    "D2",
+                    "--max-nodes",
+                    "1",
+                ])
+                .await;
+        } else {
+            // The restarted server still has the cluster.
+            let list = token.ok(&["compute", "list"]).await;
+            assert!(list.contains("cpu"), "{list}");
+        }
+        let pid = child.id().to_string();
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output().expect("wait"))
+            .await
+            .expect("join");
+        assert!(out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            stderr.contains("created the admin api token"),
+            first,
+            "{stderr}"
+        );
+    }
+}

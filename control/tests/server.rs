@@ -364,6 +364,37 @@ async fn submissions_that_can_never_run_are_refused_clearly() {
     let job: wire::JobInfo = serde_json::from_value(body).expect("job");
     assert!(job.id.starts_with("job-"), "{}", job.id);
     assert_eq!(job.state, JobState::Queued);
+
+    // With no node to run it, the static provider says what would help,
+    // and the cluster shows Resizing with that reason.
+    let start = Instant::now();
+    let info = loop {
+        let (_, body) = api.get("/v1/clusters/cpu").await;
+        let info: wire::ClusterInfo = serde_json::from_value(body).expect("info");
+        if !info.status.errors.is_empty() {
+            break info;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{info:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        info.status.allocation_state,
+        drover_api::cluster::AllocationState::Resizing
+    );
+    assert_eq!(
+        (
+            info.status.current_node_count,
+            info.status.target_node_count
+        ),
+        (0, 1)
+    );
+    assert!(
+        info.status.errors[0]
+            .message
+            .contains("the static provider cannot create nodes"),
+        "{:?}",
+        info.status.errors
+    );
     let (status, body) = api.submit(&job_yaml(&job.id, 1), None).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
 
@@ -475,7 +506,25 @@ async fn a_placement_wakes_the_nodes_long_poll_at_once() {
     let nodes: wire::NodeList = serde_json::from_value(body).expect("nodes");
     assert_eq!(nodes.nodes.len(), 1);
     assert_eq!(nodes.nodes[0].current_job, None);
+
+    // Shutdown ends a waiting long poll instead of waiting out its timeout.
+    let pending = {
+        let (http, url, cred) = (
+            api.http.clone(),
+            api.url(&format!(
+                "/v1/agent/assignments?version={}&timeout=60",
+                after.version
+            )),
+            cred.clone(),
+        );
+        tokio::spawn(async move { http.get(url).bearer_auth(cred).send().await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
     stop(server).await;
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let resp = pending.await.expect("join").expect("answered");
+    assert_eq!(resp.status(), StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,7 @@ use drover_api::cluster::{
 use drover_api::compute::{ComputeSpec, ComputeUpdate, Naming};
 use drover_api::wire;
 use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::error::ControlError;
 use crate::autoscaler::{self, AutoscaleInput, AutoscalerConfig};
@@ -65,6 +66,9 @@ pub struct ControlPlane {
     /// Wakes the scheduling loop after any change that may allow a placement.
     changed: Notify,
     scaling: Mutex<HashMap<String, ScalingMemo>>,
+    /// Ends long polls at shutdown, so that the HTTP server's graceful
+    /// shutdown does not wait out every agent's poll timeout.
+    shutdown: CancellationToken,
     config: CoreConfig,
 }
 
@@ -212,8 +216,14 @@ impl ControlPlane {
             watchers: Mutex::new(HashMap::new()),
             changed: Notify::new(),
             scaling: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
             config,
         }
+    }
+
+    /// The token that stops the server; cancelling it also ends long polls.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
     }
 
     /// The settings.
@@ -267,13 +277,25 @@ impl ControlPlane {
 
     fn subscribe(&self, node: &str) -> Result<watch::Receiver<u64>, ControlError> {
         let mut watchers = self.watchers.lock().map_err(|_| ControlError::Poisoned)?;
-        // Drop channels nobody watches any more, so the map stays as small
-        // as the set of agents currently polling.
-        watchers.retain(|_, tx| tx.receiver_count() > 0);
         Ok(watchers
             .entry(node.to_string())
             .or_insert_with(|| watch::channel(0).0)
             .subscribe())
+    }
+
+    /// Drops a node's channel once nobody watches it, so the map stays as
+    /// small as the set of agents currently polling.
+    fn unsubscribe(&self, node: &str, rx: watch::Receiver<u64>) {
+        drop(rx);
+        let Ok(mut watchers) = self.watchers.lock() else {
+            return;
+        };
+        if watchers
+            .get(node)
+            .is_some_and(|tx| tx.receiver_count() == 0)
+        {
+            watchers.remove(node);
+        }
     }
 
     /// The name of the user API token `token`.
@@ -616,7 +638,7 @@ impl ControlPlane {
         node: Node,
         req: wire::HeartbeatRequest,
     ) -> Result<wire::HeartbeatResponse, ControlError> {
-        let (bumps, rejected, version) = self
+        let (bumps, rejected, relevant, version) = self
             .with_store(move |s| {
                 let t = now();
                 let inventory = match (req.gpus, req.inventory) {
@@ -633,6 +655,14 @@ impl ControlPlane {
                     (node.state == NodeState::Unusable && node.current_job.is_none())
                         .then_some(NodeState::Idle)
                 });
+                // Only what can change a scheduling decision wakes the
+                // scheduler: 10,000 quiet heartbeats must not cost 10,000 passes.
+                let relevant = state.is_some_and(|s| s != node.state)
+                    || inventory.as_ref().is_some_and(|i| {
+                        i.healthy_gpus != node.inventory.healthy_gpus
+                            || i.total_gpus != node.inventory.total_gpus
+                    })
+                    || !req.parts.is_empty();
                 s.heartbeat(
                     &node.id,
                     &Heartbeat {
@@ -675,11 +705,13 @@ impl ControlPlane {
                         Err(e) => return Err(e),
                     }
                 }
-                Ok((bumps, rejected, s.desired_version(&node.id)?))
+                Ok((bumps, rejected, relevant, s.desired_version(&node.id)?))
             })
             .await?;
         self.wake(&bumps);
-        self.poke();
+        if relevant {
+            self.poke();
+        }
         Ok(wire::HeartbeatResponse {
             desired_version: version,
             rejected,
@@ -713,9 +745,14 @@ impl ControlPlane {
                     }
                 }
             };
-            // Timing out is the normal end of a quiet poll.
-            let _ = tokio::time::timeout(timeout, wait).await;
+            // Timing out is the normal end of a quiet poll; at shutdown the
+            // agent gets what it has now and polls the next server.
+            tokio::select! {
+                _ = tokio::time::timeout(timeout, wait) => {}
+                _ = self.shutdown.cancelled() => {}
+            }
         }
+        self.unsubscribe(&node, rx);
         let a = self.with_store(move |s| s.assignments(&node)).await?;
         Ok(wire::Assignments {
             version: a.version,

@@ -21,6 +21,7 @@ mod core;
 mod error;
 mod http;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -132,7 +133,25 @@ pub struct RunningServer {
     /// The core, for in-process callers (tests).
     pub core: Arc<ControlPlane>,
     shutdown: CancellationToken,
-    tasks: JoinSet<(&'static str, Result<(), ServerError>)>,
+    tasks: Tasks,
+}
+
+/// The server's named tasks.
+#[derive(Debug, Default)]
+struct Tasks {
+    set: JoinSet<Result<(), ServerError>>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Tasks {
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl Future<Output = Result<(), ServerError>> + Send + 'static,
+    ) {
+        let handle = self.set.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
 }
 
 impl RunningServer {
@@ -150,17 +169,19 @@ impl RunningServer {
     /// failure, which stops the others).
     pub async fn wait(mut self) -> Result<(), ServerError> {
         let mut result = Ok(());
-        while let Some(joined) = self.tasks.join_next().await {
+        while let Some(joined) = self.tasks.set.join_next_with_id().await {
             // Any task ending ends the server: the others are told to stop.
             self.shutdown.cancel();
             let outcome = match joined {
-                Ok((task, r)) => {
+                Ok((id, r)) => {
+                    let task = self.tasks.names.get(&id).copied().unwrap_or("unknown");
                     tracing::debug!(task, "task stopped");
                     r
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "task panicked");
-                    Err(ServerError::TaskPanicked { task: "unknown" })
+                    let task = self.tasks.names.get(&e.id()).copied().unwrap_or("unknown");
+                    tracing::error!(task, error = %e, "task panicked");
+                    Err(ServerError::TaskPanicked { task })
                 }
             };
             if result.is_ok() {
@@ -213,30 +234,29 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     })?;
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "drover server listening");
 
-    let shutdown = CancellationToken::new();
-    let mut tasks = JoinSet::new();
+    let shutdown = core.shutdown_token();
+    let mut tasks = Tasks::default();
 
     let app = router(Arc::clone(&core));
     let stop = shutdown.clone();
-    tasks.spawn(async move {
-        let r = axum::serve(listener, app)
+    tasks.spawn("http", async move {
+        axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await
-            .map_err(ServerError::Serve);
-        ("http", r)
+            .map_err(ServerError::Serve)
     });
 
     let (c, stop, tick) = (Arc::clone(&core), shutdown.clone(), config.schedule_tick);
-    tasks.spawn(async move {
+    tasks.spawn("scheduler", async move {
         scheduler_loop(&c, &stop, tick).await;
-        ("scheduler", Ok(()))
+        Ok(())
     });
 
     let (c, stop) = (Arc::clone(&core), shutdown.clone());
     let (grace, every) = (config.grace, config.check_interval);
-    tasks.spawn(async move {
+    tasks.spawn("reaper", async move {
         reaper_loop(&c, &stop, grace, every).await;
-        ("reaper", Ok(()))
+        Ok(())
     });
 
     Ok(RunningServer {

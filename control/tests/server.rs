@@ -628,3 +628,54 @@ async fn a_restart_keeps_clusters_jobs_and_tokens() {
     api.register("cpu", &join, "n1").await;
     stop(server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_can_move_only_its_own_parts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, token) = start(dir.path()).await;
+    let api = Api::new(&server, &token);
+    let join = api.create_cluster("cpu", 2).await;
+    let a = api.register("cpu", &join, "a").await;
+    let b = api.register("cpu", &join, "b").await;
+    let (status, _) = api.submit(&job_yaml("train", 1), None).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let job = api
+        .wait_job("train", Duration::from_secs(5), |j| {
+            j.state == JobState::Preparing
+        })
+        .await;
+    let (owner, other) = if job.parts[0].node == "a" {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let running =
+        json!({"parts": [{"job": "train", "attempt": 1, "node_rank": 0, "state": "running"}]});
+    let (status, body) = api
+        .agent_post(other, "/v1/agent/heartbeat", running.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let beat: wire::HeartbeatResponse = serde_json::from_value(body).expect("beat");
+    assert_eq!(beat.rejected.len(), 1);
+    assert_eq!(api.job("train").await.state, JobState::Preparing);
+    // Nor write its logs.
+    let lines = json!({"lines": [{"job": "train", "attempt": 1, "node_rank": 0,
+                                   "stream": "stdout", "at": 1, "text": "x"}]});
+    let (status, body) = api.agent_post(other, "/v1/agent/logs", lines).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+
+    let (status, body) = api.agent_post(owner, "/v1/agent/heartbeat", running).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(api.job("train").await.state, JobState::Running);
+
+    // Agents cannot set arbitrary node states.
+    let (status, body) = api
+        .agent_post(owner, "/v1/agent/heartbeat", json!({"state": "idle"}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _) = api
+        .agent_post(other, "/v1/agent/heartbeat", json!({"state": "leaving"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    stop(server).await;
+}

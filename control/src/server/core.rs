@@ -638,6 +638,15 @@ impl ControlPlane {
         node: Node,
         req: wire::HeartbeatRequest,
     ) -> Result<wire::HeartbeatResponse, ControlError> {
+        match req.state {
+            None | Some(NodeState::Leaving) => {}
+            Some(NodeState::Idle) if node.current_job.is_none() => {}
+            Some(other) => {
+                return Err(ControlError::Invalid(format!(
+                    "an agent may ask only for state leaving (or idle while it holds no job), not {other}"
+                )));
+            }
+        }
         let (bumps, rejected, relevant, version) = self
             .with_store(move |s| {
                 let t = now();
@@ -675,34 +684,40 @@ impl ControlPlane {
                 let mut bumps = Vec::new();
                 let mut rejected = Vec::new();
                 for p in &req.parts {
-                    match s.report_part(
+                    let key = || wire::PartKey {
+                        job: p.job.clone(),
+                        attempt: p.attempt,
+                        node_rank: p.node_rank,
+                    };
+                    // A node reports only its own parts: a credential must
+                    // not let one node move another node's work.
+                    let own = match s.job_parts(&p.job) {
+                        Ok(parts) => parts.iter().any(|x| {
+                            x.attempt == p.attempt
+                                && x.node_rank == p.node_rank
+                                && x.node == node.id
+                        }),
+                        // A part the control plane never had (deleted job).
+                        Err(StoreError::NotFound { .. }) => false,
+                        Err(e) => return Err(e),
+                    };
+                    if !own {
+                        rejected.push(key());
+                        continue;
+                    }
+                    let r = s.report_part(
                         &p.job,
                         p.attempt,
                         p.node_rank,
                         store_part_state(p.state),
                         p.exit_code,
                         t,
-                    ) {
-                        Ok(r) => {
-                            if !r.accepted || r.part.node != node.id {
-                                rejected.push(wire::PartKey {
-                                    job: p.job.clone(),
-                                    attempt: p.attempt,
-                                    node_rank: p.node_rank,
-                                });
-                            }
-                            if let Some(tr) = r.job {
-                                bumps.extend(tr.bumped);
-                            }
-                        }
-                        // A part the control plane never had (deleted job):
-                        // the agent should stop it.
-                        Err(StoreError::NotFound { .. }) => rejected.push(wire::PartKey {
-                            job: p.job.clone(),
-                            attempt: p.attempt,
-                            node_rank: p.node_rank,
-                        }),
-                        Err(e) => return Err(e),
+                    )?;
+                    if !r.accepted {
+                        rejected.push(key());
+                    }
+                    if let Some(tr) = r.job {
+                        bumps.extend(tr.bumped);
                     }
                 }
                 Ok((bumps, rejected, relevant, s.desired_version(&node.id)?))

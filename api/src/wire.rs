@@ -122,8 +122,8 @@ pub struct ClusterCreate {
     pub spec: ComputeSpec,
 }
 
-/// Answer to [`ClusterCreate`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Answer to [`ClusterCreate`]. `Debug` redacts the join token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterCreated {
     /// The new cluster.
     pub cluster: ClusterInfo,
@@ -342,8 +342,8 @@ pub struct GpuCounts {
     pub total: u32,
 }
 
-/// `POST /v1/agent/register`: join a cluster.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `POST /v1/agent/register`: join a cluster. `Debug` redacts the join token.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct RegisterRequest {
     /// The cluster to join.
     pub cluster: String,
@@ -364,8 +364,8 @@ pub struct RegisterRequest {
     pub inventory: serde_json::Value,
 }
 
-/// Answer to [`RegisterRequest`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Answer to [`RegisterRequest`]. `Debug` redacts the credential.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterResponse {
     /// The node id.
     pub node_id: String,
@@ -500,6 +500,44 @@ pub struct LogBatchAccepted {
     pub accepted: u64,
 }
 
+/// What `Debug` shows instead of a secret.
+const REDACTED: &str = "<redacted>";
+
+impl fmt::Debug for ClusterCreated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterCreated")
+            .field("cluster", &self.cluster)
+            .field("join_token", &REDACTED)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RegisterRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegisterRequest")
+            .field("cluster", &self.cluster)
+            .field("join_token", &REDACTED)
+            .field("node_id", &self.node_id)
+            .field("ip", &self.ip)
+            .field("gpus", &self.gpus)
+            .field("inventory", &self.inventory)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RegisterResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegisterResponse")
+            .field("node_id", &self.node_id)
+            .field("credential", &REDACTED)
+            .field(
+                "heartbeat_interval_seconds",
+                &self.heartbeat_interval_seconds,
+            )
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,6 +574,27 @@ mod tests {
             assert_eq!(code.as_str(), name);
             assert_eq!(code.status(), status);
             assert_eq!(serde_json::to_value(code).unwrap(), name);
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let req = RegisterRequest {
+            cluster: "cpu".into(),
+            join_token: "s3cret-join".into(),
+            node_id: None,
+            ip: None,
+            gpus: GpuCounts::default(),
+            inventory: serde_json::Value::Null,
+        };
+        let resp = RegisterResponse {
+            node_id: "n1".into(),
+            credential: "s3cret-cred".into(),
+            heartbeat_interval_seconds: 10,
+        };
+        for text in [format!("{req:?}"), format!("{resp:?}")] {
+            assert!(!text.contains("s3cret"), "{text}");
+            assert!(text.contains(REDACTED), "{text}");
         }
     }
 

@@ -13,8 +13,9 @@ use drover_control::server::ADMIN_TOKEN_FILE;
 
 use super::default_data_dir;
 
-/// How to reach the server; shared by every client command.
-#[derive(clap::Args, Debug, Clone)]
+/// How to reach the server; shared by every client command. No `Debug`:
+/// it holds the token.
+#[derive(clap::Args, Clone)]
 pub struct ClientArgs {
     /// The control plane's URL.
     #[arg(

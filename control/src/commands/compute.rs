@@ -12,7 +12,7 @@ use super::output::{ago, table};
 use drover_control::server::now;
 
 /// `drover compute …`.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args)]
 pub struct ComputeArgs {
     #[command(subcommand)]
     command: ComputeCommand,
@@ -20,7 +20,7 @@ pub struct ComputeArgs {
     client: ClientArgs,
 }
 
-#[derive(clap::Subcommand, Debug)]
+#[derive(clap::Subcommand)]
 enum ComputeCommand {
     /// Create a cluster from v1 flags or Azure ML v2 compute YAML.
     Create(CreateArgs),
@@ -40,7 +40,7 @@ enum ComputeCommand {
     },
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args)]
 struct CreateArgs {
     /// Azure ML v2 compute YAML (`type: amlcompute`).
     #[arg(short = 'f', long = "file", conflicts_with_all = ["vm_size", "min_nodes", "max_nodes", "vm_priority", "idle_seconds_before_scaledown", "assign_identity", "location", "tags", "description", "provider"])]
@@ -80,7 +80,7 @@ struct CreateArgs {
     provider: Option<String>,
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args)]
 struct UpdateArgs {
     /// The cluster.
     name: String,

@@ -13,7 +13,7 @@ use super::output::{ago, or_dash, table};
 use drover_control::server::now;
 
 /// `drover job …`.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args)]
 pub struct JobArgs {
     #[command(subcommand)]
     command: JobCommand,
@@ -21,7 +21,7 @@ pub struct JobArgs {
     client: ClientArgs,
 }
 
-#[derive(clap::Subcommand, Debug)]
+#[derive(clap::Subcommand)]
 enum JobCommand {
     /// Submit a command job (Azure ML YAML) to a cluster's queue.
     Create {

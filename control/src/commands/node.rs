@@ -9,7 +9,7 @@ use super::output::{ago, or_dash, table};
 use drover_control::server::now;
 
 /// `drover node …`.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args)]
 pub struct NodeArgs {
     #[command(subcommand)]
     command: NodeCommand,
@@ -17,7 +17,7 @@ pub struct NodeArgs {
     client: ClientArgs,
 }
 
-#[derive(clap::Subcommand, Debug)]
+#[derive(clap::Subcommand)]
 enum NodeCommand {
     /// List nodes: state, IP, GPUs (healthy/total), last heartbeat, job.
     List {

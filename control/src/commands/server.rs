@@ -9,8 +9,8 @@ use drover_control::server::{self, ADMIN_TOKEN_FILE, ServerConfig};
 
 use super::default_data_dir;
 
-/// `drover server` options.
-#[derive(clap::Args, Debug)]
+/// `drover server` options. No `Debug`: they may hold a token.
+#[derive(clap::Args)]
 pub struct ServerArgs {
     /// Where the database and the admin token live (default: $DROVER_DATA_DIR,
     /// else ~/.local/share/drover).

@@ -40,8 +40,8 @@ use crate::store::{Store, StoreConfig, StoreError};
 /// The file in the data directory holding the first admin token.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
-/// Settings of `drover server`.
-#[derive(Debug, Clone)]
+/// Settings of `drover server`. `Debug` redacts the token.
+#[derive(Clone)]
 pub struct ServerConfig {
     /// Where the database and the admin token live.
     pub data_dir: PathBuf,
@@ -60,6 +60,21 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     /// Core settings.
     pub core: CoreConfig,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("data_dir", &self.data_dir)
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("grace", &self.grace)
+            .field("schedule_tick", &self.schedule_tick)
+            .field("check_interval", &self.check_interval)
+            .field("store", &self.store)
+            .field("core", &self.core)
+            .finish()
+    }
 }
 
 impl ServerConfig {
@@ -122,8 +137,7 @@ pub enum ServerError {
     },
 }
 
-/// A started server.
-#[derive(Debug)]
+/// A started server. `Debug` redacts the admin token.
 pub struct RunningServer {
     /// The bound address.
     pub addr: SocketAddr,
@@ -134,6 +148,19 @@ pub struct RunningServer {
     pub core: Arc<ControlPlane>,
     shutdown: CancellationToken,
     tasks: Tasks,
+}
+
+impl std::fmt::Debug for RunningServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningServer")
+            .field("addr", &self.addr)
+            .field(
+                "new_admin_token",
+                &self.new_admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("tasks", &self.tasks.names.values().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The server's named tasks.

@@ -10,7 +10,7 @@ use drover_api::cluster::{
 };
 use drover_api::compute::{ComputeSpec, ComputeUpdate, Naming};
 use drover_api::wire;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::error::ControlError;
@@ -61,6 +61,9 @@ struct ScalingMemo {
 #[derive(Debug)]
 pub struct ControlPlane {
     store: Arc<Mutex<Store>>,
+    /// One store call at a time: callers queue here as cheap async waiters
+    /// instead of as blocking threads parked on the mutex.
+    store_turn: Semaphore,
     /// One channel per node that someone watches: the latest version bumped.
     watchers: Mutex<HashMap<String, watch::Sender<u64>>>,
     /// Wakes the scheduling loop after any change that may allow a placement.
@@ -213,6 +216,7 @@ impl ControlPlane {
     pub fn new(store: Store, config: CoreConfig) -> Self {
         ControlPlane {
             store: Arc::new(Mutex::new(store)),
+            store_turn: Semaphore::new(1),
             watchers: Mutex::new(HashMap::new()),
             changed: Notify::new(),
             scaling: Mutex::new(HashMap::new()),
@@ -238,6 +242,12 @@ impl ControlPlane {
         T: Send + 'static,
         F: FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
     {
+        // Closed only if someone closes it, which nothing does.
+        let _turn = self
+            .store_turn
+            .acquire()
+            .await
+            .map_err(|_| ControlError::Poisoned)?;
         let store = Arc::clone(&self.store);
         tokio::task::spawn_blocking(move || {
             let mut guard = store.lock().map_err(|_| ControlError::Poisoned)?;

@@ -1,5 +1,6 @@
 //! The Drover node agent: what a node has (inventory), who it is (IMDS), and
-//! — in later stages — reconciling Docker toward the control plane's desired state.
+//! reconciling Docker toward the control plane's desired state (`reconcile`).
 
 pub mod imds;
 pub mod inventory;
+pub mod reconcile;

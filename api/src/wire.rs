@@ -41,6 +41,10 @@ pub use crate::compute::ComputeUpdate;
 /// The API version this module describes; the path prefix is `/` + it.
 pub const API_VERSION: &str = "v1";
 
+/// The largest request body the server reads (413 past it): agents split
+/// log batches to stay under it.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
 /// Every error answer: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -71,6 +75,8 @@ pub enum ErrorCode {
     NotFound,
     /// 409: exists already, or not allowed in the current state.
     Conflict,
+    /// 413: the body is larger than [`MAX_REQUEST_BYTES`].
+    TooLarge,
     /// 503: the store is busy; retry.
     Busy,
     /// 500: the server failed.
@@ -89,6 +95,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::TooLarge => "too_large",
             ErrorCode::Busy => "busy",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
@@ -103,6 +110,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict => 409,
+            ErrorCode::TooLarge => 413,
             ErrorCode::Busy => 503,
             ErrorCode::Internal | ErrorCode::Unknown => 500,
         }
@@ -568,6 +576,7 @@ mod tests {
             (ErrorCode::Forbidden, "forbidden", 403),
             (ErrorCode::NotFound, "not_found", 404),
             (ErrorCode::Conflict, "conflict", 409),
+            (ErrorCode::TooLarge, "too_large", 413),
             (ErrorCode::Busy, "busy", 503),
             (ErrorCode::Internal, "internal", 500),
         ] {

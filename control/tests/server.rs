@@ -276,6 +276,11 @@ async fn clusters_are_created_shown_updated_and_deleted_with_clear_errors() {
     assert_eq!(e.code, ErrorCode::Invalid);
     assert!(e.message.contains("max_nodes"), "{}", e.message);
 
+    let huge = "x".repeat(wire::MAX_REQUEST_BYTES + 1);
+    let (status, body) = api.post("/v1/clusters", json!({ "spec": huge })).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_eq!(error_of(&body).code, ErrorCode::TooLarge);
+
     let (status, body) = api.post("/v1/clusters", json!({ "spec": 1 })).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(

@@ -23,6 +23,9 @@ pub enum ControlError {
     /// The request is malformed; the message says what.
     #[error("{0}")]
     Invalid(String),
+    /// The request body is over the limit; the message says which.
+    #[error("{0}")]
+    TooLarge(String),
     /// No credential, or a credential that is not one.
     #[error("{0}")]
     Unauthorized(String),
@@ -58,6 +61,7 @@ impl ControlError {
             ControlError::InvalidCompute(_)
             | ControlError::Submission(_)
             | ControlError::Invalid(_) => ErrorCode::Invalid,
+            ControlError::TooLarge(_) => ErrorCode::TooLarge,
             ControlError::Unauthorized(_) => ErrorCode::Unauthorized,
             ControlError::Forbidden(_) => ErrorCode::Forbidden,
             ControlError::StoreTask(_) | ControlError::Poisoned => ErrorCode::Internal,
@@ -187,6 +191,11 @@ mod tests {
                 ControlError::Invalid("no cluster".into()),
                 ErrorCode::Invalid,
                 400,
+            ),
+            (
+                ControlError::TooLarge("big".into()),
+                ErrorCode::TooLarge,
+                413,
             ),
             (
                 ControlError::Unauthorized("missing".into()),

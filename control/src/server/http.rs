@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -42,6 +42,7 @@ pub fn router(core: AppState) -> Router {
         .route("/v1/agent/assignments", get(assignments))
         .route("/v1/agent/logs", post(upload_logs))
         .fallback(not_found)
+        .layer(DefaultBodyLimit::max(wire::MAX_REQUEST_BYTES))
         .with_state(core)
 }
 
@@ -57,11 +58,35 @@ impl From<ControlError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
+        if is_length_limit(&e) {
+            return ApiError(ControlError::TooLarge(format!(
+                "request body is larger than {} bytes",
+                wire::MAX_REQUEST_BYTES
+            )));
+        }
         ApiError(ControlError::Invalid(format!(
             "invalid request body: {}",
             e.body_text()
         )))
     }
+}
+
+/// Whether a body was refused for its size. axum reports the limit as a 400
+/// "failed to buffer" when the error arrives wrapped more deeply than it
+/// unwraps, so the cause chain is searched for `http_body_util`'s
+/// `LengthLimitError` by its message (the type is not a dependency here).
+fn is_length_limit(e: &JsonRejection) -> bool {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return true;
+    }
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = source {
+        if s.to_string() == "length limit exceeded" {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 impl From<QueryRejection> for ApiError {

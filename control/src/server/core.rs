@@ -87,16 +87,14 @@ pub fn now() -> Timestamp {
 /// A new random secret: 32 bytes from the OS, hex.
 pub fn new_secret() -> Result<String, ControlError> {
     let mut bytes = [0u8; 32];
-    getrandom::getrandom(&mut bytes)
-        .map_err(|e| ControlError::Invalid(format!("cannot generate a secret: {e}")))?;
+    getrandom::getrandom(&mut bytes).map_err(ControlError::Random)?;
     Ok(hex(&bytes))
 }
 
 /// A short random id with a prefix (`job-1a2b3c4d`).
 pub fn new_id(prefix: &str) -> Result<String, ControlError> {
     let mut bytes = [0u8; 4];
-    getrandom::getrandom(&mut bytes)
-        .map_err(|e| ControlError::Invalid(format!("cannot generate an id: {e}")))?;
+    getrandom::getrandom(&mut bytes).map_err(ControlError::Random)?;
     Ok(format!("{prefix}-{}", hex(&bytes)))
 }
 

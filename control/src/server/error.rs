@@ -36,6 +36,9 @@ pub enum ControlError {
     /// or the runtime is shutting down).
     #[error("store task failed")]
     StoreTask(#[source] tokio::task::JoinError),
+    /// The OS gave no random bytes for a secret or an id.
+    #[error("cannot get random bytes from the operating system")]
+    Random(#[source] getrandom::Error),
     /// The store mutex was poisoned by a panic in another request.
     #[error("store is unavailable after an internal panic")]
     Poisoned,
@@ -64,7 +67,9 @@ impl ControlError {
             ControlError::TooLarge(_) => ErrorCode::TooLarge,
             ControlError::Unauthorized(_) => ErrorCode::Unauthorized,
             ControlError::Forbidden(_) => ErrorCode::Forbidden,
-            ControlError::StoreTask(_) | ControlError::Poisoned => ErrorCode::Internal,
+            ControlError::StoreTask(_) | ControlError::Random(_) | ControlError::Poisoned => {
+                ErrorCode::Internal
+            }
         }
     }
 

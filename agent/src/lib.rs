@@ -1,6 +1,9 @@
 //! The Drover node agent: what a node has (inventory), who it is (IMDS), and
 //! reconciling Docker toward the control plane's desired state (`reconcile`).
 
+pub mod control_client;
+pub mod daemon;
 pub mod imds;
 pub mod inventory;
+pub mod metrics;
 pub mod reconcile;

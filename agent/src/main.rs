@@ -16,6 +16,8 @@ struct Cli {
 enum Command {
     /// Print this node's inventory: host resources and GPUs with health.
     Inventory(commands::inventory::InventoryArgs),
+    /// Run the node daemon: join the cluster, heartbeat, run assigned job parts.
+    Run(Box<commands::run::RunArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +31,6 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Inventory(args) => commands::inventory::run(args),
+        Command::Run(args) => commands::run::run(*args),
     }
 }

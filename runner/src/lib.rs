@@ -5,6 +5,7 @@
 //! * [`pull`] — shared, time-bounded image pulls with progress.
 //! * [`auth`] — registry credentials from the job or `~/.docker/config.json`.
 //! * [`part`] — planning a part's container and driving it to an outcome.
+//! * [`init_binary`] — finding the static drover-init.
 //! * [`fake`] — a scripted in-memory runtime for tests of the logic above.
 //!
 //! Architecture Invariant: this crate is the only one that imports bollard.
@@ -14,6 +15,7 @@
 pub mod auth;
 pub mod docker;
 pub mod fake;
+pub mod init_binary;
 pub mod part;
 pub mod pull;
 pub mod runtime;

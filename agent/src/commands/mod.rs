@@ -1,3 +1,4 @@
 //! One module per `drover-agent` subcommand; `main` only dispatches here.
 
 pub mod inventory;
+pub mod run;

@@ -1,0 +1,281 @@
+//! `drover-agent run`: the node daemon. Settings come from flags, then the
+//! environment, then `--config agent.toml`, then defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use drover_agent::daemon::{self, DaemonConfig};
+use drover_agent::imds::{ImdsClient, ImdsConfig};
+use drover_agent::inventory::{DEFAULT_NVML_LIB, InventoryCollector, InventoryConfig};
+use drover_runner::{DockerRuntime, HostFacts, PartRunner, PullLimits, RunOptions};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+/// Arguments of `drover-agent run`. No `Debug`: they may hold the join token.
+#[derive(Args)]
+pub struct RunArgs {
+    /// TOML file with any of the settings below (keys as the flags, with `_`).
+    #[arg(long, env = "DROVER_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Control plane URL, e.g. http://10.0.0.1:7340.
+    #[arg(long, env = "DROVER_SERVER")]
+    server: Option<String>,
+    /// Cluster to join.
+    #[arg(long, env = "DROVER_CLUSTER")]
+    cluster: Option<String>,
+    /// The cluster's join token.
+    #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// File holding the join token.
+    #[arg(long, env = "DROVER_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
+    /// Node id (default: the host name).
+    #[arg(long, env = "DROVER_NODE_ID")]
+    node_id: Option<String>,
+    /// Where the node credential and job outputs are kept.
+    #[arg(long, env = "DROVER_AGENT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Heartbeat interval in seconds (default 10).
+    #[arg(long, env = "DROVER_HEARTBEAT_SECONDS")]
+    heartbeat_seconds: Option<f64>,
+    /// Seconds running parts may go on after SIGTERM (default 600).
+    #[arg(long, env = "DROVER_DRAIN_SECONDS")]
+    drain_seconds: Option<f64>,
+    /// Seconds between SIGTERM and SIGKILL when a part is stopped (default 10).
+    #[arg(long, env = "DROVER_STOP_GRACE_SECONDS")]
+    stop_grace_seconds: Option<f64>,
+    /// IMDS base URL; instance metadata is registered when it answers.
+    #[arg(long, env = "DROVER_IMDS_URL")]
+    imds_url: Option<String>,
+    /// NVML library to load.
+    #[arg(long, env = "DROVER_NVML_LIB")]
+    nvml_lib: Option<PathBuf>,
+    /// The static drover-init binary.
+    #[arg(long, env = "DROVER_INIT")]
+    init_binary: Option<PathBuf>,
+    /// This node's address for other nodes of a job.
+    #[arg(long, env = "DROVER_NODE_IP")]
+    ip: Option<String>,
+    /// Serve /metrics here (e.g. 127.0.0.1:9740).
+    #[arg(long, env = "DROVER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+/// The config file: the same settings as the flags.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    server: Option<String>,
+    cluster: Option<String>,
+    join_token: Option<String>,
+    join_token_file: Option<PathBuf>,
+    node_id: Option<String>,
+    data_dir: Option<PathBuf>,
+    heartbeat_seconds: Option<f64>,
+    drain_seconds: Option<f64>,
+    stop_grace_seconds: Option<f64>,
+    imds_url: Option<String>,
+    nvml_lib: Option<PathBuf>,
+    init_binary: Option<PathBuf>,
+    ip: Option<String>,
+    metrics_listen: Option<SocketAddr>,
+}
+
+fn seconds(v: Option<f64>, default: f64, what: &str) -> anyhow::Result<Duration> {
+    let s = v.unwrap_or(default);
+    anyhow::ensure!(
+        s.is_finite() && s >= 0.0,
+        "{what} must be a non-negative number of seconds, got {s}"
+    );
+    Ok(Duration::from_secs_f64(s))
+}
+
+fn default_data_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".local/share/drover-agent"))
+        .unwrap_or_else(|| PathBuf::from("/var/lib/drover-agent"))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("reading the join token from {}", path.display()))?
+        .trim()
+        .to_string())
+}
+
+/// Instance metadata when an IMDS answers quickly, else nothing.
+async fn instance_metadata(url: &str) -> (serde_json::Value, bool) {
+    let config = ImdsConfig {
+        base_url: url.to_string(),
+        connect_timeout: Duration::from_millis(500),
+        request_timeout: Duration::from_secs(2),
+        ..ImdsConfig::default()
+    };
+    let Ok(client) = ImdsClient::new(config) else {
+        return (serde_json::Value::Null, true);
+    };
+    match tokio::time::timeout(Duration::from_secs(3), client.instance_metadata()).await {
+        Ok(Ok(m)) => {
+            let c = &m.compute;
+            let dedicated = !matches!(c.priority_raw.as_str(), "Low" | "Spot");
+            (
+                serde_json::json!({
+                    "vm_id": c.vm_id, "name": c.name, "vm_size": c.vm_size,
+                    "location": c.location, "priority": c.priority_raw,
+                }),
+                dedicated,
+            )
+        }
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "no instance metadata; registering without it");
+            (serde_json::Value::Null, true)
+        }
+        Err(_) => {
+            tracing::info!("imds did not answer in time; registering without instance metadata");
+            (serde_json::Value::Null, true)
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT and the drain end.
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let file: FileConfig = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading agent config {}", p.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("parsing agent config {}", p.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let server = args
+        .server
+        .or(file.server)
+        .context("no control plane given: pass --server or set DROVER_SERVER")?;
+    let cluster = args
+        .cluster
+        .or(file.cluster)
+        .context("no cluster given: pass --cluster or set DROVER_CLUSTER")?;
+    let join_token = match (
+        args.join_token.or(file.join_token),
+        args.join_token_file.or(file.join_token_file),
+    ) {
+        (Some(t), _) => Some(t),
+        (None, Some(p)) => Some(read_token(&p)?),
+        (None, None) => None,
+    };
+    let init_binary =
+        drover_runner::init_binary::find(args.init_binary.or(file.init_binary).as_deref())?;
+    let nvml_lib = args
+        .nvml_lib
+        .or(file.nvml_lib)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_NVML_LIB));
+    let imds_url = args.imds_url.or(file.imds_url);
+    let stop_grace = seconds(
+        args.stop_grace_seconds.or(file.stop_grace_seconds),
+        10.0,
+        "stop grace",
+    )?;
+    let mut config = DaemonConfig {
+        server,
+        cluster,
+        join_token,
+        node_id: args.node_id.or(file.node_id).unwrap_or_else(hostname),
+        data_dir: args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(default_data_dir),
+        heartbeat_interval: seconds(
+            args.heartbeat_seconds.or(file.heartbeat_seconds),
+            10.0,
+            "heartbeat interval",
+        )?
+        .max(Duration::from_millis(100)),
+        watch_timeout: Duration::from_secs(30),
+        drain_deadline: seconds(
+            args.drain_seconds.or(file.drain_seconds),
+            600.0,
+            "drain deadline",
+        )?,
+        stop_grace,
+        init_binary,
+        ip: args.ip.or(file.ip),
+        dedicated: true,
+        instance: serde_json::Value::Null,
+        metrics_listen: args.metrics_listen.or(file.metrics_listen),
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        if let Some(url) = imds_url {
+            let (instance, dedicated) = instance_metadata(&url).await;
+            config.instance = instance;
+            config.dedicated = dedicated;
+        }
+        let collector = Arc::new(Mutex::new(InventoryCollector::open(&InventoryConfig {
+            nvml_lib,
+            ..InventoryConfig::default()
+        })));
+        let inventory: daemon::InventorySource = Arc::new(move || {
+            collector
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .refresh()
+        });
+        let docker = Arc::new(
+            DockerRuntime::connect()
+                .await
+                .context("connecting to docker")?,
+        );
+        let runner = Arc::new(PartRunner::new(
+            docker,
+            PullLimits::default(),
+            RunOptions {
+                stop_grace,
+                // Exited containers stay until the server has their final
+                // state, so an agent restart can still read the exit code.
+                remove: false,
+            },
+            HostFacts::probe(),
+        ));
+        let shutdown = CancellationToken::new();
+        let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
+        let node = config.node_id.clone();
+        let result = daemon::run(config, runner, inventory, shutdown.clone()).await;
+        signals.abort();
+        result.with_context(|| format!("drover-agent on node {node} failed"))
+    })
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("signal received; draining");
+    shutdown.cancel();
+}

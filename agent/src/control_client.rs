@@ -1,0 +1,280 @@
+//! The agent's only door to the control plane: register, heartbeat, watch
+//! assignments and upload logs over the `/v1/agent/*` routes, plus the capped,
+//! jittered exponential backoff the daemon retries with.
+//!
+//! Architecture Invariant: nothing else in the agent speaks HTTP to the
+//! server.
+
+use std::hash::{BuildHasher, Hasher};
+use std::time::Duration;
+
+use drover_api::wire::{
+    Assignments, ErrorBody, HeartbeatRequest, HeartbeatResponse, LogBatch, LogBatchAccepted,
+    RegisterRequest, RegisterResponse,
+};
+use reqwest::StatusCode;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A failed call to the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached or the connection failed (retry).
+    #[error("cannot reach the control plane at {url}")]
+    Unreachable {
+        /// The URL called.
+        url: String,
+        /// Cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server answered with an error status.
+    #[error("control plane refused {url}: {status} {message}")]
+    Rejected {
+        /// The URL called.
+        url: String,
+        /// HTTP status.
+        status: u16,
+        /// The server's message.
+        message: String,
+    },
+    /// The answer was not the expected JSON.
+    #[error("control plane answered {url} with an unreadable body")]
+    Decode {
+        /// The URL called.
+        url: String,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The HTTP client could not be built.
+    #[error("building the http client failed")]
+    Build(#[source] reqwest::Error),
+}
+
+impl ClientError {
+    /// True when retrying later can help (unreachable, 5xx, 429).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Rejected { status, .. } => *status >= 500 || *status == 429,
+            ClientError::Decode { .. } | ClientError::Build(_) => false,
+        }
+    }
+
+    /// True when the credential is not (or no longer) accepted.
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, ClientError::Rejected { status: 401, .. })
+    }
+}
+
+/// A client for one server. Cheap to clone.
+#[derive(Clone)]
+pub struct ControlClient {
+    base: String,
+    http: reqwest::Client,
+    credential: Option<String>,
+}
+
+impl std::fmt::Debug for ControlClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlClient")
+            .field("base", &self.base)
+            .field(
+                "credential",
+                &self.credential.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+impl ControlClient {
+    /// A client for the server at `base` (e.g. `http://10.0.0.1:7340`).
+    pub fn new(base: &str) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(ClientError::Build)?;
+        Ok(ControlClient {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+            credential: None,
+        })
+    }
+
+    /// The same client, authenticating with a node credential.
+    pub fn with_credential(mut self, credential: String) -> Self {
+        self.credential = Some(credential);
+        self
+    }
+
+    /// `POST /v1/agent/register` with the join token in the body.
+    pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, ClientError> {
+        self.post("/v1/agent/register", req, Duration::from_secs(30))
+            .await
+    }
+
+    /// `POST /v1/agent/heartbeat`.
+    pub async fn heartbeat(
+        &self,
+        req: &HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, ClientError> {
+        self.post("/v1/agent/heartbeat", req, Duration::from_secs(15))
+            .await
+    }
+
+    /// `GET /v1/agent/assignments`: returns at once when the node's version
+    /// is newer than `version`, else when it changes or after `wait`.
+    pub async fn assignments(
+        &self,
+        version: u64,
+        wait: Duration,
+    ) -> Result<Assignments, ClientError> {
+        let path = format!(
+            "/v1/agent/assignments?version={version}&timeout={}",
+            wait.as_secs_f64()
+        );
+        let url = format!("{}{path}", self.base);
+        let req = self.http.get(&url).timeout(wait + Duration::from_secs(15));
+        self.send(url, req).await
+    }
+
+    /// `POST /v1/agent/logs`.
+    pub async fn upload_logs(&self, batch: &LogBatch) -> Result<LogBatchAccepted, ClientError> {
+        self.post("/v1/agent/logs", batch, Duration::from_secs(30))
+            .await
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let bytes = serde_json::to_vec(body).map_err(|source| ClientError::Decode {
+            url: url.clone(),
+            source,
+        })?;
+        let req = self
+            .http
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(bytes)
+            .timeout(timeout);
+        self.send(url, req).await
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        url: String,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let req = match &self.credential {
+            Some(c) => req.bearer_auth(c),
+            None => req,
+        };
+        let unreachable = |source| ClientError::Unreachable {
+            url: url.clone(),
+            source,
+        };
+        let resp = req.send().await.map_err(unreachable)?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(unreachable)?;
+        if status != StatusCode::OK && status != StatusCode::CREATED {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| b.error.message)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ClientError::Rejected {
+                url,
+                status: status.as_u16(),
+                message,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode { url, source })
+    }
+}
+
+/// Capped exponential backoff with full jitter: the n-th wait is uniform in
+/// `[base·2ⁿ/2, base·2ⁿ]`, never above `cap`, so many agents that lost the
+/// same server do not come back in lockstep.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// A backoff from `base` up to `cap`.
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Backoff {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// The next wait.
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        // Half fixed, half random: spreads retries yet keeps progress.
+        let half = exp / 2;
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let jitter = half.mul_f64((random % 1000) as f64 / 1000.0);
+        half + jitter
+    }
+
+    /// Back to the first, short wait (after a success).
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..20 {
+            let d = b.next_delay();
+            assert!(d <= Duration::from_secs(2), "{d:?}");
+        }
+        let late = b.next_delay();
+        assert!(late >= Duration::from_secs(1), "{late:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn transient_and_auth_errors_are_told_apart() {
+        let rejected = |status| ClientError::Rejected {
+            url: "u".into(),
+            status,
+            message: "m".into(),
+        };
+        assert!(rejected(503).is_transient());
+        assert!(rejected(429).is_transient());
+        assert!(!rejected(400).is_transient());
+        assert!(rejected(401).is_unauthorized());
+        assert!(
+            !format!(
+                "{:?}",
+                ControlClient::new("http://x")
+                    .unwrap()
+                    .with_credential("s3cret".into())
+            )
+            .contains("s3cret")
+        );
+    }
+}

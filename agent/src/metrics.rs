@@ -1,0 +1,206 @@
+//! The agent's Prometheus metrics and the tiny `/metrics` responder (plain
+//! HTTP/1.1 on a loopback port; one request per connection, no framework).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use drover_api::wire::PartStatus;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::inventory::{GpuHealth, Inventory};
+
+type Labels = Vec<(String, String)>;
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Heartbeat round trips, seconds.
+    pub heartbeat_latency: Histogram,
+    /// Heartbeats that failed.
+    pub heartbeat_failures: Counter,
+    /// Parts by state, as last reported.
+    pub parts: Family<Labels, Gauge>,
+    /// Parts that had to pull their image.
+    pub pulls: Counter,
+    /// GPU utilization, percent, by GPU.
+    pub gpu_utilization: Family<Labels, Gauge>,
+    /// GPU memory used, bytes, by GPU.
+    pub gpu_memory_used: Family<Labels, Gauge<u64, AtomicU64>>,
+    /// GPU memory installed, bytes, by GPU.
+    pub gpu_memory_total: Family<Labels, Gauge<u64, AtomicU64>>,
+    /// 1 when the GPU is healthy, by GPU.
+    pub gpu_healthy: Family<Labels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("drover_agent");
+        let heartbeat_latency = Histogram::new([
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        let m = Metrics {
+            heartbeat_latency,
+            heartbeat_failures: Counter::default(),
+            parts: Family::default(),
+            pulls: Counter::default(),
+            gpu_utilization: Family::default(),
+            gpu_memory_used: Family::default(),
+            gpu_memory_total: Family::default(),
+            gpu_healthy: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "heartbeat_latency_seconds",
+            "heartbeat round trip to the control plane",
+            m.heartbeat_latency.clone(),
+        );
+        registry.register(
+            "heartbeat_failures",
+            "heartbeats that failed",
+            m.heartbeat_failures.clone(),
+        );
+        registry.register("parts", "job parts on this node by state", m.parts.clone());
+        registry.register("pulls", "parts that pulled their image", m.pulls.clone());
+        registry.register(
+            "gpu_utilization_percent",
+            "gpu utilization",
+            m.gpu_utilization.clone(),
+        );
+        registry.register(
+            "gpu_memory_used_bytes",
+            "gpu memory in use",
+            m.gpu_memory_used.clone(),
+        );
+        registry.register(
+            "gpu_memory_total_bytes",
+            "gpu memory installed",
+            m.gpu_memory_total.clone(),
+        );
+        registry.register(
+            "gpu_healthy",
+            "1 when the gpu is healthy",
+            m.gpu_healthy.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Records the GPUs of an inventory.
+    pub fn observe_gpus(&self, inv: &Inventory) {
+        for g in &inv.gpus {
+            let labels = vec![
+                ("gpu".to_string(), g.index.to_string()),
+                ("uuid".to_string(), g.uuid.clone().unwrap_or_default()),
+            ];
+            if let Some(u) = g.utilization {
+                self.gpu_utilization
+                    .get_or_create(&labels)
+                    .set(i64::from(u.gpu_percent));
+            }
+            if let Some(m) = g.memory {
+                self.gpu_memory_used
+                    .get_or_create(&labels)
+                    .set(m.used_bytes);
+                self.gpu_memory_total
+                    .get_or_create(&labels)
+                    .set(m.total_bytes);
+            }
+            let healthy = matches!(g.health, GpuHealth::Healthy);
+            self.gpu_healthy
+                .get_or_create(&labels)
+                .set(i64::from(healthy));
+        }
+    }
+
+    /// Records the part states a heartbeat carries.
+    pub fn observe_parts(&self, parts: &[PartStatus]) {
+        self.parts.clear();
+        for p in parts {
+            self.parts
+                .get_or_create(&vec![("state".to_string(), p.state.as_str().to_string())])
+                .inc();
+        }
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Answers every connection with the metrics until `shutdown` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (mut conn, _) = tokio::select! {
+            c = listener.accept() => match c {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "metrics accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf)).await;
+            let (status, body) = if buf.starts_with(b"GET /metrics") {
+                ("200 OK", metrics.render())
+            } else {
+                ("404 Not Found", "not found\n".to_string())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_api::wire::PartState;
+
+    #[test]
+    fn renders_parts_and_latency() {
+        let m = Metrics::default();
+        m.heartbeat_latency.observe(0.02);
+        m.observe_parts(&[PartStatus {
+            job: "j".into(),
+            attempt: 1,
+            node_rank: 0,
+            state: PartState::Running,
+            exit_code: None,
+        }]);
+        let text = m.render();
+        assert!(
+            text.contains("drover_agent_heartbeat_latency_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drover_agent_parts{state=\"running\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("drover_agent_pulls_total 0"), "{text}");
+    }
+}

@@ -451,3 +451,307 @@ impl Drop for Registry {
         }
     }
 }
+
+/// Builds (once per test process) the `drover-agent` binary, plus what
+/// [`drover_bin`] builds, and returns the agent's path.
+pub fn agent_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            drover_bin();
+            let _guard = build_lock();
+            run_checked(
+                cargo().current_dir(repo_root()).args([
+                    "build",
+                    "-q",
+                    "-p",
+                    "drover-agent",
+                    "--bin",
+                    "drover-agent",
+                ]),
+                "building drover-agent",
+            );
+            target_dir().join("debug/drover-agent")
+        })
+        .clone()
+}
+
+/// A `drover server` process on a free 127.0.0.1 port with its own data dir,
+/// a short grace period and 1 s heartbeats; killed when dropped.
+pub struct ServerProc {
+    child: Option<Child>,
+    /// Its data dir (kept across [`ServerProc::restart`]).
+    pub data: tempfile::TempDir,
+    /// Its port.
+    pub port: u16,
+    /// The admin API token.
+    pub token: String,
+    /// Seconds without a heartbeat before a node is unusable.
+    pub grace_seconds: u64,
+    log: PathBuf,
+}
+
+impl ServerProc {
+    /// Starts a server with the given grace period.
+    pub fn start(grace_seconds: u64) -> ServerProc {
+        let data = tempfile::tempdir().expect("tempdir");
+        let mut s = ServerProc {
+            child: None,
+            port: free_port(),
+            token: format!("e2e-token-{}", unique_name("t")),
+            grace_seconds,
+            log: data.path().join("server.log"),
+            data,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("server log");
+        let child = Command::new(drover_bin())
+            .args([
+                "server",
+                "--data-dir",
+                &self.data.path().join("srv").display().to_string(),
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--grace-seconds",
+                &self.grace_seconds.to_string(),
+                "--heartbeat-seconds",
+                "1",
+            ])
+            .env("DROVER_TOKEN", &self.token)
+            .env_remove("DROVER_LOG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("drover server starts");
+        self.child = Some(child);
+        let port = self.port;
+        assert!(
+            wait_until(Duration::from_secs(20), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "drover server did not listen on {port}: {}",
+            self.log_text()
+        );
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// What the server wrote to stderr.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same port and data.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+
+    /// Runs `drover ARGS` against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(drover_bin())
+            .args(args)
+            .env("DROVER_SERVER", self.url())
+            .env("DROVER_TOKEN", &self.token)
+            .env("DROVER_DATA_DIR", self.data.path().join("cli"))
+            .env_remove("DROVER_LOG")
+            .output()
+            .expect("drover runs")
+    }
+
+    /// Runs `drover ARGS`, asserts success and returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "drover {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Creates a cluster of up to `max_nodes` and returns its join token.
+    pub fn create_cluster(&self, name: &str, max_nodes: u32) -> String {
+        let out = self.cli_ok(&[
+            "compute",
+            "create",
+            "--name",
+            name,
+            "--vm-size",
+            "STANDARD_D3_V2",
+            "--max-nodes",
+            &max_nodes.to_string(),
+        ]);
+        out.lines()
+            .last()
+            .map(|l| l.trim().to_string())
+            .expect("join token line")
+    }
+
+    /// `drover job show NAME --json`, parsed.
+    pub fn job(&self, name: &str) -> serde_json::Value {
+        let out = self.cli_ok(&["job", "show", name, "--json"]);
+        serde_json::from_str(&out).expect("job json")
+    }
+
+    /// The job's state (`queued`, `running`, `completed`, …).
+    pub fn job_state(&self, name: &str) -> String {
+        self.job(name)["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Waits until the job is in `state`, panicking with its details if not.
+    pub fn wait_job_state(&self, name: &str, state: &str, timeout: Duration) {
+        let ok = wait_until(timeout, || self.job_state(name) == state);
+        assert!(
+            ok,
+            "job {name} never became {state}: {}\n{}",
+            self.job(name),
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A `drover-agent run` process as one node, with its own data dir (so a
+/// restart reuses its credential); killed when dropped.
+pub struct AgentProc {
+    child: Option<Child>,
+    /// Node id.
+    pub node_id: String,
+    server: String,
+    cluster: String,
+    join_token: String,
+    data: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl AgentProc {
+    /// Starts an agent joining `cluster` of `server` as `node_id`.
+    pub fn start(server: &ServerProc, cluster: &str, join_token: &str, node_id: &str) -> AgentProc {
+        let data = tempfile::tempdir().expect("tempdir");
+        let mut a = AgentProc {
+            child: None,
+            node_id: node_id.to_string(),
+            server: server.url(),
+            cluster: cluster.to_string(),
+            join_token: join_token.to_string(),
+            log: data.path().join("agent.log"),
+            data,
+        };
+        a.spawn();
+        a
+    }
+
+    /// (Re)starts the process.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        let child = Command::new(agent_bin())
+            .args([
+                "run",
+                "--server",
+                &self.server,
+                "--cluster",
+                &self.cluster,
+                "--node-id",
+                &self.node_id,
+                "--data-dir",
+                &self.data.path().display().to_string(),
+                "--heartbeat-seconds",
+                "1",
+                "--stop-grace-seconds",
+                "2",
+                "--drain-seconds",
+                "20",
+                "--init-binary",
+                &init_bin().display().to_string(),
+            ])
+            .env("DROVER_JOIN_TOKEN", &self.join_token)
+            .env("DROVER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("drover-agent starts");
+        self.child = Some(child);
+    }
+
+    /// What the agent wrote to stderr.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `kill -9`: no drain, no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit code (None if it had to be killed).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Force-removes every container of `job` (test cleanup).
+pub fn remove_job_containers(job: &str) {
+    let ids = containers_of_job(job);
+    if !ids.is_empty() {
+        let _ = Command::new("docker")
+            .arg("rm")
+            .arg("-f")
+            .args(&ids)
+            .output();
+    }
+}

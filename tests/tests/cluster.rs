@@ -1,0 +1,290 @@
+//! A real cluster on this machine: one `drover server` process and two
+//! `drover-agent run` processes as distinct nodes (both on this Docker
+//! engine; the `drover.owner` label keeps their containers apart), driven
+//! through the `drover` CLI.
+
+use std::time::Duration;
+
+use drover_tests::{
+    AgentProc, ServerProc, containers_of_job, remove_job_containers, require_docker, unique_name,
+    wait_until,
+};
+
+struct Cluster {
+    server: ServerProc,
+    agents: Vec<AgentProc>,
+    name: String,
+}
+
+impl Cluster {
+    fn start(grace_seconds: u64) -> Cluster {
+        require_docker();
+        let server = ServerProc::start(grace_seconds);
+        let name = "e2e".to_string();
+        let join = server.create_cluster(&name, 2);
+        let tag = unique_name("n");
+        let agents = (1..=2)
+            .map(|i| AgentProc::start(&server, &name, &join, &format!("{tag}-{i}")))
+            .collect();
+        let c = Cluster {
+            server,
+            agents,
+            name,
+        };
+        c.wait_nodes_idle(2);
+        c
+    }
+
+    fn nodes(&self) -> serde_json::Value {
+        let out = self.server.cli_ok(&["node", "list", "--json"]);
+        serde_json::from_str(&out).expect("node json")
+    }
+
+    fn node_state(&self, id: &str) -> String {
+        self.nodes()["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["id"] == id)
+            .and_then(|n| n["state"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    fn wait_nodes_idle(&self, n: usize) {
+        let ok = wait_until(Duration::from_secs(60), || {
+            self.nodes()["nodes"]
+                .as_array()
+                .map(|ns| ns.iter().filter(|x| x["state"] == "idle").count() >= n)
+                .unwrap_or(false)
+        });
+        assert!(
+            ok,
+            "nodes never became idle: {}\n{}",
+            self.nodes(),
+            self.agents
+                .iter()
+                .map(AgentProc::log_text)
+                .collect::<String>()
+        );
+    }
+
+    /// Submits a job and returns its name.
+    fn submit(&self, command: &str, instances: u32) -> String {
+        let name = unique_name("cl");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("job.yml");
+        std::fs::write(
+            &file,
+            format!(
+                "command: {command}\nenvironment:\n  image: {}\nresources:\n  instance_count: {instances}\n",
+                drover_tests::BASE_IMAGE
+            ),
+        )
+        .expect("write job");
+        self.server.cli_ok(&[
+            "job",
+            "create",
+            "-f",
+            &file.display().to_string(),
+            "--compute",
+            &self.name,
+            "--name",
+            &name,
+        ]);
+        name
+    }
+
+    fn logs(&self, job: &str) -> String {
+        self.server.cli_ok(&["job", "logs", job])
+    }
+
+    fn agent_of(&self, node: &str) -> usize {
+        self.agents
+            .iter()
+            .position(|a| a.node_id == node)
+            .expect("node is one of ours")
+    }
+
+    /// The job's containers are gone (the agents remove them once the
+    /// server has their final state); cleans up whatever is left either way.
+    fn assert_no_containers(&self, job: &str) {
+        let gone = wait_until(Duration::from_secs(20), || {
+            containers_of_job(job).is_empty()
+        });
+        remove_job_containers(job);
+        assert!(
+            gone,
+            "containers of {job} left behind\n{}",
+            self.agents
+                .iter()
+                .map(AgentProc::log_text)
+                .collect::<String>()
+        );
+    }
+}
+
+fn parts(job: &serde_json::Value) -> Vec<serde_json::Value> {
+    job["parts"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn a_job_runs_and_its_logs_and_exit_code_reach_job_show_and_logs() {
+    let c = Cluster::start(40);
+    let job = c.submit("echo hello-from-a-node; echo to-stderr >&2; exit 3", 1);
+    c.server
+        .wait_job_state(&job, "failed", Duration::from_secs(60));
+    let info = c.server.job(&job);
+    let p = parts(&info);
+    assert_eq!(p.len(), 1, "{info}");
+    assert_eq!(p[0]["exit_code"], 3, "{info}");
+    assert_eq!(p[0]["state"], "failed", "{info}");
+    let logs = c.logs(&job);
+    assert!(logs.contains("hello-from-a-node"), "{logs}");
+    assert!(logs.contains("to-stderr"), "{logs}");
+    let show = c.server.cli_ok(&["job", "show", &job]);
+    assert!(show.contains("failed"), "{show}");
+
+    let ok = c.submit("echo fine", 1);
+    c.server
+        .wait_job_state(&ok, "completed", Duration::from_secs(60));
+    assert_eq!(parts(&c.server.job(&ok))[0]["exit_code"], 0);
+    c.assert_no_containers(&job);
+    c.assert_no_containers(&ok);
+}
+
+#[test]
+fn a_two_instance_job_starts_on_both_nodes() {
+    let c = Cluster::start(40);
+    let job = c.submit("sleep 1; echo rank-$NODE_RANK-of-$WORLD_SIZE", 2);
+    c.server
+        .wait_job_state(&job, "completed", Duration::from_secs(90));
+    let info = c.server.job(&job);
+    let p = parts(&info);
+    assert_eq!(p.len(), 2, "{info}");
+    let mut nodes: Vec<&str> = p.iter().filter_map(|x| x["node"].as_str()).collect();
+    nodes.sort();
+    nodes.dedup();
+    assert_eq!(nodes.len(), 2, "one part per node: {info}");
+    let logs = c.logs(&job);
+    for rank in ["rank-0-of-2", "rank-1-of-2"] {
+        assert!(logs.contains(rank), "{rank} missing: {logs}");
+    }
+    c.assert_no_containers(&job);
+}
+
+#[test]
+fn cancel_stops_every_part() {
+    let c = Cluster::start(40);
+    let job = c.submit("sleep 600", 2);
+    c.server
+        .wait_job_state(&job, "running", Duration::from_secs(90));
+    assert!(
+        wait_until(Duration::from_secs(30), || containers_of_job(&job).len()
+            == 2),
+        "both parts should run: {:?}",
+        containers_of_job(&job)
+    );
+    c.server.cli_ok(&["job", "cancel", &job]);
+    c.server
+        .wait_job_state(&job, "canceled", Duration::from_secs(30));
+    c.assert_no_containers(&job);
+}
+
+#[test]
+fn an_agent_killed_mid_job_and_restarted_finishes_it_with_one_container() {
+    let mut c = Cluster::start(40);
+    let job = c.submit("sleep 6; echo finished-after-restart", 1);
+    c.server
+        .wait_job_state(&job, "running", Duration::from_secs(90));
+    let node = parts(&c.server.job(&job))[0]["node"]
+        .as_str()
+        .expect("node")
+        .to_string();
+    let i = c.agent_of(&node);
+    c.agents[i].kill9();
+    assert_eq!(containers_of_job(&job).len(), 1, "the part keeps running");
+    std::thread::sleep(Duration::from_secs(1));
+    c.agents[i].spawn();
+    // Never a second container for the part, while it runs or after.
+    let done = wait_until(Duration::from_secs(60), || {
+        assert!(containers_of_job(&job).len() <= 1, "duplicate container");
+        c.server.job_state(&job) == "completed"
+    });
+    let info = c.server.job(&job);
+    assert!(done, "{info}\n{}", c.agents[i].log_text());
+    assert_eq!(info["attempt"], 1, "{info}");
+    assert_eq!(parts(&info)[0]["exit_code"], 0, "{info}");
+    let logs = c.logs(&job);
+    assert!(logs.contains("finished-after-restart"), "{logs}");
+    c.assert_no_containers(&job);
+}
+
+#[test]
+fn a_server_restarted_mid_job_loses_nothing() {
+    let mut c = Cluster::start(40);
+    let job = c.submit("sleep 4; echo survived-the-restart", 1);
+    c.server
+        .wait_job_state(&job, "running", Duration::from_secs(90));
+    c.server.restart();
+    c.server
+        .wait_job_state(&job, "completed", Duration::from_secs(60));
+    let info = c.server.job(&job);
+    assert_eq!(info["attempt"], 1, "{info}");
+    let logs = c.logs(&job);
+    assert!(logs.contains("survived-the-restart"), "{logs}");
+    c.assert_no_containers(&job);
+}
+
+#[test]
+fn an_agent_gone_past_the_grace_leaves_its_node_unusable_and_the_job_requeued() {
+    let mut c = Cluster::start(3);
+    let job = c.submit("sleep 5; echo done-somewhere", 1);
+    c.server
+        .wait_job_state(&job, "running", Duration::from_secs(90));
+    let node = parts(&c.server.job(&job))[0]["node"]
+        .as_str()
+        .expect("node")
+        .to_string();
+    let i = c.agent_of(&node);
+    c.agents[i].kill9();
+    assert!(
+        wait_until(Duration::from_secs(30), || c.node_state(&node)
+            == "unusable"),
+        "{}",
+        c.nodes()
+    );
+    c.server
+        .wait_job_state(&job, "completed", Duration::from_secs(90));
+    let info = c.server.job(&job);
+    assert_eq!(info["attempt"], 2, "requeued once: {info}");
+    let last = parts(&info)
+        .into_iter()
+        .find(|p| p["attempt"] == 2)
+        .expect("attempt 2");
+    assert_ne!(last["node"], node.as_str(), "{info}");
+    // The lost node's agent comes back and removes the orphan of attempt 1,
+    // once the control plane has told it what it should run.
+    c.agents[i].spawn();
+    c.assert_no_containers(&job);
+}
+
+#[test]
+fn sigterm_drains_and_the_agent_exits_zero() {
+    let mut c = Cluster::start(40);
+    let job = c.submit("sleep 2; echo drained-fine", 1);
+    c.server
+        .wait_job_state(&job, "running", Duration::from_secs(90));
+    let node = parts(&c.server.job(&job))[0]["node"]
+        .as_str()
+        .expect("node")
+        .to_string();
+    let i = c.agent_of(&node);
+    let code = c.agents[i].terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{}", c.agents[i].log_text());
+    // The running part was let finish before the agent left.
+    c.server
+        .wait_job_state(&job, "completed", Duration::from_secs(10));
+    assert_eq!(c.node_state(&node), "leaving", "{}", c.nodes());
+    c.assert_no_containers(&job);
+}

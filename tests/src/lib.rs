@@ -556,11 +556,23 @@ impl ServerProc {
 
     /// Kills the server (SIGKILL) and starts it again on the same port and data.
     pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Kills the server (SIGKILL); [`ServerProc::resume`] starts it again.
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        self.spawn();
+    }
+
+    /// Starts a killed server again on the same port and data.
+    pub fn resume(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
     }
 
     /// Runs `drover ARGS` against this server.

@@ -288,3 +288,114 @@ fn sigterm_drains_and_the_agent_exits_zero() {
     assert_eq!(c.node_state(&node), "leaving", "{}", c.nodes());
     c.assert_no_containers(&job);
 }
+
+#[test]
+fn a_part_that_ended_while_its_agent_was_down_is_reported_with_its_exit_code() {
+    let mut c = Cluster::start(40);
+    let job = c.submit("sleep 3; exit 7", 1);
+    c.server
+        .wait_job_state(&job, "running", Duration::from_secs(90));
+    let node = parts(&c.server.job(&job))[0]["node"]
+        .as_str()
+        .expect("node")
+        .to_string();
+    let i = c.agent_of(&node);
+    c.agents[i].kill9();
+    // The container exits while nobody watches; it is kept for its exit code.
+    let exited = wait_until(Duration::from_secs(30), || {
+        let out = std::process::Command::new("docker")
+            .args(["ps", "-q", "--filter", &format!("label=drover.job={job}")])
+            .output()
+            .expect("docker ps");
+        out.stdout.is_empty()
+    });
+    assert!(exited, "part should have exited");
+    assert_eq!(containers_of_job(&job).len(), 1);
+    assert_eq!(c.server.job_state(&job), "running");
+    c.agents[i].spawn();
+    c.server
+        .wait_job_state(&job, "failed", Duration::from_secs(30));
+    let info = c.server.job(&job);
+    assert_eq!(parts(&info)[0]["exit_code"], 7, "{info}");
+    assert_eq!(info["attempt"], 1, "{info}");
+    c.assert_no_containers(&job);
+}
+
+#[test]
+fn parts_go_on_while_the_server_is_down_and_are_reported_when_it_is_back() {
+    let mut c = Cluster::start(40);
+    let job = c.submit("sleep 2; echo ran-during-the-outage; sleep 2", 1);
+    c.server
+        .wait_job_state(&job, "running", Duration::from_secs(90));
+    c.server.kill();
+    // The part ends during the outage; the agent keeps retrying.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let out = std::process::Command::new("docker")
+                .args(["ps", "-q", "--filter", &format!("label=drover.job={job}")])
+                .output()
+                .expect("docker ps");
+            out.stdout.is_empty()
+        }),
+        "the part should run to its end without the server"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    c.server.resume();
+    c.server
+        .wait_job_state(&job, "completed", Duration::from_secs(60));
+    let logs = c.logs(&job);
+    assert!(logs.contains("ran-during-the-outage"), "{logs}");
+    assert_eq!(c.server.job(&job)["attempt"], 1);
+    c.assert_no_containers(&job);
+}
+
+#[test]
+fn bad_yaml_unknown_cluster_and_too_many_instances_are_clear_errors() {
+    let c = Cluster::start(40);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p.display().to_string()
+    };
+    let bad = write("bad.yml", "command: [unclosed\n");
+    let err = c
+        .server
+        .cli(&["job", "create", "-f", &bad, "--compute", &c.name]);
+    assert!(!err.status.success());
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("bad.yml:1: invalid yaml")
+            || String::from_utf8_lossy(&err.stderr).contains("bad.yml:2: invalid yaml"),
+        "{}",
+        String::from_utf8_lossy(&err.stderr)
+    );
+    let ok = write(
+        "ok.yml",
+        &format!(
+            "command: echo\nenvironment:\n  image: {}\n",
+            drover_tests::BASE_IMAGE
+        ),
+    );
+    let err = c
+        .server
+        .cli(&["job", "create", "-f", &ok, "--compute", "nope"]);
+    assert!(!err.status.success());
+    let text = String::from_utf8_lossy(&err.stderr).to_string();
+    assert!(text.contains("cluster `nope` not found"), "{text}");
+    let big = write(
+        "big.yml",
+        &format!(
+            "command: echo\nenvironment:\n  image: {}\nresources:\n  instance_count: 3\n",
+            drover_tests::BASE_IMAGE
+        ),
+    );
+    let err = c
+        .server
+        .cli(&["job", "create", "-f", &big, "--compute", &c.name]);
+    assert!(!err.status.success());
+    let text = String::from_utf8_lossy(&err.stderr).to_string();
+    assert!(
+        text.contains("the job needs 3 nodes but cluster e2e has at most 2"),
+        "{text}"
+    );
+}

@@ -156,6 +156,17 @@ struct Reports {
 
 type SharedReports = Arc<Mutex<Reports>>;
 
+/// UUIDs of the GPUs that are healthy now, refreshed by every heartbeat.
+type HealthyGpus = Arc<Mutex<Vec<String>>>;
+
+fn healthy_uuids(inv: &Inventory) -> Vec<String> {
+    inv.gpus
+        .iter()
+        .filter(|g| matches!(g.health, GpuHealth::Healthy))
+        .filter_map(|g| g.uuid.clone())
+        .collect()
+}
+
 fn lock(r: &SharedReports) -> std::sync::MutexGuard<'_, Reports> {
     // A panic while holding this lock leaves plain data behind; keep going.
     r.lock().unwrap_or_else(|e| e.into_inner())
@@ -234,6 +245,7 @@ pub async fn run<R: ContainerRuntime>(
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     };
     metrics.observe_gpus(&inv);
+    let gpus: HealthyGpus = Arc::new(Mutex::new(healthy_uuids(&inv)));
     let Some(client) = connect(&config, &inv, &shutdown).await? else {
         return Ok(());
     };
@@ -262,6 +274,7 @@ pub async fn run<R: ContainerRuntime>(
         input: input_tx.clone(),
         now: beat_rx,
         metrics: metrics.clone(),
+        gpus: gpus.clone(),
         io: io.clone(),
     }));
     let shipper = tokio::spawn(ship_task(client.clone(), ship_rx, io.clone()));
@@ -273,6 +286,7 @@ pub async fn run<R: ContainerRuntime>(
         input: input_tx,
         ship: ship_tx,
         metrics,
+        gpus,
         supervisors: BTreeMap::new(),
         known: Known::default(),
         desired: None,
@@ -459,6 +473,7 @@ struct HeartbeatCtx {
     input: mpsc::Sender<Input>,
     now: mpsc::Receiver<oneshot::Sender<()>>,
     metrics: Arc<Metrics>,
+    gpus: HealthyGpus,
     io: CancellationToken,
 }
 
@@ -488,6 +503,7 @@ async fn heartbeat_task(mut ctx: HeartbeatCtx) {
         let gpus = inv.as_ref().map(gpu_counts);
         if let Some(inv) = &inv {
             ctx.metrics.observe_gpus(inv);
+            *ctx.gpus.lock().unwrap_or_else(|e| e.into_inner()) = healthy_uuids(inv);
         }
         let (parts, ended): (Vec<PartStatus>, Vec<(PartId, Option<String>)>) = {
             let r = lock(&ctx.reports);
@@ -636,6 +652,7 @@ struct Reconciler<R: ContainerRuntime> {
     input: mpsc::Sender<Input>,
     ship: mpsc::Sender<Ship>,
     metrics: Arc<Metrics>,
+    gpus: HealthyGpus,
     supervisors: BTreeMap<PartId, Supervisor>,
     known: Known,
     desired: Option<Vec<Assignment>>,
@@ -734,8 +751,19 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 tracing::info!(part = %part, image = %a.spec.image, "starting part");
                 self.spawn(part, SupervisorKind::Start(Box::new(a)));
             }
-            Action::Adopt { part, container } => {
-                tracing::info!(part = %part, container = %container, "adopting running container");
+            Action::Adopt {
+                part,
+                container,
+                start,
+            } => {
+                if start {
+                    tracing::info!(part = %part, container = %container, "starting container created before a restart");
+                    if let Err(e) = self.runner.runtime.start(&container).await {
+                        tracing::warn!(part = %part, container = %container, error = %e, "starting container failed");
+                    }
+                } else {
+                    tracing::info!(part = %part, container = %container, "adopting running container");
+                }
                 self.spawn(part, SupervisorKind::Adopt(container));
             }
             Action::Collect { part, container } => {
@@ -807,6 +835,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             ship: self.ship.clone(),
             input: self.input.clone(),
             metrics: self.metrics.clone(),
+            gpus: self.gpus.clone(),
             cancel: cancel.clone(),
         };
         let task = tokio::spawn(supervise(ctx, kind));
@@ -880,6 +909,7 @@ struct PartCtx<R: ContainerRuntime> {
     ship: mpsc::Sender<Ship>,
     input: mpsc::Sender<Input>,
     metrics: Arc<Metrics>,
+    gpus: HealthyGpus,
     cancel: CancellationToken,
 }
 
@@ -893,6 +923,7 @@ impl<R: ContainerRuntime> Clone for PartCtx<R> {
             ship: self.ship.clone(),
             input: self.input.clone(),
             metrics: self.metrics.clone(),
+            gpus: self.gpus.clone(),
             cancel: self.cancel.clone(),
         }
     }
@@ -934,6 +965,28 @@ async fn supervise<R: ContainerRuntime>(ctx: PartCtx<R>, kind: SupervisorKind) {
 }
 
 async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended {
+    // The node runs one job at a time (the scheduler places only on idle
+    // nodes with enough healthy GPUs), so the part takes the first healthy ones.
+    let want = a.spec.drover.gpus_per_instance as usize;
+    let healthy = ctx.gpus.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if healthy.len() < want {
+        let text = format!(
+            "drover-agent: the part needs {want} healthy gpus but node {} has {}",
+            ctx.config.node_id,
+            healthy.len()
+        );
+        tracing::warn!(part = %ctx.part, error = %text, "part cannot run");
+        let _ = ctx
+            .ship
+            .send(Ship::Line(ctx.line(LogStream::Stderr, text)))
+            .await;
+        return Ended {
+            state: PartState::Failed,
+            exit_code: None,
+            container: None,
+        };
+    }
+    let gpu_uuids: Vec<String> = healthy.into_iter().take(want).collect();
     let placement = Placement {
         job: a.job.clone(),
         node_rank: a.node_rank,
@@ -945,7 +998,7 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
             .map(|n| n.ip.clone().unwrap_or_else(|| "127.0.0.1".to_string()))
             .collect(),
         dedicated: ctx.config.dedicated,
-        gpu_uuids: Vec::new(),
+        gpu_uuids,
         network_mode: None,
         outputs_root: ctx
             .config
@@ -1065,7 +1118,11 @@ async fn run_adopted<R: ContainerRuntime>(ctx: &PartCtx<R>, id: &str) -> Ended {
             if let Err(e) = runtime.stop(id, ctx.config.stop_grace).await {
                 tracing::warn!(part = %ctx.part, error = %e, "stopping container failed");
             }
-            runtime.wait(id).await
+            // Bounded: a container that never started never exits.
+            match tokio::time::timeout(ctx.config.stop_grace + Duration::from_secs(10), runtime.wait(id)).await {
+                Ok(r) => r,
+                Err(_) => Ok(drover_runner::runtime::ExitStatus { code: 137, oom_killed: false }),
+            }
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), logs).await;

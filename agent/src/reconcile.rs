@@ -71,6 +71,9 @@ pub enum Action {
         part: PartId,
         /// Its container.
         container: String,
+        /// It was created but never started (the agent died in between):
+        /// start it first.
+        start: bool,
     },
     /// A container that ended while nobody watched: read its exit code,
     /// report it, remove the container once the report is accepted.
@@ -137,15 +140,20 @@ pub fn reconcile(
                 container: c.id.clone(),
             }),
             ContainerState::Running | ContainerState::Created => {
+                let created = c.state == ContainerState::Created;
                 if confirmed && !assigned {
                     actions.push(Action::StopContainer {
                         part,
                         container: c.id.clone(),
                     });
-                } else if !known.finished.contains(&part) {
+                } else if known.finished.contains(&part) || (created && !confirmed) {
+                    // A created container is started only for a confirmed
+                    // assignment: the agent never starts what it was not given.
+                } else {
                     actions.push(Action::Adopt {
                         part,
                         container: c.id.clone(),
+                        start: created,
                     });
                 }
             }
@@ -240,6 +248,7 @@ mod tests {
         Action::Adopt {
             part: id(job),
             container: format!("c-{job}"),
+            start: false,
         }
     }
 
@@ -359,6 +368,31 @@ mod tests {
                 actual: vec![],
                 known: known(&["a"], &[], false),
                 want: vec![Action::Cancel(id("a"))],
+            },
+            Case {
+                name: "a created, never started container waits for confirmation",
+                desired: None,
+                actual: vec![container("a", ContainerState::Created)],
+                known: Known::default(),
+                want: vec![],
+            },
+            Case {
+                name: "a created container of a confirmed assignment is started, not recreated",
+                desired: Some(vec![assigned("a", Preparing)]),
+                actual: vec![container("a", ContainerState::Created)],
+                known: Known::default(),
+                want: vec![Action::Adopt {
+                    part: id("a"),
+                    container: "c-a".into(),
+                    start: true,
+                }],
+            },
+            Case {
+                name: "a created container no longer assigned is stopped",
+                desired: Some(vec![]),
+                actual: vec![container("a", ContainerState::Created)],
+                known: Known::default(),
+                want: vec![stop("a")],
             },
             Case {
                 name: "a supervised part still pulling is kept while unconfirmed",

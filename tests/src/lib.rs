@@ -663,13 +663,26 @@ pub struct AgentProc {
     join_token: String,
     data: tempfile::TempDir,
     log: PathBuf,
+    extra: Vec<String>,
 }
 
 impl AgentProc {
     /// Starts an agent joining `cluster` of `server` as `node_id`.
     pub fn start(server: &ServerProc, cluster: &str, join_token: &str, node_id: &str) -> AgentProc {
+        Self::start_with_args(server, cluster, join_token, node_id, &[])
+    }
+
+    /// Like [`AgentProc::start`], with more `drover-agent run` arguments.
+    pub fn start_with_args(
+        server: &ServerProc,
+        cluster: &str,
+        join_token: &str,
+        node_id: &str,
+        extra: &[String],
+    ) -> AgentProc {
         let data = tempfile::tempdir().expect("tempdir");
         let mut a = AgentProc {
+            extra: extra.to_vec(),
             child: None,
             node_id: node_id.to_string(),
             server: server.url(),
@@ -709,6 +722,7 @@ impl AgentProc {
                 "--init-binary",
                 &init_bin().display().to_string(),
             ])
+            .args(&self.extra)
             .env("DROVER_JOIN_TOKEN", &self.join_token)
             .env("DROVER_LOG", "info")
             .stdout(Stdio::null())

@@ -194,7 +194,10 @@ fn cancel_stops_every_part() {
 #[test]
 fn an_agent_killed_mid_job_and_restarted_finishes_it_with_one_container() {
     let mut c = Cluster::start(40);
-    let job = c.submit("sleep 6; echo finished-after-restart", 1);
+    let job = c.submit(
+        "echo before-the-kill; sleep 6; echo finished-after-restart",
+        1,
+    );
     c.server
         .wait_job_state(&job, "running", Duration::from_secs(90));
     let node = parts(&c.server.job(&job))[0]["node"]
@@ -217,6 +220,8 @@ fn an_agent_killed_mid_job_and_restarted_finishes_it_with_one_container() {
     assert_eq!(parts(&info)[0]["exit_code"], 0, "{info}");
     let logs = c.logs(&job);
     assert!(logs.contains("finished-after-restart"), "{logs}");
+    // The adopting agent ships output from the adoption on, not again from the start.
+    assert_eq!(logs.matches("before-the-kill").count(), 1, "{logs}");
     c.assert_no_containers(&job);
 }
 
@@ -287,6 +292,13 @@ fn sigterm_drains_and_the_agent_exits_zero() {
         .wait_job_state(&job, "completed", Duration::from_secs(10));
     assert_eq!(c.node_state(&node), "leaving", "{}", c.nodes());
     c.assert_no_containers(&job);
+    // Back after the drain: the node takes work again.
+    c.agents[i].spawn();
+    assert!(
+        wait_until(Duration::from_secs(30), || c.node_state(&node) == "idle"),
+        "{}",
+        c.nodes()
+    );
 }
 
 #[test]
@@ -398,4 +410,44 @@ fn bad_yaml_unknown_cluster_and_too_many_instances_are_clear_errors() {
         text.contains("the job needs 3 nodes but cluster e2e has at most 2"),
         "{text}"
     );
+}
+
+#[test]
+fn an_agent_configured_by_file_serves_metrics() {
+    require_docker();
+    let server = ServerProc::start(40);
+    let join = server.create_cluster("metrics", 1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = drover_tests::free_port();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!("metrics_listen = \"127.0.0.1:{port}\"\ndrain_seconds = 5\n"),
+    )
+    .expect("write config");
+    let mut agent = AgentProc::start_with_args(
+        &server,
+        "metrics",
+        &join,
+        &unique_name("m"),
+        &["--config".to_string(), config.display().to_string()],
+    );
+    let scrape = || -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return String::new();
+        };
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let ok = wait_until(Duration::from_secs(30), || {
+        scrape().contains("drover_agent_heartbeat_latency_seconds_count")
+    });
+    assert!(ok, "no metrics: {}\n{}", scrape(), agent.log_text());
+    let text = scrape();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(text.contains("drover_agent_pulls_total"), "{text}");
+    assert_eq!(agent.terminate(Duration::from_secs(20)), Some(0));
 }

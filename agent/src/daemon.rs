@@ -685,7 +685,19 @@ impl<R: ContainerRuntime> Reconciler<R> {
 
     async fn handle(&mut self, input: Input) {
         match input {
-            Input::Desired(a) => self.desired = Some(a.parts),
+            Input::Desired(a) => {
+                // Forget finished parts the control plane no longer lists and
+                // whose final state it has: ended parts never become live
+                // again, so the set stays as small as the node's work.
+                let pending: std::collections::BTreeSet<PartId> =
+                    lock(&self.reports).ended.keys().cloned().collect();
+                let listed: std::collections::BTreeSet<PartId> =
+                    a.parts.iter().map(PartId::of_assignment).collect();
+                self.known.finished.retain(|p| {
+                    listed.contains(p) || pending.contains(p) || self.collecting.contains(p)
+                });
+                self.desired = Some(a.parts);
+            }
             Input::Ended(part, ended) => {
                 if let Some(s) = self.supervisors.remove(&part) {
                     let _ = s.task.await;
@@ -872,9 +884,12 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     stopped = true;
                 }
                 input = rx.recv() => match input {
-                    // Acks and rejections still apply; new desired states do not start anything.
-                    Some(Input::Desired(_)) => {}
-                    Some(i) => self.handle(i).await,
+                    // Everything still applies (a canceled job stops at
+                    // once), except that draining starts nothing.
+                    Some(i) => {
+                        self.handle(i).await;
+                        self.step().await;
+                    }
                     None => break,
                 },
             }

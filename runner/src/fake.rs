@@ -189,7 +189,8 @@ impl ContainerRuntime for FakeRuntime {
             let exit = c.exit.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                let _ = exit.send(Some(ExitStatus {
+                // send_replace: the status must stick even when nobody waits yet.
+                exit.send_replace(Some(ExitStatus {
                     code,
                     oom_killed: oom,
                 }));
@@ -240,7 +241,7 @@ impl ContainerRuntime for FakeRuntime {
         if let Ok(containers) = self.containers.lock()
             && let Some(c) = containers.get(id)
         {
-            let _ = c.exit.send(Some(ExitStatus {
+            c.exit.send_replace(Some(ExitStatus {
                 code: 143,
                 oom_killed: false,
             }));

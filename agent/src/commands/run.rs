@@ -115,8 +115,24 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
         .to_string())
 }
 
-/// Instance metadata when an IMDS answers quickly, else nothing.
-async fn instance_metadata(url: &str) -> (serde_json::Value, bool) {
+/// The local address this host reaches the server from (a UDP `connect`
+/// sends nothing; it only picks the route), for other nodes of a job.
+fn route_ip(server: &str) -> Option<String> {
+    let rest = server.split("://").nth(1).unwrap_or(server);
+    let authority = rest.split('/').next()?;
+    let target = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect(target).ok()?;
+    Some(socket.local_addr().ok()?.ip().to_string())
+}
+
+/// Instance metadata when an IMDS answers quickly, else nothing: the facts
+/// to register, whether the VM is dedicated, and its private IP.
+async fn instance_metadata(url: &str) -> (serde_json::Value, bool, Option<String>) {
     let config = ImdsConfig {
         base_url: url.to_string(),
         connect_timeout: Duration::from_millis(500),
@@ -124,7 +140,7 @@ async fn instance_metadata(url: &str) -> (serde_json::Value, bool) {
         ..ImdsConfig::default()
     };
     let Ok(client) = ImdsClient::new(config) else {
-        return (serde_json::Value::Null, true);
+        return (serde_json::Value::Null, true, None);
     };
     match tokio::time::timeout(Duration::from_secs(3), client.instance_metadata()).await {
         Ok(Ok(m)) => {
@@ -136,15 +152,16 @@ async fn instance_metadata(url: &str) -> (serde_json::Value, bool) {
                     "location": c.location, "priority": c.priority_raw,
                 }),
                 dedicated,
+                m.private_ipv4().first().map(|ip| ip.to_string()),
             )
         }
         Ok(Err(e)) => {
             tracing::info!(error = %e, "no instance metadata; registering without it");
-            (serde_json::Value::Null, true)
+            (serde_json::Value::Null, true, None)
         }
         Err(_) => {
             tracing::info!("imds did not answer in time; registering without instance metadata");
-            (serde_json::Value::Null, true)
+            (serde_json::Value::Null, true, None)
         }
     }
 }
@@ -224,9 +241,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         if let Some(url) = imds_url {
-            let (instance, dedicated) = instance_metadata(&url).await;
+            let (instance, dedicated, ip) = instance_metadata(&url).await;
             config.instance = instance;
             config.dedicated = dedicated;
+            if config.ip.is_none() {
+                config.ip = ip;
+            }
+        }
+        if config.ip.is_none() {
+            config.ip = route_ip(&config.server);
         }
         let collector = Arc::new(Mutex::new(InventoryCollector::open(&InventoryConfig {
             nvml_lib,

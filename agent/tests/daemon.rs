@@ -1,0 +1,362 @@
+//! The daemon against a stub control plane (axum on a free loopback port)
+//! and the in-memory `FakeRuntime`: adoption without duplicates, the
+//! two-phase removal, final states with logs, and the drain.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use drover_agent::daemon::{self, DaemonConfig, InventorySource};
+use drover_agent::inventory::{Inventory, InventoryCollector, NoGpus};
+use drover_api::JobSpec;
+use drover_api::cluster::NodeState;
+use drover_api::wire::{
+    Assignment, Assignments, HeartbeatRequest, HeartbeatResponse, LogBatch, LogBatchAccepted,
+    NewLogLine, PartState, RegisterRequest, RegisterResponse,
+};
+use drover_runner::fake::{ExitScript, FakeRuntime, PullScript};
+use drover_runner::runtime::{ContainerConfig, ContainerRuntime};
+use drover_runner::{HostFacts, PartRunner, PullLimits, RunOptions};
+use tokio_util::sync::CancellationToken;
+
+const NODE: &str = "n1";
+const IMAGE: &str = "drover/base:bookworm";
+
+#[derive(Default)]
+struct Stub {
+    assignments: Mutex<Option<Assignments>>,
+    /// While false, watches fail (the control plane has not confirmed).
+    answer_watch: AtomicBool,
+    beats: Mutex<Vec<HeartbeatRequest>>,
+    logs: Mutex<Vec<NewLogLine>>,
+}
+
+impl Stub {
+    fn set(&self, version: u64, parts: Vec<Assignment>) {
+        *self.assignments.lock().unwrap() = Some(Assignments { version, parts });
+    }
+
+    fn reported(&self, job: &str) -> Vec<(PartState, Option<i64>)> {
+        self.beats
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b.parts.iter())
+            .filter(|p| p.job == job)
+            .map(|p| (p.state, p.exit_code))
+            .collect()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct WatchQuery {
+    version: u64,
+    timeout: f64,
+}
+
+async fn register(Json(req): Json<RegisterRequest>) -> (StatusCode, Json<RegisterResponse>) {
+    (
+        StatusCode::CREATED,
+        Json(RegisterResponse {
+            node_id: req.node_id.unwrap_or_default(),
+            credential: "cred".into(),
+            heartbeat_interval_seconds: 1,
+        }),
+    )
+}
+
+async fn heartbeat(
+    State(stub): State<Arc<Stub>>,
+    Json(req): Json<HeartbeatRequest>,
+) -> Json<HeartbeatResponse> {
+    stub.beats.lock().unwrap().push(req);
+    Json(HeartbeatResponse {
+        desired_version: 0,
+        rejected: vec![],
+    })
+}
+
+async fn assignments(State(stub): State<Arc<Stub>>, Query(q): Query<WatchQuery>) -> Response {
+    let deadline = Instant::now() + Duration::from_secs_f64(q.timeout.min(1.0));
+    loop {
+        if stub.answer_watch.load(Ordering::SeqCst) {
+            let current = stub.assignments.lock().unwrap().clone();
+            if let Some(a) = current
+                && (a.version > q.version || Instant::now() >= deadline)
+            {
+                return Json(a).into_response();
+            }
+        } else if Instant::now() >= deadline {
+            return (StatusCode::SERVICE_UNAVAILABLE, "{}").into_response();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn logs(State(stub): State<Arc<Stub>>, Json(b): Json<LogBatch>) -> Json<LogBatchAccepted> {
+    let n = b.lines.len() as u64;
+    stub.logs.lock().unwrap().extend(b.lines);
+    Json(LogBatchAccepted { accepted: n })
+}
+
+async fn serve(stub: Arc<Stub>) -> String {
+    let app = axum::Router::new()
+        .route("/v1/agent/register", post(register))
+        .route("/v1/agent/heartbeat", post(heartbeat))
+        .route("/v1/agent/assignments", get(assignments))
+        .route("/v1/agent/logs", post(logs))
+        .with_state(stub);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+fn spec() -> JobSpec {
+    JobSpec::from_yaml(
+        "job.yml",
+        &format!("command: echo hi\nenvironment:\n  image: {IMAGE}\n"),
+        Path::new("/tmp"),
+    )
+    .unwrap()
+    .spec
+}
+
+fn assignment(job: &str, state: PartState) -> Assignment {
+    Assignment {
+        job: job.into(),
+        attempt: 1,
+        node_rank: 0,
+        state,
+        spec: spec(),
+        nodes: vec![],
+    }
+}
+
+fn labels(job: &str) -> BTreeMap<String, String> {
+    [
+        ("drover.managed", "true"),
+        ("drover.job", job),
+        ("drover.part", "0"),
+        ("drover.attempt", "1"),
+        ("drover.owner", NODE),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// A container the agent would have created before it was killed.
+async fn leftover(rt: &FakeRuntime, job: &str) -> String {
+    let id = rt
+        .create(&ContainerConfig {
+            name: format!("drover-{job}-0-1"),
+            image: IMAGE.into(),
+            labels: labels(job),
+            ..ContainerConfig::default()
+        })
+        .await
+        .unwrap();
+    rt.start(&id).await.unwrap();
+    id
+}
+
+fn inventory() -> InventorySource {
+    let inv: Inventory = InventoryCollector::with_gpus(Box::new(NoGpus)).refresh();
+    Arc::new(move || inv.clone())
+}
+
+struct Agent {
+    runtime: Arc<FakeRuntime>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), daemon::DaemonError>>,
+    _dir: tempfile::TempDir,
+}
+
+fn start(server: String, runtime: Arc<FakeRuntime>, drain: Duration) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("drover-init");
+    std::fs::write(&init, b"not run by the fake").unwrap();
+    let config = DaemonConfig {
+        server,
+        cluster: "cpu".into(),
+        join_token: Some("join".into()),
+        node_id: NODE.into(),
+        data_dir: dir.path().join("data"),
+        heartbeat_interval: Duration::from_millis(100),
+        watch_timeout: Duration::from_secs(1),
+        drain_deadline: drain,
+        stop_grace: Duration::from_millis(100),
+        init_binary: init,
+        ip: Some("127.0.0.1".into()),
+        dedicated: true,
+        instance: serde_json::Value::Null,
+        metrics_listen: None,
+    };
+    let runner = Arc::new(PartRunner::new(
+        runtime.clone(),
+        PullLimits::default(),
+        RunOptions {
+            stop_grace: Duration::from_millis(100),
+            remove: false,
+        },
+        HostFacts::default(),
+    ));
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(daemon::run(config, runner, inventory(), shutdown.clone()));
+    Agent {
+        runtime,
+        shutdown,
+        task,
+        _dir: dir,
+    }
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+fn fake(exit: ExitScript) -> Arc<FakeRuntime> {
+    let rt = FakeRuntime::new(
+        PullScript::Progress {
+            n: 0,
+            every: Duration::ZERO,
+        },
+        exit,
+    );
+    rt.present.lock().unwrap().push(IMAGE.into());
+    Arc::new(rt)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_adopts_collects_and_removes_only_after_confirmation() {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    let rt = fake(ExitScript::UntilStopped);
+    let running = leftover(&rt, "run").await;
+    let ended = leftover(&rt, "ended").await;
+    rt.stop(&ended, Duration::ZERO).await.unwrap();
+    let stray = leftover(&rt, "stray").await;
+
+    // The control plane has not answered yet: adopt and collect, stop nothing.
+    let agent = start(server, rt.clone(), Duration::from_secs(5));
+    eventually("the ended part is reported with its exit code", || {
+        stub.reported("ended")
+            .contains(&(PartState::Failed, Some(143)))
+    })
+    .await;
+    eventually("the collected container is removed once reported", || {
+        agent.runtime.record().removed.contains(&ended)
+    })
+    .await;
+    eventually("the running part is reported running", || {
+        stub.reported("run").contains(&(PartState::Running, None))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let record = agent.runtime.record();
+    assert_eq!(record.created.len(), 3, "nothing new was created");
+    assert!(!record.stopped.contains(&stray), "unconfirmed: kept");
+    assert!(!record.stopped.contains(&running));
+
+    // Confirmed: `run` is assigned (never started twice), `stray` is not.
+    stub.set(1, vec![assignment("run", PartState::Running)]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    eventually("the unassigned container is stopped and removed", || {
+        let r = agent.runtime.record();
+        r.stopped.contains(&stray) && r.removed.contains(&stray)
+    })
+    .await;
+    assert_eq!(agent.runtime.record().created.len(), 3);
+    assert!(!agent.runtime.record().stopped.contains(&running));
+
+    // Unassigned later (job canceled): stopped, reported, removed.
+    stub.set(2, vec![]);
+    eventually("the canceled part is stopped", || {
+        stub.reported("run").contains(&(PartState::Stopped, None))
+            && agent.runtime.record().removed.contains(&running)
+    })
+    .await;
+    agent.shutdown.cancel();
+    agent.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assigned_part_runs_once_and_its_logs_come_before_its_exit_code() {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    stub.set(1, vec![assignment("j", PartState::Assigned)]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    let rt = fake(ExitScript::After {
+        delay: Duration::from_millis(100),
+        code: 3,
+        oom: false,
+    });
+    let agent = start(server, rt, Duration::from_secs(5));
+    eventually("the exit code is reported", || {
+        stub.reported("j").contains(&(PartState::Failed, Some(3)))
+    })
+    .await;
+    assert!(
+        stub.logs.lock().unwrap().iter().any(|l| l.text == "hello"),
+        "logs are uploaded before the final state"
+    );
+    eventually("the container is removed", || {
+        agent.runtime.record().removed.len() == 1
+    })
+    .await;
+    // The control plane still lists it (a stale answer): never started again.
+    stub.set(2, vec![assignment("j", PartState::Running)]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(agent.runtime.record().created.len(), 1);
+    agent.shutdown.cancel();
+    agent.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_says_leaving_and_stops_parts_at_the_deadline() {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    stub.set(1, vec![assignment("long", PartState::Assigned)]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    let agent = start(
+        server,
+        fake(ExitScript::UntilStopped),
+        Duration::from_millis(300),
+    );
+    eventually("the part runs", || {
+        stub.reported("long").contains(&(PartState::Running, None))
+    })
+    .await;
+    let started = Instant::now();
+    agent.shutdown.cancel();
+    agent.task.await.unwrap().unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "drain waited"
+    );
+    assert!(
+        stub.beats
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|b| b.state == Some(NodeState::Leaving)),
+        "told the server it is leaving"
+    );
+    assert!(stub.reported("long").contains(&(PartState::Stopped, None)));
+    assert_eq!(agent.runtime.record().stopped.len(), 1);
+}

@@ -71,6 +71,10 @@ pub struct DaemonConfig {
     pub instance: serde_json::Value,
     /// Where `/metrics` listens, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Docker network mode of job containers (`host` lets the ranks of a
+    /// multi-node job reach each other at the node IPs); engine default when
+    /// `None`.
+    pub job_network: Option<String>,
 }
 
 impl std::fmt::Debug for DaemonConfig {
@@ -532,7 +536,12 @@ async fn heartbeat_task(mut ctx: HeartbeatCtx) {
                 .then_some(drover_api::cluster::NodeState::Leaving),
             ip: None,
             gpus: if gpus != last_gpus { gpus } else { None },
-            inventory: None,
+            // The whole document only when what scheduling reads changed.
+            inventory: if gpus != last_gpus && last_gpus.is_some() {
+                inv.as_ref().and_then(|i| serde_json::to_value(i).ok())
+            } else {
+                None
+            },
             parts,
         };
         let started = Instant::now();
@@ -1014,7 +1023,7 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
             .collect(),
         dedicated: ctx.config.dedicated,
         gpu_uuids,
-        network_mode: None,
+        network_mode: ctx.config.job_network.clone(),
         outputs_root: ctx
             .config
             .data_dir

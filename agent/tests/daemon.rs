@@ -199,6 +199,7 @@ fn start(server: String, runtime: Arc<FakeRuntime>, drain: Duration) -> Agent {
         dedicated: true,
         instance: serde_json::Value::Null,
         metrics_listen: None,
+        job_network: None,
     };
     let runner = Arc::new(PartRunner::new(
         runtime.clone(),

@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// Serve /metrics here (e.g. 127.0.0.1:9740).
     #[arg(long, env = "DROVER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Docker network mode of job containers (`host` for multi-node jobs
+    /// across VMs); the engine default when unset.
+    #[arg(long, env = "DROVER_JOB_NETWORK")]
+    job_network: Option<String>,
 }
 
 /// The config file: the same settings as the flags.
@@ -83,6 +87,7 @@ struct FileConfig {
     init_binary: Option<PathBuf>,
     ip: Option<String>,
     metrics_listen: Option<SocketAddr>,
+    job_network: Option<String>,
 }
 
 fn seconds(v: Option<f64>, default: f64, what: &str) -> anyhow::Result<Duration> {
@@ -232,6 +237,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         dedicated: true,
         instance: serde_json::Value::Null,
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
+        job_network: args.job_network.or(file.job_network),
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()

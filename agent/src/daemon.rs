@@ -646,6 +646,9 @@ async fn ship_task(client: ControlClient, mut rx: mpsc::Receiver<Ship>, io: Canc
 /// Lines per log upload.
 pub const MAX_BATCH: usize = 500;
 
+/// Bytes of one log line kept; the rest is cut.
+pub const MAX_LINE_BYTES: usize = 16 * 1024;
+
 struct Supervisor {
     cancel: CancellationToken,
     task: JoinHandle<()>,
@@ -954,7 +957,16 @@ impl<R: ContainerRuntime> Clone for PartCtx<R> {
 }
 
 impl<R: ContainerRuntime> PartCtx<R> {
-    fn line(&self, stream: LogStream, text: String) -> NewLogLine {
+    fn line(&self, stream: LogStream, mut text: String) -> NewLogLine {
+        if text.len() > MAX_LINE_BYTES {
+            // One runaway line must not make a batch the server refuses.
+            let mut cut = MAX_LINE_BYTES;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push_str(" [truncated]");
+        }
         NewLogLine {
             job: self.part.job.clone(),
             attempt: self.part.attempt,

@@ -73,27 +73,9 @@ pub enum RunError {
 
 /// True if `path` is an ELF executable without a program interpreter, i.e.
 /// one that runs in any image (no dynamic loader or libc needed inside it).
+/// The check lives in [`drover_runner::init_binary`], shared with the agent.
 pub fn is_static_elf(path: &Path) -> bool {
-    let Ok(bytes) = std::fs::read(path) else {
-        return false;
-    };
-    // 64-bit little-endian ELF only: the one target drover-init is built for.
-    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 || bytes[5] != 1 {
-        return false;
-    }
-    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
-    let mut phoff = [0u8; 8];
-    phoff.copy_from_slice(&bytes[0x20..0x28]);
-    let phoff = u64::from_le_bytes(phoff) as usize;
-    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
-    const PT_INTERP: u32 = 3;
-    (0..phnum).all(|i| {
-        let o = phoff + i * phentsize;
-        bytes
-            .get(o..o + 4)
-            .map(|t| u32::from_le_bytes([t[0], t[1], t[2], t[3]]) != PT_INTERP)
-            .unwrap_or(false)
-    })
+    drover_runner::init_binary::is_static_elf(path)
 }
 
 /// Finds a statically linked drover-init: `$DROVER_INIT`, the static build

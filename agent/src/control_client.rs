@@ -73,7 +73,9 @@ impl ClientError {
 pub struct ControlClient {
     base: String,
     http: reqwest::Client,
-    credential: Option<String>,
+    /// Shared by every clone, so a new credential (after registering
+    /// again) reaches every task at once.
+    credential: std::sync::Arc<std::sync::RwLock<Option<String>>>,
 }
 
 impl std::fmt::Debug for ControlClient {
@@ -82,7 +84,7 @@ impl std::fmt::Debug for ControlClient {
             .field("base", &self.base)
             .field(
                 "credential",
-                &self.credential.as_ref().map(|_| "<redacted>"),
+                &self.current_credential().map(|_| "<redacted>"),
             )
             .finish()
     }
@@ -98,14 +100,26 @@ impl ControlClient {
         Ok(ControlClient {
             base: base.trim_end_matches('/').to_string(),
             http,
-            credential: None,
+            credential: Default::default(),
         })
     }
 
     /// The same client, authenticating with a node credential.
-    pub fn with_credential(mut self, credential: String) -> Self {
-        self.credential = Some(credential);
+    pub fn with_credential(self, credential: String) -> Self {
+        self.set_credential(credential);
         self
+    }
+
+    /// Replaces the credential for this client and all its clones.
+    pub fn set_credential(&self, credential: String) {
+        *self.credential.write().unwrap_or_else(|e| e.into_inner()) = Some(credential);
+    }
+
+    fn current_credential(&self) -> Option<String> {
+        self.credential
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// `POST /v1/agent/register` with the join token in the body.
@@ -170,7 +184,7 @@ impl ControlClient {
         url: String,
         req: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
-        let req = match &self.credential {
+        let req = match self.current_credential() {
             Some(c) => req.bearer_auth(c),
             None => req,
         };

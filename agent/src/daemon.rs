@@ -271,6 +271,7 @@ pub async fn run<R: ContainerRuntime>(
     ));
     let heartbeat = tokio::spawn(heartbeat_task(HeartbeatCtx {
         client: client.clone(),
+        config: config.clone(),
         interval: config.heartbeat_interval,
         reports: reports.clone(),
         draining: draining.clone(),
@@ -359,36 +360,11 @@ async fn connect(
                     Err(e) => Err(e),
                 }
             }
-            None => {
-                let token = config
-                    .join_token
-                    .clone()
-                    .ok_or_else(|| DaemonError::NoJoinToken(config.node_id.clone()))?;
-                let req = RegisterRequest {
-                    cluster: config.cluster.clone(),
-                    join_token: token,
-                    node_id: Some(config.node_id.clone()),
-                    ip: config.ip.clone(),
-                    gpus: gpu_counts(inv),
-                    inventory: serde_json::json!({
-                        "inventory": inv,
-                        "instance": config.instance,
-                    }),
-                };
-                match base.register(&req).await {
-                    Ok(resp) => {
-                        let s = SavedCredential {
-                            server: config.server.clone(),
-                            cluster: config.cluster.clone(),
-                            node_id: resp.node_id.clone(),
-                            credential: resp.credential.clone(),
-                        };
-                        save_credential(&path, &s)?;
-                        return Ok(Some(base.clone().with_credential(resp.credential)));
-                    }
-                    Err(e) => Err(e),
-                }
-            }
+            None => match register(config, inv, &base).await {
+                Ok(()) => return Ok(Some(base)),
+                Err(RegisterError::Fatal(e)) => return Err(e),
+                Err(RegisterError::Client(e)) => Err(e),
+            },
         };
         if let Err(e) = attempt {
             if !e.is_transient() {
@@ -406,6 +382,45 @@ async fn connect(
             }
         }
     }
+}
+
+enum RegisterError {
+    Client(ClientError),
+    Fatal(DaemonError),
+}
+
+/// Registers with the join token, saves the credential and installs it in
+/// `client` (and so in every clone of it).
+async fn register(
+    config: &DaemonConfig,
+    inv: &Inventory,
+    client: &ControlClient,
+) -> Result<(), RegisterError> {
+    let token = config
+        .join_token
+        .clone()
+        .ok_or_else(|| RegisterError::Fatal(DaemonError::NoJoinToken(config.node_id.clone())))?;
+    let req = RegisterRequest {
+        cluster: config.cluster.clone(),
+        join_token: token,
+        node_id: Some(config.node_id.clone()),
+        ip: config.ip.clone(),
+        gpus: gpu_counts(inv),
+        inventory: serde_json::json!({
+            "inventory": inv,
+            "instance": config.instance,
+        }),
+    };
+    let resp = client.register(&req).await.map_err(RegisterError::Client)?;
+    let s = SavedCredential {
+        server: config.server.clone(),
+        cluster: config.cluster.clone(),
+        node_id: resp.node_id.clone(),
+        credential: resp.credential.clone(),
+    };
+    save_credential(&config.data_dir.join(CREDENTIAL_FILE), &s).map_err(RegisterError::Fatal)?;
+    client.set_credential(resp.credential);
+    Ok(())
 }
 
 fn save_credential(path: &std::path::Path, s: &SavedCredential) -> Result<(), DaemonError> {
@@ -470,6 +485,7 @@ async fn watch_task(
 
 struct HeartbeatCtx {
     client: ControlClient,
+    config: DaemonConfig,
     interval: Duration,
     reports: SharedReports,
     draining: Arc<AtomicBool>,
@@ -575,6 +591,24 @@ async fn heartbeat_task(mut ctx: HeartbeatCtx) {
                         })
                         .collect();
                     let _ = ctx.input.send(Input::Rejected(keys)).await;
+                }
+            }
+            Err(e) if e.is_unauthorized() => {
+                // The control plane forgot this node (its store was reset or
+                // the node removed): join again; the next watch then tells
+                // which of the running parts still count.
+                ctx.metrics.heartbeat_failures.inc();
+                tracing::warn!(node = %ctx.config.node_id, "node credential refused; registering again");
+                if let Some(inv) = &inv {
+                    match register(&ctx.config, inv, &ctx.client).await {
+                        Ok(()) => tracing::info!(node = %ctx.config.node_id, "registered again"),
+                        Err(RegisterError::Client(e)) => {
+                            tracing::warn!(error = %e, "registering again failed")
+                        }
+                        Err(RegisterError::Fatal(e)) => {
+                            tracing::error!(error = %e, "registering again failed")
+                        }
+                    }
                 }
             }
             Err(e) => {

@@ -4,13 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use drover_agent::daemon::{self, DaemonConfig, InventorySource};
@@ -36,6 +36,15 @@ struct Stub {
     answer_watch: AtomicBool,
     beats: Mutex<Vec<HeartbeatRequest>>,
     logs: Mutex<Vec<NewLogLine>>,
+    /// Registrations so far; the credential handed out is `cred-N`.
+    registrations: AtomicU32,
+}
+
+impl Stub {
+    fn accepts(&self, headers: &HeaderMap) -> bool {
+        let want = format!("Bearer cred-{}", self.registrations.load(Ordering::SeqCst));
+        headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(want.as_str())
+    }
 }
 
 impl Stub {
@@ -61,12 +70,16 @@ struct WatchQuery {
     timeout: f64,
 }
 
-async fn register(Json(req): Json<RegisterRequest>) -> (StatusCode, Json<RegisterResponse>) {
+async fn register(
+    State(stub): State<Arc<Stub>>,
+    Json(req): Json<RegisterRequest>,
+) -> (StatusCode, Json<RegisterResponse>) {
+    let n = stub.registrations.fetch_add(1, Ordering::SeqCst) + 1;
     (
         StatusCode::CREATED,
         Json(RegisterResponse {
             node_id: req.node_id.unwrap_or_default(),
-            credential: "cred".into(),
+            credential: format!("cred-{n}"),
             heartbeat_interval_seconds: 1,
         }),
     )
@@ -74,13 +87,18 @@ async fn register(Json(req): Json<RegisterRequest>) -> (StatusCode, Json<Registe
 
 async fn heartbeat(
     State(stub): State<Arc<Stub>>,
+    headers: HeaderMap,
     Json(req): Json<HeartbeatRequest>,
-) -> Json<HeartbeatResponse> {
+) -> Response {
+    if !stub.accepts(&headers) {
+        return (StatusCode::UNAUTHORIZED, "{}").into_response();
+    }
     stub.beats.lock().unwrap().push(req);
     Json(HeartbeatResponse {
         desired_version: 0,
         rejected: vec![],
     })
+    .into_response()
 }
 
 async fn assignments(State(stub): State<Arc<Stub>>, Query(q): Query<WatchQuery>) -> Response {
@@ -360,4 +378,35 @@ async fn shutdown_drains_says_leaving_and_stops_parts_at_the_deadline() {
     );
     assert!(stub.reported("long").contains(&(PartState::Stopped, None)));
     assert_eq!(agent.runtime.record().stopped.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_credential_makes_the_agent_register_again() {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    stub.set(1, vec![]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    let agent = start(
+        server,
+        fake(ExitScript::UntilStopped),
+        Duration::from_secs(1),
+    );
+    eventually("the agent heartbeats", || {
+        !stub.beats.lock().unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(stub.registrations.load(Ordering::SeqCst), 1);
+    // The control plane forgets the node: the credential now fails.
+    stub.registrations.fetch_add(100, Ordering::SeqCst);
+    let before = stub.beats.lock().unwrap().len();
+    eventually(
+        "the agent registers again and heartbeats with the new credential",
+        || {
+            stub.registrations.load(Ordering::SeqCst) == 102
+                && stub.beats.lock().unwrap().len() > before
+        },
+    )
+    .await;
+    agent.shutdown.cancel();
+    agent.task.await.unwrap().unwrap();
 }

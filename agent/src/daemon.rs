@@ -1,20 +1,31 @@
 //! `drover-agent run`: the node daemon. Named tokio tasks joined by bounded
-//! channels, one shutdown token:
+//! channels:
 //!
 //! ```text
-//!  watch ──Input::Desired──►┐
-//!  heartbeat ─Input::Acked/Rejected─►  reconciler ──spawns──► part supervisors (PartRunner::run / adopted)
-//!      ▲  (reads Reports, Draining)     │  (Docker via runner)        │ log lines (bounded)
-//!      └──────── Reports (Mutex) ◄──────┘◄──── Input::Ended ──────────┤
-//!                                                                     ▼
-//!                                                              log-shipper ──► control plane
+//!              ┌──────────── control plane (only through control_client) ───────────┐
+//!              │ GET assignments (long poll)   POST heartbeat          POST logs      │
+//!              ▼                               ▲                       ▲              │
+//!           [watch] ──Input::Desired──┐   [heartbeat] ◄─beat now+ack─┐ [log-shipper]  │
+//!                                     ▼      │   ▲ reads/clears      │      ▲ Ship (4096)
+//!     Input::Acked/Rejected ──────► [reconciler] ─┘ Reports (Mutex)  │      │
+//!             (mpsc 64)              │  reconcile() → Start/Adopt/Collect/Cancel/Stop
+//!                                    ▼ spawns, one per part, own CancellationToken
+//!                           [part supervisor] ── PartRunner::run / adopted wait+logs
+//!                               │ PartEvent (256) → lines to log-shipper, states to Reports
+//!                               └── Input::Ended (after its lines are flushed) ──► reconciler
 //! ```
 //!
-//! All of them talk to the server only through [`crate::control_client`].
+//! Shutdown: the `shutdown` token (SIGTERM/SIGINT) ends the reconciler's
+//! loop and starts the drain (no new parts, heartbeat says `leaving`, parts
+//! run until the drain deadline, then are canceled and stopped with the
+//! grace period); once every supervisor has reported, a final heartbeat
+//! goes out and the `io` token stops watch, heartbeat and log-shipper, which
+//! are all joined before [`run`] returns.
+//!
 //! State that must survive the agent lives in Docker labels and the control
-//! plane: containers are kept after they exit (`RunOptions::remove` is false)
-//! until the server has accepted their final state, so a part that ended
-//! while the agent was down is still reported with its exit code.
+//! plane: containers are kept after they exit (`RunOptions::remove` is
+//! false) until the server has accepted their final state, so a part that
+//! ended while the agent was down is still reported with its exit code.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -154,12 +154,26 @@ fn a_job_runs_and_its_logs_and_exit_code_reach_job_show_and_logs() {
 }
 
 #[test]
-fn a_two_instance_job_starts_on_both_nodes() {
+fn a_two_instance_job_waits_for_both_nodes_then_starts_on_both() {
     let c = Cluster::start(40);
+    // One node busy: the gang job must wait for it, not start half.
+    let blocker = c.submit("sleep 3", 1);
+    c.server
+        .wait_job_state(&blocker, "running", Duration::from_secs(90));
     let job = c.submit("sleep 1; echo rank-$NODE_RANK-of-$WORLD_SIZE", 2);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.server.job_state(&job), "queued");
+    assert!(containers_of_job(&job).is_empty(), "no part starts alone");
     c.server
         .wait_job_state(&job, "completed", Duration::from_secs(90));
+    let blocked = c.server.job(&blocker);
+    assert_eq!(blocked["state"], "completed", "{blocked}");
     let info = c.server.job(&job);
+    let (started, freed) = (info["started_at"].as_u64(), blocked["ended_at"].as_u64());
+    assert!(
+        started.is_some() && freed.is_some() && started >= freed,
+        "started only once both nodes were free: {info} {blocked}"
+    );
     let p = parts(&info);
     assert_eq!(p.len(), 2, "{info}");
     let mut nodes: Vec<&str> = p.iter().filter_map(|x| x["node"].as_str()).collect();
@@ -171,6 +185,7 @@ fn a_two_instance_job_starts_on_both_nodes() {
         assert!(logs.contains(rank), "{rank} missing: {logs}");
     }
     c.assert_no_containers(&job);
+    c.assert_no_containers(&blocker);
 }
 
 #[test]

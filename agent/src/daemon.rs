@@ -637,17 +637,32 @@ async fn heartbeat_task(mut ctx: HeartbeatCtx) {
 /// [`MAX_BATCH`], retrying with backoff while the server is unreachable.
 async fn ship_task(client: ControlClient, mut rx: mpsc::Receiver<Ship>, io: CancellationToken) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    // A line that did not fit the last batch starts the next one.
+    let mut carry: Option<Ship> = None;
     loop {
-        let first = tokio::select! {
-            item = rx.recv() => match item { Some(i) => i, None => return },
-            _ = io.cancelled() => return,
+        let first = match carry.take() {
+            Some(item) => item,
+            None => tokio::select! {
+                item = rx.recv() => match item { Some(i) => i, None => return },
+                _ = io.cancelled() => return,
+            },
         };
         let mut lines = Vec::new();
+        let mut bytes = 0;
         let mut flushes = Vec::new();
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
-                Ship::Line(l) => lines.push(l),
+                Ship::Line(l) => {
+                    // The server reads at most MAX_REQUEST_BYTES per body.
+                    let size = serde_json::to_vec(&l).map_or(0, |v| v.len()) + 1;
+                    if !lines.is_empty() && bytes + size > MAX_BATCH_BYTES {
+                        carry = Some(Ship::Line(l));
+                        break;
+                    }
+                    bytes += size;
+                    lines.push(l);
+                }
                 Ship::Flush(f) => flushes.push(f),
             }
             if lines.len() >= MAX_BATCH {
@@ -690,6 +705,9 @@ async fn ship_task(client: ControlClient, mut rx: mpsc::Receiver<Ship>, io: Canc
 
 /// Lines per log upload.
 pub const MAX_BATCH: usize = 500;
+
+/// Bytes of one upload's lines as JSON: a quarter of the server's body limit.
+pub const MAX_BATCH_BYTES: usize = drover_api::wire::MAX_REQUEST_BYTES / 4;
 
 /// Bytes of one log line kept; the rest is cut.
 pub const MAX_LINE_BYTES: usize = 16 * 1024;

@@ -36,6 +36,8 @@ struct Stub {
     answer_watch: AtomicBool,
     beats: Mutex<Vec<HeartbeatRequest>>,
     logs: Mutex<Vec<NewLogLine>>,
+    /// Sizes of the log upload bodies.
+    log_bodies: Mutex<Vec<usize>>,
     /// Registrations so far; the credential handed out is `cred-N`.
     registrations: AtomicU32,
 }
@@ -118,7 +120,9 @@ async fn assignments(State(stub): State<Arc<Stub>>, Query(q): Query<WatchQuery>)
     }
 }
 
-async fn logs(State(stub): State<Arc<Stub>>, Json(b): Json<LogBatch>) -> Json<LogBatchAccepted> {
+async fn logs(State(stub): State<Arc<Stub>>, body: axum::body::Bytes) -> Json<LogBatchAccepted> {
+    stub.log_bodies.lock().unwrap().push(body.len());
+    let b: LogBatch = serde_json::from_slice(&body).unwrap();
     let n = b.lines.len() as u64;
     stub.logs.lock().unwrap().extend(b.lines);
     Json(LogBatchAccepted { accepted: n })
@@ -130,6 +134,9 @@ async fn serve(stub: Arc<Stub>) -> String {
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/assignments", get(assignments))
         .route("/v1/agent/logs", post(logs))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            drover_api::wire::MAX_REQUEST_BYTES,
+        ))
         .with_state(stub);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -407,6 +414,61 @@ async fn a_refused_credential_makes_the_agent_register_again() {
         },
     )
     .await;
+    agent.shutdown.cancel();
+    agent.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_shipped_in_batches_under_the_servers_body_limit() {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    stub.set(1, vec![assignment("chatty", PartState::Assigned)]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    let mut rt = FakeRuntime::new(
+        PullScript::Progress {
+            n: 0,
+            every: Duration::ZERO,
+        },
+        ExitScript::After {
+            delay: Duration::from_millis(50),
+            code: 0,
+            oom: false,
+        },
+    );
+    rt.present.lock().unwrap().push(IMAGE.into());
+    // 3 MB of output, and one line far over the per-line cap.
+    rt.log_lines = (0..300)
+        .map(|i| format!("{i:04} {}", "x".repeat(10_000)))
+        .collect();
+    rt.log_lines.push("y".repeat(100_000));
+    let agent = start(server, Arc::new(rt), Duration::from_secs(5));
+    eventually("the part's success is reported", || {
+        stub.reported("chatty")
+            .contains(&(PartState::Succeeded, Some(0)))
+    })
+    .await;
+    let logs = stub.logs.lock().unwrap().clone();
+    assert_eq!(
+        logs.len(),
+        301,
+        "every line arrives, before the final state"
+    );
+    assert!(
+        logs[..300]
+            .iter()
+            .enumerate()
+            .all(|(i, l)| l.text.starts_with(&format!("{i:04} ")))
+    );
+    assert!(logs[300].text.len() <= daemon::MAX_LINE_BYTES + 20);
+    assert!(logs[300].text.ends_with("[truncated]"));
+    let bodies = stub.log_bodies.lock().unwrap().clone();
+    assert!(bodies.len() >= 3, "{bodies:?}");
+    assert!(
+        bodies
+            .iter()
+            .all(|b| *b <= drover_api::wire::MAX_REQUEST_BYTES),
+        "{bodies:?}"
+    );
     agent.shutdown.cancel();
     agent.task.await.unwrap().unwrap();
 }

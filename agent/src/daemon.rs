@@ -47,6 +47,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::control_client::{Backoff, ClientError, ControlClient};
+use crate::imds::ImdsClient;
+use crate::imds::{DEFAULT_POLL_INTERVAL, EventType, EventsUpdate};
 use crate::inventory::{GpuHealth, Inventory};
 use crate::metrics::Metrics;
 use crate::reconcile::{Action, Known, PartId, reconcile};
@@ -82,6 +84,8 @@ pub struct DaemonConfig {
     pub instance: serde_json::Value,
     /// Where `/metrics` listens, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// IMDS and this VM's name there: scheduled events are watched when set.
+    pub imds: Option<(ImdsClient, String)>,
     /// Docker network mode of job containers (`host` lets the ranks of a
     /// multi-node job reach each other at the node IPs); engine default when
     /// `None`.
@@ -198,6 +202,14 @@ enum Input {
     Acked(Vec<(PartId, Option<String>)>),
     /// The server no longer wants these parts.
     Rejected(Vec<PartId>),
+    /// IMDS announced an event that ends this VM's containers: drain with
+    /// this deadline, then acknowledge the events.
+    Maintenance {
+        /// Events to acknowledge once the parts are stopped.
+        event_ids: Vec<String>,
+        /// How long parts may still run.
+        deadline: Duration,
+    },
 }
 
 /// Items of the log shipper.
@@ -294,6 +306,21 @@ pub async fn run<R: ContainerRuntime>(
         io: io.clone(),
     }));
     let shipper = tokio::spawn(ship_task(client.clone(), ship_rx, io.clone()));
+    let mut maintenance = Vec::new();
+    if let Some((imds, vm)) = &config.imds {
+        let (tx, rx) = mpsc::channel::<EventsUpdate>(8);
+        let watcher = imds.scheduled_events_watcher(vm);
+        maintenance.push(tokio::spawn(watcher.run(
+            DEFAULT_POLL_INTERVAL,
+            tx,
+            io.clone(),
+        )));
+        maintenance.push(tokio::spawn(maintenance_task(
+            rx,
+            input_tx.clone(),
+            config.stop_grace,
+        )));
+    }
     let reconciler = Reconciler {
         config: config.clone(),
         runner,
@@ -308,8 +335,19 @@ pub async fn run<R: ContainerRuntime>(
         desired: None,
         collecting: Default::default(),
     };
-    reconciler.run(input_rx, beat_tx, shutdown.clone()).await;
+    let ack = reconciler.run(input_rx, beat_tx, shutdown.clone()).await;
+    if let (Some((imds, _)), false) = (&config.imds, ack.is_empty()) {
+        // The parts are stopped: the platform may go ahead now.
+        match tokio::time::timeout(Duration::from_secs(10), imds.acknowledge_events(&ack)).await {
+            Ok(Ok(())) => tracing::info!(events = ?ack, "scheduled events acknowledged"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "acknowledging scheduled events failed"),
+            Err(_) => tracing::warn!("acknowledging scheduled events timed out"),
+        }
+    }
     io.cancel();
+    for task in maintenance {
+        let _ = task.await;
+    }
     for (name, task) in [
         ("watch", watch),
         ("heartbeat", heartbeat),
@@ -633,6 +671,45 @@ async fn heartbeat_task(mut ctx: HeartbeatCtx) {
     }
 }
 
+/// The `maintenance` task: turns IMDS scheduled events for this VM into a
+/// drain. Preempt and Terminate stop parts at once (SIGTERM, SIGKILL after
+/// the grace); Reboot and Redeploy let them run until shortly before
+/// `NotBefore`; Freeze (a pause of seconds) is only logged.
+async fn maintenance_task(
+    mut rx: mpsc::Receiver<EventsUpdate>,
+    input: mpsc::Sender<Input>,
+    stop_grace: Duration,
+) {
+    while let Some(update) = rx.recv().await {
+        let mut ids = Vec::new();
+        let mut deadline: Option<Duration> = None;
+        for e in &update.events {
+            let until = match e.event_type {
+                EventType::Preempt | EventType::Terminate => Duration::ZERO,
+                EventType::Reboot | EventType::Redeploy => e
+                    .not_before_time()
+                    .and_then(|t| t.duration_since(SystemTime::now()).ok())
+                    .map_or(Duration::ZERO, |left| left.saturating_sub(stop_grace * 2)),
+                EventType::Freeze | EventType::Unknown => {
+                    tracing::info!(event = %e.event_id, kind = ?e.event_type, "scheduled event noted");
+                    continue;
+                }
+            };
+            ids.push(e.event_id.clone());
+            deadline = Some(deadline.map_or(until, |d| d.min(until)));
+        }
+        if let Some(deadline) = deadline {
+            let _ = input
+                .send(Input::Maintenance {
+                    event_ids: ids,
+                    deadline,
+                })
+                .await;
+            return;
+        }
+    }
+}
+
 /// The `log-shipper` task: uploads lines in batches of at most
 /// [`MAX_BATCH`], retrying with backoff while the server is unreachable.
 async fn ship_task(client: ControlClient, mut rx: mpsc::Receiver<Ship>, io: CancellationToken) {
@@ -739,23 +816,36 @@ struct Reconciler<R: ContainerRuntime> {
 const RESYNC: Duration = Duration::from_secs(5);
 
 impl<R: ContainerRuntime> Reconciler<R> {
+    /// Reconciles until shutdown or a maintenance event, then drains;
+    /// returns the scheduled events to acknowledge.
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<Input>,
         beat: mpsc::Sender<oneshot::Sender<()>>,
         shutdown: CancellationToken,
-    ) {
+    ) -> Vec<String> {
         let mut resync = tokio::time::interval(RESYNC);
+        let mut deadline = self.config.drain_deadline;
+        let mut ack = Vec::new();
         // First pass before any desired state: adopt and collect only.
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = resync.tick() => {}
-                Some(input) = rx.recv() => self.handle(input).await,
+                Some(input) = rx.recv() => {
+                    if let Input::Maintenance { event_ids, deadline: d } = input {
+                        tracing::info!(events = ?event_ids, deadline_s = d.as_secs(), "scheduled maintenance; draining");
+                        ack = event_ids;
+                        deadline = d.min(deadline);
+                        break;
+                    }
+                    self.handle(input).await;
+                }
             }
             self.step().await;
         }
-        self.drain(&mut rx, &beat).await;
+        self.drain(&mut rx, &beat, deadline).await;
+        ack
     }
 
     async fn handle(&mut self, input: Input) {
@@ -798,6 +888,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     self.collecting.remove(&part);
                 }
             }
+            // Already draining: nothing more to do.
+            Input::Maintenance { .. } => {}
             Input::Rejected(parts) => {
                 for part in parts {
                     if let Some(s) = self.supervisors.get(&part) {
@@ -937,16 +1029,17 @@ impl<R: ContainerRuntime> Reconciler<R> {
         &mut self,
         rx: &mut mpsc::Receiver<Input>,
         beat: &mpsc::Sender<oneshot::Sender<()>>,
+        deadline: Duration,
     ) {
         self.draining.store(true, Ordering::Relaxed);
         self.known.draining = true;
         tracing::info!(
             parts = self.supervisors.len(),
-            deadline_s = self.config.drain_deadline.as_secs(),
+            deadline_s = deadline.as_secs(),
             "draining"
         );
         ask_beat(beat).await;
-        let deadline = tokio::time::sleep(self.config.drain_deadline);
+        let deadline = tokio::time::sleep(deadline);
         tokio::pin!(deadline);
         let mut stopped = false;
         while !self.supervisors.is_empty() {

@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use drover_agent::daemon::{self, DaemonConfig, InventorySource};
+use drover_agent::imds::{EventStatus, ImdsClient, ImdsConfig};
 use drover_agent::inventory::{Inventory, InventoryCollector, NoGpus};
 use drover_api::JobSpec;
 use drover_api::cluster::NodeState;
@@ -21,6 +22,7 @@ use drover_api::wire::{
     Assignment, Assignments, HeartbeatRequest, HeartbeatResponse, LogBatch, LogBatchAccepted,
     NewLogLine, PartState, RegisterRequest, RegisterResponse,
 };
+use drover_imds_emulator::{Emulator, EmulatorConfig, EventSpec, EventType, VmSpec};
 use drover_runner::fake::{ExitScript, FakeRuntime, PullScript};
 use drover_runner::runtime::{ContainerConfig, ContainerRuntime};
 use drover_runner::{HostFacts, PartRunner, PullLimits, RunOptions};
@@ -206,6 +208,15 @@ struct Agent {
 }
 
 fn start(server: String, runtime: Arc<FakeRuntime>, drain: Duration) -> Agent {
+    start_with(server, runtime, drain, None)
+}
+
+fn start_with(
+    server: String,
+    runtime: Arc<FakeRuntime>,
+    drain: Duration,
+    imds: Option<(ImdsClient, String)>,
+) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let init = dir.path().join("drover-init");
     std::fs::write(&init, b"not run by the fake").unwrap();
@@ -225,6 +236,7 @@ fn start(server: String, runtime: Arc<FakeRuntime>, drain: Duration) -> Agent {
         instance: serde_json::Value::Null,
         metrics_listen: None,
         job_network: None,
+        imds,
     };
     let runner = Arc::new(PartRunner::new(
         runtime.clone(),
@@ -471,4 +483,56 @@ async fn logs_are_shipped_in_batches_under_the_servers_body_limit() {
     );
     agent.shutdown.cancel();
     agent.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preemption_notice_stops_parts_then_acknowledges_the_event() {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    stub.set(1, vec![assignment("spot", PartState::Assigned)]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    let emulator = Emulator::new(EmulatorConfig::default());
+    emulator.add_vm(VmSpec::new("vm-a")).unwrap();
+    let imds_server = emulator.bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let imds = ImdsClient::new(ImdsConfig {
+        base_url: imds_server.base_url(),
+        ..ImdsConfig::default()
+    })
+    .unwrap();
+    let agent = start_with(
+        server,
+        fake(ExitScript::UntilStopped),
+        Duration::from_secs(600),
+        Some((imds.clone(), "vm-a".to_string())),
+    );
+    eventually("the part runs", || {
+        stub.reported("spot").contains(&(PartState::Running, None))
+    })
+    .await;
+    let id = imds_server
+        .emulator()
+        .schedule_event(EventSpec::new(
+            EventType::Preempt,
+            "vm-a",
+            Duration::from_secs(30),
+        ))
+        .unwrap();
+    // Well before NotBefore: the part is stopped, the server told, the event acked.
+    tokio::time::timeout(Duration::from_secs(15), agent.task)
+        .await
+        .expect("the agent drains and stops well before NotBefore")
+        .unwrap()
+        .unwrap();
+    assert_eq!(agent.runtime.record().stopped.len(), 1);
+    assert!(stub.reported("spot").contains(&(PartState::Stopped, None)));
+    assert!(
+        stub.beats
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|b| b.state == Some(NodeState::Leaving))
+    );
+    let doc = imds.scheduled_events().await.unwrap();
+    let event = doc.events.iter().find(|e| e.event_id == id).expect("event");
+    assert_eq!(event.event_status, EventStatus::Started, "acknowledged");
 }

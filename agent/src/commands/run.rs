@@ -137,7 +137,14 @@ fn route_ip(server: &str) -> Option<String> {
 
 /// Instance metadata when an IMDS answers quickly, else nothing: the facts
 /// to register, whether the VM is dedicated, and its private IP.
-async fn instance_metadata(url: &str) -> (serde_json::Value, bool, Option<String>) {
+async fn instance_metadata(
+    url: &str,
+) -> (
+    serde_json::Value,
+    bool,
+    Option<String>,
+    Option<(ImdsClient, String)>,
+) {
     let config = ImdsConfig {
         base_url: url.to_string(),
         connect_timeout: Duration::from_millis(500),
@@ -145,7 +152,7 @@ async fn instance_metadata(url: &str) -> (serde_json::Value, bool, Option<String
         ..ImdsConfig::default()
     };
     let Ok(client) = ImdsClient::new(config) else {
-        return (serde_json::Value::Null, true, None);
+        return (serde_json::Value::Null, true, None, None);
     };
     match tokio::time::timeout(Duration::from_secs(3), client.instance_metadata()).await {
         Ok(Ok(m)) => {
@@ -158,15 +165,17 @@ async fn instance_metadata(url: &str) -> (serde_json::Value, bool, Option<String
                 }),
                 dedicated,
                 m.private_ipv4().first().map(|ip| ip.to_string()),
+                // Scheduled events name the VM by `compute.name`.
+                (!c.name.is_empty()).then(|| (client.clone(), c.name.clone())),
             )
         }
         Ok(Err(e)) => {
             tracing::info!(error = %e, "no instance metadata; registering without it");
-            (serde_json::Value::Null, true, None)
+            (serde_json::Value::Null, true, None, None)
         }
         Err(_) => {
             tracing::info!("imds did not answer in time; registering without instance metadata");
-            (serde_json::Value::Null, true, None)
+            (serde_json::Value::Null, true, None, None)
         }
     }
 }
@@ -238,6 +247,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         instance: serde_json::Value::Null,
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
         job_network: args.job_network.or(file.job_network),
+        imds: None,
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -247,9 +257,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         if let Some(url) = imds_url {
-            let (instance, dedicated, ip) = instance_metadata(&url).await;
+            let (instance, dedicated, ip, imds) = instance_metadata(&url).await;
             config.instance = instance;
             config.dedicated = dedicated;
+            config.imds = imds;
             if config.ip.is_none() {
                 config.ip = ip;
             }

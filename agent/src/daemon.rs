@@ -15,12 +15,17 @@
 //!                               └── Input::Ended (after its lines are flushed) ──► reconciler
 //! ```
 //!
-//! Shutdown: the `shutdown` token (SIGTERM/SIGINT) ends the reconciler's
+//! With IMDS: `[imds-scheduled-events]` ──EventsUpdate (8)──► `[maintenance]`
+//! ──Input::Maintenance──► reconciler (drain now, acknowledge after).
+//!
+//! Shutdown: the `shutdown` token (SIGTERM/SIGINT) or a maintenance event ends the reconciler's
 //! loop and starts the drain (no new parts, heartbeat says `leaving`, parts
 //! run until the drain deadline, then are canceled and stopped with the
 //! grace period); once every supervisor has reported, a final heartbeat
-//! goes out and the `io` token stops watch, heartbeat and log-shipper, which
-//! are all joined before [`run`] returns.
+//! goes out, scheduled events are acknowledged, and the `io` token stops
+//! watch, heartbeat, log-shipper and the IMDS tasks, which are all joined
+//! before [`run`] returns. Each part has its own token, canceled by the
+//! reconciler.
 //!
 //! State that must survive the agent lives in Docker labels and the control
 //! plane: containers are kept after they exit (`RunOptions::remove` is

@@ -191,7 +191,18 @@ pub enum PartState {
 }
 
 impl PartState {
-    /// The lowercase name.
+    /// Every state.
+    pub const ALL: [PartState; 7] = [
+        PartState::Assigned,
+        PartState::Preparing,
+        PartState::Running,
+        PartState::Succeeded,
+        PartState::Failed,
+        PartState::Stopped,
+        PartState::Lost,
+    ];
+
+    /// The lowercase name (also what the store's `job_parts.state` holds).
     pub fn as_str(self) -> &'static str {
         match self {
             PartState::Assigned => "assigned",
@@ -202,6 +213,30 @@ impl PartState {
             PartState::Stopped => "stopped",
             PartState::Lost => "lost",
         }
+    }
+
+    /// True once the part can never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            PartState::Succeeded | PartState::Failed | PartState::Stopped | PartState::Lost
+        )
+    }
+}
+
+/// A part state name that is not one of [`PartState::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown part state `{0}`")]
+pub struct UnknownPartState(pub String);
+
+impl std::str::FromStr for PartState {
+    type Err = UnknownPartState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        PartState::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| UnknownPartState(s.to_string()))
     }
 }
 

@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use super::error::ControlError;
 use crate::autoscaler::{self, AutoscaleInput, AutoscalerConfig};
 use crate::store::{
-    self, Cluster, Heartbeat, Job, JobFilter, JobPart, NewJob, NewLogLine, NewNode, Node,
-    NodeInventory, Store, StoreError, VersionBump,
+    Cluster, Heartbeat, Job, JobFilter, JobPart, NewJob, NewLogLine, NewNode, Node, NodeInventory,
+    Store, StoreError, VersionBump,
 };
 
 /// Settings of the core.
@@ -102,30 +102,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn part_state(s: store::PartState) -> wire::PartState {
-    match s {
-        store::PartState::Assigned => wire::PartState::Assigned,
-        store::PartState::Preparing => wire::PartState::Preparing,
-        store::PartState::Running => wire::PartState::Running,
-        store::PartState::Succeeded => wire::PartState::Succeeded,
-        store::PartState::Failed => wire::PartState::Failed,
-        store::PartState::Stopped => wire::PartState::Stopped,
-        store::PartState::Lost => wire::PartState::Lost,
-    }
-}
-
-fn store_part_state(s: wire::PartState) -> store::PartState {
-    match s {
-        wire::PartState::Assigned => store::PartState::Assigned,
-        wire::PartState::Preparing => store::PartState::Preparing,
-        wire::PartState::Running => store::PartState::Running,
-        wire::PartState::Succeeded => store::PartState::Succeeded,
-        wire::PartState::Failed => store::PartState::Failed,
-        wire::PartState::Stopped => store::PartState::Stopped,
-        wire::PartState::Lost => store::PartState::Lost,
-    }
-}
-
 fn log_stream(s: drover_runner::runtime::LogStream) -> wire::LogStream {
     match s {
         drover_runner::runtime::LogStream::Stdout => wire::LogStream::Stdout,
@@ -145,7 +121,7 @@ fn part_info(p: JobPart) -> wire::PartInfo {
         attempt: p.attempt,
         node_rank: p.node_rank,
         node: p.node,
-        state: part_state(p.state),
+        state: p.state,
         exit_code: p.exit_code,
         started_at: p.started_at,
         ended_at: p.ended_at,
@@ -713,14 +689,8 @@ impl ControlPlane {
                         rejected.push(key());
                         continue;
                     }
-                    let r = s.report_part(
-                        &p.job,
-                        p.attempt,
-                        p.node_rank,
-                        store_part_state(p.state),
-                        p.exit_code,
-                        t,
-                    )?;
+                    let r =
+                        s.report_part(&p.job, p.attempt, p.node_rank, p.state, p.exit_code, t)?;
                     if !r.accepted {
                         rejected.push(key());
                     }
@@ -786,7 +756,7 @@ impl ControlPlane {
                     job: p.job,
                     attempt: p.attempt,
                     node_rank: p.node_rank,
-                    state: part_state(p.state),
+                    state: p.state,
                     spec: p.spec,
                     nodes: p
                         .nodes

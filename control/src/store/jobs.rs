@@ -1,8 +1,5 @@
 //! Jobs: submission, the state machine, placements, requeues and parts.
 
-use std::fmt;
-use std::str::FromStr;
-
 use drover_api::JobSpec;
 use drover_api::cluster::{JobState, JobSummary, Timestamp, requeue_state};
 use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
@@ -79,80 +76,9 @@ pub struct JobFilter<'a> {
     pub states: &'a [JobState],
 }
 
-/// State of one part (one node's share of one attempt).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PartState {
-    /// Assigned to its node; the agent has not picked it up yet.
-    Assigned,
-    /// The agent is pulling its image or creating its container.
-    Preparing,
-    /// Its container runs.
-    Running,
-    /// Its container exited 0.
-    Succeeded,
-    /// Its container exited non-zero or could not start.
-    Failed,
-    /// Stopped because the job ended (canceled, failed elsewhere, timed out).
-    Stopped,
-    /// Its node was lost or preempted; the job was requeued or failed.
-    Lost,
-}
-
-impl PartState {
-    /// Every state.
-    pub const ALL: [PartState; 7] = [
-        PartState::Assigned,
-        PartState::Preparing,
-        PartState::Running,
-        PartState::Succeeded,
-        PartState::Failed,
-        PartState::Stopped,
-        PartState::Lost,
-    ];
-
-    /// The lowercase name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PartState::Assigned => "assigned",
-            PartState::Preparing => "preparing",
-            PartState::Running => "running",
-            PartState::Succeeded => "succeeded",
-            PartState::Failed => "failed",
-            PartState::Stopped => "stopped",
-            PartState::Lost => "lost",
-        }
-    }
-
-    /// True once the part can never change again.
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            PartState::Succeeded | PartState::Failed | PartState::Stopped | PartState::Lost
-        )
-    }
-}
-
-impl fmt::Display for PartState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A part state name that is not one of [`PartState::ALL`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown part state `{0}`")]
-pub struct UnknownPartState(String);
-
-impl FromStr for PartState {
-    type Err = UnknownPartState;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        PartState::ALL
-            .into_iter()
-            .find(|p| p.as_str() == s)
-            .ok_or_else(|| UnknownPartState(s.to_string()))
-    }
-}
+// One definition of a part's states for the wire and the store: the names
+// are what the `job_parts.state` column holds.
+pub use drover_api::wire::{PartState, UnknownPartState};
 
 /// One part of one attempt of a job.
 #[derive(Debug, Clone, PartialEq, Eq)]

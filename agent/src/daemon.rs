@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drover_api::wire::{
-    self, Assignment, Assignments, GpuCounts, HeartbeatRequest, LogBatch, NewLogLine, PartState,
+    Assignment, Assignments, GpuCounts, HeartbeatRequest, LogBatch, NewLogLine, PartState,
     PartStatus, RegisterRequest,
 };
 use drover_runner::PartRunner;
@@ -1132,10 +1132,7 @@ impl<R: ContainerRuntime> PartCtx<R> {
             job: self.part.job.clone(),
             attempt: self.part.attempt,
             node_rank: self.part.node_rank,
-            stream: match stream {
-                LogStream::Stdout => wire::LogStream::Stdout,
-                LogStream::Stderr => wire::LogStream::Stderr,
-            },
+            stream,
             at: drover_api::cluster::Timestamp(now_ms()),
             text,
         }

@@ -91,14 +91,9 @@ pub struct PullProgress {
     pub total: Option<u64>,
 }
 
-/// Which output stream a log line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogStream {
-    /// Standard output.
-    Stdout,
-    /// Standard error.
-    Stderr,
-}
+/// Which output stream a log line came from: the wire type itself, so a
+/// line goes from the engine to the agent, the server and the store unchanged.
+pub use drover_api::wire::LogStream;
 
 /// One line of a container's output.
 #[derive(Debug, Clone, PartialEq, Eq)]

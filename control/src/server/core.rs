@@ -102,20 +102,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn log_stream(s: drover_runner::runtime::LogStream) -> wire::LogStream {
-    match s {
-        drover_runner::runtime::LogStream::Stdout => wire::LogStream::Stdout,
-        drover_runner::runtime::LogStream::Stderr => wire::LogStream::Stderr,
-    }
-}
-
-fn runner_stream(s: wire::LogStream) -> drover_runner::runtime::LogStream {
-    match s {
-        wire::LogStream::Stdout => drover_runner::runtime::LogStream::Stdout,
-        wire::LogStream::Stderr => drover_runner::runtime::LogStream::Stderr,
-    }
-}
-
 fn part_info(p: JobPart) -> wire::PartInfo {
     wire::PartInfo {
         attempt: p.attempt,
@@ -523,7 +509,7 @@ impl ControlPlane {
                     at: l.at,
                     attempt: l.attempt,
                     node_rank: l.node_rank,
-                    stream: log_stream(l.stream),
+                    stream: l.stream,
                     text: l.text,
                 })
                 .collect(),
@@ -800,7 +786,7 @@ impl ControlPlane {
                             at: l.at,
                             attempt: l.attempt,
                             node_rank: l.node_rank,
-                            stream: runner_stream(l.stream),
+                            stream: l.stream,
                             text: &l.text,
                         })
                         .collect();

@@ -102,6 +102,13 @@ pub fn init_bin() -> PathBuf {
     target_dir().join("x86_64-unknown-linux-gnu/release/drover-init")
 }
 
+/// Path of the static drover-init, after [`drover_bin_release`] built it
+/// (the same file [`init_bin`] returns, without a debug build of the CLI).
+pub fn init_bin_release() -> PathBuf {
+    drover_bin_release();
+    target_dir().join("x86_64-unknown-linux-gnu/release/drover-init")
+}
+
 fn build_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
@@ -476,6 +483,31 @@ pub fn agent_bin() -> PathBuf {
         .clone()
 }
 
+/// Like [`agent_bin`], but the optimised build (for benchmarks), plus what
+/// [`drover_bin_release`] builds.
+pub fn agent_bin_release() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            drover_bin_release();
+            let _guard = build_lock();
+            run_checked(
+                cargo().current_dir(repo_root()).args([
+                    "build",
+                    "-q",
+                    "--release",
+                    "-p",
+                    "drover-agent",
+                    "--bin",
+                    "drover-agent",
+                ]),
+                "building drover-agent (release)",
+            );
+            target_dir().join("release/drover-agent")
+        })
+        .clone()
+}
+
 /// A `drover server` process on a free 127.0.0.1 port with its own data dir,
 /// a short grace period and 1 s heartbeats; killed when dropped.
 pub struct ServerProc {
@@ -489,11 +521,30 @@ pub struct ServerProc {
     /// Seconds without a heartbeat before a node is unusable.
     pub grace_seconds: u64,
     log: PathBuf,
+    release: bool,
 }
 
 impl ServerProc {
     /// Starts a server with the given grace period.
     pub fn start(grace_seconds: u64) -> ServerProc {
+        Self::start_build(grace_seconds, false)
+    }
+
+    /// Like [`ServerProc::start`], with the release build of `drover` (for
+    /// the server and for [`ServerProc::cli`]).
+    pub fn start_release(grace_seconds: u64) -> ServerProc {
+        Self::start_build(grace_seconds, true)
+    }
+
+    fn drover(&self) -> PathBuf {
+        if self.release {
+            drover_bin_release()
+        } else {
+            drover_bin()
+        }
+    }
+
+    fn start_build(grace_seconds: u64, release: bool) -> ServerProc {
         let data = tempfile::tempdir().expect("tempdir");
         let mut s = ServerProc {
             child: None,
@@ -502,6 +553,7 @@ impl ServerProc {
             grace_seconds,
             log: data.path().join("server.log"),
             data,
+            release,
         };
         s.spawn();
         s
@@ -513,7 +565,7 @@ impl ServerProc {
             .append(true)
             .open(&self.log)
             .expect("server log");
-        let child = Command::new(drover_bin())
+        let child = Command::new(self.drover())
             .args([
                 "server",
                 "--data-dir",
@@ -577,7 +629,7 @@ impl ServerProc {
 
     /// Runs `drover ARGS` against this server.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(drover_bin())
+        Command::new(self.drover())
             .args(args)
             .env("DROVER_SERVER", self.url())
             .env("DROVER_TOKEN", &self.token)
@@ -664,6 +716,7 @@ pub struct AgentProc {
     data: tempfile::TempDir,
     log: PathBuf,
     extra: Vec<String>,
+    release: bool,
 }
 
 impl AgentProc {
@@ -680,8 +733,32 @@ impl AgentProc {
         node_id: &str,
         extra: &[String],
     ) -> AgentProc {
+        Self::start_build(server, cluster, join_token, node_id, extra, false)
+    }
+
+    /// Like [`AgentProc::start_with_args`], with the release builds of
+    /// `drover-agent` and drover-init (for benchmarks).
+    pub fn start_release(
+        server: &ServerProc,
+        cluster: &str,
+        join_token: &str,
+        node_id: &str,
+        extra: &[String],
+    ) -> AgentProc {
+        Self::start_build(server, cluster, join_token, node_id, extra, true)
+    }
+
+    fn start_build(
+        server: &ServerProc,
+        cluster: &str,
+        join_token: &str,
+        node_id: &str,
+        extra: &[String],
+        release: bool,
+    ) -> AgentProc {
         let data = tempfile::tempdir().expect("tempdir");
         let mut a = AgentProc {
+            release,
             extra: extra.to_vec(),
             child: None,
             node_id: node_id.to_string(),
@@ -702,7 +779,12 @@ impl AgentProc {
             .append(true)
             .open(&self.log)
             .expect("agent log");
-        let child = Command::new(agent_bin())
+        let (agent, init) = if self.release {
+            (agent_bin_release(), init_bin_release())
+        } else {
+            (agent_bin(), init_bin())
+        };
+        let child = Command::new(agent)
             .args([
                 "run",
                 "--server",
@@ -720,7 +802,7 @@ impl AgentProc {
                 "--drain-seconds",
                 "20",
                 "--init-binary",
-                &init_bin().display().to_string(),
+                &init.display().to_string(),
             ])
             .args(&self.extra)
             .env("DROVER_JOIN_TOKEN", &self.join_token)
@@ -735,6 +817,11 @@ impl AgentProc {
     /// What the agent wrote to stderr.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// `kill -9`: no drain, no goodbye.

@@ -80,7 +80,7 @@ fn status_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn mb(kb: u64) -> f64 {
+fn mib(kb: u64) -> f64 {
     kb as f64 / 1024.0
 }
 
@@ -210,13 +210,13 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|");
     println!(
-        "| {elapsed:.1} s | {heartbeat} s | {:.1} MB ({:.1} + {:.1}) | {:.1} / {:.1} MB | {:.1} MB | {:.2} s ({} ticks at {tck} Hz) | **{:.3} %** |",
-        mb(rss_end),
-        mb(anon),
-        mb(file),
-        mb(rss_sum / n.max(1)),
-        mb(rss_max),
-        mb(hwm),
+        "| {elapsed:.1} s | {heartbeat} s | {:.1} MiB ({:.1} + {:.1}) | {:.1} / {:.1} MiB | {:.1} MiB | {:.2} s ({} ticks at {tck} Hz) | **{:.3} %** |",
+        mib(rss_end),
+        mib(anon),
+        mib(file),
+        mib(rss_sum / n.max(1)),
+        mib(rss_max),
+        mib(hwm),
         cpu_s,
         ticks1 - ticks0,
         cpu_s / elapsed * 100.0

@@ -263,3 +263,59 @@ fn ctrl_c_stops_the_job_and_leaves_no_container() {
     assert!(stderr.contains("canceled"), "{stderr}");
     assert!(containers_of_job(&name).is_empty(), "container left behind");
 }
+
+#[test]
+fn open_mpi_and_mpi4py_run_inside_a_job() {
+    const IMAGE: &str = "drover/openmpi:bookworm";
+    let present = std::process::Command::new("docker")
+        .args(["image", "inspect", IMAGE])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        present,
+        "this test needs {IMAGE}; build it with `images/build-offline.sh`"
+    );
+    // A real MPI allreduce over 3 ranks on one node, launched by Open MPI's
+    // own mpirun under drover-init; and the Azure SDK that job code uses.
+    let j = JobDir::new(&format!(
+        r#"command: >-
+  mpirun --allow-run-as-root --oversubscribe -np 3
+  python3 -c "from mpi4py import MPI; c = MPI.COMM_WORLD; s = c.allreduce(c.Get_rank()); print(f'mpi rank {{c.Get_rank()}} of {{c.Get_size()}} sum {{s}}')"
+  && python3 -c "import azure.identity; print('azure-identity', azure.identity.__name__)"
+environment:
+  image: {IMAGE}
+environment_variables:
+  OMPI_MCA_btl_vader_single_copy_mechanism: none
+resources:
+  shm_size: 256m
+"#
+    ));
+    let r = drover_run(&j, &unique_name("mpi"), &[]);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        r.stdout,
+        r.stderr
+    );
+    let mut ranks: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("mpi rank"))
+        .collect();
+    ranks.sort();
+    assert_eq!(
+        ranks,
+        vec![
+            "mpi rank 0 of 3 sum 3",
+            "mpi rank 1 of 3 sum 3",
+            "mpi rank 2 of 3 sum 3"
+        ]
+    );
+    assert!(
+        r.stdout.contains("azure-identity azure.identity"),
+        "{}",
+        r.stdout
+    );
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -141,9 +141,8 @@ async fn not_found() -> Response {
     error_response(ErrorCode::NotFound, "no such route".to_string())
 }
 
-fn bearer(parts: &Parts) -> Result<&str, ControlError> {
-    let value = parts
-        .headers
+fn bearer(headers: &HeaderMap) -> Result<&str, ControlError> {
+    let value = headers
         .get(header::AUTHORIZATION)
         .ok_or_else(|| ControlError::Unauthorized("missing bearer token".to_string()))?;
     value
@@ -169,7 +168,7 @@ impl FromRequestParts<AppState> for User {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, core: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(parts)?;
+        let token = bearer(&parts.headers)?;
         Ok(User(core.authenticate_user(token).await?))
     }
 }
@@ -184,7 +183,7 @@ impl FromRequestParts<AppState> for Agent {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, core: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(parts)?;
+        let token = bearer(&parts.headers)?;
         Ok(Agent(core.authenticate_node(token).await?))
     }
 }
@@ -315,13 +314,16 @@ async fn register(
     Ok((StatusCode::CREATED, Json(core.register(req).await?)))
 }
 
+/// Authenticates inside the heartbeat's own store turn (see
+/// [`ControlPlane::heartbeat_with_credential`]) rather than through [`Agent`].
 async fn heartbeat(
     State(core): State<AppState>,
-    Agent(node): Agent,
+    headers: HeaderMap,
     body: Body<wire::HeartbeatRequest>,
 ) -> Answer<wire::HeartbeatResponse> {
+    let credential = bearer(&headers)?;
     let Json(req) = body?;
-    Ok(Json(core.heartbeat(node, req).await?))
+    Ok(Json(core.heartbeat_with_credential(credential, req).await?))
 }
 
 /// `?version=N&timeout=S`.

@@ -214,6 +214,9 @@ enum Input {
         event_ids: Vec<String>,
         /// How long parts may still run.
         deadline: Duration,
+        /// The VM is being preempted or deleted: the node says `preempted`
+        /// at once, so its job is requeued without waiting for silence.
+        preempted: bool,
     },
 }
 
@@ -285,6 +288,7 @@ pub async fn run<R: ContainerRuntime>(
 
     let reports: SharedReports = Arc::default();
     let draining = Arc::new(AtomicBool::new(false));
+    let preempted = Arc::new(AtomicBool::new(false));
     // The I/O tasks outlive the drain so the last states reach the server.
     let io = CancellationToken::new();
     let (input_tx, input_rx) = mpsc::channel::<Input>(64);
@@ -303,6 +307,7 @@ pub async fn run<R: ContainerRuntime>(
         interval: config.heartbeat_interval,
         reports: reports.clone(),
         draining: draining.clone(),
+        preempted: preempted.clone(),
         inventory,
         input: input_tx.clone(),
         now: beat_rx,
@@ -331,6 +336,7 @@ pub async fn run<R: ContainerRuntime>(
         runner,
         reports,
         draining,
+        preempted,
         input: input_tx,
         ship: ship_tx,
         metrics,
@@ -543,6 +549,7 @@ struct HeartbeatCtx {
     interval: Duration,
     reports: SharedReports,
     draining: Arc<AtomicBool>,
+    preempted: Arc<AtomicBool>,
     inventory: InventorySource,
     input: mpsc::Sender<Input>,
     now: mpsc::Receiver<oneshot::Sender<()>>,
@@ -600,10 +607,13 @@ async fn heartbeat_task(mut ctx: HeartbeatCtx) {
         };
         ctx.metrics.observe_parts(&parts);
         let req = HeartbeatRequest {
-            state: ctx
-                .draining
-                .load(Ordering::Relaxed)
-                .then_some(drover_api::cluster::NodeState::Leaving),
+            state: if ctx.preempted.load(Ordering::Relaxed) {
+                Some(drover_api::cluster::NodeState::Preempted)
+            } else {
+                ctx.draining
+                    .load(Ordering::Relaxed)
+                    .then_some(drover_api::cluster::NodeState::Leaving)
+            },
             ip: None,
             gpus: if gpus != last_gpus { gpus } else { None },
             // The whole document only when what scheduling reads changed.
@@ -688,7 +698,9 @@ async fn maintenance_task(
     while let Some(update) = rx.recv().await {
         let mut ids = Vec::new();
         let mut deadline: Option<Duration> = None;
+        let mut preempted = false;
         for e in &update.events {
+            preempted |= matches!(e.event_type, EventType::Preempt | EventType::Terminate);
             let until = match e.event_type {
                 EventType::Preempt | EventType::Terminate => Duration::ZERO,
                 EventType::Reboot | EventType::Redeploy => e
@@ -708,6 +720,7 @@ async fn maintenance_task(
                 .send(Input::Maintenance {
                     event_ids: ids,
                     deadline,
+                    preempted,
                 })
                 .await;
             return;
@@ -806,6 +819,7 @@ struct Reconciler<R: ContainerRuntime> {
     runner: Arc<PartRunner<R>>,
     reports: SharedReports,
     draining: Arc<AtomicBool>,
+    preempted: Arc<AtomicBool>,
     input: mpsc::Sender<Input>,
     ship: mpsc::Sender<Ship>,
     metrics: Arc<Metrics>,
@@ -838,8 +852,11 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 _ = shutdown.cancelled() => break,
                 _ = resync.tick() => {}
                 Some(input) = rx.recv() => {
-                    if let Input::Maintenance { event_ids, deadline: d } = input {
-                        tracing::info!(events = ?event_ids, deadline_s = d.as_secs(), "scheduled maintenance; draining");
+                    if let Input::Maintenance { event_ids, deadline: d, preempted } = input {
+                        tracing::info!(events = ?event_ids, deadline_s = d.as_secs(), preempted, "scheduled maintenance; draining");
+                        if preempted {
+                            self.preempted.store(true, Ordering::Relaxed);
+                        }
                         ack = event_ids;
                         deadline = d.min(deadline);
                         break;
@@ -1043,10 +1060,17 @@ impl<R: ContainerRuntime> Reconciler<R> {
             deadline_s = deadline.as_secs(),
             "draining"
         );
+        // No time left (a preemption): SIGTERM now, while the heartbeat
+        // tells the server, rather than after it.
+        let mut stopped = deadline.is_zero();
+        if stopped {
+            for s in self.supervisors.values() {
+                s.cancel.cancel();
+            }
+        }
         ask_beat(beat).await;
         let deadline = tokio::time::sleep(deadline);
         tokio::pin!(deadline);
-        let mut stopped = false;
         while !self.supervisors.is_empty() {
             tokio::select! {
                 _ = &mut deadline, if !stopped => {

@@ -525,13 +525,11 @@ async fn a_preemption_notice_stops_parts_then_acknowledges_the_event() {
         .unwrap();
     assert_eq!(agent.runtime.record().stopped.len(), 1);
     assert!(stub.reported("spot").contains(&(PartState::Stopped, None)));
-    assert!(
-        stub.beats
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|b| b.state == Some(NodeState::Leaving))
-    );
+    // The node says `preempted` (its job is requeued at once), never `leaving`.
+    let states: Vec<Option<NodeState>> =
+        stub.beats.lock().unwrap().iter().map(|b| b.state).collect();
+    assert!(states.contains(&Some(NodeState::Preempted)), "{states:?}");
+    assert!(!states.contains(&Some(NodeState::Leaving)), "{states:?}");
     let doc = imds.scheduled_events().await.unwrap();
     let event = doc.events.iter().find(|e| e.event_id == id).expect("event");
     assert_eq!(event.event_status, EventStatus::Started, "acknowledged");

@@ -13,3 +13,12 @@ pub const PART: &str = "drover.part";
 pub const ATTEMPT: &str = "drover.attempt";
 /// Who created the container: `run` for `drover run`, the node id for an agent.
 pub const OWNER: &str = "drover.owner";
+/// On a local cluster's node container and its network: the cluster.
+pub const CLUSTER: &str = "drover.cluster";
+/// On a local cluster's node container: `node`.
+pub const ROLE: &str = "drover.role";
+/// On everything a local provider creates: which control plane created it
+/// (so `drover down` removes exactly its own containers and networks).
+pub const CONTROL_PLANE: &str = "drover.control-plane";
+/// The value of [`ROLE`] on node containers.
+pub const ROLE_NODE: &str = "node";

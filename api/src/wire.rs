@@ -376,6 +376,15 @@ pub struct NodeList {
     pub nodes: Vec<NodeInfo>,
 }
 
+/// Answer to `POST /v1/nodes/{id}/evict`: the injected scheduled event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvictResponse {
+    /// The node.
+    pub node: String,
+    /// The `Preempt` scheduled event's id (`EventId`).
+    pub event_id: String,
+}
+
 /// GPU health counts of a node.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuCounts {

@@ -36,6 +36,12 @@ enum Command {
     Job(commands::job::JobArgs),
     /// Inspect nodes.
     Node(commands::node::NodeArgs),
+    /// Start a local autoscaling cluster on this machine's Docker: builds
+    /// the images it needs, starts the server in the background, creates
+    /// the cluster `local`.
+    Up(commands::up::UpArgs),
+    /// Stop what `drover up` started and remove its containers and networks.
+    Down(commands::up::DownArgs),
 }
 
 #[derive(clap::Args)]
@@ -124,6 +130,8 @@ fn main() -> ExitCode {
             Command::Compute(args) => commands::compute::run(args).await,
             Command::Job(args) => commands::job::run(args).await,
             Command::Node(args) => commands::node::run(args).await,
+            Command::Up(args) => commands::up::up(args).await,
+            Command::Down(args) => commands::up::down(args).await,
         }
     });
     match result {

@@ -3,7 +3,7 @@
 //! Architecture Invariant: this is the only module in Drover that imports
 //! bollard; everything else speaks the plain types of [`crate::runtime`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bollard::Docker;
@@ -21,8 +21,8 @@ use futures_util::stream::BoxStream;
 
 use crate::auth::RegistryAuth;
 use crate::runtime::{
-    ContainerConfig, ContainerRuntime, ContainerState, ContainerSummary, ExitStatus, LogLine,
-    LogStream, PullProgress, RuntimeError,
+    ContainerConfig, ContainerRuntime, ContainerState, ContainerSummary, ContextFile, ExitStatus,
+    LogLine, LogStream, NetworkInfo, NodeContainerConfig, PullProgress, RuntimeError,
 };
 
 /// The Docker engine, reached through its local socket (or `DOCKER_HOST`).
@@ -79,6 +79,242 @@ impl DockerRuntime {
     pub async fn engine_version(&self) -> Result<String, RuntimeError> {
         let v = self.docker.version().await.map_err(engine_error)?;
         Ok(v.version.unwrap_or_default())
+    }
+}
+
+/// The label filter of the engine's list calls.
+fn label_filter(labels: &[(String, String)]) -> HashMap<String, Vec<String>> {
+    HashMap::from([(
+        "label".to_string(),
+        labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+    )])
+}
+
+fn network_info(
+    name: Option<String>,
+    ipam: Option<bollard::models::Ipam>,
+    labels: Option<HashMap<String, String>>,
+) -> NetworkInfo {
+    let first = ipam.and_then(|i| i.config).and_then(|c| {
+        c.into_iter()
+            .find(|c| c.subnet.as_deref().is_some_and(|s| s.contains('.')))
+    });
+    NetworkInfo {
+        name: name.unwrap_or_default(),
+        subnet: first.as_ref().and_then(|c| c.subnet.clone()),
+        gateway: first.and_then(|c| c.gateway),
+        labels: labels.unwrap_or_default().into_iter().collect(),
+    }
+}
+
+/// Networks and long-lived node containers: what the control plane's local
+/// provider needs beyond running job parts.
+impl DockerRuntime {
+    /// The network called `name`, if it exists.
+    pub async fn network(&self, name: &str) -> Result<Option<NetworkInfo>, RuntimeError> {
+        match self
+            .docker
+            .inspect_network(
+                name,
+                None::<bollard::query_parameters::InspectNetworkOptions>,
+            )
+            .await
+        {
+            Ok(n) => Ok(Some(network_info(n.name, n.ipam, n.labels))),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(engine_error(e)),
+        }
+    }
+
+    /// Every network; with `labels`, only those carrying all of them.
+    pub async fn networks(
+        &self,
+        labels: &[(String, String)],
+    ) -> Result<Vec<NetworkInfo>, RuntimeError> {
+        let options = bollard::query_parameters::ListNetworksOptions {
+            filters: (!labels.is_empty()).then(|| label_filter(labels)),
+        };
+        let found = self
+            .docker
+            .list_networks(Some(options))
+            .await
+            .map_err(engine_error)?;
+        Ok(found
+            .into_iter()
+            .map(|n| network_info(n.name, n.ipam, n.labels))
+            .collect())
+    }
+
+    /// Creates a bridge network with an explicit subnet and gateway.
+    pub async fn create_network(
+        &self,
+        name: &str,
+        subnet: &str,
+        gateway: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), RuntimeError> {
+        let request = bollard::models::NetworkCreateRequest {
+            name: name.to_string(),
+            driver: Some("bridge".into()),
+            ipam: Some(bollard::models::Ipam {
+                config: Some(vec![bollard::models::IpamConfig {
+                    subnet: Some(subnet.to_string()),
+                    gateway: Some(gateway.to_string()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            labels: Some(labels.clone().into_iter().collect()),
+            ..Default::default()
+        };
+        self.docker
+            .create_network(request)
+            .await
+            .map(|_| ())
+            .map_err(engine_error)
+    }
+
+    /// Removes a network; one that is already gone is not an error.
+    pub async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
+        match self.docker.remove_network(name).await {
+            Ok(())
+            | Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(engine_error(e)),
+        }
+    }
+
+    /// Creates a node container on its network at its fixed address, with
+    /// Docker's own init as PID 1 (the agent it runs forks no zombies of its
+    /// own, but the container must pass SIGTERM on).
+    pub async fn create_node_container(
+        &self,
+        c: &NodeContainerConfig,
+    ) -> Result<String, RuntimeError> {
+        let endpoint = bollard::models::EndpointSettings {
+            ipam_config: Some(bollard::models::EndpointIpamConfig {
+                ipv4_address: Some(c.ipv4.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(c.image.clone()),
+            cmd: Some(c.cmd.clone()),
+            env: Some(c.env.clone()),
+            hostname: Some(c.name.clone()),
+            labels: Some(c.labels.clone().into_iter().collect()),
+            host_config: Some(HostConfig {
+                binds: Some(
+                    c.binds
+                        .iter()
+                        .map(|b| {
+                            let mode = if b.read_only { "ro" } else { "rw" };
+                            format!("{}:{}:{mode}", b.source, b.target)
+                        })
+                        .collect(),
+                ),
+                network_mode: Some(c.network.clone()),
+                init: Some(true),
+                ..Default::default()
+            }),
+            networking_config: Some(bollard::models::NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(c.network.clone(), endpoint)])),
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions {
+            name: Some(c.name.clone()),
+            ..Default::default()
+        };
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(engine_error)?;
+        Ok(created.id)
+    }
+
+    /// Sends `signal` (e.g. `SIGKILL`) to a running container.
+    pub async fn kill(&self, id: &str, signal: &str) -> Result<(), RuntimeError> {
+        let options = bollard::query_parameters::KillContainerOptions {
+            signal: signal.to_string(),
+        };
+        self.docker
+            .kill_container(id, Some(options))
+            .await
+            .map_err(engine_error)
+    }
+
+    /// The labels of a local image, or `None` when it is not present.
+    pub async fn image_labels(
+        &self,
+        image: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, RuntimeError> {
+        match self.docker.inspect_image(image).await {
+            Ok(i) => Ok(Some(
+                i.config
+                    .and_then(|c| c.labels)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect(),
+            )),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(engine_error(e)),
+        }
+    }
+
+    /// Gives a local image another name (`docker tag`).
+    pub async fn tag_image(&self, image: &str, repo: &str, tag: &str) -> Result<(), RuntimeError> {
+        let options = bollard::query_parameters::TagImageOptions {
+            repo: Some(repo.to_string()),
+            tag: Some(tag.to_string()),
+        };
+        self.docker
+            .tag_image(image, Some(options))
+            .await
+            .map_err(engine_error)
+    }
+
+    /// Builds `tag` from a `Dockerfile` and the other files of `context`,
+    /// calling `progress` with each line of the build's output.
+    pub async fn build_image(
+        &self,
+        tag: &str,
+        context: &[ContextFile],
+        mut progress: impl FnMut(&str),
+    ) -> Result<(), RuntimeError> {
+        let options = bollard::query_parameters::BuildImageOptions {
+            dockerfile: "Dockerfile".into(),
+            t: Some(tag.to_string()),
+            rm: true,
+            forcerm: true,
+            ..Default::default()
+        };
+        let tar = crate::tar::archive(context);
+        let mut stream = self.docker.build_image(
+            options,
+            None,
+            Some(bollard::body_full(bytes::Bytes::from(tar))),
+        );
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(engine_error)?;
+            if let Some(message) = info.error_detail.and_then(|d| d.message) {
+                return Err(RuntimeError::Engine(format!("building {tag}: {message}")));
+            }
+            if let Some(line) = info.stream {
+                let line = line.trim_end();
+                if !line.is_empty() {
+                    progress(line);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -340,13 +576,9 @@ impl ContainerRuntime for DockerRuntime {
         &self,
         labels: &[(String, String)],
     ) -> Result<Vec<ContainerSummary>, RuntimeError> {
-        let filters: HashMap<String, Vec<String>> = HashMap::from([(
-            "label".to_string(),
-            labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-        )]);
         let options = ListContainersOptions {
             all: true,
-            filters: Some(filters),
+            filters: Some(label_filter(labels)),
             ..Default::default()
         };
         let found = self

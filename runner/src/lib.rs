@@ -19,6 +19,7 @@ pub mod init_binary;
 pub mod part;
 pub mod pull;
 pub mod runtime;
+mod tar;
 
 pub use docker::DockerRuntime;
 pub use part::{HostFacts, PartEvent, PartOutcome, PartRunner, Placement, RunOptions};

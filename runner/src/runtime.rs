@@ -195,3 +195,49 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         labels: &[(String, String)],
     ) -> impl Future<Output = Result<Vec<ContainerSummary>, RuntimeError>> + Send;
 }
+
+/// A private Docker network of a local cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkInfo {
+    /// Network name.
+    pub name: String,
+    /// Its IPv4 subnet in CIDR form, e.g. `10.213.4.0/24`.
+    pub subnet: Option<String>,
+    /// The host's address on it (where node containers reach the host).
+    pub gateway: Option<String>,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A long-lived container on a named network with a fixed address: a local
+/// cluster's node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeContainerConfig {
+    /// Container name (also its host name).
+    pub name: String,
+    /// Image reference.
+    pub image: String,
+    /// Command (the image's entrypoint stays).
+    pub cmd: Vec<String>,
+    /// Environment, `NAME=VALUE`.
+    pub env: Vec<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Bind mounts.
+    pub binds: Vec<Bind>,
+    /// The network to join.
+    pub network: String,
+    /// Its fixed IPv4 address on that network.
+    pub ipv4: String,
+}
+
+/// One file of an image build context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextFile {
+    /// Path inside the context.
+    pub path: String,
+    /// Unix mode bits.
+    pub mode: u32,
+    /// Contents.
+    pub data: Vec<u8>,
+}

@@ -34,6 +34,10 @@ enum JobCommand {
         /// The job's name (overrides `name:`; generated when neither is given).
         #[arg(long, short = 'n')]
         name: Option<String>,
+        /// Follow the job's logs until it ends; exit 0 only if it completed
+        /// (as `az ml job create --stream`).
+        #[arg(long)]
+        stream: bool,
     },
     /// List jobs.
     List {
@@ -70,7 +74,21 @@ pub async fn run(args: JobArgs) -> anyhow::Result<i32> {
             file,
             compute,
             name,
-        } => create(&client, &file, compute, name, json).await,
+            stream,
+        } => {
+            let job = create(&client, &file, compute, name, json).await?;
+            if !stream {
+                return Ok(0);
+            }
+            logs(&client, &job, true, json).await?;
+            let end = get_job(&client, &job).await?;
+            eprintln!("job {job} {}", end.state);
+            Ok(if end.state == drover_api::cluster::JobState::Completed {
+                0
+            } else {
+                1
+            })
+        }
         JobCommand::List { compute } => {
             let path = match &compute {
                 Some(c) => format!("/v1/jobs?compute={}", encode(c)),
@@ -161,7 +179,7 @@ async fn create(
     compute: Option<String>,
     name: Option<String>,
     json: bool,
-) -> anyhow::Result<i32> {
+) -> anyhow::Result<String> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     // Relative paths in the job resolve against its folder, as `drover run` does.
@@ -192,7 +210,7 @@ async fn create(
     } else {
         println!("job {} queued on cluster {}", job.id, job.cluster);
     }
-    Ok(0)
+    Ok(job.id)
 }
 
 /// `job show` as text.

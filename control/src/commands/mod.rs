@@ -8,6 +8,7 @@ pub mod job;
 pub mod node;
 pub mod output;
 pub mod server;
+pub mod up;
 
 use std::path::PathBuf;
 

@@ -1,4 +1,4 @@
-//! `drover node list`.
+//! `drover node list`, `drover node evict`.
 
 use anyhow::Context;
 use drover_api::wire;
@@ -25,12 +25,38 @@ enum NodeCommand {
         #[arg(long, short = 'c')]
         compute: Option<String>,
     },
+    /// Preempt a node of a local cluster the way a spot eviction does: its
+    /// VM gets a `Preempt` scheduled event, its agent stops the job, and the
+    /// job is requeued on another node.
+    Evict {
+        /// The node id.
+        node: String,
+    },
 }
 
 /// Runs a `drover node` command.
 pub async fn run(args: NodeArgs) -> anyhow::Result<i32> {
     let client = Client::new(&args.client)?;
-    let NodeCommand::List { compute } = args.command;
+    let compute = match args.command {
+        NodeCommand::List { compute } => compute,
+        NodeCommand::Evict { node } => {
+            let path = format!("/v1/nodes/{}/evict", encode(&node));
+            let answer: wire::EvictResponse =
+                client
+                    .call(Method::POST, &path, None::<&()>)
+                    .await
+                    .with_context(|| format!("cannot evict node {node}"))?;
+            if args.client.json {
+                print_json(&answer)?;
+            } else {
+                println!(
+                    "node {}: Preempt scheduled event {} injected",
+                    answer.node, answer.event_id
+                );
+            }
+            return Ok(0);
+        }
+    };
     let path = match &compute {
         Some(c) => format!("/v1/nodes?compute={}", encode(c)),
         None => "/v1/nodes".to_string(),

@@ -1,10 +1,11 @@
 //! `drover server`: runs the control plane until SIGTERM or Ctrl-C.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use drover_control::provider::local::{LocalConfig, ensure_node_image};
 use drover_control::server::{self, ADMIN_TOKEN_FILE, ServerConfig};
 
 use super::default_data_dir;
@@ -34,6 +35,66 @@ pub struct ServerArgs {
     /// Heartbeat interval asked of agents, in seconds.
     #[arg(long, default_value_t = 10)]
     heartbeat_seconds: u64,
+    /// Run the local provider: clusters with `provider: local` get their
+    /// nodes as containers on this machine's Docker. Needs --listen on an
+    /// address the containers reach (e.g. 0.0.0.0:7340).
+    #[arg(long)]
+    local: bool,
+    #[command(flatten)]
+    local_args: LocalArgs,
+}
+
+/// The local provider's options.
+#[derive(clap::Args, Clone)]
+pub struct LocalArgs {
+    /// Node image (default: built from the agent binary on drover/base:bookworm when missing).
+    #[arg(long)]
+    pub node_image: Option<String>,
+    /// The drover-agent put into the node image (default: next to drover).
+    #[arg(long, env = "DROVER_AGENT_BINARY")]
+    pub agent_binary: Option<PathBuf>,
+    /// The static drover-init given to job containers (default: $DROVER_INIT, then next to drover).
+    #[arg(long, env = "DROVER_INIT")]
+    pub init: Option<PathBuf>,
+    /// Where the local clusters' IMDS emulator listens.
+    #[arg(long, default_value = "0.0.0.0:7341")]
+    pub imds_listen: SocketAddr,
+    /// Heartbeat interval of local nodes' agents, in seconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub node_heartbeat_seconds: f64,
+    /// Seconds between SIGTERM and SIGKILL when a local node stops a job.
+    #[arg(long, default_value_t = 10.0)]
+    pub node_stop_grace_seconds: f64,
+}
+
+impl LocalArgs {
+    /// The local provider's settings, building the node image if needed.
+    pub async fn config(&self, data_dir: &Path) -> anyhow::Result<LocalConfig> {
+        let init = drover_runner::init_binary::find(self.init.as_deref())
+            .context("the local provider gives drover-init to job containers")?;
+        let image = match &self.node_image {
+            Some(i) => i.clone(),
+            None => {
+                let agent = match &self.agent_binary {
+                    Some(p) => p.clone(),
+                    None => std::env::current_exe()
+                        .context("locating drover")?
+                        .with_file_name("drover-agent"),
+                };
+                let docker = drover_runner::DockerRuntime::connect()
+                    .await
+                    .context("the local provider needs Docker")?;
+                ensure_node_image(&docker, &agent, |line| eprintln!("  {line}"))
+                    .await
+                    .with_context(|| format!("building the node image from {}", agent.display()))?
+            }
+        };
+        let mut config = LocalConfig::new(data_dir, 0, image, init);
+        config.imds_listen = self.imds_listen;
+        config.heartbeat_seconds = self.node_heartbeat_seconds;
+        config.stop_grace_seconds = self.node_stop_grace_seconds;
+        Ok(config)
+    }
 }
 
 /// Runs the server until a signal stops it.
@@ -48,6 +109,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<i32> {
     config.core.max_attempts = args.max_attempts.max(1);
     config.core.heartbeat_interval = Duration::from_secs(args.heartbeat_seconds.max(1));
     config.store.log_cap_bytes = args.log_cap_bytes;
+    if args.local {
+        config.local = Some(args.local_args.config(&data_dir).await?);
+    }
     let running = server::start(config).await.with_context(|| {
         format!(
             "cannot start drover server (data dir {})",

@@ -1,7 +1,7 @@
 //! The control plane's core: every action the HTTP API offers, as plain
 //! async methods over the store. No HTTP here; `http.rs` only translates.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::ControlError;
 use crate::autoscaler::{self, AutoscaleInput, AutoscalerConfig};
+use crate::provider::{Providers, ProvisionState};
 use crate::store::{
     Cluster, Heartbeat, Job, JobFilter, JobPart, NewJob, NewLogLine, NewNode, Node, NodeInventory,
     Store, StoreError, VersionBump,
@@ -52,7 +53,16 @@ impl Default for CoreConfig {
 struct ScalingMemo {
     last_scale_action: Option<Timestamp>,
     provider_error: Option<String>,
+    /// Machines the provider made whose agents have not registered yet,
+    /// with when they were first seen: preparing nodes.
+    pending: BTreeMap<String, Timestamp>,
+    /// The join token handed to machines the provider creates; only its
+    /// hash is stored, so a restarted server makes a new one.
+    join_token: Option<String>,
 }
+
+/// How long a created machine may take to register before it is removed.
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The control plane: the store plus the in-memory wake-up machinery.
 ///
@@ -69,6 +79,8 @@ pub struct ControlPlane {
     /// Wakes the scheduling loop after any change that may allow a placement.
     changed: Notify,
     scaling: Mutex<HashMap<String, ScalingMemo>>,
+    /// What creates and removes each cluster's machines.
+    providers: Arc<Providers>,
     /// Ends long polls at shutdown, so that the HTTP server's graceful
     /// shutdown does not wait out every agent's poll timeout.
     shutdown: CancellationToken,
@@ -166,6 +178,24 @@ fn read_cluster_view(store: &Store, name: &str) -> Result<ClusterView, StoreErro
     })
 }
 
+/// Machines that have not registered yet count as preparing nodes.
+fn add_pending(nodes: &mut Vec<NodeSummary>, pending: &BTreeMap<String, Timestamp>) {
+    for (id, since) in pending {
+        if nodes.iter().any(|n| &n.id == id) {
+            continue;
+        }
+        nodes.push(NodeSummary {
+            id: id.clone(),
+            state: NodeState::Preparing,
+            healthy_gpus: 0,
+            total_gpus: 0,
+            last_heartbeat: *since,
+            free_since: None,
+            current_job: None,
+        });
+    }
+}
+
 /// The GPU count of a cluster's nodes, when any has registered.
 fn node_gpus(nodes: &[NodeSummary]) -> Option<u32> {
     nodes.iter().map(|n| n.total_gpus).max()
@@ -180,9 +210,21 @@ impl ControlPlane {
             watchers: Mutex::new(HashMap::new()),
             changed: Notify::new(),
             scaling: Mutex::new(HashMap::new()),
+            providers: Arc::new(Providers::default()),
             shutdown: CancellationToken::new(),
             config,
         }
+    }
+
+    /// Uses `providers` for scaling (the default has only the static one).
+    pub fn with_providers(mut self, providers: Arc<Providers>) -> Self {
+        self.providers = providers;
+        self
+    }
+
+    /// The providers scaling uses.
+    pub fn providers(&self) -> &Providers {
+        &self.providers
     }
 
     /// The token that stops the server; cancelling it also ends long polls.
@@ -292,8 +334,9 @@ impl ControlPlane {
             .unwrap_or_default()
     }
 
-    fn cluster_info(&self, view: ClusterView) -> wire::ClusterInfo {
+    fn cluster_info(&self, mut view: ClusterView) -> wire::ClusterInfo {
         let memo = self.memo(&view.cluster.spec.name);
+        add_pending(&mut view.nodes, &memo.pending);
         let decision = autoscaler::decide(
             &AutoscaleInput {
                 spec: &view.cluster.spec,
@@ -758,10 +801,7 @@ impl ControlPlane {
     /// One scheduling and scaling pass over every cluster: places what can
     /// start (waking those nodes' watchers) and asks the provider for what
     /// the autoscaler wants, remembering its errors.
-    pub async fn schedule_pass(
-        &self,
-        provider: &dyn crate::provider::Provider,
-    ) -> Result<(), ControlError> {
+    pub async fn schedule_pass(&self) -> Result<(), ControlError> {
         let t = now();
         let views = self
             .with_store(|s| {
@@ -786,19 +826,34 @@ impl ControlPlane {
                     Err(e) => tracing::debug!(job = %job, error = %e, "placement refused"),
                 }
             }
-            self.scale(provider, &view.cluster.spec, t).await?;
+            self.scale(&view.cluster.spec, t).await?;
         }
         Ok(())
     }
 
-    async fn scale(
-        &self,
-        provider: &dyn crate::provider::Provider,
-        spec: &ComputeSpec,
-        t: Timestamp,
-    ) -> Result<(), ControlError> {
+    /// The join token for machines the provider creates in `cluster`: made
+    /// (and its hash stored) on first use after a start.
+    async fn provision_token(&self, cluster: &str) -> Result<String, ControlError> {
+        if let Some(t) = self.memo(cluster).join_token {
+            return Ok(t);
+        }
+        let token = new_secret()?;
+        let (name, t) = (cluster.to_string(), token.clone());
+        self.with_store(move |s| s.set_join_token(&name, &t))
+            .await?;
+        let mut all = self.scaling.lock().map_err(|_| ControlError::Poisoned)?;
+        all.entry(cluster.to_string()).or_default().join_token = Some(token.clone());
+        Ok(token)
+    }
+
+    /// One autoscaling step for a cluster: reads what is registered and what
+    /// the provider has, decides, and acts. Errors of the provider are kept
+    /// as the cluster's scaling errors, never returned.
+    async fn scale(&self, spec: &ComputeSpec, t: Timestamp) -> Result<(), ControlError> {
+        let providers = Arc::clone(&self.providers);
+        let provider = providers.for_cluster(spec);
         let name = spec.name.clone();
-        let (nodes, jobs) = self
+        let (mut nodes, jobs) = self
             .with_store(move |s| {
                 Ok((
                     s.node_summaries(&name)?,
@@ -809,7 +864,59 @@ impl ControlPlane {
                 ))
             })
             .await?;
-        let memo = self.memo(&spec.name);
+        let mut errors: Vec<String> = Vec::new();
+        let owned = match provider.list_nodes(spec).await {
+            Ok(owned) => owned,
+            Err(e) => {
+                errors.push(e.to_string());
+                Vec::new()
+            }
+        };
+        // A dead node's machine goes once it has stopped by itself (a
+        // preempted agent first stops its job with the grace period, then
+        // exits) or has been silent for long.
+        let reclaimable: HashSet<&str> = owned
+            .iter()
+            .filter(|m| {
+                m.state != ProvisionState::Running
+                    || nodes
+                        .iter()
+                        .any(|n| n.id == m.id && t.since(n.last_heartbeat) > REGISTER_TIMEOUT)
+            })
+            .map(|m| m.id.as_str())
+            .collect();
+
+        // Machines whose agents have not registered: preparing nodes, unless
+        // they died or took too long, in which case they go.
+        let mut memo = self.memo(&spec.name);
+        let registered: HashSet<String> = nodes.iter().map(|n| n.id.clone()).collect();
+        let mut pending = BTreeMap::new();
+        for m in owned.iter().filter(|m| !registered.contains(&m.id)) {
+            let since = memo.pending.get(&m.id).copied().unwrap_or(t);
+            let failed = match &m.state {
+                ProvisionState::Failed(why) => Some(why.clone()),
+                ProvisionState::Deleting => continue,
+                _ if t.since(since) > REGISTER_TIMEOUT => Some(format!(
+                    "its agent did not register within {}s (see `docker logs {}`)",
+                    REGISTER_TIMEOUT.as_secs(),
+                    m.id
+                )),
+                _ => None,
+            };
+            match failed {
+                None => {
+                    pending.insert(m.id.clone(), since);
+                }
+                Some(why) => {
+                    errors.push(format!("node {} failed before registering: {why}", m.id));
+                    if let Err(e) = provider.remove_node(spec, &m.id).await {
+                        errors.push(e.to_string());
+                    }
+                }
+            }
+        }
+        add_pending(&mut nodes, &pending);
+
         let decision = autoscaler::decide(
             &AutoscaleInput {
                 spec,
@@ -821,37 +928,73 @@ impl ControlPlane {
             },
             &self.config.autoscaler,
         );
-        let mut error = None;
         let mut acted = false;
         match &decision.action {
             autoscaler::ScaleAction::None => {}
             autoscaler::ScaleAction::Add { count } => {
                 acted = true;
-                if let Err(e) = provider.create_nodes(spec, *count).await {
-                    error = Some(e.to_string());
+                let token = if provider.creates_nodes() {
+                    self.provision_token(&spec.name).await?
+                } else {
+                    String::new()
+                };
+                match provider.create_nodes(spec, *count, &token).await {
+                    Ok(made) => {
+                        tracing::info!(cluster = %spec.name, nodes = ?made.iter().map(|m| &m.id).collect::<Vec<_>>(), "scaled up");
+                        pending.extend(made.into_iter().map(|m| (m.id, t)));
+                    }
+                    Err(e) => errors.push(e.to_string()),
                 }
             }
-            autoscaler::ScaleAction::Remove { nodes } => {
+            autoscaler::ScaleAction::Remove { nodes: leaving } => {
                 acted = true;
-                for n in nodes {
-                    if let Err(e) = provider.remove_node(spec, n).await {
-                        error = Some(e.to_string());
+                for n in leaving {
+                    if provider.creates_nodes() {
+                        let id = n.clone();
+                        // Nothing may be placed on it while it goes.
+                        if !self.with_store(move |s| s.mark_node_leaving(&id)).await? {
+                            continue;
+                        }
+                    }
+                    match provider.remove_node(spec, n).await {
+                        Ok(()) => self.forget_node(n).await?,
+                        Err(e) => errors.push(e.to_string()),
                     }
                 }
             }
         }
+        // Dead nodes (lost, preempted) that hold nothing: their machines go,
+        // and so do their records, once the provider has removed them.
+        for n in decision
+            .reclaim
+            .iter()
+            .filter(|n| reclaimable.contains(n.as_str()))
+        {
+            match provider.remove_node(spec, n).await {
+                Ok(()) => {
+                    tracing::info!(cluster = %spec.name, node = %n, "dead node reclaimed");
+                    self.forget_node(n).await?;
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+
+        let error = errors.pop();
         let changed = {
             let mut all = self.scaling.lock().map_err(|_| ControlError::Poisoned)?;
             let m = all.entry(spec.name.clone()).or_default();
+            m.pending = pending;
             if acted && error.is_none() {
                 m.last_scale_action = Some(t);
             }
             let changed = error.is_some() && error != m.provider_error;
-            if acted {
+            if acted || error.is_some() {
                 m.provider_error = error.clone();
             }
+            memo = m.clone();
             changed
         };
+        let _ = memo;
         // Only a new error is recorded: the loop runs every few seconds and
         // must not fill the cluster's error list with repeats.
         if let (true, Some(message)) = (changed, error) {
@@ -863,6 +1006,37 @@ impl ControlPlane {
             .await?;
         }
         Ok(())
+    }
+
+    /// Deletes the record of a node whose machine is gone.
+    async fn forget_node(&self, id: &str) -> Result<(), ControlError> {
+        let id = id.to_string();
+        match self.with_store(move |s| s.remove_node(&id)).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "forgetting a removed node failed");
+                Ok(())
+            }
+        }
+    }
+
+    /// Injects a preemption of `node` through its cluster's provider (a
+    /// `Preempt` scheduled event on local clusters); returns the event id.
+    pub async fn evict_node(&self, node: String) -> Result<String, ControlError> {
+        let id = node.clone();
+        let spec = self
+            .with_store(move |s| {
+                let n = s.node(&id)?;
+                Ok(s.cluster(&n.cluster)?.spec)
+            })
+            .await?;
+        let event = self
+            .providers
+            .for_cluster(&spec)
+            .evict(&spec, &node)
+            .await?;
+        tracing::info!(node = %node, event = %event, "preemption injected");
+        Ok(event)
     }
 
     /// Marks nodes silent for longer than `grace` unusable and requeues
@@ -930,13 +1104,14 @@ impl ControlPlane {
 /// scheduler should look again, and the node's desired-state version.
 type HeartbeatApplied = (Vec<VersionBump>, Vec<wire::PartKey>, bool, u64);
 
-/// An agent may ask only for `leaving`, or `idle` while it holds no job.
+/// An agent may say only `leaving`, `preempted` (its VM got a Preempt or
+/// Terminate event), or `idle` while it holds no job.
 fn check_requested_state(node: &Node, state: Option<NodeState>) -> Result<(), ControlError> {
     match state {
-        None | Some(NodeState::Leaving) => Ok(()),
+        None | Some(NodeState::Leaving | NodeState::Preempted) => Ok(()),
         Some(NodeState::Idle) if node.current_job.is_none() => Ok(()),
         Some(other) => Err(ControlError::Invalid(format!(
-            "an agent may ask only for state leaving (or idle while it holds no job), not {other}"
+            "an agent may ask only for state leaving or preempted (or idle while it holds no job), not {other}"
         ))),
     }
 }
@@ -956,14 +1131,32 @@ fn apply_heartbeat(
             details: details.unwrap_or(node.inventory.details.clone()),
         }),
     };
-    // A node marked unusable for silence that is heard from again,
-    // holding nothing, is usable again.
-    let state = req.state.or_else(|| {
-        (node.state == NodeState::Unusable && node.current_job.is_none()).then_some(NodeState::Idle)
-    });
+    let mut bumps = Vec::new();
+    // A preempted node stays preempted whatever else it says while it goes.
+    let state = if node.state == NodeState::Preempted {
+        None
+    } else if req.state == Some(NodeState::Preempted) {
+        // Its job is requeued now rather than after the grace period.
+        let lost = s.mark_node_lost(
+            &node.id,
+            NodeState::Preempted,
+            "the VM is being preempted (scheduled event)",
+            t,
+        )?;
+        bumps.extend(lost.bumped);
+        None
+    } else {
+        // A node marked unusable for silence that is heard from again,
+        // holding nothing, is usable again.
+        req.state.or_else(|| {
+            (node.state == NodeState::Unusable && node.current_job.is_none())
+                .then_some(NodeState::Idle)
+        })
+    };
     // Only what can change a scheduling decision wakes the
     // scheduler: 10,000 quiet heartbeats must not cost 10,000 passes.
-    let relevant = state.is_some_and(|s| s != node.state)
+    let relevant = !bumps.is_empty()
+        || state.is_some_and(|s| s != node.state)
         || inventory.as_ref().is_some_and(|i| {
             i.healthy_gpus != node.inventory.healthy_gpus
                 || i.total_gpus != node.inventory.total_gpus
@@ -978,7 +1171,6 @@ fn apply_heartbeat(
         },
         t,
     )?;
-    let mut bumps = Vec::new();
     let mut rejected = Vec::new();
     for p in &req.parts {
         let key = || wire::PartKey {

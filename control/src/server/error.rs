@@ -4,6 +4,7 @@ use drover_api::compute::InvalidCompute;
 use drover_api::wire::ErrorCode;
 
 use crate::autoscaler::SubmissionError;
+use crate::provider::ProviderError;
 use crate::store::StoreError;
 
 /// Why a control-plane action failed. Every handler returns this; the HTTP
@@ -20,6 +21,9 @@ pub enum ControlError {
     /// A job cannot ever run on its cluster.
     #[error(transparent)]
     Submission(#[from] SubmissionError),
+    /// A provider refused or failed (e.g. `drover node evict`).
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
     /// The request is malformed; the message says what.
     #[error("{0}")]
     Invalid(String),
@@ -64,6 +68,14 @@ impl ControlError {
             ControlError::InvalidCompute(_)
             | ControlError::Submission(_)
             | ControlError::Invalid(_) => ErrorCode::Invalid,
+            ControlError::Provider(e) => match e {
+                ProviderError::NotSupported { .. } | ProviderError::Unavailable { .. } => {
+                    ErrorCode::Invalid
+                }
+                ProviderError::NodeNotFound { .. } => ErrorCode::NotFound,
+                ProviderError::QuotaExceeded { .. } => ErrorCode::Conflict,
+                ProviderError::Backend { .. } => ErrorCode::Internal,
+            },
             ControlError::TooLarge(_) => ErrorCode::TooLarge,
             ControlError::Unauthorized(_) => ErrorCode::Unauthorized,
             ControlError::Forbidden(_) => ErrorCode::Forbidden,
@@ -82,7 +94,10 @@ impl ControlError {
         // `transparent` variants already print their source's message.
         if matches!(
             self,
-            ControlError::Store(_) | ControlError::InvalidCompute(_) | ControlError::Submission(_)
+            ControlError::Store(_)
+                | ControlError::InvalidCompute(_)
+                | ControlError::Submission(_)
+                | ControlError::Provider(_)
         ) {
             source = source.and_then(std::error::Error::source);
         }

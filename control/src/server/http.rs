@@ -37,6 +37,7 @@ pub fn router(core: AppState) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/logs", get(job_logs))
         .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{id}/evict", post(evict_node))
         .route("/v1/agent/register", post(register))
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/assignments", get(assignments))
@@ -304,6 +305,16 @@ async fn list_nodes(
 ) -> Answer<wire::NodeList> {
     let Query(q) = query?;
     Ok(Json(core.nodes(q.compute).await?))
+}
+
+async fn evict_node(
+    State(core): State<AppState>,
+    User(user): User,
+    Path(id): Path<String>,
+) -> Answer<wire::EvictResponse> {
+    tracing::info!(user = %user, node = %id, "evict node");
+    let event_id = core.evict_node(id.clone()).await?;
+    Ok(Json(wire::EvictResponse { node: id, event_id }))
 }
 
 async fn register(

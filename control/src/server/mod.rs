@@ -34,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 pub use self::core::{ControlPlane, CoreConfig, new_secret, now};
 pub use self::error::ControlError;
 pub use self::http::router;
-use crate::provider::StaticProvider;
+use crate::provider::Providers;
+use crate::provider::local::{LocalConfig, LocalProvider, LocalStartError};
 use crate::store::{Store, StoreConfig, StoreError};
 
 /// The file in the data directory holding the first admin token.
@@ -60,6 +61,9 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     /// Core settings.
     pub core: CoreConfig,
+    /// Run the local provider (nodes as containers) with these settings;
+    /// its `server_port` is set to the bound port.
+    pub local: Option<LocalConfig>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -73,6 +77,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("check_interval", &self.check_interval)
             .field("store", &self.store)
             .field("core", &self.core)
+            .field("local", &self.local)
             .finish()
     }
 }
@@ -89,6 +94,7 @@ impl ServerConfig {
             check_interval: Duration::from_secs(2),
             store: StoreConfig::default(),
             core: CoreConfig::default(),
+            local: None,
         }
     }
 }
@@ -126,6 +132,15 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The local provider was asked for on a loopback address, which node
+    /// containers cannot reach.
+    #[error(
+        "the local provider needs the server to listen where node containers reach it, not {0}; use e.g. --listen 0.0.0.0:7340"
+    )]
+    LocalOnLoopback(SocketAddr),
+    /// The local provider could not start.
+    #[error("cannot start the local provider")]
+    Local(#[source] LocalStartError),
     /// The HTTP server failed.
     #[error("http server failed")]
     Serve(#[source] std::io::Error),
@@ -245,10 +260,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             path: config.data_dir.clone(),
             source,
         })?;
-    let core = Arc::new(ControlPlane::new(store, config.core.clone()));
-
-    let new_admin_token = setup_tokens(&core, &config).await?;
-
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -259,6 +270,25 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         addr: config.listen,
         source,
     })?;
+    let local = match config.local.clone() {
+        Some(_) if addr.ip().is_loopback() => return Err(ServerError::LocalOnLoopback(addr)),
+        Some(mut local) => {
+            local.server_port = addr.port();
+            Some(Arc::new(
+                LocalProvider::start(local)
+                    .await
+                    .map_err(ServerError::Local)?,
+            ))
+        }
+        None => None,
+    };
+    let core = Arc::new(
+        ControlPlane::new(store, config.core.clone())
+            .with_providers(Arc::new(Providers::new(local))),
+    );
+
+    let new_admin_token = setup_tokens(&core, &config).await?;
+
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "drover server listening");
 
     let shutdown = core.shutdown_token();
@@ -340,9 +370,8 @@ async fn setup_tokens(
 }
 
 async fn scheduler_loop(core: &ControlPlane, stop: &CancellationToken, tick: Duration) {
-    let provider = StaticProvider;
     loop {
-        if let Err(e) = core.schedule_pass(&provider).await {
+        if let Err(e) = core.schedule_pass().await {
             tracing::error!(error = %e.message(), "scheduling pass failed");
         }
         tokio::select! {

@@ -393,6 +393,18 @@ impl Store {
         Ok(NodeLost { job, bumped })
     }
 
+    /// Marks an idle node that holds no job `leaving`, so nothing is placed
+    /// on it while its machine is removed. False when it was not idle (a
+    /// placement won the race) — then it must stay.
+    pub fn mark_node_leaving(&mut self, id: &str) -> Result<bool, StoreError> {
+        let changed = self.conn.execute(
+            "UPDATE nodes SET state = 'leaving'
+             WHERE id = ?1 AND state = 'idle' AND current_job IS NULL",
+            [id],
+        )?;
+        Ok(changed == 1)
+    }
+
     /// Removes a node (scale-down, decommission). Refused while it holds a
     /// job. Its parts' history stays.
     pub fn remove_node(&mut self, id: &str) -> Result<(), StoreError> {

@@ -6,15 +6,22 @@
 //!   the cluster's join token. It creates and removes nothing; asked to, it
 //!   answers [`ProviderError::NotSupported`] with what the operator should do,
 //!   and that message becomes the cluster's "why it is resizing".
-//! - `local` (nodes are containers) and `azure-vmss`: later.
+//! - `local` ([`local::LocalProvider`]): nodes are containers on this
+//!   machine's Docker, one private network per cluster, with an IMDS emulator.
+//! - `azure-vmss`: not yet; such a cluster's scaling errors say so.
+//!
+//! [`Providers`] picks the one a cluster names.
 //!
 //! API Boundary: the control plane stores every error a provider returns as a
 //! scaling error and passes the latest to the next autoscaler decision; a
 //! provider never retries on its own.
 
+pub mod local;
+
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use drover_api::compute::{ComputeSpec, ProviderKind};
 
@@ -33,6 +40,8 @@ pub enum Operation {
     RemoveNode,
     /// [`Provider::list_nodes`].
     ListNodes,
+    /// [`Provider::evict`].
+    Evict,
 }
 
 impl Operation {
@@ -42,6 +51,7 @@ impl Operation {
             Operation::CreateNodes => "create_nodes",
             Operation::RemoveNode => "remove_node",
             Operation::ListNodes => "list_nodes",
+            Operation::Evict => "evict",
         }
     }
 }
@@ -52,6 +62,7 @@ impl fmt::Display for Operation {
             Operation::CreateNodes => "create nodes",
             Operation::RemoveNode => "remove a node",
             Operation::ListNodes => "list nodes",
+            Operation::Evict => "evict a node",
         })
     }
 }
@@ -80,6 +91,14 @@ pub enum ProviderError {
         /// The cloud's own words.
         message: String,
     },
+    /// This control plane does not run the provider the cluster names.
+    #[error("the {provider} provider is not available in this control plane: {hint}")]
+    Unavailable {
+        /// The provider the cluster names.
+        provider: ProviderKind,
+        /// How to make it available.
+        hint: String,
+    },
     /// The node is not one of the provider's.
     #[error("node {node} is not known to the {provider} provider")]
     NodeNotFound {
@@ -107,6 +126,7 @@ impl ProviderError {
         match self {
             ProviderError::NotSupported { .. } => "not_supported",
             ProviderError::QuotaExceeded { .. } => "quota",
+            ProviderError::Unavailable { .. } => "unavailable",
             ProviderError::NodeNotFound { .. } => "node_not_found",
             ProviderError::Backend { .. } => "backend",
         }
@@ -145,12 +165,14 @@ pub trait Provider: Send + Sync {
     /// Which provider this is.
     fn kind(&self) -> ProviderKind;
 
-    /// Starts creating `count` machines for `cluster`; returns them as
-    /// `Creating` (they count as preparing nodes until their agents register).
+    /// Starts creating `count` machines for `cluster` whose agents join with
+    /// `join_token`; returns them as `Creating` (they count as preparing
+    /// nodes until their agents register).
     fn create_nodes<'a>(
         &'a self,
         cluster: &'a ComputeSpec,
         count: u32,
+        join_token: &'a str,
     ) -> ProviderFuture<'a, Vec<ProvisionedNode>>;
 
     /// Removes one machine. The caller has drained it first; removing a
@@ -166,6 +188,123 @@ pub trait Provider: Send + Sync {
         &'a self,
         cluster: &'a ComputeSpec,
     ) -> ProviderFuture<'a, Vec<ProvisionedNode>>;
+
+    /// Asks the infrastructure to preempt a node the way a spot eviction
+    /// does (a `Preempt` scheduled event); returns the event's id. For tests
+    /// and drills; providers of real clouds cannot.
+    fn evict<'a>(
+        &'a self,
+        cluster: &'a ComputeSpec,
+        node_id: &'a str,
+    ) -> ProviderFuture<'a, String> {
+        let _ = (cluster, node_id);
+        let provider = self.kind();
+        Box::pin(std::future::ready(Err(ProviderError::NotSupported {
+            provider,
+            operation: Operation::Evict,
+            hint: "only the local provider can inject a preemption".to_string(),
+        })))
+    }
+
+    /// Whether the provider needs a join token to create nodes (so the
+    /// control plane manages one for the cluster).
+    fn creates_nodes(&self) -> bool {
+        false
+    }
+}
+
+/// A provider this control plane does not run: every call says how to get it.
+#[derive(Debug, Clone)]
+struct Unavailable {
+    kind: ProviderKind,
+    hint: &'static str,
+}
+
+impl Unavailable {
+    fn error<'a, T: Send + 'a>(&'a self) -> ProviderFuture<'a, T> {
+        Box::pin(std::future::ready(Err(ProviderError::Unavailable {
+            provider: self.kind,
+            hint: self.hint.to_string(),
+        })))
+    }
+}
+
+impl Provider for Unavailable {
+    fn kind(&self) -> ProviderKind {
+        self.kind
+    }
+    fn create_nodes<'a>(
+        &'a self,
+        _: &'a ComputeSpec,
+        _: u32,
+        _: &'a str,
+    ) -> ProviderFuture<'a, Vec<ProvisionedNode>> {
+        self.error()
+    }
+    fn remove_node<'a>(&'a self, _: &'a ComputeSpec, _: &'a str) -> ProviderFuture<'a, ()> {
+        self.error()
+    }
+    fn list_nodes<'a>(&'a self, _: &'a ComputeSpec) -> ProviderFuture<'a, Vec<ProvisionedNode>> {
+        // Listing nothing keeps the autoscaler's view of registered nodes.
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
+}
+
+/// The providers of one control plane; a cluster's spec picks one.
+pub struct Providers {
+    static_: StaticProvider,
+    local: Option<Arc<local::LocalProvider>>,
+    no_local: Unavailable,
+    no_vmss: Unavailable,
+}
+
+impl fmt::Debug for Providers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Providers")
+            .field("local", &self.local.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Providers {
+    fn default() -> Self {
+        Self::new(None)
+    }
+}
+
+impl Providers {
+    /// Static always; local when given.
+    pub fn new(local: Option<Arc<local::LocalProvider>>) -> Self {
+        Providers {
+            static_: StaticProvider,
+            local,
+            no_local: Unavailable {
+                kind: ProviderKind::Local,
+                hint: "start the server with --local (or use `drover up`)",
+            },
+            no_vmss: Unavailable {
+                kind: ProviderKind::AzureVmss,
+                hint: "azure-vmss is not implemented yet; use the static provider and join VMs with the cluster's token",
+            },
+        }
+    }
+
+    /// The provider of `cluster`.
+    pub fn for_cluster(&self, cluster: &ComputeSpec) -> &dyn Provider {
+        match cluster.provider {
+            ProviderKind::Static => &self.static_,
+            ProviderKind::Local => match &self.local {
+                Some(p) => p.as_ref(),
+                None => &self.no_local,
+            },
+            ProviderKind::AzureVmss => &self.no_vmss,
+        }
+    }
+
+    /// The local provider, when this control plane runs one.
+    pub fn local(&self) -> Option<&Arc<local::LocalProvider>> {
+        self.local.as_ref()
+    }
 }
 
 /// Pre-provisioned machines: nodes join by running `drover-agent` with the
@@ -187,6 +326,7 @@ impl Provider for StaticProvider {
         &'a self,
         cluster: &'a ComputeSpec,
         count: u32,
+        _join_token: &'a str,
     ) -> ProviderFuture<'a, Vec<ProvisionedNode>> {
         let hint = format!(
             "start drover-agent with the join token of cluster {} on {count} more machine(s)",
@@ -240,7 +380,7 @@ mod tests {
         let cluster = ComputeSpec::new("cpu", "STANDARD_D3_V2", 4);
         assert_eq!(p.kind(), ProviderKind::Static);
 
-        let err = ready(p.create_nodes(&cluster, 2)).expect_err("creates nothing");
+        let err = ready(p.create_nodes(&cluster, 2, "t")).expect_err("creates nothing");
         assert_eq!(
             err.to_string(),
             "the static provider cannot create nodes: start drover-agent with the join token of cluster cpu on 2 more machine(s)"

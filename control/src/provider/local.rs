@@ -1,0 +1,756 @@
+//! The local provider: a cluster's nodes are containers on this machine's
+//! Docker, each running the unchanged `drover-agent`.
+//!
+//! ```text
+//!  host ─┬─ drover server (0.0.0.0:PORT) ── IMDS emulator (0.0.0.0:IMDS_PORT, in-process)
+//!        │        ▲ http://GATEWAY:PORT           ▲ http://GATEWAY:IMDS_PORT
+//!        └─ network drover-<cluster> (10.213.N.0/24, gateway .1)
+//!              ├─ node container drover-<cluster>-<hex> (10.213.N.10) ─ drover-agent run
+//!              │      └─ job containers: network_mode container:<node>, so the
+//!              │         node's address is theirs, as on a VM
+//!              └─ node container … (10.213.N.11)
+//! ```
+//!
+//! Each node is registered in the emulator as a VM (name = node id, its IP,
+//! the cluster's VM size, `Spot` priority for low-priority clusters, the
+//! cluster's identities), and the emulator tells VMs apart by source address,
+//! as Azure's IMDS does. Agents reach the docker engine through the host's
+//! socket; the node's data directory and `drover-init` are bind-mounted at the
+//! same path as on the host, because the job containers the agent creates are
+//! the host engine's and their bind sources are host paths.
+//!
+//! Trust boundary: job containers share the node's network namespace and so
+//! reach the emulator; its admin API is therefore off, and evictions are
+//! injected through [`LocalProvider::evict`] (the control plane's API).
+//!
+//! State lives in Docker: node containers carry labels (cluster, control
+//! plane, the VM record as JSON), so a restarted server re-registers its VMs
+//! with a fresh emulator and lists its nodes again.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use drover_api::compute::{
+    ComputeSpec, Identity, ProviderKind, VmPriority, parse_identity_resource_id,
+};
+use drover_api::labels;
+use drover_imds_emulator::{
+    Emulator, EmulatorConfig, EventSpec, EventType, ManagedIdentity, Priority, RunningEmulator,
+    ServeError, VmSpec,
+};
+use drover_runner::DockerRuntime;
+use drover_runner::runtime::{
+    Bind, ContainerRuntime, ContainerState, ContainerSummary, ContextFile, NodeContainerConfig,
+    RuntimeError,
+};
+use sha2::{Digest, Sha256};
+
+use super::{Operation, Provider, ProviderError, ProviderFuture, ProvisionState, ProvisionedNode};
+
+/// The offline base image node images are built on (`images/build-offline.sh base`).
+pub const BASE_IMAGE: &str = "drover/base:bookworm";
+/// Repository of node images; the tag is the agent binary's digest.
+pub const NODE_IMAGE_REPO: &str = "drover/node";
+/// Label on a node container holding its VM record (JSON).
+const VM_LABEL: &str = "drover.vm";
+/// Where the agent lives in the node image.
+const AGENT_IN_IMAGE: &str = "/usr/local/bin/drover-agent";
+/// The first host address given to nodes on a cluster network (`.10`).
+const FIRST_NODE_HOST: u8 = 10;
+
+/// Settings of the local provider.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// Value of the `drover.control-plane` label on everything created, so
+    /// two control planes on one machine never touch each other's nodes.
+    pub control_plane: String,
+    /// The port the server listens on (on an address the cluster networks
+    /// reach, e.g. 0.0.0.0); agents use `http://GATEWAY:PORT`.
+    pub server_port: u16,
+    /// Where the IMDS emulator listens; its port must stay the same across
+    /// restarts, since running agents keep the URL.
+    pub imds_listen: SocketAddr,
+    /// The node image (see [`ensure_node_image`]).
+    pub node_image: String,
+    /// Host path of the static `drover-init`.
+    pub init_binary: PathBuf,
+    /// Host folder holding one data folder per node.
+    pub nodes_dir: PathBuf,
+    /// The agents' heartbeat interval, seconds.
+    pub heartbeat_seconds: f64,
+    /// The agents' SIGTERM-to-SIGKILL grace for job containers, seconds.
+    pub stop_grace_seconds: f64,
+    /// The second octet-pair prefix of cluster subnets: `10.213` gives
+    /// `10.213.N.0/24`.
+    pub subnet_prefix: [u8; 2],
+}
+
+impl LocalConfig {
+    /// Defaults for a server listening on `server_port` with data in `data_dir`.
+    pub fn new(
+        data_dir: &Path,
+        server_port: u16,
+        node_image: String,
+        init_binary: PathBuf,
+    ) -> Self {
+        LocalConfig {
+            control_plane: control_plane_id(data_dir),
+            server_port,
+            imds_listen: SocketAddr::from(([0, 0, 0, 0], 7341)),
+            node_image,
+            init_binary,
+            nodes_dir: data_dir.join("local-nodes"),
+            heartbeat_seconds: 2.0,
+            stop_grace_seconds: 10.0,
+            subnet_prefix: [10, 213],
+        }
+    }
+}
+
+/// A stable id for the control plane whose data lives in `data_dir`.
+pub fn control_plane_id(data_dir: &Path) -> String {
+    let digest = Sha256::digest(data_dir.display().to_string().as_bytes());
+    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Why the local provider could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalStartError {
+    /// Docker is not reachable.
+    #[error("the local provider needs Docker")]
+    Docker(#[source] RuntimeError),
+    /// The emulator could not listen.
+    #[error("starting the IMDS emulator on {addr} failed")]
+    Imds {
+        /// Where it tried.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: ServeError,
+    },
+    /// The node image is not there.
+    #[error("node image {0} not found; `drover up` builds it")]
+    NoNodeImage(String),
+    /// The nodes' data folder could not be made.
+    #[error("cannot create {path}")]
+    NodesDir {
+        /// The folder.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `drover-init` is not there.
+    #[error("drover-init not found at {0}; build it with `make init`")]
+    NoInit(PathBuf),
+}
+
+/// Nodes as containers on this machine's Docker.
+pub struct LocalProvider {
+    docker: DockerRuntime,
+    imds: RunningEmulator,
+    config: LocalConfig,
+}
+
+fn backend(
+    operation: Operation,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> ProviderError {
+    ProviderError::Backend {
+        provider: ProviderKind::Local,
+        operation,
+        source: Box::new(e),
+    }
+}
+
+/// The Docker network of `cluster`.
+pub fn network_name(cluster: &str) -> String {
+    format!("drover-{cluster}")
+}
+
+impl LocalProvider {
+    /// Connects to Docker, checks the node image and `drover-init`, starts the
+    /// IMDS emulator and re-registers the nodes that already exist.
+    pub async fn start(mut config: LocalConfig) -> Result<Self, LocalStartError> {
+        // Bind sources must be absolute host paths.
+        std::fs::create_dir_all(&config.nodes_dir)
+            .and_then(|()| std::fs::canonicalize(&config.nodes_dir))
+            .map(|dir| config.nodes_dir = dir)
+            .map_err(|source| LocalStartError::NodesDir {
+                path: config.nodes_dir.clone(),
+                source,
+            })?;
+        let docker = DockerRuntime::connect()
+            .await
+            .map_err(LocalStartError::Docker)?;
+        if !docker
+            .image_present(&config.node_image)
+            .await
+            .map_err(LocalStartError::Docker)?
+        {
+            return Err(LocalStartError::NoNodeImage(config.node_image.clone()));
+        }
+        if !config.init_binary.is_file() {
+            return Err(LocalStartError::NoInit(config.init_binary.clone()));
+        }
+        let emulator = Emulator::new(EmulatorConfig {
+            // Job containers share the nodes' network namespaces.
+            admin_api: false,
+            ..EmulatorConfig::default()
+        });
+        let imds =
+            emulator
+                .bind(config.imds_listen)
+                .await
+                .map_err(|source| LocalStartError::Imds {
+                    addr: config.imds_listen,
+                    source,
+                })?;
+        let provider = LocalProvider {
+            docker,
+            imds,
+            config,
+        };
+        let existing = provider
+            .node_containers(&[])
+            .await
+            .map_err(LocalStartError::Docker)?;
+        for c in existing {
+            if let Some(vm) = c
+                .labels
+                .get(VM_LABEL)
+                .and_then(|j| serde_json::from_str::<VmSpec>(j).ok())
+            {
+                let _ = provider.imds.emulator().add_vm(vm);
+            }
+        }
+        tracing::info!(
+            imds = %provider.imds.local_addr(),
+            image = %provider.config.node_image,
+            "local provider ready"
+        );
+        Ok(provider)
+    }
+
+    /// The address the IMDS emulator listens on.
+    pub fn imds_addr(&self) -> SocketAddr {
+        self.imds.local_addr()
+    }
+
+    /// Node containers of this control plane, filtered by more labels.
+    async fn node_containers(
+        &self,
+        extra: &[(String, String)],
+    ) -> Result<Vec<ContainerSummary>, RuntimeError> {
+        let mut filter = vec![
+            (labels::ROLE.to_string(), labels::ROLE_NODE.to_string()),
+            (
+                labels::CONTROL_PLANE.to_string(),
+                self.config.control_plane.clone(),
+            ),
+        ];
+        filter.extend_from_slice(extra);
+        self.docker.list(&filter).await
+    }
+
+    /// The cluster's network, created with a free /24 if missing; returns
+    /// (network name, subnet base `a.b.c`, gateway).
+    async fn ensure_network(
+        &self,
+        cluster: &str,
+    ) -> Result<(String, String, String), RuntimeError> {
+        let name = network_name(cluster);
+        if let Some(n) = self.docker.network(&name).await? {
+            let (Some(subnet), Some(gateway)) = (n.subnet, n.gateway) else {
+                return Err(RuntimeError::Engine(format!(
+                    "network {name} exists without an IPv4 subnet and gateway; remove it (docker network rm {name})"
+                )));
+            };
+            let base = subnet_base(&subnet).ok_or_else(|| {
+                RuntimeError::Engine(format!("network {name} has subnet {subnet}, not a /24"))
+            })?;
+            return Ok((name, base, gateway));
+        }
+        let taken: Vec<String> = self
+            .docker
+            .networks(&[])
+            .await?
+            .into_iter()
+            .filter_map(|n| n.subnet)
+            .collect();
+        let [a, b] = self.config.subnet_prefix;
+        let base = (0..=255u8)
+            .map(|c| format!("{a}.{b}.{c}"))
+            .find(|base| !taken.iter().any(|t| t.starts_with(&format!("{base}."))))
+            .ok_or_else(|| RuntimeError::Engine(format!("no free /24 left in {a}.{b}.0.0/16")))?;
+        let gateway = format!("{base}.1");
+        let net_labels = BTreeMap::from([
+            (labels::MANAGED.to_string(), "true".to_string()),
+            (labels::CLUSTER.to_string(), cluster.to_string()),
+            (
+                labels::CONTROL_PLANE.to_string(),
+                self.config.control_plane.clone(),
+            ),
+        ]);
+        match self
+            .docker
+            .create_network(&name, &format!("{base}.0/24"), &gateway, &net_labels)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(network = %name, subnet = %format!("{base}.0/24"), "cluster network created");
+                Ok((name, base, gateway))
+            }
+            // Created meanwhile by another pass: use it.
+            Err(RuntimeError::Conflict(_)) => Box::pin(self.ensure_network(cluster)).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    fn vm_spec(&self, cluster: &ComputeSpec, id: &str, ip: &str) -> VmSpec {
+        let mut vm = VmSpec::new(id);
+        vm.vm_size = cluster.vm_size.clone();
+        if let Some(l) = &cluster.location {
+            vm.location = l.clone();
+        }
+        if cluster.vm_priority == VmPriority::LowPriority {
+            vm.priority = Priority::Spot;
+            vm.eviction_policy = "Delete".into();
+        }
+        vm.vm_scale_set_name = cluster.name.clone();
+        vm.private_ip = ip.to_string();
+        vm.tags = cluster
+            .tags
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        match &cluster.identity {
+            Identity::None => vm.system_identity = None,
+            Identity::SystemAssigned => {}
+            Identity::UserAssigned { resource_ids } => {
+                vm.system_identity = None;
+                vm.user_identities = resource_ids
+                    .iter()
+                    .filter_map(|r| parse_identity_resource_id(r).ok())
+                    .map(|r| {
+                        ManagedIdentity::user_assigned(
+                            &r.subscription_id,
+                            &r.resource_group,
+                            &r.name,
+                        )
+                    })
+                    .collect();
+            }
+        }
+        vm
+    }
+
+    async fn create_one(
+        &self,
+        cluster: &ComputeSpec,
+        join_token: &str,
+        network: &str,
+        base: &str,
+        gateway: &str,
+        used: &mut Vec<String>,
+    ) -> Result<ProvisionedNode, ProviderError> {
+        let fail = |e| backend(Operation::CreateNodes, e);
+        let host = (FIRST_NODE_HOST..=254)
+            .find(|h| !used.contains(&format!("{base}.{h}")))
+            .ok_or_else(|| {
+                fail(RuntimeError::Engine(format!(
+                    "network {network} has no free address left"
+                )))
+            })?;
+        let ip = format!("{base}.{host}");
+        used.push(ip.clone());
+        let id = format!("drover-{}-{}", cluster.name, random_hex(3));
+        let data_dir = self.config.nodes_dir.join(&id);
+        std::fs::create_dir_all(&data_dir).map_err(fail_io(Operation::CreateNodes))?;
+        let vm = self.vm_spec(cluster, &id, &ip);
+        let vm_json = serde_json::to_string(&vm).unwrap_or_default();
+        let init = self.config.init_binary.display().to_string();
+        let data = data_dir.display().to_string();
+        let imds_port = self.imds.local_addr().port();
+        let env = vec![
+            format!("DROVER_SERVER=http://{gateway}:{}", self.config.server_port),
+            format!("DROVER_CLUSTER={}", cluster.name),
+            format!("DROVER_JOIN_TOKEN={join_token}"),
+            format!("DROVER_NODE_ID={id}"),
+            format!("DROVER_AGENT_DATA_DIR={data}"),
+            format!("DROVER_INIT={init}"),
+            format!("DROVER_IMDS_URL=http://{gateway}:{imds_port}"),
+            format!("DROVER_JOB_NETWORK=container:{id}"),
+            format!("DROVER_NODE_IP={ip}"),
+            format!("DROVER_HEARTBEAT_SECONDS={}", self.config.heartbeat_seconds),
+            format!(
+                "DROVER_STOP_GRACE_SECONDS={}",
+                self.config.stop_grace_seconds
+            ),
+            "DROVER_LOG=info".to_string(),
+        ];
+        let node_labels = BTreeMap::from([
+            (labels::MANAGED.to_string(), "true".to_string()),
+            (labels::ROLE.to_string(), labels::ROLE_NODE.to_string()),
+            (labels::CLUSTER.to_string(), cluster.name.clone()),
+            (
+                labels::CONTROL_PLANE.to_string(),
+                self.config.control_plane.clone(),
+            ),
+            (VM_LABEL.to_string(), vm_json),
+        ]);
+        let spec = NodeContainerConfig {
+            name: id.clone(),
+            image: self.config.node_image.clone(),
+            cmd: vec!["run".to_string()],
+            env,
+            labels: node_labels,
+            binds: vec![
+                Bind {
+                    source: "/var/run/docker.sock".into(),
+                    target: "/var/run/docker.sock".into(),
+                    read_only: false,
+                },
+                Bind {
+                    source: data.clone(),
+                    target: data,
+                    read_only: false,
+                },
+                Bind {
+                    source: init.clone(),
+                    target: init,
+                    read_only: true,
+                },
+            ],
+            network: network.to_string(),
+            ipv4: ip.clone(),
+        };
+        // Registered first: the agent asks IMDS who it is as it starts.
+        if let Err(e) = self.imds.emulator().add_vm(vm) {
+            return Err(fail(RuntimeError::Engine(e.to_string())));
+        }
+        let created = async {
+            let cid = self.docker.create_node_container(&spec).await?;
+            self.docker.start(&cid).await
+        }
+        .await;
+        if let Err(e) = created {
+            let _ = self.imds.emulator().remove_vm(&id);
+            let _ = self.docker.remove(&id).await;
+            return Err(fail(e));
+        }
+        tracing::info!(cluster = %cluster.name, node = %id, ip = %ip, "node container started");
+        Ok(ProvisionedNode {
+            id,
+            state: ProvisionState::Creating,
+        })
+    }
+}
+
+fn fail_io(operation: Operation) -> impl Fn(std::io::Error) -> ProviderError {
+    move |e| backend(operation, e)
+}
+
+/// `a.b.c` of an `a.b.c.0/24` subnet.
+fn subnet_base(subnet: &str) -> Option<String> {
+    let (addr, len) = subnet.split_once('/')?;
+    if len != "24" {
+        return None;
+    }
+    let ip: IpAddr = addr.parse().ok()?;
+    let IpAddr::V4(v4) = ip else { return None };
+    let [a, b, c, _] = v4.octets();
+    Some(format!("{a}.{b}.{c}"))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    // A failing CSPRNG only makes names collide; Docker then refuses the create.
+    let _ = getrandom::getrandom(&mut buf);
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn node_state(c: &ContainerSummary) -> ProvisionState {
+    match c.state {
+        ContainerState::Created => ProvisionState::Creating,
+        ContainerState::Running => ProvisionState::Running,
+        ContainerState::Exited => ProvisionState::Failed("the node container exited".into()),
+    }
+}
+
+impl Provider for LocalProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Local
+    }
+
+    fn creates_nodes(&self) -> bool {
+        true
+    }
+
+    fn create_nodes<'a>(
+        &'a self,
+        cluster: &'a ComputeSpec,
+        count: u32,
+        join_token: &'a str,
+    ) -> ProviderFuture<'a, Vec<ProvisionedNode>> {
+        Box::pin(async move {
+            let fail = |e| backend(Operation::CreateNodes, e);
+            let (network, base, gateway) =
+                self.ensure_network(&cluster.name).await.map_err(fail)?;
+            let mut used: Vec<String> = self
+                .node_containers(&[(labels::CLUSTER.to_string(), cluster.name.clone())])
+                .await
+                .map_err(fail)?
+                .iter()
+                .filter_map(|c| c.labels.get(VM_LABEL))
+                .filter_map(|j| serde_json::from_str::<VmSpec>(j).ok())
+                .map(|vm| vm.private_ip)
+                .collect();
+            let mut created = Vec::new();
+            for _ in 0..count {
+                created.push(
+                    self.create_one(cluster, join_token, &network, &base, &gateway, &mut used)
+                        .await?,
+                );
+            }
+            Ok(created)
+        })
+    }
+
+    fn remove_node<'a>(
+        &'a self,
+        cluster: &'a ComputeSpec,
+        node_id: &'a str,
+    ) -> ProviderFuture<'a, ()> {
+        Box::pin(async move {
+            let fail = |e| backend(Operation::RemoveNode, e);
+            let mine = self
+                .node_containers(&[(labels::CLUSTER.to_string(), cluster.name.clone())])
+                .await
+                .map_err(fail)?
+                .into_iter()
+                .find(|c| c.name == node_id);
+            if let Some(node) = &mine
+                && node.state == ContainerState::Running
+            {
+                // SIGTERM: the agent drains (an idle node at once) and exits.
+                let grace = Duration::from_secs_f64(self.config.stop_grace_seconds + 5.0);
+                if let Err(e) = self.docker.stop(&node.id, grace).await {
+                    tracing::warn!(node = %node_id, error = %e, "stopping the node container failed; removing it");
+                }
+            }
+            // Its job containers, whatever state they are in.
+            let jobs = self
+                .docker
+                .list(&[(labels::OWNER.to_string(), node_id.to_string())])
+                .await
+                .map_err(fail)?;
+            for j in jobs {
+                match self.docker.remove(&j.id).await {
+                    Ok(()) | Err(RuntimeError::NotFound(_)) => {}
+                    Err(e) => return Err(fail(e)),
+                }
+            }
+            if let Some(node) = mine {
+                match self.docker.remove(&node.id).await {
+                    Ok(()) | Err(RuntimeError::NotFound(_)) => {}
+                    Err(e) => return Err(fail(e)),
+                }
+            }
+            let _ = self.imds.emulator().remove_vm(node_id);
+            tracing::info!(cluster = %cluster.name, node = %node_id, "node container removed");
+            Ok(())
+        })
+    }
+
+    fn list_nodes<'a>(
+        &'a self,
+        cluster: &'a ComputeSpec,
+    ) -> ProviderFuture<'a, Vec<ProvisionedNode>> {
+        Box::pin(async move {
+            let found = self
+                .node_containers(&[(labels::CLUSTER.to_string(), cluster.name.clone())])
+                .await
+                .map_err(|e| backend(Operation::ListNodes, e))?;
+            Ok(found
+                .iter()
+                .map(|c| ProvisionedNode {
+                    id: c.name.clone(),
+                    state: node_state(c),
+                })
+                .collect())
+        })
+    }
+
+    fn evict<'a>(
+        &'a self,
+        cluster: &'a ComputeSpec,
+        node_id: &'a str,
+    ) -> ProviderFuture<'a, String> {
+        Box::pin(async move {
+            let known = self
+                .imds
+                .emulator()
+                .vms()
+                .iter()
+                .any(|vm| vm.name == node_id && vm.vm_scale_set_name == cluster.name);
+            if !known {
+                return Err(ProviderError::NodeNotFound {
+                    provider: ProviderKind::Local,
+                    node: node_id.to_string(),
+                });
+            }
+            // Azure gives a spot VM at least 30 s of notice.
+            let event = EventSpec::new(EventType::Preempt, node_id, Duration::from_secs(30));
+            self.imds
+                .emulator()
+                .schedule_event(event)
+                .map_err(|e| backend(Operation::Evict, RuntimeError::Engine(e.to_string())))
+        })
+    }
+}
+
+/// The node image for `agent_binary`: `drover/node:<digest>` on top of
+/// [`BASE_IMAGE`], built only when missing. `progress` gets each build line.
+pub async fn ensure_node_image(
+    docker: &DockerRuntime,
+    agent_binary: &Path,
+    progress: impl FnMut(&str),
+) -> Result<String, NodeImageError> {
+    let agent = std::fs::read(agent_binary).map_err(|source| NodeImageError::ReadAgent {
+        path: agent_binary.to_path_buf(),
+        source,
+    })?;
+    let digest: String = Sha256::digest(&agent)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let tag = format!("{NODE_IMAGE_REPO}:{digest}");
+    if docker
+        .image_present(&tag)
+        .await
+        .map_err(NodeImageError::Docker)?
+    {
+        return Ok(tag);
+    }
+    if !docker
+        .image_present(BASE_IMAGE)
+        .await
+        .map_err(NodeImageError::Docker)?
+    {
+        return Err(NodeImageError::NoBase);
+    }
+    let dockerfile = format!(
+        "FROM {BASE_IMAGE}\nCOPY drover-agent {AGENT_IN_IMAGE}\nLABEL {}=true\nENTRYPOINT [\"{AGENT_IN_IMAGE}\"]\nCMD [\"run\"]\n",
+        labels::MANAGED
+    );
+    let context = [
+        ContextFile {
+            path: "Dockerfile".into(),
+            mode: 0o644,
+            data: dockerfile.into_bytes(),
+        },
+        ContextFile {
+            path: "drover-agent".into(),
+            mode: 0o755,
+            data: agent,
+        },
+    ];
+    docker
+        .build_image(&tag, &context, progress)
+        .await
+        .map_err(NodeImageError::Docker)?;
+    Ok(tag)
+}
+
+/// What [`tear_down`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TornDown {
+    /// Node containers.
+    pub nodes: usize,
+    /// Job containers of those nodes.
+    pub jobs: usize,
+    /// Cluster networks.
+    pub networks: usize,
+}
+
+/// Removes every node container, job container and network the local
+/// provider of `control_plane` created (`drover down`). Safe to repeat.
+pub async fn tear_down(
+    docker: &DockerRuntime,
+    control_plane: &str,
+) -> Result<TornDown, RuntimeError> {
+    let mut done = TornDown::default();
+    let mine = (labels::CONTROL_PLANE.to_string(), control_plane.to_string());
+    let nodes = docker
+        .list(&[
+            (labels::ROLE.to_string(), labels::ROLE_NODE.to_string()),
+            mine.clone(),
+        ])
+        .await?;
+    for node in &nodes {
+        // The node first, so its agent starts nothing new meanwhile.
+        match docker.remove(&node.id).await {
+            Ok(()) | Err(RuntimeError::NotFound(_)) => done.nodes += 1,
+            Err(e) => return Err(e),
+        }
+        for job in docker
+            .list(&[(labels::OWNER.to_string(), node.name.clone())])
+            .await?
+        {
+            match docker.remove(&job.id).await {
+                Ok(()) | Err(RuntimeError::NotFound(_)) => done.jobs += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    for net in docker.networks(&[mine]).await? {
+        docker.remove_network(&net.name).await?;
+        done.networks += 1;
+    }
+    Ok(done)
+}
+
+/// Why the node image could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeImageError {
+    /// The agent binary could not be read.
+    #[error("reading the agent binary {path}")]
+    ReadAgent {
+        /// The path tried.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The base image is missing.
+    #[error("the base image {BASE_IMAGE} is missing; build it with `images/build-offline.sh base`")]
+    NoBase,
+    /// Docker failed.
+    #[error("docker")]
+    Docker(#[source] RuntimeError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnets_are_slash_24_bases() {
+        assert_eq!(subnet_base("10.213.4.0/24").as_deref(), Some("10.213.4"));
+        assert_eq!(subnet_base("10.213.4.0/16"), None);
+        assert_eq!(subnet_base("fd00::/64"), None);
+        assert_eq!(network_name("cpu"), "drover-cpu");
+    }
+
+    #[test]
+    fn control_plane_ids_are_stable_and_differ_by_data_dir() {
+        let a = control_plane_id(Path::new("/var/lib/drover"));
+        assert_eq!(a, control_plane_id(Path::new("/var/lib/drover")));
+        assert_ne!(a, control_plane_id(Path::new("/tmp/other")));
+        assert_eq!(a.len(), 12);
+    }
+}

@@ -868,3 +868,228 @@ pub fn remove_job_containers(job: &str) {
             .output();
     }
 }
+
+/// A short unique cluster name (compute names are at most 16 characters).
+pub fn short_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}{:06x}", (nanos ^ std::process::id()) & 0xff_ffff)
+}
+
+/// A whole local cluster made by `drover up`, with its own data dir and
+/// ports; `drover down --purge` when dropped.
+pub struct LocalUp {
+    /// Its data dir.
+    pub data: tempfile::TempDir,
+    /// The server's port.
+    pub port: u16,
+    /// The default cluster `drover up` made.
+    pub cluster: String,
+    release: bool,
+    down: bool,
+}
+
+impl LocalUp {
+    /// `drover up` with debug builds; `extra` are more `drover up` flags.
+    pub fn up(extra: &[&str]) -> LocalUp {
+        Self::up_build(extra, false)
+    }
+
+    /// `drover up` with release builds (benchmarks).
+    pub fn up_release(extra: &[&str]) -> LocalUp {
+        Self::up_build(extra, true)
+    }
+
+    fn up_build(extra: &[&str], release: bool) -> LocalUp {
+        require_docker();
+        let (agent, init) = if release {
+            (agent_bin_release(), init_bin_release())
+        } else {
+            (agent_bin(), init_bin())
+        };
+        let up = LocalUp {
+            data: tempfile::tempdir().expect("tempdir"),
+            port: free_port(),
+            cluster: short_name("up"),
+            release,
+            down: false,
+        };
+        let out = up.drover(
+            &[
+                "up",
+                "--data-dir",
+                &up.data.path().display().to_string(),
+                "--port",
+                &up.port.to_string(),
+                "--imds-listen",
+                &format!("0.0.0.0:{}", free_port()),
+                "--cluster",
+                &up.cluster,
+                "--agent-binary",
+                &agent.display().to_string(),
+                "--init",
+                &init.display().to_string(),
+                "--node-heartbeat-seconds",
+                "1",
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
+        );
+        assert!(
+            out.status.success(),
+            "drover up failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        up
+    }
+
+    fn drover(&self, args: &[&str]) -> Output {
+        let bin = if self.release {
+            drover_bin_release()
+        } else {
+            drover_bin()
+        };
+        let token = std::fs::read_to_string(self.data.path().join("admin.token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default();
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .env("DROVER_SERVER", format!("http://127.0.0.1:{}", self.port))
+            .env_remove("DROVER_TOKEN")
+            .env_remove("DROVER_LOG");
+        if !token.is_empty() {
+            cmd.env("DROVER_TOKEN", token);
+        }
+        cmd.output().expect("drover runs")
+    }
+
+    /// Runs `drover ARGS` against this cluster's server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.drover(args)
+    }
+
+    /// Runs `drover ARGS`, asserts success and returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "drover {args:?} failed: {}{}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The server's log.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// `drover compute show NAME --json`, parsed.
+    pub fn compute(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&self.cli_ok(&["compute", "show", name, "--json"]))
+            .expect("compute json")
+    }
+
+    /// `drover node list -c NAME --json`'s nodes.
+    pub fn nodes(&self, cluster: &str) -> Vec<serde_json::Value> {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.cli_ok(&["node", "list", "-c", cluster, "--json"]))
+                .expect("node json");
+        v["nodes"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Submits a job file to `cluster`; returns the job's name.
+    pub fn submit(&self, file: &Path, cluster: &str) -> String {
+        let out = self.cli_ok(&[
+            "job",
+            "create",
+            "-f",
+            &file.display().to_string(),
+            "-c",
+            cluster,
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("job json");
+        v["id"].as_str().expect("job id").to_string()
+    }
+
+    /// `drover job show NAME --json`, parsed.
+    pub fn job(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&self.cli_ok(&["job", "show", name, "--json"])).expect("job json")
+    }
+
+    /// Waits until the job is in `state`, panicking with its details if not.
+    pub fn wait_job_state(&self, name: &str, state: &str, timeout: Duration) {
+        let ok = wait_until(timeout, || self.job(name)["state"] == state);
+        assert!(
+            ok,
+            "job {name} never became {state}: {}\n{}",
+            self.job(name),
+            self.log_text()
+        );
+    }
+
+    /// `drover down` (once); returns its stderr.
+    pub fn down(&mut self) -> String {
+        self.down = true;
+        let out = self.drover(&[
+            "down",
+            "--data-dir",
+            &self.data.path().display().to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "drover down failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+impl Drop for LocalUp {
+    fn drop(&mut self) {
+        if !self.down {
+            let _ = self.drover(&[
+                "down",
+                "--data-dir",
+                &self.data.path().display().to_string(),
+            ]);
+        }
+    }
+}
+
+/// Containers (any state) carrying `label=value`.
+pub fn containers_labelled(label: &str, value: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label={label}={value}")])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Networks carrying `label=value`.
+pub fn networks_labelled(label: &str, value: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args([
+            "network",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label={label}={value}"),
+        ])
+        .output()
+        .expect("docker network ls");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}

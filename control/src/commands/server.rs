@@ -35,6 +35,9 @@ pub struct ServerArgs {
     /// Heartbeat interval asked of agents, in seconds.
     #[arg(long, default_value_t = 10)]
     heartbeat_seconds: u64,
+    /// Seconds after a scale action before an idle node may be removed.
+    #[arg(long, default_value_t = 30)]
+    scale_down_cooldown_seconds: u64,
     /// Run the local provider: clusters with `provider: local` get their
     /// nodes as containers on this machine's Docker. Needs --listen on an
     /// address the containers reach (e.g. 0.0.0.0:7340).
@@ -109,6 +112,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<i32> {
     config.core.max_attempts = args.max_attempts.max(1);
     config.core.heartbeat_interval = Duration::from_secs(args.heartbeat_seconds.max(1));
     config.store.log_cap_bytes = args.log_cap_bytes;
+    config.core.autoscaler.cooldown = Duration::from_secs(args.scale_down_cooldown_seconds);
     if args.local {
         config.local = Some(args.local_args.config(&data_dir).await?);
     }

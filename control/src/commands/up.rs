@@ -53,6 +53,12 @@ pub struct UpArgs {
     /// `dedicated` or `lowpriority` (spot nodes that can be evicted).
     #[arg(long, default_value = "dedicated")]
     vm_priority: String,
+    /// Seconds without a heartbeat before a node is unusable and its job requeued.
+    #[arg(long, default_value_t = 40)]
+    grace_seconds: u64,
+    /// Seconds after a scale action before an idle node may be removed.
+    #[arg(long, default_value_t = 30)]
+    scale_down_cooldown_seconds: u64,
     #[command(flatten)]
     local: LocalArgs,
 }
@@ -224,12 +230,18 @@ fn start_server(dir: &Path, args: &UpArgs, image: &str, init: &Path) -> anyhow::
         .arg(image)
         .arg("--init")
         .arg(init)
+        .arg("--grace-seconds")
+        .arg(args.grace_seconds.to_string())
+        .arg("--scale-down-cooldown-seconds")
+        .arg(args.scale_down_cooldown_seconds.to_string())
         .arg("--imds-listen")
         .arg(args.local.imds_listen.to_string())
         .arg("--node-heartbeat-seconds")
         .arg(args.local.node_heartbeat_seconds.to_string())
         .arg("--node-stop-grace-seconds")
         .arg(args.local.node_stop_grace_seconds.to_string())
+        // Its token is the admin token in its data dir, which `up` reads.
+        .env_remove("DROVER_TOKEN")
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err)

@@ -263,6 +263,14 @@ impl LocalProvider {
     ) -> Result<(String, String, String), RuntimeError> {
         let name = network_name(cluster);
         if let Some(n) = self.docker.network(&name).await? {
+            let owner = n.labels.get(labels::CONTROL_PLANE);
+            if owner != Some(&self.config.control_plane) {
+                return Err(RuntimeError::Conflict(format!(
+                    "network {name} exists but was not created by this control plane ({}); \
+                     name the cluster differently or remove the network",
+                    owner.map_or("no drover label", String::as_str)
+                )));
+            }
             let (Some(subnet), Some(gateway)) = (n.subnet, n.gateway) else {
                 return Err(RuntimeError::Engine(format!(
                     "network {name} exists without an IPv4 subnet and gateway; remove it (docker network rm {name})"

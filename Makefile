@@ -1,12 +1,12 @@
 # Drover's two entry points:
-#   make demo   set up this machine and run examples/hello.yml with `drover run`
+#   make demo   set up this machine, `drover up` a local cluster, run examples/hello.yml on it
 #   make test   set up this machine and run every test (what CI runs)
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 INIT_TARGET := x86_64-unknown-linux-gnu
 
 help:
-	@echo "make demo   - install prerequisites, build, run examples/hello.yml"
+	@echo "make demo   - install prerequisites, build, drover up, run examples/hello.yml on the local cluster"
 	@echo "make test   - install prerequisites, build images, run all tests"
 
 setup:
@@ -21,8 +21,9 @@ build: init
 	cargo build --workspace --all-targets
 
 demo: setup init
-	cargo build -p drover-control --bin drover
-	target/debug/drover run examples/hello.yml
+	cargo build -p drover-control --bin drover -p drover-agent --bin drover-agent
+	target/debug/drover up
+	target/debug/drover job create -f examples/hello.yml --compute local --stream
 
 test: setup build
 	cargo test --workspace

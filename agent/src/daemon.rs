@@ -176,6 +176,24 @@ struct Ended {
 struct Reports {
     live: BTreeMap<PartId, PartState>,
     ended: BTreeMap<PartId, Ended>,
+    /// Wakes the heartbeat when a part changes state, so that the server
+    /// (and the user) learn of a start or an end at once, not a heartbeat
+    /// interval later.
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl Reports {
+    fn set_live(&mut self, part: PartId, state: PartState) {
+        if self.live.insert(part, state) != Some(state) {
+            self.changed.notify_one();
+        }
+    }
+
+    fn end(&mut self, part: PartId, ended: Ended) {
+        self.live.remove(&part);
+        self.ended.insert(part, ended);
+        self.changed.notify_one();
+    }
 }
 
 type SharedReports = Arc<Mutex<Reports>>;
@@ -564,10 +582,12 @@ struct HeartbeatCtx {
 async fn heartbeat_task(mut ctx: HeartbeatCtx) {
     let mut tick = tokio::time::interval(ctx.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let changed = Arc::clone(&lock(&ctx.reports).changed);
     let mut last_gpus = None;
     loop {
         let done = tokio::select! {
             _ = tick.tick() => None,
+            _ = changed.notified() => None,
             Some(ack) = ctx.now.recv() => Some(ack),
             _ = ctx.io.cancelled() => return,
         };
@@ -896,9 +916,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     self.collecting.insert(part.clone());
                 }
                 tracing::info!(part = %part, state = %ended.state, exit_code = ?ended.exit_code, "part ended");
-                let mut r = lock(&self.reports);
-                r.live.remove(&part);
-                r.ended.insert(part, ended);
+                lock(&self.reports).end(part, ended);
             }
             Input::Acked(parts) => {
                 for (part, container) in parts {
@@ -989,9 +1007,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 };
                 tracing::info!(part = %part, exit_code = ?ended.exit_code, "collected part that ended unsupervised");
                 self.known.finished.insert(part.clone());
-                let mut r = lock(&self.reports);
-                r.live.remove(&part);
-                r.ended.insert(part, ended);
+                lock(&self.reports).end(part, ended);
             }
             Action::Cancel(part) => {
                 if let Some(s) = self.supervisors.get(&part) {
@@ -1009,7 +1025,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             Action::ReportMissing(part) => {
                 tracing::warn!(part = %part, "part has no container here; reporting it failed");
                 self.known.finished.insert(part.clone());
-                lock(&self.reports).ended.insert(
+                lock(&self.reports).end(
                     part,
                     Ended {
                         state: PartState::Failed,
@@ -1027,7 +1043,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             SupervisorKind::Start(_) => PartState::Preparing,
             SupervisorKind::Adopt(_) => PartState::Running,
         };
-        lock(&self.reports).live.insert(part.clone(), initial);
+        lock(&self.reports).set_live(part.clone(), initial);
         let ctx = PartCtx {
             part: part.clone(),
             runner: self.runner.clone(),
@@ -1163,7 +1179,7 @@ impl<R: ContainerRuntime> PartCtx<R> {
     }
 
     fn set_live(&self, state: PartState) {
-        lock(&self.reports).live.insert(self.part.clone(), state);
+        lock(&self.reports).set_live(self.part.clone(), state);
     }
 }
 
@@ -1250,7 +1266,7 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
                         *container.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
                     }
                     PartEvent::Started { .. } => {
-                        lock(&reports).live.insert(part.clone(), PartState::Running);
+                        lock(&reports).set_live(part.clone(), PartState::Running);
                     }
                     PartEvent::Log(l) => {
                         let _ = ship.send(Ship::Line(lines.line(l.stream, l.text))).await;

@@ -692,3 +692,60 @@ async fn a_node_can_move_only_its_own_parts() {
     assert_eq!(status, StatusCode::OK);
     stop(server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preempted_heartbeat_requeues_the_job_at_once_and_the_node_stays_preempted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path());
+    // Long grace: only the agent's word can requeue within the test.
+    c.grace = Duration::from_secs(600);
+    let (server, token) = start_with(c).await;
+    let api = Api::new(&server, &token);
+    let join = api.create_cluster("cpu", 2).await;
+    let cred = api.register("cpu", &join, "n1").await;
+    let (status, body) = api.submit(&job_yaml("train", 1), None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    api.wait_job("train", Duration::from_secs(5), |j| {
+        j.attempt == 1 && j.state == JobState::Preparing
+    })
+    .await;
+
+    let (status, body) = api
+        .agent_post(&cred, "/v1/agent/heartbeat", json!({"state": "preempted"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let job = api
+        .wait_job("train", Duration::from_secs(2), |j| {
+            j.state == JobState::Queued
+        })
+        .await;
+    assert_eq!(job.parts[0].state, wire::PartState::Lost);
+    assert!(
+        job.failure_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("preempted")),
+        "{job:?}"
+    );
+    // Its last words (`leaving`, the stopped part) do not revive it.
+    let (status, body) = api
+        .agent_post(
+            &cred,
+            "/v1/agent/heartbeat",
+            json!({"state": "leaving", "parts": [{"job": "train", "attempt": 1, "node_rank": 0, "state": "stopped"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, body) = api.get("/v1/nodes").await;
+    let nodes: wire::NodeList = serde_json::from_value(body).expect("nodes");
+    assert_eq!(nodes.nodes[0].state, NodeState::Preempted);
+    assert_eq!(api.job("train").await.state, JobState::Queued);
+
+    // Evicting a node of a static cluster is refused with what to do.
+    let (status, body) = api.post("/v1/nodes/n1/evict", json!({})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        error_of(&body).message.contains("only the local provider"),
+        "{body}"
+    );
+    stop(server).await;
+}

@@ -75,6 +75,22 @@ impl DockerRuntime {
         Ok(DockerRuntime { docker })
     }
 
+    /// Creates a container called `name`.
+    async fn create_named(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+    ) -> Result<bollard::models::ContainerCreateResponse, RuntimeError> {
+        let options = CreateContainerOptions {
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        self.docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(engine_error)
+    }
+
     /// The engine's version string.
     pub async fn engine_version(&self) -> Result<String, RuntimeError> {
         let v = self.docker.version().await.map_err(engine_error)?;
@@ -226,16 +242,7 @@ impl DockerRuntime {
             }),
             ..Default::default()
         };
-        let options = CreateContainerOptions {
-            name: Some(c.name.clone()),
-            ..Default::default()
-        };
-        let created = self
-            .docker
-            .create_container(Some(options), body)
-            .await
-            .map_err(engine_error)?;
-        Ok(created.id)
+        Ok(self.create_named(&c.name, body).await?.id)
     }
 
     /// Sends `signal` (e.g. `SIGKILL`) to a running container.
@@ -461,15 +468,7 @@ impl ContainerRuntime for DockerRuntime {
             host_config: Some(host_config(c)),
             ..Default::default()
         };
-        let options = CreateContainerOptions {
-            name: Some(c.name.clone()),
-            ..Default::default()
-        };
-        let created = self
-            .docker
-            .create_container(Some(options), body)
-            .await
-            .map_err(engine_error)?;
+        let created = self.create_named(&c.name, body).await?;
         for w in created.warnings {
             tracing::warn!(container = %c.name, warning = %w, "engine warning on create");
         }

@@ -235,14 +235,7 @@ pub fn unique_name(prefix: &str) -> String {
 
 /// Containers (any state) whose `drover.job` label is `job`.
 pub fn containers_of_job(job: &str) -> Vec<String> {
-    let out = Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label=drover.job={job}")])
-        .output()
-        .expect("docker ps");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_string)
-        .collect()
+    containers_labelled("drover.job", job)
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.

@@ -28,6 +28,45 @@ fn count(counts: &Value, state: &str) -> u64 {
     counts[state].as_u64().unwrap_or(99)
 }
 
+/// Attempt 1 ran on `victim` and did not finish there; attempt 2 succeeded elsewhere.
+fn assert_restarted_elsewhere(j: &Value, victim: &str) {
+    let parts = j["parts"].as_array().cloned().unwrap_or_default();
+    assert!(
+        parts
+            .iter()
+            .any(|p| p["attempt"] == 1 && p["state"] == "lost" && p["node"] == victim),
+        "{j}"
+    );
+    assert!(
+        parts
+            .iter()
+            .any(|p| p["attempt"] == 2 && p["state"] == "succeeded" && p["node"] != victim),
+        "{j}"
+    );
+}
+
+/// Whether a container (any state) is called `name`.
+fn container_named(name: &str) -> bool {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("name=^/{name}$")])
+        .output()
+        .expect("docker ps");
+    !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+}
+
+/// The node's containers (its own and its jobs') and its record are gone.
+fn assert_node_gone(up: &LocalUp, cluster: &str, node: &str) {
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            containers_labelled("drover.owner", node).is_empty()
+                && !container_named(node)
+                && up.nodes(cluster).iter().all(|n| n["id"] != node)
+        }),
+        "node {node} was not removed:\n{}",
+        up.log_text()
+    );
+}
+
 fn job_file(yaml: &str) -> JobDir {
     JobDir::new(yaml)
 }
@@ -171,24 +210,9 @@ fn scale_from_zero_and_back_node_loss_isolation_and_down() {
     up.wait_job_state(&job, "completed", Duration::from_secs(90));
     let j = up.job(&job);
     assert_eq!(j["attempt"], 2, "{j}");
-    let parts = j["parts"].as_array().cloned().unwrap_or_default();
-    assert!(
-        parts
-            .iter()
-            .any(|p| p["attempt"] == 1 && p["state"] == "lost" && p["node"] == victim.as_str()),
-        "{j}"
-    );
-    assert!(
-        parts.iter().any(|p| p["attempt"] == 2
-            && p["state"] == "succeeded"
-            && p["node"] != victim.as_str()),
-        "{j}"
-    );
+    assert_restarted_elsewhere(&j, &victim);
     // The dead node's container is gone, its record too.
-    assert!(wait_until(Duration::from_secs(20), || {
-        up.nodes(&a).iter().all(|n| n["id"] != victim.as_str())
-            && containers_labelled("drover.owner", &victim).is_empty()
-    }));
+    assert_node_gone(&up, &a, &victim);
 
     // drover down: no server, no container, no network of either cluster.
     let said = up.down();
@@ -248,23 +272,7 @@ fn a_preempted_low_priority_node_restarts_its_job_on_a_new_node() {
         show.contains("attempt:        2 of 3") || show.contains("2 of 3"),
         "{show}"
     );
-    let j = up.job(&job);
-    let parts = j["parts"].as_array().cloned().unwrap_or_default();
-    assert!(
-        parts
-            .iter()
-            .any(|p| p["attempt"] == 1 && p["node"] == victim.as_str()),
-        "{j}"
-    );
-    assert!(
-        parts.iter().any(|p| p["attempt"] == 2
-            && p["state"] == "succeeded"
-            && p["node"] != victim.as_str()),
-        "{j}"
-    );
-    // The preempted node's container is reclaimed.
-    assert!(wait_until(Duration::from_secs(30), || {
-        containers_labelled("drover.owner", &victim).is_empty()
-            && up.nodes(&spot).iter().all(|n| n["id"] != victim.as_str())
-    }));
+    assert_restarted_elsewhere(&up.job(&job), &victim);
+    // The preempted node's container is reclaimed, its record too.
+    assert_node_gone(&up, &spot, &victim);
 }

@@ -83,30 +83,9 @@ pub fn is_static_elf(path: &Path) -> bool {
 /// this executable, or `/usr/local/lib/drover`. Dynamically linked builds
 /// are skipped: they fail inside images with another libc, or none.
 pub fn find_init_binary() -> Result<PathBuf, RunError> {
-    let mut candidates = Vec::new();
-    if let Some(p) = std::env::var_os("DROVER_INIT") {
-        candidates.push(PathBuf::from(p));
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        // Walk up from target/<profile>/[deps/] to target/.
-        for dir in exe.ancestors().skip(1).take(3) {
-            candidates.push(dir.join("x86_64-unknown-linux-gnu/release/drover-init"));
-        }
-        if let Some(dir) = exe.parent() {
-            candidates.push(dir.join("drover-init"));
-        }
-    }
-    candidates.push(PathBuf::from("/usr/local/lib/drover/drover-init"));
-    if let Some(found) = candidates.iter().find(|c| is_static_elf(c)) {
-        return Ok(found.clone());
-    }
-    Err(RunError::InitNotFound {
-        looked: candidates
-            .iter()
-            .map(|c| c.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-    })
+    let named = std::env::var_os("DROVER_INIT").map(PathBuf::from);
+    drover_runner::init_binary::find(named.as_deref())
+        .map_err(|e| RunError::InitNotFound { looked: e.looked })
 }
 
 /// A default job name: the file's stem plus the time, like Azure ML's generated names.

@@ -276,6 +276,37 @@ impl DockerRuntime {
         }
     }
 
+    /// Names (`repo:tag`) of the local images of repository `repo`.
+    pub async fn image_tags(&self, repo: &str) -> Result<Vec<String>, RuntimeError> {
+        let options = bollard::query_parameters::ListImagesOptions {
+            filters: Some(HashMap::from([(
+                "reference".to_string(),
+                vec![format!("{repo}:*")],
+            )])),
+            ..Default::default()
+        };
+        let found = self
+            .docker
+            .list_images(Some(options))
+            .await
+            .map_err(engine_error)?;
+        Ok(found.into_iter().flat_map(|i| i.repo_tags).collect())
+    }
+
+    /// Removes a local image by name; one a container uses is refused
+    /// ([`RuntimeError::Conflict`]), never forced.
+    pub async fn remove_image(&self, name: &str) -> Result<(), RuntimeError> {
+        self.docker
+            .remove_image(
+                name,
+                None::<bollard::query_parameters::RemoveImageOptions>,
+                None,
+            )
+            .await
+            .map(|_| ())
+            .map_err(engine_error)
+    }
+
     /// Gives a local image another name (`docker tag`).
     pub async fn tag_image(&self, image: &str, repo: &str, tag: &str) -> Result<(), RuntimeError> {
         let options = bollard::query_parameters::TagImageOptions {

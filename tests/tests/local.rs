@@ -123,6 +123,8 @@ fn scale_from_zero_and_back_node_loss_isolation_and_down() {
         "1",
         "--max-nodes",
         "1",
+        "--idle-seconds-before-scaledown",
+        "1",
     ]);
 
     let two = job_file(
@@ -213,6 +215,22 @@ fn scale_from_zero_and_back_node_loss_isolation_and_down() {
     assert_restarted_elsewhere(&j, &victim);
     // The dead node's container is gone, its record too.
     assert_node_gone(&up, &a, &victim);
+
+    // Deleting a local cluster: refused while it has a node, with what to
+    // do; with min nodes 0 its idle node goes, and with the cluster its network.
+    let out = up.cli(&["compute", "delete", &b]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("min nodes is 0"), "{err}");
+    up.cli_ok(&["compute", "update", &b, "--min-nodes", "0"]);
+    assert!(
+        wait_until(Duration::from_secs(40), || up.nodes(&b).is_empty()
+            && containers_labelled("drover.cluster", &b).is_empty()),
+        "{}",
+        up.log_text()
+    );
+    up.cli_ok(&["compute", "delete", &b]);
+    assert!(networks_labelled("drover.cluster", &b).is_empty());
 
     // drover down: no server, no container, no network of either cluster.
     let said = up.down();

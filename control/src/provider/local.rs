@@ -592,6 +592,26 @@ impl Provider for LocalProvider {
         })
     }
 
+    fn cluster_deleted<'a>(&'a self, cluster: &'a ComputeSpec) -> ProviderFuture<'a, ()> {
+        Box::pin(async move {
+            let name = network_name(&cluster.name);
+            let fail = |e| backend(Operation::RemoveNode, e);
+            let ours = self
+                .docker
+                .network(&name)
+                .await
+                .map_err(fail)?
+                .is_some_and(|n| {
+                    n.labels.get(labels::CONTROL_PLANE) == Some(&self.config.control_plane)
+                });
+            if ours {
+                self.docker.remove_network(&name).await.map_err(fail)?;
+                tracing::info!(network = %name, "cluster network removed");
+            }
+            Ok(())
+        })
+    }
+
     fn evict<'a>(
         &'a self,
         cluster: &'a ComputeSpec,
@@ -671,6 +691,20 @@ pub async fn ensure_node_image(
         .build_image(&tag, &context, progress)
         .await
         .map_err(NodeImageError::Docker)?;
+    // Node images of older agents would pile up with every upgrade: remove
+    // those no container uses (the engine refuses the rest).
+    for old in docker
+        .image_tags(NODE_IMAGE_REPO)
+        .await
+        .map_err(NodeImageError::Docker)?
+    {
+        if old != tag {
+            match docker.remove_image(&old).await {
+                Ok(()) => tracing::info!(image = %old, "removed an unused node image"),
+                Err(e) => tracing::debug!(image = %old, error = %e, "node image kept"),
+            }
+        }
+    }
     Ok(tag)
 }
 

@@ -206,6 +206,13 @@ pub trait Provider: Send + Sync {
         })))
     }
 
+    /// The cluster is gone from the control plane (it had no nodes left):
+    /// release what the provider kept for it (a network, say).
+    fn cluster_deleted<'a>(&'a self, cluster: &'a ComputeSpec) -> ProviderFuture<'a, ()> {
+        let _ = cluster;
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// Whether the provider needs a join token to create nodes (so the
     /// control plane manages one for the cluster).
     fn creates_nodes(&self) -> bool {

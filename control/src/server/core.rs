@@ -432,9 +432,24 @@ impl ControlPlane {
     /// Deletes a cluster without nodes or unfinished jobs.
     pub async fn delete_cluster(&self, name: String) -> Result<(), ControlError> {
         let key = name.clone();
-        self.with_store(move |s| s.delete_cluster(&name)).await?;
+        let spec = self
+            .with_store(move |s| {
+                let spec = s.cluster(&name)?.spec;
+                s.delete_cluster(&name)?;
+                Ok(spec)
+            })
+            .await?;
         if let Ok(mut m) = self.scaling.lock() {
             m.remove(&key);
+        }
+        // The cluster is gone either way; a leftover network is only logged.
+        if let Err(e) = self
+            .providers
+            .for_cluster(&spec)
+            .cluster_deleted(&spec)
+            .await
+        {
+            tracing::warn!(cluster = %key, error = %e, "releasing the cluster's provider resources failed");
         }
         Ok(())
     }

@@ -169,7 +169,7 @@ impl Store {
         )?;
         if nodes > 0 {
             return Err(StoreError::Conflict(format!(
-                "cluster `{name}` still has {nodes} node(s); remove them first"
+                "cluster `{name}` still has {nodes} node(s); remove them first (nodes its provider created go once min nodes is 0 and they are idle)"
             )));
         }
         let unfinished: i64 = tx.query_row(

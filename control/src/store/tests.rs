@@ -294,7 +294,7 @@ fn cluster_delete_is_refused_while_in_use() {
     let err = s.delete_cluster("cpu").expect_err("has a node");
     assert_eq!(
         err.to_string(),
-        "cluster `cpu` still has 1 node(s); remove them first"
+        "cluster `cpu` still has 1 node(s); remove them first (nodes its provider created go once min nodes is 0 and they are idle)"
     );
     s.remove_node("n1").expect("remove node");
     let err = s.delete_cluster("cpu").expect_err("has a queued job");

@@ -121,6 +121,19 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// The message with its causes (`…: No such image: drover/node:…`), as
+    /// users read it in a cluster's scaling errors.
+    pub fn message(&self) -> String {
+        let mut out = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            out.push_str(": ");
+            out.push_str(&e.to_string());
+            source = e.source();
+        }
+        out
+    }
+
     /// The operation's metric label for this error (`not_supported`, `quota`, …).
     pub fn error_type(&self) -> &'static str {
         match self {
@@ -434,6 +447,10 @@ mod tests {
         assert_eq!(
             std::error::Error::source(&backend).map(|s| s.to_string()),
             Some("connection refused".to_string())
+        );
+        assert_eq!(
+            backend.message(),
+            "the azure-vmss provider failed to list nodes: connection refused"
         );
         check(
             backend,

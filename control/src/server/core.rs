@@ -883,7 +883,7 @@ impl ControlPlane {
         let owned = match provider.list_nodes(spec).await {
             Ok(owned) => owned,
             Err(e) => {
-                errors.push(e.to_string());
+                errors.push(e.message());
                 Vec::new()
             }
         };
@@ -925,7 +925,7 @@ impl ControlPlane {
                 Some(why) => {
                     errors.push(format!("node {} failed before registering: {why}", m.id));
                     if let Err(e) = provider.remove_node(spec, &m.id).await {
-                        errors.push(e.to_string());
+                        errors.push(e.message());
                     }
                 }
             }
@@ -958,7 +958,7 @@ impl ControlPlane {
                         tracing::info!(cluster = %spec.name, nodes = ?made.iter().map(|m| &m.id).collect::<Vec<_>>(), "scaled up");
                         pending.extend(made.into_iter().map(|m| (m.id, t)));
                     }
-                    Err(e) => errors.push(e.to_string()),
+                    Err(e) => errors.push(e.message()),
                 }
             }
             autoscaler::ScaleAction::Remove { nodes: leaving } => {
@@ -973,7 +973,7 @@ impl ControlPlane {
                     }
                     match provider.remove_node(spec, n).await {
                         Ok(()) => self.forget_node(n).await?,
-                        Err(e) => errors.push(e.to_string()),
+                        Err(e) => errors.push(e.message()),
                     }
                 }
             }
@@ -990,7 +990,7 @@ impl ControlPlane {
                     tracing::info!(cluster = %spec.name, node = %n, "dead node reclaimed");
                     self.forget_node(n).await?;
                 }
-                Err(e) => errors.push(e.to_string()),
+                Err(e) => errors.push(e.message()),
             }
         }
 

@@ -94,10 +94,7 @@ impl ControlError {
         // `transparent` variants already print their source's message.
         if matches!(
             self,
-            ControlError::Store(_)
-                | ControlError::InvalidCompute(_)
-                | ControlError::Submission(_)
-                | ControlError::Provider(_)
+            ControlError::Store(_) | ControlError::InvalidCompute(_) | ControlError::Submission(_)
         ) {
             source = source.and_then(std::error::Error::source);
         }
@@ -249,5 +246,16 @@ mod tests {
             "{}",
             e.message()
         );
+        let e: ControlError = ProviderError::Backend {
+            provider: drover_api::compute::ProviderKind::Local,
+            operation: crate::provider::Operation::Evict,
+            source: "docker is not running".into(),
+        }
+        .into();
+        assert_eq!(
+            e.message(),
+            "the local provider failed to evict a node: docker is not running"
+        );
+        assert_eq!(e.code(), ErrorCode::Internal);
     }
 }

@@ -1028,6 +1028,19 @@ impl LocalUp {
         );
     }
 
+    /// The server's `/metrics` text (plain HTTP/1.0 over a socket).
+    pub fn metrics(&self) -> String {
+        use std::io::Write as _;
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect to the server");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .expect("send");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("read");
+        text
+    }
+
     /// `drover down` (once); returns its stderr.
     pub fn down(&mut self) -> String {
         self.down = true;

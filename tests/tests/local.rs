@@ -216,6 +216,18 @@ fn scale_from_zero_and_back_node_loss_isolation_and_down() {
     // The dead node's container is gone, its record too.
     assert_node_gone(&up, &a, &victim);
 
+    // The same story in the server's metrics.
+    let metrics = up.metrics();
+    for line in [
+        format!(r#"drover_server_events_total{{cluster="{a}",event="nodes_created"}}"#),
+        format!(r#"drover_server_events_total{{cluster="{a}",event="node_removed"}}"#),
+        format!(r#"drover_server_events_total{{cluster="{a}",event="node_reclaimed"}}"#),
+        r#"drover_server_events_total{state="unusable",event="node_lost"} 1"#.to_string(),
+        format!(r#"drover_cluster_nodes{{cluster="{b}",state="idle"}} 1"#),
+    ] {
+        assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
+    }
+
     // Deleting a local cluster: refused while it has a node, with what to
     // do; with min nodes 0 its idle node goes, and with the cluster its network.
     let out = up.cli(&["compute", "delete", &b]);

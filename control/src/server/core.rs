@@ -14,6 +14,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::error::ControlError;
+use super::events::{Event, ServerMetrics};
 use crate::autoscaler::{self, AutoscaleInput, AutoscalerConfig};
 use crate::provider::{Providers, ProvisionState};
 use crate::store::{
@@ -81,6 +82,8 @@ pub struct ControlPlane {
     scaling: Mutex<HashMap<String, ScalingMemo>>,
     /// What creates and removes each cluster's machines.
     providers: Arc<Providers>,
+    /// Counters of notable events.
+    metrics: ServerMetrics,
     /// Ends long polls at shutdown, so that the HTTP server's graceful
     /// shutdown does not wait out every agent's poll timeout.
     shutdown: CancellationToken,
@@ -211,6 +214,7 @@ impl ControlPlane {
             changed: Notify::new(),
             scaling: Mutex::new(HashMap::new()),
             providers: Arc::new(Providers::default()),
+            metrics: ServerMetrics::default(),
             shutdown: CancellationToken::new(),
             config,
         }
@@ -220,6 +224,12 @@ impl ControlPlane {
     pub fn with_providers(mut self, providers: Arc<Providers>) -> Self {
         self.providers = providers;
         self
+    }
+
+    /// The server's metrics, as Prometheus text.
+    pub async fn metrics_text(&self) -> Result<String, ControlError> {
+        let clusters = self.clusters().await?;
+        Ok(self.metrics.render(&clusters))
     }
 
     /// The providers scaling uses.
@@ -700,7 +710,20 @@ impl ControlPlane {
     }
 
     fn heartbeat_applied(&self, applied: HeartbeatApplied) -> wire::HeartbeatResponse {
-        let (bumps, rejected, relevant, version) = applied;
+        let HeartbeatApplied {
+            bumps,
+            rejected,
+            relevant,
+            version,
+            preempted,
+        } = applied;
+        self.metrics.heartbeat();
+        if let Some(node) = &preempted {
+            self.metrics.emit(Event::NodeLost {
+                node,
+                state: NodeState::Preempted,
+            });
+        }
         self.wake(&bumps);
         if relevant {
             self.poke();
@@ -923,6 +946,11 @@ impl ControlPlane {
                     pending.insert(m.id.clone(), since);
                 }
                 Some(why) => {
+                    self.metrics.emit(Event::NodeNeverJoined {
+                        cluster: &spec.name,
+                        node: &m.id,
+                        why: &why,
+                    });
                     errors.push(format!("node {} failed before registering: {why}", m.id));
                     if let Err(e) = provider.remove_node(spec, &m.id).await {
                         errors.push(e.message());
@@ -955,7 +983,10 @@ impl ControlPlane {
                 };
                 match provider.create_nodes(spec, *count, &token).await {
                     Ok(made) => {
-                        tracing::info!(cluster = %spec.name, nodes = ?made.iter().map(|m| &m.id).collect::<Vec<_>>(), "scaled up");
+                        self.metrics.emit(Event::NodesCreated {
+                            cluster: &spec.name,
+                            count: made.len(),
+                        });
                         pending.extend(made.into_iter().map(|m| (m.id, t)));
                     }
                     Err(e) => errors.push(e.message()),
@@ -972,7 +1003,13 @@ impl ControlPlane {
                         }
                     }
                     match provider.remove_node(spec, n).await {
-                        Ok(()) => self.forget_node(n).await?,
+                        Ok(()) => {
+                            self.metrics.emit(Event::NodeRemoved {
+                                cluster: &spec.name,
+                                node: n,
+                            });
+                            self.forget_node(n).await?;
+                        }
                         Err(e) => errors.push(e.message()),
                     }
                 }
@@ -987,7 +1024,10 @@ impl ControlPlane {
         {
             match provider.remove_node(spec, n).await {
                 Ok(()) => {
-                    tracing::info!(cluster = %spec.name, node = %n, "dead node reclaimed");
+                    self.metrics.emit(Event::NodeReclaimed {
+                        cluster: &spec.name,
+                        node: n,
+                    });
                     self.forget_node(n).await?;
                 }
                 Err(e) => errors.push(e.message()),
@@ -1013,7 +1053,10 @@ impl ControlPlane {
         // Only a new error is recorded: the loop runs every few seconds and
         // must not fill the cluster's error list with repeats.
         if let (true, Some(message)) = (changed, error) {
-            tracing::warn!(cluster = %spec.name, error = %message, "scaling failed");
+            self.metrics.emit(Event::ScalingFailed {
+                cluster: &spec.name,
+                message: &message,
+            });
             let name = spec.name.clone();
             self.with_store(move |s| {
                 s.record_scaling_error(&name, &drover_api::cluster::ScalingError { at: t, message })
@@ -1073,7 +1116,12 @@ impl ControlPlane {
             })
             .await?;
         if !lost.is_empty() {
-            tracing::warn!(nodes = ?lost, "nodes lost: silent past the grace period");
+            for node in &lost {
+                self.metrics.emit(Event::NodeLost {
+                    node,
+                    state: NodeState::Unusable,
+                });
+            }
             self.wake(&bumps);
             self.poke();
         }
@@ -1117,7 +1165,14 @@ impl ControlPlane {
 
 /// What a heartbeat changed: versions to wake, rejected parts, whether the
 /// scheduler should look again, and the node's desired-state version.
-type HeartbeatApplied = (Vec<VersionBump>, Vec<wire::PartKey>, bool, u64);
+struct HeartbeatApplied {
+    bumps: Vec<VersionBump>,
+    rejected: Vec<wire::PartKey>,
+    relevant: bool,
+    version: u64,
+    /// The node (it is the one heartbeating) said `preempted` just now.
+    preempted: Option<String>,
+}
 
 /// An agent may say only `leaving`, `preempted` (its VM got a Preempt or
 /// Terminate event), or `idle` while it holds no job.
@@ -1147,6 +1202,8 @@ fn apply_heartbeat(
         }),
     };
     let mut bumps = Vec::new();
+    let newly_preempted =
+        node.state != NodeState::Preempted && req.state == Some(NodeState::Preempted);
     // A preempted node stays preempted whatever else it says while it goes.
     let state = if node.state == NodeState::Preempted {
         None
@@ -1215,5 +1272,11 @@ fn apply_heartbeat(
             bumps.extend(tr.bumped);
         }
     }
-    Ok((bumps, rejected, relevant, s.desired_version(&node.id)?))
+    Ok(HeartbeatApplied {
+        bumps,
+        rejected,
+        relevant,
+        version: s.desired_version(&node.id)?,
+        preempted: newly_preempted.then(|| node.id.clone()),
+    })
 }

@@ -37,6 +37,7 @@ pub fn router(core: AppState) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/logs", get(job_logs))
         .route("/v1/nodes", get(list_nodes))
+        .route("/metrics", get(metrics))
         .route("/v1/nodes/{id}/evict", post(evict_node))
         .route("/v1/agent/register", post(register))
         .route("/v1/agent/heartbeat", post(heartbeat))
@@ -305,6 +306,20 @@ async fn list_nodes(
 ) -> Answer<wire::NodeList> {
     let Query(q) = query?;
     Ok(Json(core.nodes(q.compute).await?))
+}
+
+/// Prometheus text, unauthenticated like most `/metrics` endpoints: counts
+/// and cluster names only, no secrets.
+async fn metrics(State(core): State<AppState>) -> Result<Response, ApiError> {
+    let text = core.metrics_text().await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn evict_node(

@@ -19,6 +19,7 @@
 
 mod core;
 mod error;
+mod events;
 mod http;
 
 use std::collections::HashMap;

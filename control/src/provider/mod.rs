@@ -273,7 +273,7 @@ impl Provider for Unavailable {
 /// The providers of one control plane; a cluster's spec picks one.
 pub struct Providers {
     static_: StaticProvider,
-    local: Option<Arc<local::LocalProvider>>,
+    local: Option<Arc<dyn Provider>>,
     no_local: Unavailable,
     no_vmss: Unavailable,
 }
@@ -293,8 +293,9 @@ impl Default for Providers {
 }
 
 impl Providers {
-    /// Static always; local when given.
-    pub fn new(local: Option<Arc<local::LocalProvider>>) -> Self {
+    /// Static always; the provider of `local` clusters when given (the
+    /// [`local::LocalProvider`], or a stand-in in tests).
+    pub fn new(local: Option<Arc<dyn Provider>>) -> Self {
         Providers {
             static_: StaticProvider,
             local,
@@ -319,11 +320,6 @@ impl Providers {
             },
             ProviderKind::AzureVmss => &self.no_vmss,
         }
-    }
-
-    /// The local provider, when this control plane runs one.
-    pub fn local(&self) -> Option<&Arc<local::LocalProvider>> {
-        self.local.as_ref()
     }
 }
 

@@ -35,6 +35,9 @@ pub struct CoreConfig {
     pub watch_timeout_max: Duration,
     /// Autoscaler settings.
     pub autoscaler: AutoscalerConfig,
+    /// How long a machine a provider created may take to register before
+    /// it is removed.
+    pub register_timeout: Duration,
 }
 
 impl Default for CoreConfig {
@@ -45,6 +48,7 @@ impl Default for CoreConfig {
             watch_timeout: Duration::from_secs(30),
             watch_timeout_max: Duration::from_secs(120),
             autoscaler: AutoscalerConfig::default(),
+            register_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -61,9 +65,6 @@ struct ScalingMemo {
     /// hash is stored, so a restarted server makes a new one.
     join_token: Option<String>,
 }
-
-/// How long a created machine may take to register before it is removed.
-pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The control plane: the store plus the in-memory wake-up machinery.
 ///
@@ -917,9 +918,9 @@ impl ControlPlane {
             .iter()
             .filter(|m| {
                 m.state != ProvisionState::Running
-                    || nodes
-                        .iter()
-                        .any(|n| n.id == m.id && t.since(n.last_heartbeat) > REGISTER_TIMEOUT)
+                    || nodes.iter().any(|n| {
+                        n.id == m.id && t.since(n.last_heartbeat) > self.config.register_timeout
+                    })
             })
             .map(|m| m.id.as_str())
             .collect();
@@ -934,9 +935,9 @@ impl ControlPlane {
             let failed = match &m.state {
                 ProvisionState::Failed(why) => Some(why.clone()),
                 ProvisionState::Deleting => continue,
-                _ if t.since(since) > REGISTER_TIMEOUT => Some(format!(
+                _ if t.since(since) > self.config.register_timeout => Some(format!(
                     "its agent did not register within {}s (see `docker logs {}`)",
-                    REGISTER_TIMEOUT.as_secs(),
+                    self.config.register_timeout.as_secs(),
                     m.id
                 )),
                 _ => None,

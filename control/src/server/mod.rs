@@ -35,8 +35,8 @@ use tokio_util::sync::CancellationToken;
 pub use self::core::{ControlPlane, CoreConfig, new_secret, now};
 pub use self::error::ControlError;
 pub use self::http::router;
-use crate::provider::Providers;
 use crate::provider::local::{LocalConfig, LocalProvider, LocalStartError};
+use crate::provider::{Provider, Providers};
 use crate::store::{Store, StoreConfig, StoreError};
 
 /// The file in the data directory holding the first admin token.
@@ -275,11 +275,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         Some(_) if addr.ip().is_loopback() => return Err(ServerError::LocalOnLoopback(addr)),
         Some(mut local) => {
             local.server_port = addr.port();
-            Some(Arc::new(
+            let provider: Arc<dyn Provider> = Arc::new(
                 LocalProvider::start(local)
                     .await
                     .map_err(ServerError::Local)?,
-            ))
+            );
+            Some(provider)
         }
         None => None,
     };

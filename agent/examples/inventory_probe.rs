@@ -39,7 +39,14 @@ fn main() -> anyhow::Result<()> {
         Err(error) => anyhow::bail!("nvml did not open: {error:#}"),
     };
     let watching = gpus.is_watching();
+    // What an idle agent pays for NVML: memory with the library loaded and
+    // the watcher blocked in it, and the CPU the watcher uses meanwhile.
+    let cpu_before = cpu_seconds();
+    let idle_started = Instant::now();
     std::thread::sleep(Duration::from_secs(watch_seconds));
+    let idle_cpu_percent =
+        (cpu_seconds() - cpu_before) / idle_started.elapsed().as_secs_f64().max(1e-9) * 100.0;
+    let idle_rss_kib = rss_kib();
     let mut collector = InventoryCollector::with_gpus(Box::new(gpus));
 
     let mut times_us = Vec::with_capacity(refreshes);
@@ -57,10 +64,50 @@ fn main() -> anyhow::Result<()> {
     };
     let report = serde_json::json!({
         "event_watcher_running": watching,
+        "idle_seconds": watch_seconds,
+        "idle_rss_kib": idle_rss_kib,
+        "idle_cpu_percent": idle_cpu_percent,
         "refreshes": refreshes,
         "refresh_us": { "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": pick(1.0) },
         "inventory": last,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// This process's resident memory, KiB: `VmRSS` and its parts (`RssAnon`
+/// is private; `RssFile` is mapped files such as the NVML library's code,
+/// shared with every other process that loads it; `RssShmem`).
+fn rss_kib() -> serde_json::Value {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    serde_json::json!({
+        "total": field("VmRSS:"),
+        "anon": field("RssAnon:"),
+        "file": field("RssFile:"),
+        "shmem": field("RssShmem:"),
+    })
+}
+
+/// CPU time this process used (user + system), seconds. Clock ticks are
+/// 100 per second on Linux for /proc (USER_HZ).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 here, counting from 0.
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }

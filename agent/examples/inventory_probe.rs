@@ -29,6 +29,8 @@ fn main() -> anyhow::Result<()> {
     let watch_seconds: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(5);
 
     let mut config = InventoryConfig::default();
+    // PROBE_NO_WATCH=1: without the event watcher, to see what it costs.
+    config.watch_events = std::env::var_os("PROBE_NO_WATCH").is_none();
     if let Some(lib) = std::env::var_os("DROVER_NVML_LIB") {
         config.nvml_lib = lib.into();
     }

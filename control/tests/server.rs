@@ -183,6 +183,20 @@ async fn start_with(config: ServerConfig) -> (RunningServer, String) {
     (server, token)
 }
 
+/// A server with the given grace, cluster `cpu` with node `n1` registered
+/// (its credential returned) and job `train` (1 instance) submitted.
+async fn one_node_one_job(dir: &Path, grace: Duration) -> (RunningServer, Api, String) {
+    let mut c = config(dir);
+    c.grace = grace;
+    let (server, token) = start_with(c).await;
+    let api = Api::new(&server, &token);
+    let join = api.create_cluster("cpu", 2).await;
+    let cred = api.register("cpu", &join, "n1").await;
+    let (status, body) = api.submit(&job_yaml("train", 1), None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    (server, api, cred)
+}
+
 async fn stop(server: RunningServer) {
     server.shutdown();
     tokio::time::timeout(Duration::from_secs(10), server.wait())
@@ -542,14 +556,7 @@ async fn a_placement_wakes_the_nodes_long_poll_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_node_becomes_unusable_and_its_job_is_requeued() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = config(dir.path());
-    c.grace = Duration::from_secs(2);
-    let (server, token) = start_with(c).await;
-    let api = Api::new(&server, &token);
-    let join = api.create_cluster("cpu", 2).await;
-    let cred = api.register("cpu", &join, "n1").await;
-    let (status, body) = api.submit(&job_yaml("train", 1), None).await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (server, api, cred) = one_node_one_job(dir.path(), Duration::from_secs(2)).await;
     // Placed (and maybe already lost again on a slow machine).
     api.wait_job("train", Duration::from_secs(5), |j| j.attempt >= 1)
         .await;
@@ -696,15 +703,8 @@ async fn a_node_can_move_only_its_own_parts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preempted_heartbeat_requeues_the_job_at_once_and_the_node_stays_preempted() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = config(dir.path());
     // Long grace: only the agent's word can requeue within the test.
-    c.grace = Duration::from_secs(600);
-    let (server, token) = start_with(c).await;
-    let api = Api::new(&server, &token);
-    let join = api.create_cluster("cpu", 2).await;
-    let cred = api.register("cpu", &join, "n1").await;
-    let (status, body) = api.submit(&job_yaml("train", 1), None).await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (server, api, cred) = one_node_one_job(dir.path(), Duration::from_secs(600)).await;
     api.wait_job("train", Duration::from_secs(5), |j| {
         j.attempt == 1 && j.state == JobState::Preparing
     })

@@ -28,9 +28,11 @@ fn main() -> anyhow::Result<()> {
     let refreshes: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(200);
     let watch_seconds: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(5);
 
-    let mut config = InventoryConfig::default();
-    // PROBE_NO_WATCH=1: without the event watcher, to see what it costs.
-    config.watch_events = std::env::var_os("PROBE_NO_WATCH").is_none();
+    let mut config = InventoryConfig {
+        // PROBE_NO_WATCH=1: without the event watcher, to see what it costs.
+        watch_events: std::env::var_os("PROBE_NO_WATCH").is_none(),
+        ..InventoryConfig::default()
+    };
     if let Some(lib) = std::env::var_os("DROVER_NVML_LIB") {
         config.nvml_lib = lib.into();
     }

@@ -71,17 +71,10 @@ pub enum RunError {
     Part(#[from] drover_runner::part::PartError),
 }
 
-/// True if `path` is an ELF executable without a program interpreter, i.e.
-/// one that runs in any image (no dynamic loader or libc needed inside it).
-/// The check lives in [`drover_runner::init_binary`], shared with the agent.
-pub fn is_static_elf(path: &Path) -> bool {
-    drover_runner::init_binary::is_static_elf(path)
-}
-
-/// Finds a statically linked drover-init: `$DROVER_INIT`, the static build
-/// of a source checkout (`target/x86_64-unknown-linux-gnu/release`), next to
-/// this executable, or `/usr/local/lib/drover`. Dynamically linked builds
-/// are skipped: they fail inside images with another libc, or none.
+/// Finds a statically linked drover-init: `$DROVER_INIT` when set (used or
+/// refused, never silently replaced), else the static build of a source
+/// checkout, next to this executable, or `/usr/local/lib/drover` (see
+/// [`drover_runner::init_binary::find`]).
 pub fn find_init_binary() -> Result<PathBuf, RunError> {
     let named = std::env::var_os("DROVER_INIT").map(PathBuf::from);
     drover_runner::init_binary::find(named.as_deref())

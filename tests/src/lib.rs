@@ -459,19 +459,7 @@ pub fn agent_bin() -> PathBuf {
     BUILT
         .get_or_init(|| {
             drover_bin();
-            let _guard = build_lock();
-            run_checked(
-                cargo().current_dir(repo_root()).args([
-                    "build",
-                    "-q",
-                    "-p",
-                    "drover-agent",
-                    "--bin",
-                    "drover-agent",
-                ]),
-                "building drover-agent",
-            );
-            target_dir().join("debug/drover-agent")
+            build_agent(false)
         })
         .clone()
 }
@@ -483,22 +471,26 @@ pub fn agent_bin_release() -> PathBuf {
     BUILT
         .get_or_init(|| {
             drover_bin_release();
-            let _guard = build_lock();
-            run_checked(
-                cargo().current_dir(repo_root()).args([
-                    "build",
-                    "-q",
-                    "--release",
-                    "-p",
-                    "drover-agent",
-                    "--bin",
-                    "drover-agent",
-                ]),
-                "building drover-agent (release)",
-            );
-            target_dir().join("release/drover-agent")
+            build_agent(true)
         })
         .clone()
+}
+
+fn build_agent(release: bool) -> PathBuf {
+    let _guard = build_lock();
+    let mut args = vec!["build", "-q", "-p", "drover-agent", "--bin", "drover-agent"];
+    if release {
+        args.push("--release");
+    }
+    run_checked(
+        cargo().current_dir(repo_root()).args(&args),
+        "building drover-agent",
+    );
+    target_dir().join(if release {
+        "release/drover-agent"
+    } else {
+        "debug/drover-agent"
+    })
 }
 
 /// A `drover server` process on a free 127.0.0.1 port with its own data dir,
@@ -1072,28 +1064,21 @@ impl Drop for LocalUp {
 
 /// Containers (any state) carrying `label=value`.
 pub fn containers_labelled(label: &str, value: &str) -> Vec<String> {
-    let out = Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label={label}={value}")])
-        .output()
-        .expect("docker ps");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_string)
-        .collect()
+    docker_ids(&["ps", "-a"], label, value)
 }
 
 /// Networks carrying `label=value`.
 pub fn networks_labelled(label: &str, value: &str) -> Vec<String> {
+    docker_ids(&["network", "ls"], label, value)
+}
+
+/// The ids `docker LIST -q --filter label=…` prints.
+fn docker_ids(list: &[&str], label: &str, value: &str) -> Vec<String> {
     let out = Command::new("docker")
-        .args([
-            "network",
-            "ls",
-            "-q",
-            "--filter",
-            &format!("label={label}={value}"),
-        ])
+        .args(list)
+        .args(["-q", "--filter", &format!("label={label}={value}")])
         .output()
-        .expect("docker network ls");
+        .expect("docker runs");
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .map(str::to_string)

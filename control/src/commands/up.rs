@@ -124,10 +124,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
     ensure_cluster(&client, &args).await?;
     let token_file = dir.join(drover_control::server::ADMIN_TOKEN_FILE);
     println!(
-        "Drover is up: server {server} (log {}), cluster `{}` ({} to {} nodes; idle nodes go after {}s).",
+        "Drover is up: server {server} (log {}), cluster `{}` (0 to {} nodes; idle nodes go after {}s).",
         dir.join(LOG_FILE).display(),
         args.cluster,
-        0,
         args.max_nodes,
         args.idle_seconds_before_scaledown
     );

@@ -376,7 +376,7 @@ impl LocalProvider {
         used.push(ip.clone());
         let id = format!("drover-{}-{}", cluster.name, random_hex(3));
         let data_dir = self.config.nodes_dir.join(&id);
-        std::fs::create_dir_all(&data_dir).map_err(fail_io(Operation::CreateNodes))?;
+        std::fs::create_dir_all(&data_dir).map_err(|e| backend(Operation::CreateNodes, e))?;
         let vm = self.vm_spec(cluster, &id, &ip);
         let vm_json = serde_json::to_string(&vm).unwrap_or_default();
         let init = self.config.init_binary.display().to_string();
@@ -455,10 +455,6 @@ impl LocalProvider {
             state: ProvisionState::Creating,
         })
     }
-}
-
-fn fail_io(operation: Operation) -> impl Fn(std::io::Error) -> ProviderError {
-    move |e| backend(operation, e)
 }
 
 /// `a.b.c` of an `a.b.c.0/24` subnet.

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::error::ControlError;
 use super::events::{Event, ServerMetrics};
 use crate::autoscaler::{self, AutoscaleInput, AutoscalerConfig};
-use crate::provider::{Providers, ProvisionState};
+use crate::provider::{Provider, Providers, ProvisionState};
 use crate::store::{
     Cluster, Heartbeat, Job, JobFilter, JobPart, NewJob, NewLogLine, NewNode, Node, NodeInventory,
     Store, StoreError, VersionBump,
@@ -180,6 +180,15 @@ fn read_cluster_view(store: &Store, name: &str) -> Result<ClusterView, StoreErro
         errors: store.scaling_errors(name)?,
         cluster,
     })
+}
+
+/// Why a registered node's machine is removed.
+#[derive(Debug, Clone, Copy)]
+enum Removal {
+    /// Scale-down of an idle node.
+    Idle,
+    /// A lost or preempted node holding nothing.
+    Dead,
 }
 
 /// Machines that have not registered yet count as preparing nodes.
@@ -671,21 +680,8 @@ impl ControlPlane {
         })
     }
 
-    /// Records a heartbeat and the part states it carries.
-    pub async fn heartbeat(
-        &self,
-        node: Node,
-        req: wire::HeartbeatRequest,
-    ) -> Result<wire::HeartbeatResponse, ControlError> {
-        check_requested_state(&node, req.state)?;
-        let applied = self
-            .with_store(move |s| apply_heartbeat(s, &node, req))
-            .await?;
-        Ok(self.heartbeat_applied(applied))
-    }
-
-    /// Authenticates a node by its credential and applies its heartbeat in
-    /// one turn through the store. The heartbeat is the server's hottest call
+    /// Records a heartbeat and the part states it carries, authenticating
+    /// the node by its credential in the same turn through the store. The heartbeat is the server's hottest call
     /// (one per node every 10 s); a separate turn just to authenticate would
     /// double its queueing behind the store's single connection.
     pub async fn heartbeat_with_credential(
@@ -889,8 +885,7 @@ impl ControlPlane {
     /// the provider has, decides, and acts. Errors of the provider are kept
     /// as the cluster's scaling errors, never returned.
     async fn scale(&self, spec: &ComputeSpec, t: Timestamp) -> Result<(), ControlError> {
-        let providers = Arc::clone(&self.providers);
-        let provider = providers.for_cluster(spec);
+        let provider = self.providers.for_cluster(spec);
         let name = spec.name.clone();
         let (mut nodes, jobs) = self
             .with_store(move |s| {
@@ -927,10 +922,10 @@ impl ControlPlane {
 
         // Machines whose agents have not registered: preparing nodes, unless
         // they died or took too long, in which case they go.
-        let mut memo = self.memo(&spec.name);
-        let registered: HashSet<String> = nodes.iter().map(|n| n.id.clone()).collect();
+        let memo = self.memo(&spec.name);
+        let registered: HashSet<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
         let mut pending = BTreeMap::new();
-        for m in owned.iter().filter(|m| !registered.contains(&m.id)) {
+        for m in owned.iter().filter(|m| !registered.contains(m.id.as_str())) {
             let since = memo.pending.get(&m.id).copied().unwrap_or(t);
             let failed = match &m.state {
                 ProvisionState::Failed(why) => Some(why.clone()),
@@ -1003,16 +998,8 @@ impl ControlPlane {
                             continue;
                         }
                     }
-                    match provider.remove_node(spec, n).await {
-                        Ok(()) => {
-                            self.metrics.emit(Event::NodeRemoved {
-                                cluster: &spec.name,
-                                node: n,
-                            });
-                            self.forget_node(n).await?;
-                        }
-                        Err(e) => errors.push(e.message()),
-                    }
+                    self.remove_machine(provider, spec, n, Removal::Idle, &mut errors)
+                        .await?;
                 }
             }
         }
@@ -1023,16 +1010,8 @@ impl ControlPlane {
             .iter()
             .filter(|n| reclaimable.contains(n.as_str()))
         {
-            match provider.remove_node(spec, n).await {
-                Ok(()) => {
-                    self.metrics.emit(Event::NodeReclaimed {
-                        cluster: &spec.name,
-                        node: n,
-                    });
-                    self.forget_node(n).await?;
-                }
-                Err(e) => errors.push(e.message()),
-            }
+            self.remove_machine(provider, spec, n, Removal::Dead, &mut errors)
+                .await?;
         }
 
         let error = errors.pop();
@@ -1047,10 +1026,8 @@ impl ControlPlane {
             if acted || error.is_some() {
                 m.provider_error = error.clone();
             }
-            memo = m.clone();
             changed
         };
-        let _ = memo;
         // Only a new error is recorded: the loop runs every few seconds and
         // must not fill the cluster's error list with repeats.
         if let (true, Some(message)) = (changed, error) {
@@ -1065,6 +1042,32 @@ impl ControlPlane {
             .await?;
         }
         Ok(())
+    }
+
+    /// Removes a registered node's machine through the provider and then its
+    /// record; a provider failure is kept in `errors` and the record stays.
+    async fn remove_machine(
+        &self,
+        provider: &dyn Provider,
+        spec: &ComputeSpec,
+        node: &str,
+        why: Removal,
+        errors: &mut Vec<String>,
+    ) -> Result<(), ControlError> {
+        match provider.remove_node(spec, node).await {
+            Ok(()) => {
+                let cluster = spec.name.as_str();
+                self.metrics.emit(match why {
+                    Removal::Idle => Event::NodeRemoved { cluster, node },
+                    Removal::Dead => Event::NodeReclaimed { cluster, node },
+                });
+                self.forget_node(node).await
+            }
+            Err(e) => {
+                errors.push(e.message());
+                Ok(())
+            }
+        }
     }
 
     /// Deletes the record of a node whose machine is gone.

@@ -217,14 +217,8 @@ impl LocalProvider {
             .node_containers(&[])
             .await
             .map_err(LocalStartError::Docker)?;
-        for c in existing {
-            if let Some(vm) = c
-                .labels
-                .get(VM_LABEL)
-                .and_then(|j| serde_json::from_str::<VmSpec>(j).ok())
-            {
-                let _ = provider.imds.emulator().add_vm(vm);
-            }
+        for vm in existing.iter().filter_map(vm_record) {
+            let _ = provider.imds.emulator().add_vm(vm);
         }
         tracing::info!(
             imds = %provider.imds.local_addr(),
@@ -457,6 +451,11 @@ impl LocalProvider {
     }
 }
 
+/// The VM record a node container carries in its labels.
+fn vm_record(c: &ContainerSummary) -> Option<VmSpec> {
+    serde_json::from_str(c.labels.get(VM_LABEL)?).ok()
+}
+
 /// `a.b.c` of an `a.b.c.0/24` subnet.
 fn subnet_base(subnet: &str) -> Option<String> {
     let (addr, len) = subnet.split_once('/')?;
@@ -508,8 +507,7 @@ impl Provider for LocalProvider {
                 .await
                 .map_err(fail)?
                 .iter()
-                .filter_map(|c| c.labels.get(VM_LABEL))
-                .filter_map(|j| serde_json::from_str::<VmSpec>(j).ok())
+                .filter_map(vm_record)
                 .map(|vm| vm.private_ip)
                 .collect();
             let mut created = Vec::new();

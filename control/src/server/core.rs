@@ -1211,7 +1211,7 @@ fn apply_heartbeat(
     // A preempted node stays preempted whatever else it says while it goes.
     let state = if node.state == NodeState::Preempted {
         None
-    } else if req.state == Some(NodeState::Preempted) {
+    } else if newly_preempted {
         // Its job is requeued now rather than after the grace period.
         let lost = s.mark_node_lost(
             &node.id,

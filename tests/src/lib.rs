@@ -1084,3 +1084,26 @@ fn docker_ids(list: &[&str], label: &str, value: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// Seconds since the epoch, as f64 (benchmarks compare it with `date +%s.%N`
+/// printed inside containers, from the same host clock).
+pub fn epoch_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The median of `v` (sorted in place); NaN when empty.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}

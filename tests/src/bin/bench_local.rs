@@ -23,29 +23,11 @@
 //! state=preempted` log line. The job is then cancelled and the cluster left
 //! to settle (the replacement node is reused by the next run).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
-use drover_tests::{JobDir, LocalUp, containers_labelled, short_name, wait_until};
-
-fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
+use drover_tests::{
+    JobDir, LocalUp, containers_labelled, epoch_seconds, median, short_name, wait_until,
+};
 
 fn spread(v: &[f64]) -> String {
     let min = v.iter().copied().fold(f64::INFINITY, f64::min);
@@ -109,7 +91,7 @@ fn main() {
             "the cluster never went back to zero:\n{}",
             up.log_text()
         );
-        let t0 = now();
+        let t0 = epoch_seconds();
         let name = up.submit(&job.job_file(), &cluster);
         up.wait_job_state(&name, "completed", Duration::from_secs(60));
         let j = up.job(&name);
@@ -164,7 +146,7 @@ fn main() {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let t0 = now();
+        let t0 = epoch_seconds();
         up.cli_ok(&["node", "evict", &node]);
         let seen = wait_until(Duration::from_secs(20), || {
             up.cli_ok(&["job", "logs", &name]).contains("term ")

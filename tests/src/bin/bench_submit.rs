@@ -31,22 +31,14 @@
 //! Prints medians, the spread, and the median added latency as Markdown.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use drover_tests::{
-    AgentProc, BASE_IMAGE, JobDir, ServerProc, containers_of_job, remove_job_containers,
-    require_docker, unique_name, wait_until,
+    AgentProc, BASE_IMAGE, JobDir, ServerProc, containers_of_job, epoch_seconds, median,
+    remove_job_containers, require_docker, unique_name, wait_until,
 };
 
 const COMMAND: &str = "date +%s.%N; sleep 3";
-
-/// Seconds since the epoch, as f64.
-fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
 
 /// One measurement: seconds from submit to started, and to the command's first line.
 struct Sample {
@@ -110,7 +102,7 @@ impl Bench {
     fn drover(&self, i: usize) -> Sample {
         let name = unique_name(&format!("bs{i}"));
         let file = self.job.job_file().display().to_string();
-        let t0 = now();
+        let t0 = epoch_seconds();
         self.server.cli_ok(&[
             "job",
             "create",
@@ -146,7 +138,7 @@ impl Bench {
     }
 
     fn docker(&self) -> Sample {
-        let t0 = now();
+        let t0 = epoch_seconds();
         let out = Command::new("docker")
             .args(["run", "-d", "--label", "drover-bench=submit", &self.image])
             .args(["sh", "-c", COMMAND])
@@ -161,19 +153,6 @@ impl Bench {
             .stdout(Stdio::null())
             .status();
         s
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 

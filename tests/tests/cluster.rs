@@ -99,6 +99,18 @@ impl Cluster {
         self.server.cli_ok(&["job", "logs", job])
     }
 
+    /// Waits until `job` runs; its rank-0 node and that node's agent index.
+    fn running_on(&self, job: &str) -> (String, usize) {
+        self.server
+            .wait_job_state(job, "running", Duration::from_secs(90));
+        let node = parts(&self.server.job(job))[0]["node"]
+            .as_str()
+            .expect("node")
+            .to_string();
+        let i = self.agent_of(&node);
+        (node, i)
+    }
+
     fn agent_of(&self, node: &str) -> usize {
         self.agents
             .iter()
@@ -213,13 +225,7 @@ fn an_agent_killed_mid_job_and_restarted_finishes_it_with_one_container() {
         "echo before-the-kill; sleep 6; echo finished-after-restart",
         1,
     );
-    c.server
-        .wait_job_state(&job, "running", Duration::from_secs(90));
-    let node = parts(&c.server.job(&job))[0]["node"]
-        .as_str()
-        .expect("node")
-        .to_string();
-    let i = c.agent_of(&node);
+    let (_, i) = c.running_on(&job);
     c.agents[i].kill9();
     assert_eq!(containers_of_job(&job).len(), 1, "the part keeps running");
     std::thread::sleep(Duration::from_secs(1));
@@ -260,13 +266,7 @@ fn a_server_restarted_mid_job_loses_nothing() {
 fn an_agent_gone_past_the_grace_leaves_its_node_unusable_and_the_job_requeued() {
     let mut c = Cluster::start(3);
     let job = c.submit("sleep 5; echo done-somewhere", 1);
-    c.server
-        .wait_job_state(&job, "running", Duration::from_secs(90));
-    let node = parts(&c.server.job(&job))[0]["node"]
-        .as_str()
-        .expect("node")
-        .to_string();
-    let i = c.agent_of(&node);
+    let (node, i) = c.running_on(&job);
     c.agents[i].kill9();
     assert!(
         wait_until(Duration::from_secs(30), || c.node_state(&node)
@@ -293,13 +293,7 @@ fn an_agent_gone_past_the_grace_leaves_its_node_unusable_and_the_job_requeued() 
 fn sigterm_drains_and_the_agent_exits_zero() {
     let mut c = Cluster::start(40);
     let job = c.submit("sleep 2; echo drained-fine", 1);
-    c.server
-        .wait_job_state(&job, "running", Duration::from_secs(90));
-    let node = parts(&c.server.job(&job))[0]["node"]
-        .as_str()
-        .expect("node")
-        .to_string();
-    let i = c.agent_of(&node);
+    let (node, i) = c.running_on(&job);
     let code = c.agents[i].terminate(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{}", c.agents[i].log_text());
     // The running part was let finish before the agent left.
@@ -320,13 +314,7 @@ fn sigterm_drains_and_the_agent_exits_zero() {
 fn a_part_that_ended_while_its_agent_was_down_is_reported_with_its_exit_code() {
     let mut c = Cluster::start(40);
     let job = c.submit("sleep 3; exit 7", 1);
-    c.server
-        .wait_job_state(&job, "running", Duration::from_secs(90));
-    let node = parts(&c.server.job(&job))[0]["node"]
-        .as_str()
-        .expect("node")
-        .to_string();
-    let i = c.agent_of(&node);
+    let (_, i) = c.running_on(&job);
     c.agents[i].kill9();
     // The container exits while nobody watches; it is kept for its exit code.
     let exited = wait_until(Duration::from_secs(30), || {

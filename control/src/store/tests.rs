@@ -1368,3 +1368,67 @@ fn reports_about_an_earlier_attempt_are_ignored() {
         .collect();
     assert_eq!(ids, ["a", "b", "c"]);
 }
+
+/// A store written by the first released format (`tests/fixtures/store-v1.sql`,
+/// dumped from a real `drover server` after a cluster was created from compute
+/// YAML, a node registered with a real agent inventory, a job with every
+/// field ran to completion and a second job was placed) opens with this build
+/// and reads back as it was written.
+#[test]
+fn a_store_written_by_the_first_format_is_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let conn = Connection::open(dir.path().join(DB_FILE)).expect("create db");
+        conn.execute_batch(include_str!("../../tests/fixtures/store-v1.sql"))
+            .expect("load fixture");
+    }
+    let s = Store::open(dir.path()).expect("a v1 store opens");
+
+    let cluster = s.cluster("gpu-a").expect("cluster");
+    assert_eq!(cluster.spec.vm_size, "STANDARD_NC24ADS_A100_V4");
+    assert_eq!(cluster.spec.max_nodes, 4);
+    assert_eq!(cluster.spec.idle_seconds_before_scaledown, 300);
+    assert_eq!(
+        cluster.spec.vm_priority,
+        drover_api::compute::VmPriority::LowPriority
+    );
+    assert_eq!(
+        cluster.spec.identity,
+        drover_api::compute::Identity::SystemAssigned
+    );
+
+    let job = s.job("train-old-format").expect("job");
+    assert_eq!(job.state, JobState::Completed);
+    assert_eq!(job.attempt, 1);
+    let spec = &job.spec;
+    assert_eq!(spec.image, "drover/openmpi:bookworm");
+    assert_eq!(spec.resources.shm_size, Some(2 << 30));
+    let args = &spec.resources.docker_args;
+    assert_eq!(args.cpus, Some(1.5));
+    assert_eq!(args.memory, Some(1 << 30));
+    assert_eq!(args.pids_limit, Some(100));
+    assert_eq!(args.stop_timeout, Some(20));
+    assert_eq!(args.ulimits.len(), 1);
+    assert_eq!(args.labels, vec![("team".to_string(), "ml".to_string())]);
+    assert_eq!(spec.processes_per_instance(), 2);
+    assert_eq!(spec.timeout_seconds, Some(7200));
+    assert_eq!(spec.drover.mounts.len(), 1);
+    assert_eq!(
+        spec.resolved_command(),
+        "python train.py --lr 0.01 --data /drover/inputs/data --out /drover/outputs/model --bs 64"
+    );
+    let parts = s.job_parts("train-old-format").expect("parts");
+    assert_eq!(parts.len(), 1);
+    assert_eq!(parts[0].state, PartState::Succeeded);
+    assert_eq!(parts[0].exit_code, Some(0));
+    let logs = s.read_logs("train-old-format", 0, 10).expect("logs");
+    let text: Vec<&str> = logs.lines.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(text, ["epoch 1 loss 0.5", "warning: slow"]);
+
+    let queued = s.job("queued-old-format").expect("second job");
+    assert_eq!(queued.spec.command, "echo queued");
+    let node = s.node("vm-old-0").expect("node");
+    assert_eq!(node.current_job.as_deref(), Some("queued-old-format"));
+    assert_eq!(node.ip.as_deref(), Some("10.0.0.4"));
+    assert!(node.inventory.details.get("host").is_some());
+}

@@ -1,0 +1,372 @@
+//! The agent API: registration with a join token, heartbeats (with the
+//! part reports they carry), the assignments long poll and log uploads,
+//! plus the node listing users see.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use drover_api::cluster::NodeState;
+use drover_api::wire;
+
+use super::wire_map::node_info;
+use super::{ControlPlane, new_id, new_secret, now};
+use crate::server::error::ControlError;
+use crate::server::events::Event;
+use crate::store::{
+    Heartbeat, NewLogLine, NewNode, Node, NodeInventory, Store, StoreError, VersionBump,
+};
+
+/// What a heartbeat changed: versions to wake, rejected parts, whether the
+/// scheduler should look again, and the node's desired-state version.
+struct HeartbeatApplied {
+    bumps: Vec<VersionBump>,
+    rejected: Vec<wire::PartKey>,
+    relevant: bool,
+    version: u64,
+    /// The node (it is the one heartbeating) said `preempted` just now.
+    preempted: Option<String>,
+}
+
+/// An agent may say only `leaving`, `preempted` (its VM got a Preempt or
+/// Terminate event), or `idle` while it holds no job.
+fn check_requested_state(node: &Node, state: Option<NodeState>) -> Result<(), ControlError> {
+    match state {
+        None | Some(NodeState::Leaving | NodeState::Preempted) => Ok(()),
+        Some(NodeState::Idle) if node.current_job.is_none() => Ok(()),
+        Some(other) => Err(ControlError::Invalid(format!(
+            "an agent may ask only for state leaving or preempted (or idle while it holds no job), not {other}"
+        ))),
+    }
+}
+
+/// Applies one heartbeat of `node` inside a store turn.
+fn apply_heartbeat(
+    s: &mut Store,
+    node: &Node,
+    req: wire::HeartbeatRequest,
+) -> Result<HeartbeatApplied, StoreError> {
+    let t = now();
+    let inventory = match (req.gpus, req.inventory) {
+        (None, None) => None,
+        (gpus, details) => Some(NodeInventory {
+            healthy_gpus: gpus.map_or(node.inventory.healthy_gpus, |g| g.healthy),
+            total_gpus: gpus.map_or(node.inventory.total_gpus, |g| g.total),
+            details: details.unwrap_or(node.inventory.details.clone()),
+        }),
+    };
+    let mut bumps = Vec::new();
+    let newly_preempted =
+        node.state != NodeState::Preempted && req.state == Some(NodeState::Preempted);
+    // A preempted node stays preempted whatever else it says while it goes.
+    let state = if node.state == NodeState::Preempted {
+        None
+    } else if newly_preempted {
+        // Its job is requeued now rather than after the grace period.
+        let lost = s.mark_node_lost(
+            &node.id,
+            NodeState::Preempted,
+            "the VM is being preempted (scheduled event)",
+            t,
+        )?;
+        bumps.extend(lost.bumped);
+        None
+    } else {
+        // A node marked unusable for silence that is heard from again,
+        // holding nothing, is usable again.
+        req.state.or_else(|| {
+            (node.state == NodeState::Unusable && node.current_job.is_none())
+                .then_some(NodeState::Idle)
+        })
+    };
+    // Only what can change a scheduling decision wakes the
+    // scheduler: 10,000 quiet heartbeats must not cost 10,000 passes.
+    let relevant = !bumps.is_empty()
+        || state.is_some_and(|s| s != node.state)
+        || inventory.as_ref().is_some_and(|i| {
+            i.healthy_gpus != node.inventory.healthy_gpus
+                || i.total_gpus != node.inventory.total_gpus
+        })
+        || !req.parts.is_empty();
+    s.heartbeat(
+        &node.id,
+        &Heartbeat {
+            state,
+            ip: req.ip.as_deref(),
+            inventory: inventory.as_ref(),
+        },
+        t,
+    )?;
+    let mut rejected = Vec::new();
+    for p in &req.parts {
+        let key = || wire::PartKey {
+            job: p.job.clone(),
+            attempt: p.attempt,
+            node_rank: p.node_rank,
+        };
+        // A node reports only its own parts: a credential must
+        // not let one node move another node's work.
+        let own = match s.job_parts(&p.job) {
+            Ok(parts) => parts
+                .iter()
+                .any(|x| x.attempt == p.attempt && x.node_rank == p.node_rank && x.node == node.id),
+            // A part the control plane never had (deleted job).
+            Err(StoreError::NotFound { .. }) => false,
+            Err(e) => return Err(e),
+        };
+        if !own {
+            rejected.push(key());
+            continue;
+        }
+        let r = s.report_part(&p.job, p.attempt, p.node_rank, p.state, p.exit_code, t)?;
+        if !r.accepted {
+            rejected.push(key());
+        }
+        if let Some(tr) = r.job {
+            bumps.extend(tr.bumped);
+        }
+    }
+    Ok(HeartbeatApplied {
+        bumps,
+        rejected,
+        relevant,
+        version: s.desired_version(&node.id)?,
+        preempted: newly_preempted.then(|| node.id.clone()),
+    })
+}
+
+impl ControlPlane {
+    /// Nodes, optionally of one cluster.
+    pub async fn nodes(&self, cluster: Option<String>) -> Result<wire::NodeList, ControlError> {
+        let nodes = self
+            .with_store(move |s| match &cluster {
+                Some(c) => s.nodes(c),
+                None => s.all_nodes(),
+            })
+            .await?;
+        Ok(wire::NodeList {
+            nodes: nodes.into_iter().map(node_info).collect(),
+        })
+    }
+
+    /// Registers a node that presents its cluster's join token.
+    pub async fn register(
+        &self,
+        req: wire::RegisterRequest,
+    ) -> Result<wire::RegisterResponse, ControlError> {
+        let node_id = match req.node_id.clone() {
+            Some(id) if drover_api::job::is_valid_name(&id) => id,
+            Some(id) => {
+                return Err(ControlError::Invalid(format!(
+                    "node id `{id}` is not valid: use letters, digits, `_` and `-`"
+                )));
+            }
+            None => new_id("node")?,
+        };
+        let credential = new_secret()?;
+        let cred = credential.clone();
+        let id = node_id.clone();
+        let registered = self
+            .with_store(move |s| -> Result<Result<Node, ControlError>, StoreError> {
+                // Unknown cluster and wrong token answer alike, so the
+                // endpoint does not tell which cluster names exist.
+                match s.verify_join_token(&req.cluster, &req.join_token) {
+                    Ok(true) => {}
+                    Ok(false) | Err(StoreError::NotFound { .. }) => {
+                        return Ok(Err(ControlError::Unauthorized(format!(
+                            "invalid join token for cluster `{}`",
+                            req.cluster
+                        ))));
+                    }
+                    Err(e) => return Err(e),
+                }
+                let inventory = NodeInventory {
+                    healthy_gpus: req.gpus.healthy,
+                    total_gpus: req.gpus.total,
+                    details: req.inventory,
+                };
+                // An agent that lost its credential (a reinstalled machine)
+                // may take its id back as long as the old node holds no work.
+                if let Ok(old) = s.node(&id) {
+                    if old.cluster != req.cluster || old.current_job.is_some() {
+                        return Err(StoreError::AlreadyExists {
+                            kind: "node",
+                            name: id,
+                        });
+                    }
+                    s.remove_node(&id)?;
+                }
+                let node = s.register_node(
+                    &NewNode {
+                        id: &id,
+                        cluster: &req.cluster,
+                        ip: req.ip.as_deref(),
+                        inventory: &inventory,
+                        credential: &cred,
+                    },
+                    now(),
+                )?;
+                Ok(Ok(node))
+            })
+            .await??;
+        tracing::info!(node = %registered.id, cluster = %registered.cluster, "agent registered");
+        self.poke();
+        Ok(wire::RegisterResponse {
+            node_id,
+            credential,
+            heartbeat_interval_seconds: self.config.heartbeat_interval.as_secs(),
+        })
+    }
+
+    /// Records a heartbeat and the part states it carries, authenticating
+    /// the node by its credential in the same turn through the store. The heartbeat is the server's hottest call
+    /// (one per node every 10 s); a separate turn just to authenticate would
+    /// double its queueing behind the store's single connection.
+    pub async fn heartbeat_with_credential(
+        &self,
+        credential: &str,
+        req: wire::HeartbeatRequest,
+    ) -> Result<wire::HeartbeatResponse, ControlError> {
+        let credential = credential.to_string();
+        let applied = self
+            .with_store(move |s| {
+                let Some(node) = s.node_by_credential(&credential)? else {
+                    return Ok(Err(ControlError::Unauthorized(
+                        "invalid node credential".to_string(),
+                    )));
+                };
+                if let Err(e) = check_requested_state(&node, req.state) {
+                    return Ok(Err(e));
+                }
+                apply_heartbeat(s, &node, req).map(Ok)
+            })
+            .await??;
+        Ok(self.heartbeat_applied(applied))
+    }
+
+    fn heartbeat_applied(&self, applied: HeartbeatApplied) -> wire::HeartbeatResponse {
+        let HeartbeatApplied {
+            bumps,
+            rejected,
+            relevant,
+            version,
+            preempted,
+        } = applied;
+        self.metrics.heartbeat();
+        if let Some(node) = &preempted {
+            self.metrics.emit(Event::NodeLost {
+                node,
+                state: NodeState::Preempted,
+            });
+        }
+        self.wake(&bumps);
+        if relevant {
+            self.poke();
+        }
+        wire::HeartbeatResponse {
+            desired_version: version,
+            rejected,
+        }
+    }
+
+    /// What `node` should run: at once when its version is newer than
+    /// `seen`, else when it changes, else after `timeout` (capped).
+    pub async fn assignments(
+        &self,
+        node: String,
+        seen: u64,
+        timeout: Option<Duration>,
+    ) -> Result<wire::Assignments, ControlError> {
+        let timeout = timeout
+            .unwrap_or(self.config.watch_timeout)
+            .min(self.config.watch_timeout_max);
+        // Subscribe before reading the version so that a bump between the
+        // read and the wait is not missed.
+        let mut rx = self.subscribe(&node)?;
+        let id = node.clone();
+        let current = self.with_store(move |s| s.desired_version(&id)).await?;
+        if current <= seen {
+            let wait = async {
+                loop {
+                    if rx.changed().await.is_err() {
+                        break;
+                    }
+                    if *rx.borrow_and_update() > seen {
+                        break;
+                    }
+                }
+            };
+            // Timing out is the normal end of a quiet poll; at shutdown the
+            // agent gets what it has now and polls the next server.
+            tokio::select! {
+                _ = tokio::time::timeout(timeout, wait) => {}
+                _ = self.shutdown.cancelled() => {}
+            }
+        }
+        self.unsubscribe(&node, rx);
+        let a = self.with_store(move |s| s.assignments(&node)).await?;
+        Ok(wire::Assignments {
+            version: a.version,
+            parts: a
+                .parts
+                .into_iter()
+                .map(|p| wire::Assignment {
+                    job: p.job,
+                    attempt: p.attempt,
+                    node_rank: p.node_rank,
+                    state: p.state,
+                    spec: p.spec,
+                    nodes: p
+                        .nodes
+                        .into_iter()
+                        .map(|n| wire::PeerNode { id: n.id, ip: n.ip })
+                        .collect(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Stores log lines of parts placed on `node`.
+    pub async fn upload_logs(
+        &self,
+        node: String,
+        batch: wire::LogBatch,
+    ) -> Result<wire::LogBatchAccepted, ControlError> {
+        let accepted = self
+            .with_store(move |s| -> Result<Result<u64, ControlError>, StoreError> {
+                let mut by_job: HashMap<&str, Vec<&wire::NewLogLine>> = HashMap::new();
+                for l in &batch.lines {
+                    by_job.entry(l.job.as_str()).or_default().push(l);
+                }
+                let mut accepted = 0u64;
+                for (job, lines) in by_job {
+                    let parts = s.job_parts(job)?;
+                    // A node writes only the logs of parts it was given.
+                    let own = |l: &&wire::NewLogLine| {
+                        parts.iter().any(|p| {
+                            p.node == node && p.attempt == l.attempt && p.node_rank == l.node_rank
+                        })
+                    };
+                    if !lines.iter().all(own) {
+                        return Ok(Err(ControlError::Forbidden(format!(
+                            "node `{node}` holds no such part of job `{job}`"
+                        ))));
+                    }
+                    let new: Vec<NewLogLine<'_>> = lines
+                        .iter()
+                        .map(|l| NewLogLine {
+                            at: l.at,
+                            attempt: l.attempt,
+                            node_rank: l.node_rank,
+                            stream: l.stream,
+                            text: &l.text,
+                        })
+                        .collect();
+                    s.append_logs(job, &new)?;
+                    accepted += new.len() as u64;
+                }
+                Ok(Ok(accepted))
+            })
+            .await??;
+        Ok(wire::LogBatchAccepted { accepted })
+    }
+}

@@ -1,0 +1,48 @@
+//! Store records to the `/v1` wire types users see.
+
+use drover_api::wire;
+
+use crate::store::{Job, JobPart, Node};
+
+pub(super) fn part_info(p: JobPart) -> wire::PartInfo {
+    wire::PartInfo {
+        attempt: p.attempt,
+        node_rank: p.node_rank,
+        node: p.node,
+        state: p.state,
+        exit_code: p.exit_code,
+        started_at: p.started_at,
+        ended_at: p.ended_at,
+    }
+}
+
+pub(super) fn job_info(job: Job, parts: Vec<JobPart>, with_spec: bool) -> wire::JobInfo {
+    wire::JobInfo {
+        instance_count: job.spec.resources.instance_count,
+        spec: with_spec.then_some(job.spec),
+        id: job.id,
+        cluster: job.cluster,
+        state: job.state,
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        submitted_at: job.submitted_at,
+        started_at: job.started_at,
+        ended_at: job.ended_at,
+        failure_reason: job.failure_reason,
+        parts: parts.into_iter().map(part_info).collect(),
+    }
+}
+
+pub(super) fn node_info(n: Node) -> wire::NodeInfo {
+    wire::NodeInfo {
+        id: n.id,
+        cluster: n.cluster,
+        state: n.state,
+        ip: n.ip,
+        healthy_gpus: n.inventory.healthy_gpus,
+        total_gpus: n.inventory.total_gpus,
+        registered_at: n.registered_at,
+        last_heartbeat: n.last_heartbeat,
+        current_job: n.current_job,
+    }
+}

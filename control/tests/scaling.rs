@@ -15,7 +15,7 @@ use drover_api::compute::{ComputeSpec, ProviderKind};
 use drover_api::job::JobSpec;
 use drover_api::wire;
 use drover_control::provider::{
-    Provider, ProviderFuture, Providers, ProvisionState, ProvisionedNode,
+    Operation, Provider, ProviderError, ProviderFuture, Providers, ProvisionState, ProvisionedNode,
 };
 use drover_control::server::{ControlPlane, CoreConfig};
 use drover_control::store::Store;
@@ -27,6 +27,8 @@ struct Machines {
     tokens: Mutex<Vec<String>>,
     removed: Mutex<Vec<String>>,
     made: Mutex<u32>,
+    /// Operations that fail (a cloud API outage).
+    failing: Mutex<Vec<Operation>>,
 }
 
 impl Machines {
@@ -46,6 +48,20 @@ impl Machines {
     }
     fn removed(&self) -> Vec<String> {
         self.removed.lock().unwrap().clone()
+    }
+    fn fail(&self, operations: &[Operation]) {
+        *self.failing.lock().unwrap() = operations.to_vec();
+    }
+    fn outage_error(&self, operation: Operation) -> Option<ProviderError> {
+        self.failing
+            .lock()
+            .unwrap()
+            .contains(&operation)
+            .then(|| ProviderError::Backend {
+                provider: ProviderKind::Local,
+                operation,
+                source: "the backend is down".into(),
+            })
     }
 }
 
@@ -77,11 +93,17 @@ impl Provider for Machines {
         Box::pin(std::future::ready(Ok(out)))
     }
     fn remove_node<'a>(&'a self, _: &'a ComputeSpec, node_id: &'a str) -> ProviderFuture<'a, ()> {
+        if let Some(e) = self.outage_error(Operation::RemoveNode) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
         self.state.lock().unwrap().remove(node_id);
         self.removed.lock().unwrap().push(node_id.to_string());
         Box::pin(std::future::ready(Ok(())))
     }
     fn list_nodes<'a>(&'a self, _: &'a ComputeSpec) -> ProviderFuture<'a, Vec<ProvisionedNode>> {
+        if let Some(e) = self.outage_error(Operation::ListNodes) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
         let all = self
             .state
             .lock()
@@ -311,4 +333,44 @@ async fn an_idle_node_leaves_and_is_forgotten_but_not_while_it_holds_a_job() {
     let st = status(&s.core).await;
     assert_eq!((st.current_node_count, st.target_node_count), (0, 0));
     assert!(st.node_state_counts.get(NodeState::Leaving) == 0);
+}
+
+#[tokio::test]
+async fn every_provider_error_of_a_pass_is_recorded_and_a_failed_listing_makes_no_duplicates() {
+    let s = setup(CoreConfig::default(), 0, 2, 120).await;
+    submit(&s.core, "one", 1).await;
+    s.core.schedule_pass().await.expect("pass");
+    assert_eq!(s.machines.ids(), ["m-1"]);
+
+    // The backend cannot list: m-1 stays preparing and nothing is made twice.
+    s.machines.fail(&[Operation::ListNodes]);
+    s.core.schedule_pass().await.expect("pass");
+    s.core.schedule_pass().await.expect("pass");
+    assert_eq!(s.machines.ids(), ["m-1"]);
+    let st = status(&s.core).await;
+    assert_eq!(st.node_state_counts.preparing, 1);
+    assert_eq!(
+        st.errors.last().map(|e| e.message.as_str()),
+        Some("the local provider failed to list nodes: the backend is down")
+    );
+
+    // m-1 fails and removing it fails too: both errors of the pass are
+    // recorded, and the cluster gives both as its reason.
+    s.machines.fail(&[Operation::RemoveNode]);
+    s.machines
+        .set("m-1", ProvisionState::Failed("it exited".into()));
+    let before = status(&s.core).await.errors.len();
+    s.core.schedule_pass().await.expect("pass");
+    let st = status(&s.core).await;
+    let new: Vec<&str> = st.errors[before..]
+        .iter()
+        .map(|e| e.message.as_str())
+        .collect();
+    assert_eq!(
+        new,
+        [
+            "node m-1 failed before registering: it exited",
+            "the local provider failed to remove a node: the backend is down",
+        ]
+    );
 }

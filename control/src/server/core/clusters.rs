@@ -5,24 +5,24 @@ use drover_api::cluster::{ClusterStatus, NodeStateCounts};
 use drover_api::compute::{ComputeSpec, ComputeUpdate, Naming};
 use drover_api::wire;
 
-use super::scaling::add_pending;
 use super::{ClusterView, ControlPlane, new_secret, now, read_cluster_view};
 use crate::autoscaler::{self, AutoscaleInput};
 use crate::server::error::ControlError;
 use crate::store::StoreError;
 
 impl ControlPlane {
-    fn cluster_info(&self, mut view: ClusterView) -> wire::ClusterInfo {
+    fn cluster_info(&self, view: ClusterView) -> wire::ClusterInfo {
         let memo = self.memo(&view.cluster.spec.name);
-        add_pending(&mut view.nodes, &memo.pending);
+        let nodes = autoscaler::with_pending(&view.nodes, &memo.pending);
+        let reason = memo.reason();
         let decision = autoscaler::decide(
             &AutoscaleInput {
                 spec: &view.cluster.spec,
-                nodes: &view.nodes,
+                nodes: &nodes,
                 jobs: &view.jobs,
                 now: now(),
                 last_scale_action: memo.last_scale_action,
-                provider_error: memo.provider_error.as_deref(),
+                provider_error: reason.as_deref(),
             },
             &self.config.autoscaler,
         );
@@ -31,7 +31,7 @@ impl ControlPlane {
                 allocation_state: decision.allocation_state,
                 current_node_count: decision.current,
                 target_node_count: decision.target,
-                node_state_counts: NodeStateCounts::of(&view.nodes),
+                node_state_counts: NodeStateCounts::of(&nodes),
                 errors: view.errors,
             },
             created_at: view.cluster.created_at,

@@ -66,13 +66,22 @@ impl Default for CoreConfig {
 #[derive(Debug, Clone, Default)]
 struct ScalingMemo {
     last_scale_action: Option<Timestamp>,
-    provider_error: Option<String>,
+    /// Every error of the provider at the last pass that acted or failed.
+    provider_errors: Vec<String>,
     /// Machines the provider made whose agents have not registered yet,
     /// with when they were first seen: preparing nodes.
     pending: BTreeMap<String, Timestamp>,
     /// The join token handed to machines the provider creates; only its
     /// hash is stored, so a restarted server makes a new one.
     join_token: Option<String>,
+}
+
+impl ScalingMemo {
+    /// Why the cluster may not reach its target: every provider error of
+    /// the last pass, in the order they happened.
+    fn reason(&self) -> Option<String> {
+        (!self.provider_errors.is_empty()).then(|| self.provider_errors.join("; "))
+    }
 }
 
 /// The control plane: the store plus the in-memory wake-up machinery.

@@ -1,15 +1,13 @@
 //! The scheduling and scaling pass: placements, then for each cluster the
-//! provider's machines are read, [`crate::autoscaler::plan`] decides, and
+//! provider's machines are read, [`crate::autoscaler::plan`] plans, and
 //! this module only carries the plan out.
 
-use std::collections::{BTreeMap, HashSet};
-
-use drover_api::cluster::{JobState, NodeState, NodeSummary, Timestamp};
+use drover_api::cluster::{JobState, Timestamp};
 use drover_api::compute::ComputeSpec;
 
 use super::{ControlPlane, new_secret, now, read_cluster_view};
-use crate::autoscaler::{self, AutoscaleInput};
-use crate::provider::{Provider, ProvisionState};
+use crate::autoscaler::{self, ScalingInput};
+use crate::provider::Provider;
 use crate::server::error::ControlError;
 use crate::server::events::Event;
 
@@ -20,24 +18,6 @@ enum Removal {
     Idle,
     /// A lost or preempted node holding nothing.
     Dead,
-}
-
-/// Machines that have not registered yet count as preparing nodes.
-pub(super) fn add_pending(nodes: &mut Vec<NodeSummary>, pending: &BTreeMap<String, Timestamp>) {
-    for (id, since) in pending {
-        if nodes.iter().any(|n| &n.id == id) {
-            continue;
-        }
-        nodes.push(NodeSummary {
-            id: id.clone(),
-            state: NodeState::Preparing,
-            healthy_gpus: 0,
-            total_gpus: 0,
-            last_heartbeat: *since,
-            free_since: None,
-            current_job: None,
-        });
-    }
 }
 
 impl ControlPlane {
@@ -90,12 +70,13 @@ impl ControlPlane {
     }
 
     /// One autoscaling step for a cluster: reads what is registered and what
-    /// the provider has, decides, and acts. Errors of the provider are kept
-    /// as the cluster's scaling errors, never returned.
+    /// the provider has, plans ([`autoscaler::plan`]) and carries the plan
+    /// out. Errors of the provider are kept as the cluster's scaling errors,
+    /// every one of them, never returned.
     async fn scale(&self, spec: &ComputeSpec, t: Timestamp) -> Result<(), ControlError> {
         let provider = self.providers.for_cluster(spec);
         let name = spec.name.clone();
-        let (mut nodes, jobs) = self
+        let (nodes, jobs) = self
             .with_store(move |s| {
                 Ok((
                     s.node_summaries(&name)?,
@@ -107,138 +88,101 @@ impl ControlPlane {
             })
             .await?;
         let mut errors: Vec<String> = Vec::new();
-        let owned = match provider.list_nodes(spec).await {
-            Ok(owned) => owned,
+        let machines = match provider.list_nodes(spec).await {
+            Ok(machines) => Some(machines),
             Err(e) => {
                 errors.push(e.message());
-                Vec::new()
+                None
             }
         };
-        // A dead node's machine goes once it has stopped by itself (a
-        // preempted agent first stops its job with the grace period, then
-        // exits) or has been silent for long.
-        let reclaimable: HashSet<&str> = owned
-            .iter()
-            .filter(|m| {
-                m.state != ProvisionState::Running
-                    || nodes.iter().any(|n| {
-                        n.id == m.id && t.since(n.last_heartbeat) > self.config.register_timeout
-                    })
-            })
-            .map(|m| m.id.as_str())
-            .collect();
-
-        // Machines whose agents have not registered: preparing nodes, unless
-        // they died or took too long, in which case they go.
         let memo = self.memo(&spec.name);
-        let registered: HashSet<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
-        let mut pending = BTreeMap::new();
-        for m in owned.iter().filter(|m| !registered.contains(m.id.as_str())) {
-            let since = memo.pending.get(&m.id).copied().unwrap_or(t);
-            let failed = match &m.state {
-                ProvisionState::Failed(why) => Some(why.clone()),
-                ProvisionState::Deleting => continue,
-                _ if t.since(since) > self.config.register_timeout => Some(format!(
-                    "its agent did not register within {}s (see `docker logs {}`)",
-                    self.config.register_timeout.as_secs(),
-                    m.id
-                )),
-                _ => None,
-            };
-            match failed {
-                None => {
-                    pending.insert(m.id.clone(), since);
-                }
-                Some(why) => {
-                    self.metrics.emit(Event::NodeNeverJoined {
-                        cluster: &spec.name,
-                        node: &m.id,
-                        why: &why,
-                    });
-                    errors.push(format!("node {} failed before registering: {why}", m.id));
-                    if let Err(e) = provider.remove_node(spec, &m.id).await {
-                        errors.push(e.message());
-                    }
-                }
-            }
-        }
-        add_pending(&mut nodes, &pending);
-
-        let decision = autoscaler::decide(
-            &AutoscaleInput {
+        let reason = memo.reason();
+        let plan = autoscaler::plan(
+            &ScalingInput {
                 spec,
                 nodes: &nodes,
                 jobs: &jobs,
+                machines: machines.as_deref(),
+                pending: &memo.pending,
                 now: t,
                 last_scale_action: memo.last_scale_action,
-                provider_error: memo.provider_error.as_deref(),
+                provider_error: reason.as_deref(),
+                register_timeout: self.config.register_timeout,
             },
             &self.config.autoscaler,
         );
-        let mut acted = false;
-        match &decision.action {
-            autoscaler::ScaleAction::None => {}
-            autoscaler::ScaleAction::Add { count } => {
-                acted = true;
-                let token = if provider.creates_nodes() {
-                    self.provision_token(&spec.name).await?
-                } else {
-                    String::new()
-                };
-                match provider.create_nodes(spec, *count, &token).await {
-                    Ok(made) => {
-                        self.metrics.emit(Event::NodesCreated {
-                            cluster: &spec.name,
-                            count: made.len(),
-                        });
-                        pending.extend(made.into_iter().map(|m| (m.id, t)));
-                    }
-                    Err(e) => errors.push(e.message()),
+        let mut pending = plan.pending.clone();
+
+        for gone in &plan.never_joined {
+            self.metrics.emit(Event::NodeNeverJoined {
+                cluster: &spec.name,
+                node: &gone.machine,
+                why: &gone.why,
+            });
+            errors.push(format!(
+                "node {} failed before registering: {}",
+                gone.machine, gone.why
+            ));
+            if let Err(e) = provider.remove_node(spec, &gone.machine).await {
+                errors.push(e.message());
+            }
+        }
+        if plan.create > 0 {
+            let token = if provider.creates_nodes() {
+                self.provision_token(&spec.name).await?
+            } else {
+                String::new()
+            };
+            match provider.create_nodes(spec, plan.create, &token).await {
+                Ok(made) => {
+                    self.metrics.emit(Event::NodesCreated {
+                        cluster: &spec.name,
+                        count: made.len(),
+                    });
+                    pending.extend(made.into_iter().map(|m| (m.id, t)));
+                }
+                Err(e) => errors.push(e.message()),
+            }
+        }
+        for n in &plan.drain {
+            if provider.creates_nodes() {
+                let id = n.clone();
+                // Nothing may be placed on it while it goes.
+                if !self.with_store(move |s| s.mark_node_leaving(&id)).await? {
+                    continue;
                 }
             }
-            autoscaler::ScaleAction::Remove { nodes: leaving } => {
-                acted = true;
-                for n in leaving {
-                    if provider.creates_nodes() {
-                        let id = n.clone();
-                        // Nothing may be placed on it while it goes.
-                        if !self.with_store(move |s| s.mark_node_leaving(&id)).await? {
-                            continue;
-                        }
-                    }
-                    self.remove_machine(provider, spec, n, Removal::Idle, &mut errors)
-                        .await?;
-                }
-            }
+            self.remove_machine(provider, spec, n, Removal::Idle, &mut errors)
+                .await?;
         }
         // Dead nodes (lost, preempted) that hold nothing: their machines go,
         // and so do their records, once the provider has removed them.
-        for n in decision
-            .reclaim
-            .iter()
-            .filter(|n| reclaimable.contains(n.as_str()))
-        {
+        for n in &plan.reclaim {
             self.remove_machine(provider, spec, n, Removal::Dead, &mut errors)
                 .await?;
         }
 
-        let error = errors.pop();
-        let changed = {
+        let acted = plan.acts();
+        let new_errors = {
             let mut all = self.scaling.lock().map_err(|_| ControlError::Poisoned)?;
             let m = all.entry(spec.name.clone()).or_default();
             m.pending = pending;
-            if acted && error.is_none() {
+            if acted && errors.is_empty() {
                 m.last_scale_action = Some(t);
             }
-            let changed = error.is_some() && error != m.provider_error;
-            if acted || error.is_some() {
-                m.provider_error = error.clone();
+            let new: Vec<String> = errors
+                .iter()
+                .filter(|e| !m.provider_errors.contains(e))
+                .cloned()
+                .collect();
+            if acted || !errors.is_empty() {
+                m.provider_errors = errors;
             }
-            changed
+            new
         };
-        // Only a new error is recorded: the loop runs every few seconds and
+        // Only new errors are recorded: the loop runs every few seconds and
         // must not fill the cluster's error list with repeats.
-        if let (true, Some(message)) = (changed, error) {
+        for message in new_errors {
             self.metrics.emit(Event::ScalingFailed {
                 cluster: &spec.name,
                 message: &message,

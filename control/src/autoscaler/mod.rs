@@ -1,5 +1,10 @@
 //! Autoscaling: how many nodes a cluster should have, and which ones leave.
 //!
+//! [`plan`] (in `plan.rs`) is one whole scaling pass as a pure function: it
+//! matches the provider's machines with registered nodes (preparing, never
+//! joined, reclaimable), calls [`decide`], and returns a [`ScalingPlan`]
+//! that the control plane only carries out.
+//!
 //! [`decide`] is a pure function over one cluster's spec, nodes and jobs, the
 //! time, the time of the last scale action and the latest provider error; it
 //! returns a [`ScaleDecision`] that the control plane hands to the cluster's
@@ -31,12 +36,16 @@
 //!   toward the current size (they are replaced by the normal scale-up) and
 //!   are listed for the provider to delete, regardless of the cool-down.
 
+mod plan;
+
 use std::time::Duration;
 
 use drover_api::cluster::{
     AllocationState, JobState, JobSummary, NodeState, NodeSummary, Timestamp,
 };
 use drover_api::compute::ComputeSpec;
+
+pub use self::plan::{NeverJoined, ScalingInput, ScalingPlan, plan, with_pending};
 
 /// Default cool-down between a scale action and the next removal.
 pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(30);

@@ -3,7 +3,6 @@
 
 pub mod control_client;
 pub mod daemon;
-pub mod imds;
 pub mod inventory;
 pub mod metrics;
 pub mod reconcile;

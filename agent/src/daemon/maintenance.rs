@@ -7,7 +7,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::imds::{EventType, EventsUpdate};
+use drover_imds::{EventType, EventsUpdate};
 use tokio::sync::mpsc;
 
 use super::Input;

@@ -56,14 +56,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drover_api::wire::{Assignments, GpuCounts, NewLogLine};
+use drover_imds::ImdsClient;
+use drover_imds::{DEFAULT_POLL_INTERVAL, EventsUpdate};
 use drover_runner::PartRunner;
 use drover_runner::runtime::ContainerRuntime;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::control_client::ClientError;
-use crate::imds::ImdsClient;
-use crate::imds::{DEFAULT_POLL_INTERVAL, EventsUpdate};
 use crate::inventory::{GpuHealth, Inventory};
 use crate::metrics::Metrics;
 use crate::reconcile::{Known, PartId};

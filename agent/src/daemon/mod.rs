@@ -18,6 +18,10 @@
 //! With IMDS: `[imds-scheduled-events]` ──EventsUpdate (8)──► `[maintenance]`
 //! ──Input::Maintenance──► reconciler (drain now, acknowledge after).
 //!
+//! With `--metrics-listen`: `[metrics]` (`crate::http::serve` with
+//! `crate::http::metrics::router`) answers `GET /metrics` from the
+//! `Metrics` that heartbeat and supervisors update.
+//!
 //! Shutdown: the `shutdown` token (SIGTERM/SIGINT) or a maintenance event ends the reconciler's
 //! loop and starts the drain (no new parts, heartbeat says `leaving`, parts
 //! run until the drain deadline, then are canceled and stopped with the
@@ -25,7 +29,8 @@
 //! goes out, scheduled events are acknowledged, and the `io` token stops
 //! watch, heartbeat, log-shipper and the IMDS tasks, which are all joined
 //! before [`run`] returns. Each part has its own token, canceled by the
-//! reconciler.
+//! reconciler. The metrics endpoint stops on `shutdown` itself and is
+//! joined last.
 //!
 //! State that must survive the agent lives in Docker labels and the control
 //! plane: containers are kept after they exit (`RunOptions::remove` is
@@ -33,11 +38,11 @@
 //! ended while the agent was down is still reported with its exit code.
 //!
 //! One module per task, each saying what it reads and writes:
-//! [`credentials`] (the saved credential, `connect`, `register`), [`watch`],
-//! [`heartbeat`], [`maintenance`], [`logs`] (`log-shipper`), [`reconciler`],
-//! [`supervisor`] (one task per part); [`state`] holds what they share
-//! behind mutexes (`Reports`, `HealthyGpus`). This module wires them: it
-//! makes the channels and tokens, spawns the tasks and joins them.
+//! `credentials` (the saved credential, `connect`, `register`), `watch`,
+//! `heartbeat`, `maintenance`, `logs` (`log-shipper`), `reconciler`,
+//! `supervisor` (one task per part); `state` holds what they share behind
+//! mutexes (`Reports`, `HealthyGpus`). This module wires them: it makes the
+//! channels and tokens, spawns the tasks and joins them.
 
 mod credentials;
 mod heartbeat;
@@ -232,9 +237,9 @@ pub async fn run<R: ContainerRuntime>(
                 .await
                 .map_err(|source| DaemonError::Metrics { addr, source })?;
             tracing::info!(addr = %addr, "metrics listening");
-            Some(tokio::spawn(crate::metrics::serve(
+            Some(tokio::spawn(crate::http::serve(
                 listener,
-                metrics.clone(),
+                crate::http::metrics::router(metrics.clone()),
                 shutdown.clone(),
             )))
         }

@@ -3,7 +3,7 @@
 
 pub mod control_client;
 pub mod daemon;
-pub mod imds;
+pub mod http;
 pub mod inventory;
 pub mod metrics;
 pub mod reconcile;

@@ -1,7 +1,6 @@
-//! The agent's Prometheus metrics and the tiny `/metrics` responder (plain
-//! HTTP/1.1 on a loopback port; one request per connection, no framework).
+//! The agent's Prometheus metrics: one registry, fed by the heartbeat and
+//! the part supervisors. `crate::http::metrics` serves them.
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use drover_api::wire::PartStatus;
@@ -11,8 +10,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 use crate::inventory::{GpuHealth, Inventory};
 
@@ -136,43 +133,6 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
-    }
-}
-
-/// Answers every connection with the metrics until `shutdown` fires.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let (mut conn, _) = tokio::select! {
-            c = listener.accept() => match c {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(error = %e, "metrics accept failed");
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf)).await;
-            let (status, body) = if buf.starts_with(b"GET /metrics") {
-                ("200 OK", metrics.render())
-            } else {
-                ("404 Not Found", "not found\n".to_string())
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
-        });
     }
 }
 

@@ -14,7 +14,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use drover_agent::daemon::{self, DaemonConfig, InventorySource};
-use drover_agent::imds::{EventStatus, ImdsClient, ImdsConfig};
 use drover_agent::inventory::{Inventory, InventoryCollector, NoGpus};
 use drover_api::JobSpec;
 use drover_api::cluster::NodeState;
@@ -22,6 +21,7 @@ use drover_api::wire::{
     Assignment, Assignments, HeartbeatRequest, HeartbeatResponse, LogBatch, LogBatchAccepted,
     NewLogLine, PartState, RegisterRequest, RegisterResponse,
 };
+use drover_imds::{EventStatus, ImdsClient, ImdsConfig};
 use drover_imds_emulator::{Emulator, EmulatorConfig, EventSpec, EventType, VmSpec};
 use drover_runner::fake::{ExitScript, FakeRuntime, PullScript};
 use drover_runner::runtime::{ContainerConfig, ContainerRuntime};

@@ -1,10 +1,10 @@
-//! agent::imds against the IMDS emulator over real loopback HTTP.
+//! The IMDS client against the IMDS emulator over real loopback HTTP.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use drover_agent::imds::{
+use drover_imds::{
     EventStatus, EventType, Identity, ImdsClient, ImdsConfig, Priority, RateLimits, RequestError,
     RetryPolicy,
 };

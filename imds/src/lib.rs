@@ -1,12 +1,16 @@
 //! Client for the Azure Instance Metadata Service (IMDS): who this VM is,
 //! managed-identity tokens, and scheduled events (preemption, maintenance).
 //!
-//! Architecture invariant: this module is the only code in Drover that speaks
+//! Architecture invariant: this crate is the only code in Drover that speaks
 //! HTTP to IMDS. It follows Azure's contract
 //! (<https://learn.microsoft.com/azure/virtual-machines/instance-metadata-service>):
 //! `Metadata: true` on every request, no proxy, fixed api-versions, Microsoft's
 //! retry guidance ([`RetryPolicy`]) and a client-side limiter that keeps under
 //! IMDS's 5 req/s (20 req/s for identity) so the agent never causes a 429.
+//!
+//! It knows nothing of the agent: the node agent uses it for its VM's
+//! metadata and scheduled events, and the control plane can use it for
+//! tokens of its own managed identity.
 
 mod events;
 mod instance;

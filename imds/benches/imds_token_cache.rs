@@ -1,8 +1,8 @@
-//! Token lookup through `agent::imds`'s cache vs an uncached round trip to the
+//! Token lookup through `drover_imds`'s cache vs an uncached round trip to the
 //! IMDS emulator on loopback, with 64 concurrent callers.
 //!
 //! ```text
-//! cargo bench -p drover-agent --bench imds_token_cache
+//! cargo bench -p drover-imds --bench imds_token_cache
 //! ```
 //! Prints markdown rows for BENCHMARKS.md. Both sides run with rate limits off
 //! (client and emulator): with them on, the uncached side is capped at IMDS's
@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use drover_agent::imds::{Identity, ImdsClient, ImdsConfig};
+use drover_imds::{Identity, ImdsClient, ImdsConfig};
 use drover_imds_emulator::{Emulator, EmulatorConfig, VmSpec};
 
 const TASKS: usize = 64;
@@ -64,7 +64,7 @@ async fn run_concurrent(
                     }
                     latencies.push(t.elapsed());
                 }
-                Ok::<_, drover_agent::imds::ImdsError>(latencies)
+                Ok::<_, drover_imds::ImdsError>(latencies)
             })
         })
         .collect();

@@ -1,10 +1,10 @@
-//! agent::imds parses the sample bodies from Microsoft's IMDS documentation
+//! The IMDS client parses the sample bodies from Microsoft's IMDS documentation
 //! (`fixtures/imds/`, sources in its README), served verbatim by a minimal
 //! HTTP server so the whole client path runs.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use drover_agent::imds::{
+use drover_imds::{
     EventStatus, EventType, Identity, ImdsClient, ImdsConfig, Priority, RetryPolicy,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

@@ -1,0 +1,167 @@
+//! The `heartbeat` task: node and part states to the control plane.
+//!
+//! Reads: `Reports` (live and ended parts; woken by `Reports::changed`), the
+//! drain and preemption flags, the inventory, beat-now requests from the
+//! reconciler (mpsc 4, each answered once its beat is done), the `io` token.
+//! Writes: the control plane (`POST` heartbeat), `HealthyGpus`, the metrics,
+//! and `Input::Acked`/`Input::Rejected` to the reconciler (mpsc 64).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use drover_api::wire::{HeartbeatRequest, PartStatus};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::credentials::{RegisterError, register};
+use super::state::{HealthyGpus, SharedReports, healthy_uuids, lock};
+use super::{DaemonConfig, Input, InventorySource, gpu_counts};
+use crate::control_client::ControlClient;
+use crate::metrics::Metrics;
+use crate::reconcile::PartId;
+
+pub(super) struct HeartbeatCtx {
+    pub(super) client: ControlClient,
+    pub(super) config: DaemonConfig,
+    pub(super) interval: Duration,
+    pub(super) reports: SharedReports,
+    pub(super) draining: Arc<AtomicBool>,
+    pub(super) preempted: Arc<AtomicBool>,
+    pub(super) inventory: InventorySource,
+    pub(super) input: mpsc::Sender<Input>,
+    pub(super) now: mpsc::Receiver<oneshot::Sender<()>>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) gpus: HealthyGpus,
+    pub(super) io: CancellationToken,
+}
+
+/// The `heartbeat` task: every interval (or at once when asked) sends GPU
+/// health, the drain state and every part state; accepted final states go
+/// back to the reconciler so their containers can be removed.
+pub(super) async fn heartbeat_task(mut ctx: HeartbeatCtx) {
+    let mut tick = tokio::time::interval(ctx.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let changed = Arc::clone(&lock(&ctx.reports).changed);
+    let mut last_gpus = None;
+    loop {
+        let done = tokio::select! {
+            _ = tick.tick() => None,
+            _ = changed.notified() => None,
+            Some(ack) = ctx.now.recv() => Some(ack),
+            _ = ctx.io.cancelled() => return,
+        };
+        let inv = {
+            let source = ctx.inventory.clone();
+            match tokio::task::spawn_blocking(move || source()).await {
+                Ok(inv) => Some(inv),
+                Err(e) => {
+                    tracing::error!(error = %e, "inventory refresh panicked");
+                    None
+                }
+            }
+        };
+        let gpus = inv.as_ref().map(gpu_counts);
+        if let Some(inv) = &inv {
+            ctx.metrics.observe_gpus(inv);
+            *ctx.gpus.lock().unwrap_or_else(|e| e.into_inner()) = healthy_uuids(inv);
+        }
+        let (parts, ended): (Vec<PartStatus>, Vec<(PartId, Option<String>)>) = {
+            let r = lock(&ctx.reports);
+            let status = |p: &PartId, state, exit_code| PartStatus {
+                job: p.job.clone(),
+                attempt: p.attempt,
+                node_rank: p.node_rank,
+                state,
+                exit_code,
+            };
+            let mut parts: Vec<PartStatus> =
+                r.live.iter().map(|(p, s)| status(p, *s, None)).collect();
+            parts.extend(r.ended.iter().map(|(p, e)| status(p, e.state, e.exit_code)));
+            let ended = r
+                .ended
+                .iter()
+                .map(|(p, e)| (p.clone(), e.container.clone()))
+                .collect();
+            (parts, ended)
+        };
+        ctx.metrics.observe_parts(&parts);
+        let req = HeartbeatRequest {
+            state: if ctx.preempted.load(Ordering::Relaxed) {
+                Some(drover_api::cluster::NodeState::Preempted)
+            } else {
+                ctx.draining
+                    .load(Ordering::Relaxed)
+                    .then_some(drover_api::cluster::NodeState::Leaving)
+            },
+            ip: None,
+            gpus: if gpus != last_gpus { gpus } else { None },
+            // The whole document only when what scheduling reads changed.
+            inventory: if gpus != last_gpus && last_gpus.is_some() {
+                inv.as_ref().and_then(|i| serde_json::to_value(i).ok())
+            } else {
+                None
+            },
+            parts,
+        };
+        let started = Instant::now();
+        let answer = tokio::select! {
+            r = ctx.client.heartbeat(&req) => r,
+            _ = ctx.io.cancelled() => return,
+        };
+        ctx.metrics
+            .heartbeat_latency
+            .observe(started.elapsed().as_secs_f64());
+        match answer {
+            Ok(resp) => {
+                last_gpus = gpus;
+                {
+                    let mut r = lock(&ctx.reports);
+                    for (p, _) in &ended {
+                        r.ended.remove(p);
+                    }
+                }
+                if !ended.is_empty() {
+                    let _ = ctx.input.send(Input::Acked(ended)).await;
+                }
+                if !resp.rejected.is_empty() {
+                    let keys = resp
+                        .rejected
+                        .into_iter()
+                        .map(|k| PartId {
+                            job: k.job,
+                            attempt: k.attempt,
+                            node_rank: k.node_rank,
+                        })
+                        .collect();
+                    let _ = ctx.input.send(Input::Rejected(keys)).await;
+                }
+            }
+            Err(e) if e.is_unauthorized() => {
+                // The control plane forgot this node (its store was reset or
+                // the node removed): join again; the next watch then tells
+                // which of the running parts still count.
+                ctx.metrics.heartbeat_failures.inc();
+                tracing::warn!(node = %ctx.config.node_id, "node credential refused; registering again");
+                if let Some(inv) = &inv {
+                    match register(&ctx.config, inv, &ctx.client).await {
+                        Ok(()) => tracing::info!(node = %ctx.config.node_id, "registered again"),
+                        Err(RegisterError::Client(e)) => {
+                            tracing::warn!(error = %e, "registering again failed")
+                        }
+                        Err(RegisterError::Fatal(e)) => {
+                            tracing::error!(error = %e, "registering again failed")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                ctx.metrics.heartbeat_failures.inc();
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+        }
+        if let Some(ack) = done {
+            let _ = ack.send(());
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! `drover-agent run`: the node daemon. Named tokio tasks joined by bounded
+//! channels:
+//!
+//! ```text
+//!              ┌──────────── control plane (only through control_client) ───────────┐
+//!              │ GET assignments (long poll)   POST heartbeat          POST logs      │
+//!              ▼                               ▲                       ▲              │
+//!           [watch] ──Input::Desired──┐   [heartbeat] ◄─beat now+ack─┐ [log-shipper]  │
+//!                                     ▼      │   ▲ reads/clears      │      ▲ Ship (4096)
+//!     Input::Acked/Rejected ──────► [reconciler] ─┘ Reports (Mutex)  │      │
+//!             (mpsc 64)              │  reconcile() → Start/Adopt/Collect/Cancel/Stop
+//!                                    ▼ spawns, one per part, own CancellationToken
+//!                           [part supervisor] ── PartRunner::run / adopted wait+logs
+//!                               │ PartEvent (256) → lines to log-shipper, states to Reports
+//!                               └── Input::Ended (after its lines are flushed) ──► reconciler
+//! ```
+//!
+//! With IMDS: `[imds-scheduled-events]` ──EventsUpdate (8)──► `[maintenance]`
+//! ──Input::Maintenance──► reconciler (drain now, acknowledge after).
+//!
+//! With `--metrics-listen`: `[metrics]` (`crate::http::serve` with
+//! `crate::http::metrics::router`) answers `GET /metrics` from the
+//! `Metrics` that heartbeat and supervisors update.
+//!
+//! Shutdown: the `shutdown` token (SIGTERM/SIGINT) or a maintenance event ends the reconciler's
+//! loop and starts the drain (no new parts, heartbeat says `leaving`, parts
+//! run until the drain deadline, then are canceled and stopped with the
+//! grace period); once every supervisor has reported, a final heartbeat
+//! goes out, scheduled events are acknowledged, and the `io` token stops
+//! watch, heartbeat, log-shipper and the IMDS tasks, which are all joined
+//! before [`run`] returns. Each part has its own token, canceled by the
+//! reconciler. The metrics endpoint stops on `shutdown` itself and is
+//! joined last.
+//!
+//! State that must survive the agent lives in Docker labels and the control
+//! plane: containers are kept after they exit (`RunOptions::remove` is
+//! false) until the server has accepted their final state, so a part that
+//! ended while the agent was down is still reported with its exit code.
+//!
+//! One module per task, each saying what it reads and writes:
+//! `credentials` (the saved credential, `connect`, `register`), `watch`,
+//! `heartbeat`, `maintenance`, `logs` (`log-shipper`), `reconciler`,
+//! `supervisor` (one task per part); `state` holds what they share behind
+//! mutexes (`Reports`, `HealthyGpus`). This module wires them: it makes the
+//! channels and tokens, spawns the tasks and joins them.
+
+mod credentials;
+mod heartbeat;
+mod logs;
+mod maintenance;
+mod reconciler;
+mod state;
+mod supervisor;
+mod watch;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use drover_api::wire::{Assignments, GpuCounts, NewLogLine};
+use drover_imds::ImdsClient;
+use drover_imds::{DEFAULT_POLL_INTERVAL, EventsUpdate};
+use drover_runner::PartRunner;
+use drover_runner::runtime::ContainerRuntime;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::control_client::ClientError;
+use crate::inventory::{GpuHealth, Inventory};
+use crate::metrics::Metrics;
+use crate::reconcile::{Known, PartId};
+use credentials::connect;
+use heartbeat::{HeartbeatCtx, heartbeat_task};
+use logs::ship_task;
+pub use logs::{MAX_BATCH, MAX_BATCH_BYTES, MAX_LINE_BYTES};
+use maintenance::maintenance_task;
+use reconciler::Reconciler;
+use state::{Ended, HealthyGpus, SharedReports, healthy_uuids};
+use watch::watch_task;
+
+/// Everything the daemon needs to know.
+#[derive(Clone)]
+pub struct DaemonConfig {
+    /// Control plane base URL.
+    pub server: String,
+    /// Cluster to join.
+    pub cluster: String,
+    /// Join token (needed only when no saved credential works).
+    pub join_token: Option<String>,
+    /// Node id to register under.
+    pub node_id: String,
+    /// Where the credential and job outputs are kept.
+    pub data_dir: PathBuf,
+    /// Heartbeat interval.
+    pub heartbeat_interval: Duration,
+    /// How long one assignments long poll may last.
+    pub watch_timeout: Duration,
+    /// How long running parts may go on after SIGTERM.
+    pub drain_deadline: Duration,
+    /// SIGTERM-to-SIGKILL grace when stopping a part.
+    pub stop_grace: Duration,
+    /// Host path of the static drover-init.
+    pub init_binary: PathBuf,
+    /// The address other nodes reach this one at.
+    pub ip: Option<String>,
+    /// False on low-priority (spot) nodes.
+    pub dedicated: bool,
+    /// Extra facts for the registration (IMDS instance metadata).
+    pub instance: serde_json::Value,
+    /// Where `/metrics` listens, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// IMDS and this VM's name there: scheduled events are watched when set.
+    pub imds: Option<(ImdsClient, String)>,
+    /// Docker network mode of job containers (`host` lets the ranks of a
+    /// multi-node job reach each other at the node IPs); engine default when
+    /// `None`.
+    pub job_network: Option<String>,
+}
+
+impl std::fmt::Debug for DaemonConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonConfig")
+            .field("server", &self.server)
+            .field("cluster", &self.cluster)
+            .field(
+                "join_token",
+                &self.join_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("node_id", &self.node_id)
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Registration was refused for good (wrong token, node id taken).
+    #[error("registering node {node} with cluster {cluster} failed")]
+    Register {
+        /// Node id.
+        node: String,
+        /// Cluster.
+        cluster: String,
+        /// Cause.
+        #[source]
+        source: ClientError,
+    },
+    /// No saved credential and no join token to get one.
+    #[error("node {0} has no saved credential and no join token was given")]
+    NoJoinToken(String),
+    /// The credential file could not be written.
+    #[error("saving the node credential to {path} failed")]
+    SaveCredential {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The control-plane client could not be built.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The metrics listener could not be bound.
+    #[error("binding the metrics listener on {addr} failed")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Inputs of the reconciler loop.
+#[derive(Debug)]
+enum Input {
+    /// The control plane's desired state.
+    Desired(Assignments),
+    /// A supervisor finished.
+    Ended(PartId, Ended),
+    /// The server accepted these final states: remove their containers.
+    Acked(Vec<(PartId, Option<String>)>),
+    /// The server no longer wants these parts.
+    Rejected(Vec<PartId>),
+    /// IMDS announced an event that ends this VM's containers: drain with
+    /// this deadline, then acknowledge the events.
+    Maintenance {
+        /// Events to acknowledge once the parts are stopped.
+        event_ids: Vec<String>,
+        /// How long parts may still run.
+        deadline: Duration,
+        /// The VM is being preempted or deleted: the node says `preempted`
+        /// at once, so its job is requeued without waiting for silence.
+        preempted: bool,
+    },
+}
+
+/// Items of the log shipper.
+#[derive(Debug)]
+enum Ship {
+    Line(NewLogLine),
+    /// Answered once every line sent before it is uploaded (or dropped at shutdown).
+    Flush(oneshot::Sender<()>),
+}
+
+/// GPU health counts of an inventory.
+pub fn gpu_counts(inv: &Inventory) -> GpuCounts {
+    GpuCounts {
+        healthy: inv
+            .gpus
+            .iter()
+            .filter(|g| matches!(g.health, GpuHealth::Healthy))
+            .count() as u32,
+        total: inv.gpus.len() as u32,
+    }
+}
+
+/// Source of inventories (the real collector or a test stub).
+pub type InventorySource = Arc<dyn Fn() -> Inventory + Send + Sync>;
+
+/// Registers (or reuses the saved credential), then runs every task until
+/// `shutdown` fires and the drain is over.
+pub async fn run<R: ContainerRuntime>(
+    config: DaemonConfig,
+    runner: Arc<PartRunner<R>>,
+    inventory: InventorySource,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let metrics = Arc::new(Metrics::default());
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?;
+            tracing::info!(addr = %addr, "metrics listening");
+            Some(tokio::spawn(crate::http::serve(
+                listener,
+                crate::http::metrics::router(metrics.clone()),
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
+    let inv = {
+        let inventory = inventory.clone();
+        tokio::task::spawn_blocking(move || inventory())
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    };
+    metrics.observe_gpus(&inv);
+    let gpus: HealthyGpus = Arc::new(Mutex::new(healthy_uuids(&inv)));
+    let Some(client) = connect(&config, &inv, &shutdown).await? else {
+        return Ok(());
+    };
+    tracing::info!(node = %config.node_id, cluster = %config.cluster, "agent joined");
+
+    let reports: SharedReports = Arc::default();
+    let draining = Arc::new(AtomicBool::new(false));
+    let preempted = Arc::new(AtomicBool::new(false));
+    // The I/O tasks outlive the drain so the last states reach the server.
+    let io = CancellationToken::new();
+    let (input_tx, input_rx) = mpsc::channel::<Input>(64);
+    let (ship_tx, ship_rx) = mpsc::channel::<Ship>(4096);
+    let (beat_tx, beat_rx) = mpsc::channel::<oneshot::Sender<()>>(4);
+
+    let watch = tokio::spawn(watch_task(
+        client.clone(),
+        config.watch_timeout,
+        input_tx.clone(),
+        io.clone(),
+    ));
+    let heartbeat = tokio::spawn(heartbeat_task(HeartbeatCtx {
+        client: client.clone(),
+        config: config.clone(),
+        interval: config.heartbeat_interval,
+        reports: reports.clone(),
+        draining: draining.clone(),
+        preempted: preempted.clone(),
+        inventory,
+        input: input_tx.clone(),
+        now: beat_rx,
+        metrics: metrics.clone(),
+        gpus: gpus.clone(),
+        io: io.clone(),
+    }));
+    let shipper = tokio::spawn(ship_task(client.clone(), ship_rx, io.clone()));
+    let mut maintenance = Vec::new();
+    if let Some((imds, vm)) = &config.imds {
+        let (tx, rx) = mpsc::channel::<EventsUpdate>(8);
+        let watcher = imds.scheduled_events_watcher(vm);
+        maintenance.push(tokio::spawn(watcher.run(
+            DEFAULT_POLL_INTERVAL,
+            tx,
+            io.clone(),
+        )));
+        maintenance.push(tokio::spawn(maintenance_task(
+            rx,
+            input_tx.clone(),
+            config.stop_grace,
+        )));
+    }
+    let reconciler = Reconciler {
+        config: config.clone(),
+        runner,
+        reports,
+        draining,
+        preempted,
+        input: input_tx,
+        ship: ship_tx,
+        metrics,
+        gpus,
+        supervisors: BTreeMap::new(),
+        known: Known::default(),
+        desired: None,
+        collecting: Default::default(),
+    };
+    let ack = reconciler.run(input_rx, beat_tx, shutdown.clone()).await;
+    if let (Some((imds, _)), false) = (&config.imds, ack.is_empty()) {
+        // The parts are stopped: the platform may go ahead now.
+        match tokio::time::timeout(Duration::from_secs(10), imds.acknowledge_events(&ack)).await {
+            Ok(Ok(())) => tracing::info!(events = ?ack, "scheduled events acknowledged"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "acknowledging scheduled events failed"),
+            Err(_) => tracing::warn!("acknowledging scheduled events timed out"),
+        }
+    }
+    io.cancel();
+    for task in maintenance {
+        let _ = task.await;
+    }
+    for (name, task) in [
+        ("watch", watch),
+        ("heartbeat", heartbeat),
+        ("log-shipper", shipper),
+    ] {
+        if let Err(e) = task.await {
+            tracing::error!(task = name, error = %e, "task panicked");
+        }
+    }
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}

@@ -1,0 +1,286 @@
+//! Part supervision: one task per part the reconciler starts or adopts.
+//!
+//! Reads: the part's own `CancellationToken` (canceled by the reconciler),
+//! its container through `PartRunner` (`run_new`: `PartRunner::run` and its
+//! `PartEvent`s, mpsc 256; `run_adopted`: wait and follow the logs of a
+//! container this session did not start), `HealthyGpus`. Writes: live
+//! states to `Reports`, log lines and then one flush to the `log-shipper`
+//! (mpsc 4096), and, once that flush is answered, `Input::Ended` to the
+//! reconciler (mpsc 64).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use drover_api::wire::{Assignment, NewLogLine, PartState};
+use drover_runner::PartRunner;
+use drover_runner::part::{PartEvent, PartOutcome, Placement};
+use drover_runner::runtime::{ContainerRuntime, LogStream};
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::logs::MAX_LINE_BYTES;
+use super::state::{Ended, HealthyGpus, SharedReports, lock};
+use super::{DaemonConfig, Input, Ship};
+use crate::metrics::Metrics;
+use crate::reconcile::PartId;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub(super) enum SupervisorKind {
+    Start(Box<Assignment>),
+    Adopt(String),
+}
+
+pub(super) struct PartCtx<R: ContainerRuntime> {
+    pub(super) part: PartId,
+    pub(super) runner: Arc<PartRunner<R>>,
+    pub(super) config: DaemonConfig,
+    pub(super) reports: SharedReports,
+    pub(super) ship: mpsc::Sender<Ship>,
+    pub(super) input: mpsc::Sender<Input>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) gpus: HealthyGpus,
+    pub(super) cancel: CancellationToken,
+}
+
+impl<R: ContainerRuntime> Clone for PartCtx<R> {
+    fn clone(&self) -> Self {
+        PartCtx {
+            part: self.part.clone(),
+            runner: self.runner.clone(),
+            config: self.config.clone(),
+            reports: self.reports.clone(),
+            ship: self.ship.clone(),
+            input: self.input.clone(),
+            metrics: self.metrics.clone(),
+            gpus: self.gpus.clone(),
+            cancel: self.cancel.clone(),
+        }
+    }
+}
+
+impl<R: ContainerRuntime> PartCtx<R> {
+    fn line(&self, stream: LogStream, mut text: String) -> NewLogLine {
+        if text.len() > MAX_LINE_BYTES {
+            // One runaway line must not make a batch the server refuses.
+            let mut cut = MAX_LINE_BYTES;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push_str(" [truncated]");
+        }
+        NewLogLine {
+            job: self.part.job.clone(),
+            attempt: self.part.attempt,
+            node_rank: self.part.node_rank,
+            stream,
+            at: drover_api::cluster::Timestamp(now_ms()),
+            text,
+        }
+    }
+
+    fn set_live(&self, state: PartState) {
+        lock(&self.reports).set_live(self.part.clone(), state);
+    }
+}
+
+/// One part's supervisor task: runs (or adopts) it, ships its logs, and
+/// reports its end once its logs are uploaded.
+pub(super) async fn supervise<R: ContainerRuntime>(ctx: PartCtx<R>, kind: SupervisorKind) {
+    let ended = match kind {
+        SupervisorKind::Start(a) => run_new(&ctx, &a).await,
+        SupervisorKind::Adopt(id) => run_adopted(&ctx, &id).await,
+    };
+    // Final state only after the logs before it are stored.
+    let (tx, rx) = oneshot::channel();
+    if ctx.ship.send(Ship::Flush(tx)).await.is_ok() {
+        let _ = rx.await;
+    }
+    let _ = ctx.input.send(Input::Ended(ctx.part.clone(), ended)).await;
+}
+
+async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended {
+    // The node runs one job at a time (the scheduler places only on idle
+    // nodes with enough healthy GPUs), so the part takes the first healthy ones.
+    let want = a.spec.drover.gpus_per_instance as usize;
+    let healthy = ctx.gpus.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if healthy.len() < want {
+        let text = format!(
+            "drover-agent: the part needs {want} healthy gpus but node {} has {}",
+            ctx.config.node_id,
+            healthy.len()
+        );
+        tracing::warn!(part = %ctx.part, error = %text, "part cannot run");
+        let _ = ctx
+            .ship
+            .send(Ship::Line(ctx.line(LogStream::Stderr, text)))
+            .await;
+        return Ended {
+            state: PartState::Failed,
+            exit_code: None,
+            container: None,
+        };
+    }
+    let gpu_uuids: Vec<String> = healthy.into_iter().take(want).collect();
+    let placement = Placement {
+        job: a.job.clone(),
+        node_rank: a.node_rank,
+        attempt: a.attempt,
+        owner: ctx.config.node_id.clone(),
+        node_ips: a
+            .nodes
+            .iter()
+            .map(|n| n.ip.clone().unwrap_or_else(|| "127.0.0.1".to_string()))
+            .collect(),
+        dedicated: ctx.config.dedicated,
+        gpu_uuids,
+        network_mode: ctx.config.job_network.clone(),
+        outputs_root: ctx
+            .config
+            .data_dir
+            .join("outputs")
+            .join(&a.job)
+            .join(a.attempt.to_string()),
+        init_binary: ctx.config.init_binary.clone(),
+        rank_grace: Duration::from_secs(10),
+        extra_env: BTreeMap::new(),
+    };
+    let (tx, mut rx) = mpsc::channel::<PartEvent>(256);
+    let container = Arc::new(Mutex::new(None::<String>));
+    let forward = {
+        let container = container.clone();
+        let ship = ctx.ship.clone();
+        let reports = ctx.reports.clone();
+        let part = ctx.part.clone();
+        let metrics = ctx.metrics.clone();
+        let lines = ctx.clone();
+        tokio::spawn(async move {
+            let mut pulling = false;
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    PartEvent::Pull(_) if !pulling => {
+                        pulling = true;
+                        metrics.pulls.inc();
+                    }
+                    PartEvent::Pull(_) => {}
+                    PartEvent::Created { id } => {
+                        *container.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
+                    }
+                    PartEvent::Started { .. } => {
+                        lock(&reports).set_live(part.clone(), PartState::Running);
+                    }
+                    PartEvent::Log(l) => {
+                        let _ = ship.send(Ship::Line(lines.line(l.stream, l.text))).await;
+                    }
+                    PartEvent::Stopping { .. } => {}
+                }
+            }
+        })
+    };
+    let outcome = ctx
+        .runner
+        .run(&a.spec, &placement, tx, ctx.cancel.clone())
+        .await;
+    let _ = forward.await;
+    let container = container.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let (state, exit_code) = match outcome {
+        Ok(PartOutcome::Completed) => (PartState::Succeeded, Some(0)),
+        Ok(PartOutcome::Failed { exit_code } | PartOutcome::OomKilled { exit_code }) => {
+            (PartState::Failed, Some(exit_code))
+        }
+        Ok(PartOutcome::TimedOut) => (PartState::Failed, Some(124)),
+        Ok(PartOutcome::Canceled) => (PartState::Stopped, None),
+        Err(e) => {
+            let text = format!(
+                "drover-agent: running the part failed: {:#}",
+                anyhow_chain(&e)
+            );
+            tracing::warn!(part = %ctx.part, error = %text, "part failed to run");
+            let _ = ctx
+                .ship
+                .send(Ship::Line(ctx.line(LogStream::Stderr, text)))
+                .await;
+            (PartState::Failed, None)
+        }
+    };
+    Ended {
+        state,
+        exit_code,
+        container,
+    }
+}
+
+/// The error and its sources, `: `-joined (the library has no anyhow).
+fn anyhow_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Supervises a container this agent did not start in this session: ships
+/// its output from now on and waits for it (stopping it when canceled).
+async fn run_adopted<R: ContainerRuntime>(ctx: &PartCtx<R>, id: &str) -> Ended {
+    let runtime = ctx.runner.runtime.clone();
+    let since = SystemTime::now();
+    let logs = {
+        let mut stream = runtime.logs(id);
+        let ship = ctx.ship.clone();
+        let mk = ctx.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(line)) = stream.next().await {
+                // Lines from before the adoption were shipped by the agent that started it.
+                let old = humantime::parse_rfc3339_weak(line.timestamp.trim_end_matches('Z'))
+                    .ok()
+                    .or_else(|| humantime::parse_rfc3339(&line.timestamp).ok())
+                    .is_some_and(|t| t < since);
+                if !old {
+                    let _ = ship.send(Ship::Line(mk.line(line.stream, line.text))).await;
+                }
+            }
+        })
+    };
+    ctx.set_live(PartState::Running);
+    let mut stopped = false;
+    let status = tokio::select! {
+        s = runtime.wait(id) => s,
+        _ = ctx.cancel.cancelled() => {
+            stopped = true;
+            if let Err(e) = runtime.stop(id, ctx.config.stop_grace).await {
+                tracing::warn!(part = %ctx.part, error = %e, "stopping container failed");
+            }
+            // Bounded: a container that never started never exits.
+            match tokio::time::timeout(ctx.config.stop_grace + Duration::from_secs(10), runtime.wait(id)).await {
+                Ok(r) => r,
+                Err(_) => Ok(drover_runner::runtime::ExitStatus { code: 137, oom_killed: false }),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), logs).await;
+    let (state, exit_code) = match status {
+        Ok(_) if stopped => (PartState::Stopped, None),
+        Ok(s) if s.code == 0 => (PartState::Succeeded, Some(0)),
+        Ok(s) => (PartState::Failed, Some(s.code)),
+        Err(e) => {
+            tracing::warn!(part = %ctx.part, error = %e, "waiting for adopted container failed");
+            (PartState::Failed, None)
+        }
+    };
+    Ended {
+        state,
+        exit_code,
+        container: Some(id.to_string()),
+    }
+}

@@ -221,6 +221,7 @@ mod tests {
             state,
             spec: spec(),
             nodes: vec![],
+            allowed_host_paths: vec![],
         }
     }
 

@@ -164,6 +164,7 @@ fn assignment(job: &str, state: PartState) -> Assignment {
         state,
         spec: spec(),
         nodes: vec![],
+        allowed_host_paths: vec![],
     }
 }
 

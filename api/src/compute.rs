@@ -17,6 +17,8 @@ use std::fmt;
 use marked_yaml::Node;
 use serde::{Deserialize, Serialize};
 
+pub use crate::error::FieldError;
+use crate::error::write_lines;
 use crate::units::parse_duration;
 use crate::yaml::{Diagnostic, InvalidDefinition, Reader, is_null, join, line_of, parse_mapping};
 
@@ -26,6 +28,9 @@ pub const DEFAULT_IDLE_SECONDS: u64 = 120;
 pub const DEFAULT_VM_SIZE: &str = "STANDARD_DS3_V2";
 /// Azure ML v2's default `max_instances` when the YAML names none.
 pub const DEFAULT_MAX_NODES: u32 = 1;
+/// The largest `max_instances`: Azure ML clusters scale to hundreds of
+/// nodes, thousands on request; a bound keeps counts far from overflow.
+pub const MAX_NODES: u32 = 10_000;
 
 /// A compute cluster: a pool of nodes of one VM size that scales between
 /// `min_nodes` and `max_nodes`.
@@ -62,6 +67,11 @@ pub struct ComputeSpec {
     /// What creates and removes the cluster's nodes.
     #[serde(default)]
     pub provider: ProviderKind,
+    /// Host folders under which the cluster's jobs may bind host paths
+    /// (`drover.mounts`, path inputs, …); none by default. See
+    /// [`crate::host_paths`] for what is refused whatever this says.
+    #[serde(default)]
+    pub allowed_host_paths: Vec<String>,
 }
 
 fn default_vm_size() -> String {
@@ -279,7 +289,8 @@ pub fn is_valid_compute_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
-fn is_valid_vm_size(size: &str) -> bool {
+/// True for VM sizes: letters, digits and `_`, at most 64 (`STANDARD_D3_V2`).
+pub fn is_valid_vm_size(size: &str) -> bool {
     !size.is_empty()
         && size.len() <= 64
         && size.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -298,6 +309,7 @@ enum Field {
     Location,
     Tags,
     Provider,
+    AllowedHostPaths,
 }
 
 /// How messages name the fields of a spec.
@@ -326,6 +338,7 @@ impl Naming {
                 F::Location => "--location",
                 F::Tags => "--tags",
                 F::Provider => "--provider",
+                F::AllowedHostPaths => "--allow-host-path",
             },
             Naming::Fields => match field {
                 F::Name => "name",
@@ -338,6 +351,7 @@ impl Naming {
                 F::Location => "location",
                 F::Tags => "tags",
                 F::Provider => "provider",
+                F::AllowedHostPaths => "allowed_host_paths",
             },
             Naming::Yaml => match field {
                 F::Name => "name",
@@ -350,23 +364,9 @@ impl Naming {
                 F::Location => "location",
                 F::Tags => "tags",
                 F::Provider => "drover.provider",
+                F::AllowedHostPaths => "drover.allowed_host_paths",
             },
         }
-    }
-}
-
-/// One problem with a cluster definition given as flags or over the wire.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    /// The field as the user named it (`--max-nodes`, `max_nodes`).
-    pub field: String,
-    /// What is wrong, lowercase, no trailing period.
-    pub message: String,
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
     }
 }
 
@@ -379,13 +379,7 @@ pub struct InvalidCompute {
 
 impl fmt::Display for InvalidCompute {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.errors.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
+        write_lines(f, &self.errors)
     }
 }
 
@@ -444,6 +438,11 @@ fn check_spec(spec: &ComputeSpec, p: &mut Problems) {
     }
     if spec.max_nodes == 0 {
         p.push(Field::MaxNodes, "must be at least 1, got 0");
+    } else if spec.max_nodes > MAX_NODES {
+        p.push(
+            Field::MaxNodes,
+            format!("must be at most {MAX_NODES}, got {}", spec.max_nodes),
+        );
     } else if spec.max_nodes < spec.min_nodes {
         let msg = format!(
             "must be at least {} ({}), got {}",
@@ -463,6 +462,11 @@ fn check_spec(spec: &ComputeSpec, p: &mut Problems) {
     }
     if spec.tags.keys().any(|k| k.trim().is_empty()) {
         p.push(Field::Tags, "tag names must not be empty");
+    }
+    for prefix in &spec.allowed_host_paths {
+        if let Err(e) = crate::host_paths::check_allowed_prefix(prefix) {
+            p.push(Field::AllowedHostPaths, e);
+        }
     }
 }
 
@@ -508,6 +512,7 @@ impl ComputeSpec {
             location: None,
             tags: BTreeMap::new(),
             provider: ProviderKind::Static,
+            allowed_host_paths: Vec::new(),
         }
     }
 
@@ -634,6 +639,8 @@ pub struct ComputeFlags {
     pub description: Option<String>,
     /// `--provider local|static|azure-vmss` (default static); a Drover addition.
     pub provider: Option<String>,
+    /// `--allow-host-path DIR`, repeatable; a Drover addition.
+    pub allowed_host_paths: Vec<String>,
 }
 
 /// Reads `--assign-identity`: `[system]`, or user-assigned ids separated by `,`.
@@ -742,6 +749,11 @@ impl ComputeFlags {
             location: self.location.clone(),
             tags,
             provider,
+            allowed_host_paths: self
+                .allowed_host_paths
+                .iter()
+                .map(|p| crate::host_paths::normalized_prefix(p))
+                .collect(),
         };
         // A missing required flag already said so; don't add "is not valid" about its placeholder.
         let missing: Vec<Field> = p.errors.iter().map(|(f, _)| *f).collect();
@@ -771,6 +783,7 @@ fn field_order(f: Field) -> u8 {
         Field::Location => 7,
         Field::Tags => 8,
         Field::Provider => 9,
+        Field::AllowedHostPaths => 10,
     }
 }
 
@@ -887,9 +900,12 @@ fn read_compute(r: &mut Reader, root: &Node) -> Option<ComputeSpec> {
         .get_node("tags")
         .map(|n| r.string_map(n, "tags"))
         .unwrap_or_default();
-    let provider = match get("drover") {
-        None => Some(ProviderKind::Static),
-        Some(n) => read_drover(r, n),
+    let (provider, allowed_host_paths) = match get("drover") {
+        None => (Some(ProviderKind::Static), Vec::new()),
+        Some(n) => match read_drover(r, n) {
+            Some((p, allowed)) => (Some(p), allowed),
+            None => (None, Vec::new()),
+        },
     };
 
     // Fields that failed to read already have their message; the rest are
@@ -919,6 +935,7 @@ fn read_compute(r: &mut Reader, root: &Node) -> Option<ComputeSpec> {
         location,
         tags,
         provider: provider.unwrap_or_default(),
+        allowed_host_paths,
     };
     let mut p = Problems::new(Naming::Yaml);
     check_spec(&spec, &mut p);
@@ -931,6 +948,9 @@ fn read_compute(r: &mut Reader, root: &Node) -> Option<ComputeSpec> {
         let key = Naming::Yaml.name(field);
         let node = match field {
             Field::Provider => get("drover").and_then(|d| d.as_mapping()?.get_node("provider")),
+            Field::AllowedHostPaths => {
+                get("drover").and_then(|d| d.as_mapping()?.get_node("allowed_host_paths"))
+            }
             _ => top.get_node(key),
         };
         let line = node.map(line_of).unwrap_or(0);
@@ -1092,10 +1112,29 @@ fn read_user_assigned(r: &mut Reader, n: &Node) -> Option<Identity> {
     ok.then_some(Identity::UserAssigned { resource_ids: ids })
 }
 
-fn read_drover(r: &mut Reader, n: &Node) -> Option<ProviderKind> {
-    let m = r.mapping(n, "drover", &["provider"])?;
+/// The `drover:` section of compute YAML: the provider and the host paths
+/// jobs may bind.
+fn read_drover(r: &mut Reader, n: &Node) -> Option<(ProviderKind, Vec<String>)> {
+    let m = r.mapping(n, "drover", &["provider", "allowed_host_paths"])?;
+    let mut allowed = Vec::new();
+    if let Some(list) = m.get_node("allowed_host_paths").filter(|l| !is_null(l)) {
+        match list {
+            Node::Sequence(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let Some(p) = r.non_empty(item, &format!("drover.allowed_host_paths[{i}]")) {
+                        allowed.push(crate::host_paths::normalized_prefix(&p));
+                    }
+                }
+            }
+            other => r.error(
+                other,
+                "drover.allowed_host_paths",
+                "expected a list of absolute folders",
+            ),
+        }
+    }
     let Some(p) = m.get_node("provider").filter(|p| !is_null(p)) else {
-        return Some(ProviderKind::Static);
+        return Some((ProviderKind::Static, allowed));
     };
     let v = r.string(p, "drover.provider")?;
     let kind = ProviderKind::parse(&v);
@@ -1106,7 +1145,7 @@ fn read_drover(r: &mut Reader, n: &Node) -> Option<ProviderKind> {
             format!("expected local, static or azure-vmss, got {v}"),
         );
     }
-    kind
+    kind.map(|k| (k, allowed))
 }
 
 #[cfg(test)]

@@ -7,11 +7,14 @@
 pub mod cluster;
 pub mod compute;
 pub mod docker_args;
+pub mod error;
+pub mod host_paths;
 pub mod job;
+mod json;
 pub mod labels;
 pub mod units;
 pub mod wire;
 pub mod yaml;
 
-pub use job::{JobSpec, ParsedJob};
+pub use job::{CommandJob, InvalidJob, JobSpec, ParsedJob};
 pub use yaml::{Diagnostic, InvalidDefinition};

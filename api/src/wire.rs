@@ -31,12 +31,14 @@
 
 use std::fmt;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::JobSpec;
 use crate::cluster::{ClusterStatus, JobState, NodeState, Timestamp};
 use crate::compute::ComputeSpec;
 pub use crate::compute::ComputeUpdate;
+use crate::error::FieldError;
 
 /// The API version this module describes; the path prefix is `/` + it.
 pub const API_VERSION: &str = "v1";
@@ -44,6 +46,56 @@ pub const API_VERSION: &str = "v1";
 /// The largest request body the server reads (413 past it): agents split
 /// log batches to stay under it.
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// The longest request URI the server reads (414 past it).
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// The most header bytes (names and values) the server reads (431 past it).
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// The message of a 413, also given by clients that see a body is too large
+/// before sending it.
+pub fn too_large_message(size: Option<usize>) -> String {
+    match size {
+        Some(n) => format!(
+            "the request body is {n} bytes, more than the server's limit of {MAX_REQUEST_BYTES} bytes"
+        ),
+        None => format!(
+            "the request body is larger than the server's limit of {MAX_REQUEST_BYTES} bytes"
+        ),
+    }
+}
+
+/// A request body a strict door refused: every problem, naming its field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct InvalidBody {
+    /// The problems, in field order.
+    pub errors: Vec<FieldError>,
+}
+
+impl fmt::Display for InvalidBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        crate::error::write_lines(f, &self.errors)
+    }
+}
+
+impl From<Vec<FieldError>> for InvalidBody {
+    fn from(errors: Vec<FieldError>) -> Self {
+        InvalidBody { errors }
+    }
+}
+
+fn parse_body(body: &[u8]) -> Result<serde_json::Value, InvalidBody> {
+    serde_json::from_slice(body).map_err(|e| InvalidBody {
+        errors: vec![FieldError::new("", format!("invalid json: {e}"))],
+    })
+}
+
+/// Reads a user's request body strictly: valid JSON, no NUL byte in any
+/// string, type errors named by their field, and no field `T` does not
+/// have (it would be dropped silently, so a misspelled or smuggled setting
+/// would look accepted). The server's user routes read their bodies so.
+pub fn decode_strict<T: DeserializeOwned + Serialize>(body: &[u8]) -> Result<T, InvalidBody> {
+    crate::json::decode_strict(parse_body(body)?).map_err(InvalidBody::from)
+}
 
 /// Every error answer: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,8 +127,14 @@ pub enum ErrorCode {
     NotFound,
     /// 409: exists already, or not allowed in the current state.
     Conflict,
+    /// 405: the route exists but not with this method.
+    MethodNotAllowed,
     /// 413: the body is larger than [`MAX_REQUEST_BYTES`].
     TooLarge,
+    /// 414: the URI is longer than [`MAX_URI_BYTES`].
+    UriTooLong,
+    /// 431: the headers are larger than [`MAX_HEADER_BYTES`].
+    HeadersTooLarge,
     /// 503: the store is busy; retry.
     Busy,
     /// 500: the server failed.
@@ -95,7 +153,10 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::TooLarge => "too_large",
+            ErrorCode::UriTooLong => "uri_too_long",
+            ErrorCode::HeadersTooLarge => "headers_too_large",
             ErrorCode::Busy => "busy",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
@@ -110,7 +171,10 @@ impl ErrorCode {
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict => 409,
+            ErrorCode::MethodNotAllowed => 405,
             ErrorCode::TooLarge => 413,
+            ErrorCode::UriTooLong => 414,
+            ErrorCode::HeadersTooLarge => 431,
             ErrorCode::Busy => 503,
             ErrorCode::Internal | ErrorCode::Unknown => 500,
         }
@@ -168,6 +232,41 @@ pub struct JobSubmit {
     /// The cluster, overriding `spec.compute`.
     #[serde(default)]
     pub compute: Option<String>,
+}
+
+impl JobSubmit {
+    /// Reads a submission strictly (see [`decode_strict`]); the job's
+    /// problems are named by their field in the job (`resources.shm_size`),
+    /// as the YAML reader names them.
+    pub fn decode_strict(body: &[u8]) -> Result<JobSubmit, InvalidBody> {
+        let one = |field: &str, message: String| InvalidBody {
+            errors: vec![FieldError::new(field, message)],
+        };
+        let serde_json::Value::Object(mut map) = parse_body(body)? else {
+            return Err(one("", "expected a JSON object with `spec`".to_string()));
+        };
+        let compute = match map.remove("compute") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(c)) => Some(c),
+            Some(other) => {
+                return Err(one(
+                    "compute",
+                    format!("expected a cluster name, got {other}"),
+                ));
+            }
+        };
+        let Some(spec) = map.remove("spec") else {
+            return Err(one("spec", "is required (the job)".to_string()));
+        };
+        if let Some(key) = map.keys().next() {
+            return Err(one(
+                key,
+                "unknown field (a submission has spec and compute)".to_string(),
+            ));
+        }
+        let spec = JobSpec::from_value_strict(spec)?;
+        Ok(JobSubmit { spec, compute })
+    }
 }
 
 /// State of one part (one node's share of one attempt of a job).
@@ -510,6 +609,10 @@ pub struct Assignment {
     pub spec: JobSpec,
     /// Every node of the attempt, by rank.
     pub nodes: Vec<PeerNode>,
+    /// Host folders the cluster lets its jobs bind (the node checks the
+    /// job's host paths against them with their real, resolved paths).
+    #[serde(default)]
+    pub allowed_host_paths: Vec<String>,
 }
 
 /// `GET /v1/agent/assignments`: what the node should run now.
@@ -620,7 +723,10 @@ mod tests {
             (ErrorCode::Forbidden, "forbidden", 403),
             (ErrorCode::NotFound, "not_found", 404),
             (ErrorCode::Conflict, "conflict", 409),
+            (ErrorCode::MethodNotAllowed, "method_not_allowed", 405),
             (ErrorCode::TooLarge, "too_large", 413),
+            (ErrorCode::UriTooLong, "uri_too_long", 414),
+            (ErrorCode::HeadersTooLarge, "headers_too_large", 431),
             (ErrorCode::Busy, "busy", 503),
             (ErrorCode::Internal, "internal", 500),
         ] {

@@ -61,6 +61,22 @@ pub(crate) fn line_of(node: &Node) -> usize {
 
 /// Parses `text` into a top-level mapping, or one diagnostic saying why not.
 pub(crate) fn parse_mapping(file: &str, text: &str) -> Result<Node, InvalidDefinition> {
+    let one = |line: usize, message: String| InvalidDefinition {
+        errors: vec![Diagnostic {
+            file: file.to_string(),
+            line,
+            path: String::new(),
+            message,
+        }],
+    };
+    // A UTF-8 byte order mark (editors on Windows write one) is not content.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if let Some(line) = second_document(text) {
+        return Err(one(
+            line,
+            "a second yaml document starts here; a file holds one definition".to_string(),
+        ));
+    }
     let options = LoaderOptions::default().error_on_duplicate_keys(true);
     marked_yaml::parse_yaml_with_options(0, text, options).map_err(|e| {
         use marked_yaml::LoadError as E;
@@ -92,6 +108,40 @@ pub(crate) fn parse_mapping(file: &str, text: &str) -> Result<Node, InvalidDefin
             }],
         }
     })
+}
+
+/// The 1-based line where a second YAML document starts, if one does: a
+/// `---` marker after content, or content after a `...` end marker. Markers
+/// sit at column 0, which no scalar's continuation line may (YAML 1.2 §9.1),
+/// so a line scan finds them exactly.
+fn second_document(text: &str) -> Option<usize> {
+    let mut content = false;
+    let mut ended = false;
+    for (i, line) in text.lines().enumerate() {
+        let marker = |m: &str| {
+            line.strip_prefix(m)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '#']))
+        };
+        if marker("---") {
+            if content || ended {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        if marker("...") {
+            ended = content;
+            continue;
+        }
+        let t = line.trim_start();
+        if t.is_empty() || t.starts_with('#') || line.starts_with('%') {
+            continue;
+        }
+        if ended {
+            return Some(i + 1);
+        }
+        content = true;
+    }
+    None
 }
 
 /// Collects diagnostics while a definition is read.

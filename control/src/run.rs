@@ -216,7 +216,14 @@ impl PullView {
 
 /// Runs the job in `path` and returns the exit code `drover run` should end with.
 pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
-    let mut job = load_job(path)?;
+    let spec = load_job(path)?;
+    let kind = spec.kind();
+    let Some(mut job) = spec.into_command() else {
+        return Err(RunError::Unsupported(format!(
+            "{}: `drover run` runs command jobs; submit a {kind} job to a cluster",
+            path.display()
+        )));
+    };
     if job.resources.instance_count > 1 {
         return Err(RunError::Unsupported(format!(
             "{}: resources.instance_count is {}; `drover run` runs single-node jobs — submit multi-node jobs to a cluster",
@@ -236,6 +243,11 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
         .clone()
         .or_else(|| job.name.clone())
         .unwrap_or_else(|| default_name(path));
+    if !drover_api::job::is_valid_name(&name) {
+        return Err(RunError::Unsupported(format!(
+            "--name: `{name}` is not a valid job name (letters, digits, `-` and `_`, starting with a letter or digit)"
+        )));
+    }
     job.name = Some(name.clone());
     let init_binary = match config.init_binary {
         Some(p) => p,

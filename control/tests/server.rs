@@ -749,3 +749,346 @@ async fn a_preempted_heartbeat_requeues_the_job_at_once_and_the_node_stays_preem
     );
     stop(server).await;
 }
+
+/// A job as a hand-written body would have it: the fields that matter here.
+fn raw_job(extra: serde_json::Value) -> serde_json::Value {
+    let mut job = json!({"command": "echo hi", "image": "busybox:latest", "compute": "cpu"});
+    let (serde_json::Value::Object(j), serde_json::Value::Object(e)) = (&mut job, extra) else {
+        panic!("objects");
+    };
+    j.extend(e);
+    job
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_door_refuses_over_raw_http_what_the_rules_refuse_and_runs_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let allowed = tempfile::tempdir().expect("allowed dir");
+    let allowed_path = std::fs::canonicalize(allowed.path()).expect("canonical");
+    let data_dir = std::fs::canonicalize(dir.path()).expect("canonical");
+    let (server, token) = start(dir.path()).await;
+    let api = Api::new(&server, &token);
+    let mut spec = ComputeSpec::new("cpu", "STANDARD_D3_V2", 2);
+    spec.allowed_host_paths = vec![allowed_path.display().to_string()];
+    let (status, body) = api.post("/v1/clusters", json!({ "spec": spec })).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    let mount = |source: &str| json!({"drover": {"mounts": [{"source": source, "target": "/m"}]}});
+    let args = |a: serde_json::Value| json!({"resources": {"docker_args": a}});
+    let cases: Vec<(serde_json::Value, &str)> = vec![
+        (
+            args(json!({"ipc": "host"})),
+            "resources.docker_args.ipc: --ipc=host is not allowed",
+        ),
+        (
+            args(json!({"ipc": "container:x"})),
+            "resources.docker_args.ipc: --ipc=container:x is not allowed",
+        ),
+        (
+            mount("/var/run/docker.sock"),
+            "drover.mounts[0].source: is never allowed: /var/run/docker.sock is a container engine's socket",
+        ),
+        (
+            mount("/"),
+            "drover.mounts[0].source: is never allowed: / is the whole node",
+        ),
+        (
+            mount("/etc"),
+            "drover.mounts[0].source: is never allowed: /etc is under /etc",
+        ),
+        (
+            mount("/var/lib/drover/node-credential.json"),
+            "drover.mounts[0].source: is never allowed",
+        ),
+        (
+            mount(&data_dir.join("drover.db").display().to_string()),
+            "drover.mounts[0].source: is never allowed",
+        ),
+        (
+            mount("/home/someone"),
+            "drover.mounts[0].source: /home/someone is not under a host path cluster cpu allows",
+        ),
+        (
+            mount(&format!("{}/../etc", allowed_path.display())),
+            "contains `..`",
+        ),
+        (json!({"privileged": true}), "privileged: unknown field"),
+        (
+            args(json!({"privileged": true})),
+            "resources.docker_args.privileged: unknown field",
+        ),
+        (
+            args(json!({"pid": "host"})),
+            "resources.docker_args.pid: unknown field",
+        ),
+        (
+            args(json!({"network": "host"})),
+            "resources.docker_args.network: unknown field",
+        ),
+        (
+            args(json!({"cap_add": ["SYS_ADMIN"]})),
+            "resources.docker_args.cap_add: unknown field",
+        ),
+        (
+            json!({"drover": {"devices": ["/dev/sda"]}}),
+            "drover.devices: unknown field",
+        ),
+        (
+            args(json!({"labels": [["drover.job", "other"]]})),
+            "resources.docker_args.labels[0]: --label drover.job: the drover. label prefix is reserved",
+        ),
+        (
+            args(json!({"env": [["A=B", "x"]]})),
+            "resources.docker_args.env[0]: --env: `A=B` is not a valid environment variable name",
+        ),
+        (
+            json!({"environment_variables": {"A=B": "x"}}),
+            "environment_variables.A=B: `A=B` is not a valid environment variable name",
+        ),
+        (
+            args(json!({"cpuset_cpus": "--privileged"})),
+            "resources.docker_args.cpuset_cpus: --cpuset-cpus: expected CPU numbers",
+        ),
+        (
+            args(json!({"user": "--privileged"})),
+            "resources.docker_args.user: --user: expected NAME|UID[:GROUP|GID]",
+        ),
+        (
+            args(json!({"tmpfs": [["relative", ""]]})),
+            "resources.docker_args.tmpfs[0]: --tmpfs expects an absolute path",
+        ),
+        (
+            args(json!({"workdir": "x"})),
+            "resources.docker_args.workdir: --workdir: expected an absolute path",
+        ),
+        (
+            args(json!({"memory": 1})),
+            "resources.docker_args.memory: --memory: must be at least 6 MiB",
+        ),
+        (
+            args(json!({"cpus": 1e9})),
+            "resources.docker_args.cpus: --cpus: must be between 0.01 and 4096",
+        ),
+        (
+            args(json!({"stop_timeout": 18446744073709551615u64})),
+            "resources.docker_args.stop_timeout: --stop-timeout: must be at most 3600 seconds",
+        ),
+        (
+            args(json!({"pids_limit": -1})),
+            "resources.docker_args.pids_limit: --pids-limit: must be between 1 and 4194304",
+        ),
+        (
+            json!({"distribution": {"kind": "mpi", "process_count_per_instance": 4294967295u32}}),
+            "distribution.process_count_per_instance: must be between 1 and 1024",
+        ),
+        (
+            json!({"resources": {"instance_count": 0}}),
+            "resources.instance_count: must be between 1 and 10000",
+        ),
+        (
+            json!({"resources": {"shm_size": 18446744073709551615u64}}),
+            "resources.shm_size: must be at most 64 TiB",
+        ),
+        (json!({"command": ""}), "command: is required"),
+        (
+            json!({"command": "echo \u{0} x"}),
+            "command: contains a NUL byte",
+        ),
+        (
+            json!({"image": null}),
+            "image: invalid type: null, expected a string",
+        ),
+        (json!({"image": ""}), "image: is required"),
+        (
+            json!({"image": "Bad Image"}),
+            "image: `Bad Image` is not a valid image reference",
+        ),
+        (
+            json!({"name": "has space"}),
+            "name: `has space` is not a valid job name",
+        ),
+        (
+            json!({"code": "/"}),
+            "code: is never allowed: / is the whole node",
+        ),
+        (
+            json!({"outputs": {"o": {"path": "/etc"}}}),
+            "outputs.o.path: is never allowed: /etc is under /etc",
+        ),
+        (
+            json!({"inputs": {"i": {"kind": "path", "path_kind": "uri_folder", "path": "/proc"}}}),
+            "inputs.i.path: is never allowed",
+        ),
+        (
+            json!({"drover": {"registry_credentials": {"login": {"registry": null, "username": "u", "password": {"env": "DROVER_JOIN_TOKEN"}}}}}),
+            "drover.registry_credentials.password_env: `DROVER_JOIN_TOKEN` would be read from the agent's environment",
+        ),
+        (
+            json!({"drover": {"registry_credentials": {"login": {"registry": null, "username": "u", "password": {"file": "/etc/shadow"}}}}}),
+            "drover.registry_credentials.password_file: is never allowed",
+        ),
+        (
+            json!({"format": 99}),
+            "format: the job was written in format 99 by a newer drover",
+        ),
+        (
+            json!({"type": "sweep"}),
+            "type: job type `sweep` is not supported",
+        ),
+        (
+            json!({"timeout_seconds": 0}),
+            "limits.timeout: must be between 1 second",
+        ),
+    ];
+    for (extra, expect) in cases {
+        let (status, body) = api
+            .post("/v1/jobs", json!({ "spec": raw_job(extra.clone()) }))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{extra}: {body}");
+        let e = error_of(&body);
+        assert_eq!(e.code, ErrorCode::Invalid);
+        assert!(
+            e.message.contains(expect),
+            "{extra}:\n  got {}\n  expected {expect}",
+            e.message
+        );
+    }
+    // The submission around the job is strict too.
+    let (status, body) = api
+        .post(
+            "/v1/jobs",
+            json!({ "spec": raw_job(json!({})), "priority": 1 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        error_of(&body).message.contains("priority: unknown field"),
+        "{body}"
+    );
+    let (_, body) = api.get("/v1/jobs").await;
+    assert_eq!(body["jobs"], json!([]), "a refused job is not stored");
+
+    // Under the allowed prefix the same mount is accepted, and a minimal
+    // hand-written body is a whole job.
+    let ok = allowed_path.join("data");
+    let (status, body) = api
+        .post(
+            "/v1/jobs",
+            json!({ "spec": raw_job(mount(&ok.display().to_string())) }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let job: wire::JobInfo = serde_json::from_value(body).expect("job");
+    let spec = job.spec.expect("spec").into_command().expect("command job");
+    assert_eq!(spec.drover.mounts[0].source, ok);
+    assert_eq!(spec.resources.instance_count, 1);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_path_prefixes_are_checked_when_a_cluster_is_defined() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, token) = start(dir.path()).await;
+    let api = Api::new(&server, &token);
+    for (prefix, expect) in [
+        (
+            "/",
+            "allowed_host_paths: / cannot be allowed: / is the whole node",
+        ),
+        (
+            "/etc",
+            "allowed_host_paths: /etc cannot be allowed: /etc is under /etc",
+        ),
+        (
+            "/var",
+            "allowed_host_paths: /var cannot be allowed: /var contains /var/run",
+        ),
+        ("data", "allowed_host_paths: data is not an absolute path"),
+    ] {
+        let mut spec = ComputeSpec::new("cpu", "STANDARD_D3_V2", 2);
+        spec.allowed_host_paths = vec![prefix.to_string()];
+        let (status, body) = api.post("/v1/clusters", json!({ "spec": spec })).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{prefix}");
+        assert!(error_of(&body).message.contains(expect), "{body}");
+    }
+    let (status, body) = api
+        .post(
+            "/v1/clusters",
+            json!({"spec": {"name": "cpu", "max_nodes": 1, "allow_host_path": ["/data"]}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        error_of(&body)
+            .message
+            .contains("spec.allow_host_path: unknown field"),
+        "{body}"
+    );
+    let (status, body) = api
+        .post(
+            "/v1/clusters",
+            json!({"spec": {"name": "cpu", "max_nodes": 4294967295u32}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        error_of(&body)
+            .message
+            .contains("max_nodes: must be at most 10000, got 4294967295"),
+        "{body}"
+    );
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors_carry_the_documented_error_body() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, token) = start(dir.path()).await;
+    let api = Api::new(&server, &token);
+    let (status, body) = api
+        .send(api.http.delete(api.url("/v1/jobs")), Some(&token))
+        .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(error_of(&body).code, ErrorCode::MethodNotAllowed);
+    assert_eq!(error_of(&body).message, "DELETE is not allowed on /v1/jobs");
+
+    let long = "x".repeat(wire::MAX_URI_BYTES + 1);
+    let (status, body) = api.get(&format!("/v1/jobs?compute={long}")).await;
+    assert_eq!(status, StatusCode::URI_TOO_LONG);
+    assert_eq!(error_of(&body).code, ErrorCode::UriTooLong);
+
+    let big = "y".repeat(wire::MAX_HEADER_BYTES + 1);
+    let (status, body) = api
+        .send(
+            api.http.get(api.url("/v1/jobs")).header("x-big", big),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(error_of(&body).code, ErrorCode::HeadersTooLarge);
+
+    let huge =
+        json!({"spec": raw_job(json!({"description": "z".repeat(wire::MAX_REQUEST_BYTES)}))});
+    let (status, body) = api.post("/v1/jobs", huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(error_of(&body).code, ErrorCode::TooLarge);
+    assert_eq!(error_of(&body).message, wire::too_large_message(None));
+
+    let (status, body) = api
+        .send(
+            api.http
+                .post(api.url("/v1/jobs"))
+                .header("content-type", "application/json")
+                .body("{not json"),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        error_of(&body)
+            .message
+            .starts_with("invalid request body: invalid json:"),
+        "{body}"
+    );
+    stop(server).await;
+}

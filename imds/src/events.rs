@@ -186,20 +186,9 @@ impl ScheduledEventsWatcher {
                 }
                 Ok(None) => {}
                 Err(error) => {
-                    tracing::warn!(error = %error_chain(&error), "imds scheduled events poll failed");
+                    tracing::warn!(error = %drover_api::error::chain(&error), "imds scheduled events poll failed");
                 }
             }
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

@@ -373,7 +373,7 @@ fn host_config(c: &ContainerConfig) -> HostConfig {
         .ulimits
         .iter()
         .map(|u| ResourcesUlimits {
-            name: Some(u.name.clone()),
+            name: Some(u.name.to_string()),
             soft: Some(u.soft),
             hard: Some(u.hard),
         })

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_api::docker_args::Ulimit;
+use drover_api::docker_args::{Ulimit, UlimitName};
 use drover_api::job::{
-    CODE_DIR, DistributionKind, Input, JobSpec, OUTPUTS_DIR, input_container_path,
+    CODE_DIR, CommandJob, DistributionKind, Input, OUTPUTS_DIR, input_container_path,
 };
 use drover_api::labels;
 use futures_util::StreamExt;
@@ -61,7 +61,7 @@ pub struct Placement {
 }
 
 /// Host folder of an output.
-pub fn output_host_path(job: &JobSpec, placement: &Placement, name: &str) -> PathBuf {
+pub fn output_host_path(job: &CommandJob, placement: &Placement, name: &str) -> PathBuf {
     job.outputs
         .get(name)
         .and_then(|o| o.path.clone())
@@ -74,7 +74,7 @@ pub fn container_name(job: &str, node_rank: u32, attempt: u32) -> String {
 }
 
 /// The environment a training script written for Azure ML expects, for one node.
-fn distributed_env(job: &JobSpec, p: &Placement) -> BTreeMap<String, String> {
+fn distributed_env(job: &CommandJob, p: &Placement) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     let ips = if p.node_ips.is_empty() {
         vec!["127.0.0.1".to_string()]
@@ -195,9 +195,17 @@ pub fn infiniband_devices(root: &Path) -> Vec<String> {
     out
 }
 
+/// The process (and thread) limit of a part's container unless the job
+/// asks for another with `--pids-limit`: room for 1024 threads per rank, at
+/// least 32768, so a fork loop in a job cannot exhaust the node's pids.
+pub fn default_pids_limit(processes_per_instance: u32) -> i64 {
+    (i64::from(processes_per_instance) * 1024)
+        .clamp(32_768, drover_api::docker_args::MAX_PIDS_LIMIT)
+}
+
 /// Plans the container of one part. Pure: the same job, placement and host
 /// facts always give the same configuration.
-pub fn plan_container(job: &JobSpec, p: &Placement, host: &HostFacts) -> ContainerConfig {
+pub fn plan_container(job: &CommandJob, p: &Placement, host: &HostFacts) -> ContainerConfig {
     let mut env = distributed_env(job, p);
     for (k, v) in &job.environment_variables {
         env.insert(k.clone(), v.clone());
@@ -257,7 +265,7 @@ pub fn plan_container(job: &JobSpec, p: &Placement, host: &HostFacts) -> Contain
 
     // memlock unlimited: RDMA and NCCL pin memory; later --ulimit entries override.
     let mut ulimits: Vec<Ulimit> = vec![Ulimit {
-        name: "memlock".into(),
+        name: UlimitName::Memlock,
         soft: -1,
         hard: -1,
     }];
@@ -273,7 +281,7 @@ pub fn plan_container(job: &JobSpec, p: &Placement, host: &HostFacts) -> Contain
                 v
             }
         };
-        for u in ulimits.iter_mut().filter(|u| u.name == "memlock") {
+        for u in ulimits.iter_mut().filter(|u| u.name == UlimitName::Memlock) {
             u.soft = clamp(u.soft);
             u.hard = clamp(u.hard);
         }
@@ -322,8 +330,11 @@ pub fn plan_container(job: &JobSpec, p: &Placement, host: &HostFacts) -> Contain
         nano_cpus: args.cpus.map(|c| (c * 1e9) as i64),
         cpu_shares: args.cpu_shares,
         cpuset_cpus: args.cpuset_cpus.clone(),
-        pids_limit: args.pids_limit,
-        ipc_mode: args.ipc.clone(),
+        pids_limit: Some(
+            args.pids_limit
+                .unwrap_or_else(|| default_pids_limit(job.processes_per_instance())),
+        ),
+        ipc_mode: args.ipc.map(|m| m.as_str().to_string()),
         network_mode: p.network_mode.clone(),
         tmpfs: args.tmpfs.iter().cloned().collect(),
         read_only_rootfs: args.read_only,
@@ -512,7 +523,7 @@ impl Default for RunOptions {
 }
 
 /// Checks the host paths a part needs and creates its output folders.
-pub fn prepare_host_paths(job: &JobSpec, p: &Placement) -> Result<(), PartError> {
+pub fn prepare_host_paths(job: &CommandJob, p: &Placement) -> Result<(), PartError> {
     let missing = |what: String, path: &Path| PartError::MissingPath {
         what,
         path: path.to_path_buf(),
@@ -601,7 +612,7 @@ impl<R: ContainerRuntime> PartRunner<R> {
     /// Events go to `events`; a closed channel never fails the part.
     pub async fn run(
         &self,
-        job: &JobSpec,
+        job: &CommandJob,
         placement: &Placement,
         events: mpsc::Sender<PartEvent>,
         cancel: CancellationToken,
@@ -612,7 +623,7 @@ impl<R: ContainerRuntime> PartRunner<R> {
 
 async fn run_part<R: ContainerRuntime>(
     runner: &PartRunner<R>,
-    job: &JobSpec,
+    job: &CommandJob,
     placement: &Placement,
     events: mpsc::Sender<PartEvent>,
     cancel: CancellationToken,
@@ -740,10 +751,12 @@ mod tests {
     use crate::fake::{ExitScript, FakeRuntime, PullScript};
     use crate::pull::PullLimits;
 
-    fn job(yaml: &str) -> JobSpec {
-        JobSpec::from_yaml("job.yml", yaml, Path::new("/jobs"))
+    fn job(yaml: &str) -> CommandJob {
+        drover_api::JobSpec::from_yaml("job.yml", yaml, Path::new("/jobs"))
             .expect("valid job")
             .spec
+            .into_command()
+            .expect("a command job")
     }
 
     fn placement(dir: &Path) -> Placement {
@@ -825,13 +838,23 @@ mod tests {
         assert_eq!(
             c.ulimits,
             vec![Ulimit {
-                name: "memlock".into(),
+                name: UlimitName::Memlock,
                 soft: 1024,
                 hard: 1024
             }]
         );
         assert_eq!(c.binds[0].target, INIT_PATH);
         assert!(c.binds[0].read_only);
+        // No --pids-limit: the default bounds the container's processes.
+        assert_eq!(c.pids_limit, Some(32_768));
+        let j = job(
+            "command: x\nimage: i\nresources:\n  docker_args: --pids-limit 100 --ipc shareable\ndistribution: {type: mpi, process_count_per_instance: 64}\n",
+        );
+        let c = plan_container(&j, &p, &HostFacts::default());
+        assert_eq!(c.pids_limit, Some(100));
+        assert_eq!(c.ipc_mode.as_deref(), Some("shareable"));
+        assert_eq!(default_pids_limit(64), 65_536);
+        assert_eq!(default_pids_limit(1024), 1_048_576);
     }
 
     #[test]

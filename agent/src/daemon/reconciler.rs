@@ -165,7 +165,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 else {
                     return;
                 };
-                tracing::info!(part = %part, image = %a.spec.image, "starting part");
+                tracing::info!(part = %part, kind = a.spec.kind(), "starting part");
                 self.spawn(part, SupervisorKind::Start(Box::new(a)));
             }
             Action::Adopt {

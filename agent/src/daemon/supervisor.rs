@@ -9,9 +9,12 @@
 //! reconciler (mpsc 64).
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use drover_api::host_paths::HostPathPolicy;
+use drover_api::job::InvalidJob;
 use drover_api::wire::{Assignment, NewLogLine, PartState};
 use drover_runner::PartRunner;
 use drover_runner::part::{PartEvent, PartOutcome, Placement};
@@ -107,27 +110,76 @@ pub(super) async fn supervise<R: ContainerRuntime>(ctx: PartCtx<R>, kind: Superv
     let _ = ctx.input.send(Input::Ended(ctx.part.clone(), ended)).await;
 }
 
+/// `path` with every symbolic link resolved: its deepest existing ancestor
+/// canonicalized, the rest appended (a path the part will create resolves
+/// where it will be created).
+fn real_path(path: &Path) -> PathBuf {
+    let mut missing = Vec::new();
+    let mut existing = path;
+    loop {
+        if let Ok(real) = std::fs::canonicalize(existing) {
+            return missing.iter().rev().fold(real, |p, part| p.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
+/// Fails a part that cannot run (or could not run) on this node, telling
+/// its log why.
+async fn refuse<R: ContainerRuntime>(ctx: &PartCtx<R>, why: String) -> Ended {
+    let text = format!("drover-agent: {why}");
+    tracing::warn!(part = %ctx.part, error = %text, "part cannot run");
+    let _ = ctx
+        .ship
+        .send(Ship::Line(ctx.line(LogStream::Stderr, text)))
+        .await;
+    Ended {
+        state: PartState::Failed,
+        exit_code: None,
+        container: None,
+    }
+}
+
 async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended {
+    let Some(job) = a.spec.as_command() else {
+        let kind = a.spec.kind();
+        return refuse(ctx, format!("this agent cannot run a {kind} job")).await;
+    };
+    // The control plane validated the job; the node checks again before
+    // anything reaches its Docker engine (every door checks).
+    if let Err(invalid) = a.spec.validate() {
+        return refuse(ctx, format!("the job is not valid: {invalid}")).await;
+    }
+    // Host paths as this node resolves them: a link under an allowed
+    // prefix must not lead to the Docker socket or the agent's credential.
+    let policy = HostPathPolicy::new(&ctx.config.cluster, &a.allowed_host_paths)
+        .refuse(&ctx.config.data_dir);
+    let refused = policy.check_job_resolved(&a.spec, real_path);
+    if !refused.is_empty() {
+        let why = InvalidJob { errors: refused };
+        return refuse(
+            ctx,
+            format!("the job binds host paths this node refuses: {why}"),
+        )
+        .await;
+    }
     // The node runs one job at a time (the scheduler places only on idle
     // nodes with enough healthy GPUs), so the part takes the first healthy ones.
-    let want = a.spec.drover.gpus_per_instance as usize;
+    let want = job.drover.gpus_per_instance as usize;
     let healthy = ctx.gpus.lock().unwrap_or_else(|e| e.into_inner()).clone();
     if healthy.len() < want {
-        let text = format!(
-            "drover-agent: the part needs {want} healthy gpus but node {} has {}",
+        let why = format!(
+            "the part needs {want} healthy gpus but node {} has {}",
             ctx.config.node_id,
             healthy.len()
         );
-        tracing::warn!(part = %ctx.part, error = %text, "part cannot run");
-        let _ = ctx
-            .ship
-            .send(Ship::Line(ctx.line(LogStream::Stderr, text)))
-            .await;
-        return Ended {
-            state: PartState::Failed,
-            exit_code: None,
-            container: None,
-        };
+        return refuse(ctx, why).await;
     }
     let gpu_uuids: Vec<String> = healthy.into_iter().take(want).collect();
     let placement = Placement {
@@ -187,7 +239,7 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
     };
     let outcome = ctx
         .runner
-        .run(&a.spec, &placement, tx, ctx.cancel.clone())
+        .run(job, &placement, tx, ctx.cancel.clone())
         .await;
     let _ = forward.await;
     let container = container.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -199,16 +251,9 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
         Ok(PartOutcome::TimedOut) => (PartState::Failed, Some(124)),
         Ok(PartOutcome::Canceled) => (PartState::Stopped, None),
         Err(e) => {
-            let text = format!(
-                "drover-agent: running the part failed: {:#}",
-                anyhow_chain(&e)
-            );
-            tracing::warn!(part = %ctx.part, error = %text, "part failed to run");
-            let _ = ctx
-                .ship
-                .send(Ship::Line(ctx.line(LogStream::Stderr, text)))
-                .await;
-            (PartState::Failed, None)
+            let why = format!("running the part failed: {}", drover_api::error::chain(&e));
+            let ended = refuse(ctx, why).await;
+            (ended.state, ended.exit_code)
         }
     };
     Ended {
@@ -216,18 +261,6 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
         exit_code,
         container,
     }
-}
-
-/// The error and its sources, `: `-joined (the library has no anyhow).
-fn anyhow_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Supervises a container this agent did not start in this session: ships

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use drover_api::compute::{ComputeFlags, ComputeSpec, ComputeUpdate, Identity};
+use drover_api::compute::{ComputeFlags, ComputeSpec, ComputeUpdate, Identity, Naming};
+use drover_api::host_paths::normalized_prefix;
 use drover_api::wire;
 use reqwest::Method;
 
@@ -23,7 +24,7 @@ pub struct ComputeArgs {
 #[derive(clap::Subcommand)]
 enum ComputeCommand {
     /// Create a cluster from v1 flags or Azure ML v2 compute YAML.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Change a cluster's node counts or idle time.
     Update(UpdateArgs),
     /// Show a cluster: definition, allocation state, nodes, scaling errors.
@@ -78,6 +79,10 @@ struct CreateArgs {
     /// static (default), local or azure-vmss.
     #[arg(long)]
     provider: Option<String>,
+    /// A host folder under which the cluster's jobs may bind host paths
+    /// (drover.mounts); repeatable; adds to the YAML's with -f.
+    #[arg(long = "allow-host-path", value_name = "DIR")]
+    allow_host_path: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -100,7 +105,7 @@ pub async fn run(args: ComputeArgs) -> anyhow::Result<i32> {
     let client = Client::new(&args.client)?;
     let json = args.client.json;
     match args.command {
-        ComputeCommand::Create(c) => create(&client, c, json).await,
+        ComputeCommand::Create(c) => create(&client, *c, json).await,
         ComputeCommand::Update(u) => update(&client, u, json).await,
         ComputeCommand::Show { name } => {
             let info: wire::ClusterInfo = client
@@ -184,6 +189,11 @@ fn spec_of(c: &CreateArgs) -> anyhow::Result<ComputeSpec> {
         if let Some(name) = &c.name {
             spec.name = name.clone();
         }
+        spec.allowed_host_paths
+            .extend(c.allow_host_path.iter().map(|p| normalized_prefix(p)));
+        spec.validate(Naming::Flags)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("invalid cluster definition")?;
         return Ok(spec);
     }
     let flags = ComputeFlags {
@@ -198,6 +208,7 @@ fn spec_of(c: &CreateArgs) -> anyhow::Result<ComputeSpec> {
         tags: c.tags.clone(),
         description: c.description.clone(),
         provider: c.provider.clone(),
+        allowed_host_paths: c.allow_host_path.clone(),
     };
     flags
         .to_spec()

@@ -194,8 +194,11 @@ async fn create(
         eprintln!("warning: {w}");
     }
     let mut spec = parsed.spec;
-    if name.is_some() {
-        spec.name = name;
+    if let Some(name) = name {
+        spec.set_name(name);
+        spec.validate()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("invalid --name")?;
     }
     let job: wire::JobInfo = client
         .call(
@@ -229,9 +232,9 @@ fn show(j: &wire::JobInfo) -> String {
     if let Some(r) = &j.failure_reason {
         kv("reason:", r.clone());
     }
-    if let Some(spec) = &j.spec {
-        kv("image:", spec.image.clone());
-        kv("command:", spec.command.clone());
+    if let Some(job) = j.spec.as_ref().and_then(|s| s.as_command()) {
+        kv("image:", job.image.clone());
+        kv("command:", job.command.clone());
     }
     if !j.parts.is_empty() {
         out.push('\n');

@@ -425,7 +425,10 @@ impl LocalProvider {
                     target: init,
                     read_only: true,
                 },
-            ],
+            ]
+            .into_iter()
+            .chain(allowed_host_paths(cluster))
+            .collect(),
             network: network.to_string(),
             ipv4: ip.clone(),
         };
@@ -449,6 +452,30 @@ impl LocalProvider {
             state: ProvisionState::Creating,
         })
     }
+}
+
+/// The host folders a cluster lets its jobs bind, bound into its node
+/// containers at the same paths, so that a node sees (and checks) the files
+/// its jobs' binds will get from the host's engine, as a VM sees its disks.
+/// Folders that do not exist on the host are left out (the engine would
+/// create them, owned by root).
+fn allowed_host_paths(cluster: &ComputeSpec) -> Vec<Bind> {
+    cluster
+        .allowed_host_paths
+        .iter()
+        .filter(|p| {
+            let exists = Path::new(p).is_dir();
+            if !exists {
+                tracing::warn!(cluster = %cluster.name, path = %p, "allowed host path does not exist on this machine; not given to nodes");
+            }
+            exists
+        })
+        .map(|p| Bind {
+            source: p.clone(),
+            target: p.clone(),
+            read_only: false,
+        })
+        .collect()
 }
 
 /// The VM record a node container carries in its labels.

@@ -124,14 +124,7 @@ impl ProviderError {
     /// The message with its causes (`…: No such image: drover/node:…`), as
     /// users read it in a cluster's scaling errors.
     pub fn message(&self) -> String {
-        let mut out = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(e) = source {
-            out.push_str(": ");
-            out.push_str(&e.to_string());
-            source = e.source();
-        }
-        out
+        drover_api::error::chain(self)
     }
 
     /// The operation's metric label for this error (`not_supported`, `quota`, …).

@@ -1,7 +1,9 @@
 //! The one error type of control-plane actions, and its HTTP mapping.
 
 use drover_api::compute::InvalidCompute;
+use drover_api::job::InvalidJob;
 use drover_api::wire::ErrorCode;
+use drover_api::wire::InvalidBody;
 
 use crate::autoscaler::SubmissionError;
 use crate::provider::ProviderError;
@@ -18,6 +20,12 @@ pub enum ControlError {
     /// A cluster definition failed validation.
     #[error(transparent)]
     InvalidCompute(#[from] InvalidCompute),
+    /// A job failed validation or its cluster's host path policy.
+    #[error(transparent)]
+    InvalidJob(#[from] InvalidJob),
+    /// A user's request body was refused by its strict reading.
+    #[error("invalid request body: {0}")]
+    InvalidBody(#[from] InvalidBody),
     /// A job cannot ever run on its cluster.
     #[error(transparent)]
     Submission(#[from] SubmissionError),
@@ -66,6 +74,8 @@ impl ControlError {
                 | StoreError::Migration { .. } => ErrorCode::Internal,
             },
             ControlError::InvalidCompute(_)
+            | ControlError::InvalidJob(_)
+            | ControlError::InvalidBody(_)
             | ControlError::Submission(_)
             | ControlError::Invalid(_) => ErrorCode::Invalid,
             ControlError::Provider(e) => match e {
@@ -89,21 +99,7 @@ impl ControlError {
     /// and for server errors too (operators run both ends; hiding the cause
     /// only slows them down).
     pub fn message(&self) -> String {
-        let mut out = self.to_string();
-        let mut source = std::error::Error::source(self);
-        // `transparent` variants already print their source's message.
-        if matches!(
-            self,
-            ControlError::Store(_) | ControlError::InvalidCompute(_) | ControlError::Submission(_)
-        ) {
-            source = source.and_then(std::error::Error::source);
-        }
-        while let Some(e) = source {
-            out.push_str(": ");
-            out.push_str(&e.to_string());
-            source = e.source();
-        }
-        out
+        drover_api::error::chain(self)
     }
 }
 

@@ -4,15 +4,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use drover_api::compute::ComputeUpdate;
-use drover_api::wire::{self, ErrorBody, ErrorCode, ErrorDetail};
+use drover_api::wire::{self, ErrorBody, ErrorCode, ErrorDetail, InvalidBody};
 use serde::Deserialize;
 
 use super::core::ControlPlane;
@@ -44,8 +46,93 @@ pub fn router(core: AppState) -> Router {
         .route("/v1/agent/assignments", get(assignments))
         .route("/v1/agent/logs", post(upload_logs))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(wire::MAX_REQUEST_BYTES))
+        .layer(middleware::from_fn(request_limits))
         .with_state(core)
+}
+
+/// Refuses URIs and headers past the documented limits with the documented
+/// error body (hyper's own limits, far above these, answer without one).
+async fn request_limits(req: Request, next: Next) -> Response {
+    let uri = req.uri().to_string().len();
+    if uri > wire::MAX_URI_BYTES {
+        return error_response(
+            ErrorCode::UriTooLong,
+            format!(
+                "the request uri is {uri} bytes, more than the server's limit of {} bytes",
+                wire::MAX_URI_BYTES
+            ),
+        );
+    }
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if headers > wire::MAX_HEADER_BYTES {
+        return error_response(
+            ErrorCode::HeadersTooLarge,
+            format!(
+                "the request headers are {headers} bytes, more than the server's limit of {} bytes",
+                wire::MAX_HEADER_BYTES
+            ),
+        );
+    }
+    next.run(req).await
+}
+
+/// A user's request body, read strictly: every field checked, unknown ones
+/// refused, each problem named by its field.
+pub struct Strict<T>(
+    /// The body.
+    pub T,
+);
+
+/// How a user body is read strictly.
+pub trait StrictBody: Sized {
+    /// Reads the body.
+    fn decode(body: &[u8]) -> Result<Self, InvalidBody>;
+}
+
+impl StrictBody for wire::ClusterCreate {
+    fn decode(body: &[u8]) -> Result<Self, InvalidBody> {
+        wire::decode_strict(body)
+    }
+}
+
+impl StrictBody for ComputeUpdate {
+    fn decode(body: &[u8]) -> Result<Self, InvalidBody> {
+        wire::decode_strict(body)
+    }
+}
+
+impl StrictBody for wire::JobSubmit {
+    fn decode(body: &[u8]) -> Result<Self, InvalidBody> {
+        wire::JobSubmit::decode_strict(body)
+    }
+}
+
+impl<T: StrictBody, S: Send + Sync> FromRequest<S> for Strict<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e: BytesRejection| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE || is_length_limit(&e) {
+                    ApiError(ControlError::TooLarge(wire::too_large_message(None)))
+                } else {
+                    ApiError(ControlError::Invalid(format!(
+                        "cannot read the request body: {}",
+                        e.body_text()
+                    )))
+                }
+            })?;
+        T::decode(&bytes)
+            .map(Strict)
+            .map_err(|e| ApiError(ControlError::InvalidBody(e)))
+    }
 }
 
 /// An error answer.
@@ -60,11 +147,8 @@ impl From<ControlError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
-        if is_length_limit(&e) {
-            return ApiError(ControlError::TooLarge(format!(
-                "request body is larger than {} bytes",
-                wire::MAX_REQUEST_BYTES
-            )));
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE || is_length_limit(&e) {
+            return ApiError(ControlError::TooLarge(wire::too_large_message(None)));
         }
         ApiError(ControlError::Invalid(format!(
             "invalid request body: {}",
@@ -77,10 +161,7 @@ impl From<JsonRejection> for ApiError {
 /// "failed to buffer" when the error arrives wrapped more deeply than it
 /// unwraps, so the cause chain is searched for `http_body_util`'s
 /// `LengthLimitError` by its message (the type is not a dependency here).
-fn is_length_limit(e: &JsonRejection) -> bool {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return true;
-    }
+fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut source: Option<&dyn std::error::Error> = Some(e);
     while let Some(s) = source {
         if s.to_string() == "length limit exceeded" {
@@ -143,6 +224,13 @@ async fn not_found() -> Response {
     error_response(ErrorCode::NotFound, "no such route".to_string())
 }
 
+async fn method_not_allowed(req: Request) -> Response {
+    error_response(
+        ErrorCode::MethodNotAllowed,
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
 fn bearer(headers: &HeaderMap) -> Result<&str, ControlError> {
     let value = headers
         .get(header::AUTHORIZATION)
@@ -196,9 +284,8 @@ type Answer<T> = Result<Json<T>, ApiError>;
 async fn create_cluster(
     State(core): State<AppState>,
     User(user): User,
-    body: Body<wire::ClusterCreate>,
+    Strict(req): Strict<wire::ClusterCreate>,
 ) -> Result<(StatusCode, Json<wire::ClusterCreated>), ApiError> {
-    let Json(req) = body?;
     tracing::info!(user = %user, cluster = %req.spec.name, "create cluster");
     Ok((
         StatusCode::CREATED,
@@ -222,9 +309,8 @@ async fn update_cluster(
     State(core): State<AppState>,
     _user: User,
     Path(name): Path<String>,
-    body: Body<ComputeUpdate>,
+    Strict(update): Strict<ComputeUpdate>,
 ) -> Answer<wire::ClusterInfo> {
-    let Json(update) = body?;
     Ok(Json(core.update_cluster(name, update).await?))
 }
 
@@ -241,10 +327,9 @@ async fn delete_cluster(
 async fn submit_job(
     State(core): State<AppState>,
     User(user): User,
-    body: Body<wire::JobSubmit>,
+    Strict(req): Strict<wire::JobSubmit>,
 ) -> Result<(StatusCode, Json<wire::JobInfo>), ApiError> {
-    let Json(req) = body?;
-    tracing::info!(user = %user, job = ?req.spec.name, "submit job");
+    tracing::info!(user = %user, job = ?req.spec.name(), "submit job");
     Ok((StatusCode::CREATED, Json(core.submit_job(req).await?)))
 }
 

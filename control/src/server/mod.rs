@@ -284,9 +284,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         }
         None => None,
     };
+    // No job may bind the control plane's own data (its store, its admin
+    // token, local nodes' credentials).
+    let mut core_config = config.core.clone();
+    let data_dir =
+        std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+    core_config.refused_host_paths.push(data_dir);
     let core = Arc::new(
-        ControlPlane::new(store, config.core.clone())
-            .with_providers(Arc::new(Providers::new(local))),
+        ControlPlane::new(store, core_config).with_providers(Arc::new(Providers::new(local))),
     );
 
     let new_admin_token = setup_tokens(&core, &config).await?;

@@ -59,8 +59,8 @@ impl Job {
         JobSummary {
             id: self.id.clone(),
             state: self.state,
-            instance_count: self.spec.resources.instance_count,
-            gpus_per_instance: self.spec.drover.gpus_per_instance,
+            instance_count: self.spec.instance_count(),
+            gpus_per_instance: self.spec.gpus_per_instance(),
             submitted: self.submitted,
             attempt: self.attempt,
         }
@@ -402,7 +402,7 @@ impl Store {
                 "max attempts must be at least 1".to_string(),
             ));
         }
-        if new.spec.resources.instance_count == 0 {
+        if new.spec.instance_count() == 0 {
             return Err(StoreError::Invalid(
                 "instance count must be at least 1".to_string(),
             ));
@@ -440,8 +440,8 @@ impl Store {
                 new.cluster,
                 json,
                 new.max_attempts,
-                new.spec.resources.instance_count,
-                new.spec.drover.gpus_per_instance,
+                new.spec.instance_count(),
+                new.spec.gpus_per_instance(),
                 ms(now)
             ],
         )?;
@@ -575,7 +575,7 @@ impl Store {
                 to: JobState::Preparing,
             });
         }
-        let wanted = job.spec.resources.instance_count as usize;
+        let wanted = job.spec.instance_count() as usize;
         if nodes.len() != wanted {
             return Err(StoreError::Invalid(format!(
                 "job `{job_id}` needs {wanted} node(s), the placement has {}",
@@ -624,7 +624,7 @@ impl Store {
                     "node `{node}` is {state}, not idle"
                 )));
             }
-            let gpus = job.spec.drover.gpus_per_instance;
+            let gpus = job.spec.gpus_per_instance();
             if count(healthy) < gpus {
                 return Err(StoreError::Conflict(format!(
                     "node `{node}` has {healthy} healthy GPU(s), job `{job_id}` needs {gpus}"

@@ -570,7 +570,9 @@ fn submission_order_is_monotonic_across_clusters() {
     ];
     let before = dump(&s);
     let mut none = job_spec(1, 0);
-    none.resources.instance_count = 0;
+    match &mut none {
+        JobSpec::Command(c) => c.resources.instance_count = 0,
+    }
     let err = s
         .submit_job(
             &NewJob {
@@ -1400,7 +1402,7 @@ fn a_store_written_by_the_first_format_is_read() {
     let job = s.job("train-old-format").expect("job");
     assert_eq!(job.state, JobState::Completed);
     assert_eq!(job.attempt, 1);
-    let spec = &job.spec;
+    let spec = job.spec.as_command().expect("a v1 job is a command job");
     assert_eq!(spec.image, "drover/openmpi:bookworm");
     assert_eq!(spec.resources.shm_size, Some(2 << 30));
     let args = &spec.resources.docker_args;
@@ -1426,7 +1428,16 @@ fn a_store_written_by_the_first_format_is_read() {
     assert_eq!(text, ["epoch 1 loss 0.5", "warning: slow"]);
 
     let queued = s.job("queued-old-format").expect("second job");
-    assert_eq!(queued.spec.command, "echo queued");
+    assert_eq!(
+        queued.spec.as_command().map(|c| c.command.as_str()),
+        Some("echo queued")
+    );
+    // Written back in the current format, it reads the same.
+    let json = serde_json::to_value(&queued.spec).expect("serialize");
+    assert_eq!(json["format"], drover_api::job::JOB_FORMAT);
+    assert_eq!(json["type"], "command");
+    let back: JobSpec = serde_json::from_value(json).expect("read back");
+    assert_eq!(back, queued.spec);
     let node = s.node("vm-old-0").expect("node");
     assert_eq!(node.current_job.as_deref(), Some("queued-old-format"));
     assert_eq!(node.ip.as_deref(), Some("10.0.0.4"));

@@ -303,7 +303,13 @@ impl ControlPlane {
             }
         }
         self.unsubscribe(&node, rx);
-        let a = self.with_store(move |s| s.assignments(&node)).await?;
+        let (a, allowed_host_paths) = self
+            .with_store(move |s| {
+                let a = s.assignments(&node)?;
+                let cluster = s.node(&node)?.cluster;
+                Ok((a, s.cluster(&cluster)?.spec.allowed_host_paths))
+            })
+            .await?;
         Ok(wire::Assignments {
             version: a.version,
             parts: a
@@ -315,6 +321,7 @@ impl ControlPlane {
                     node_rank: p.node_rank,
                     state: p.state,
                     spec: p.spec,
+                    allowed_host_paths: allowed_host_paths.clone(),
                     nodes: p
                         .nodes
                         .into_iter()

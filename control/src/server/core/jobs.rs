@@ -1,7 +1,9 @@
 //! Jobs through the user API: submission (validated and checked against
-//! the cluster), show, list, cancel and logs.
+//! the cluster and its host path policy), show, list, cancel and logs.
 
 use drover_api::cluster::NodeSummary;
+use drover_api::host_paths::HostPathPolicy;
+use drover_api::job::InvalidJob;
 use drover_api::wire;
 
 use super::wire_map::job_info;
@@ -16,34 +18,44 @@ fn node_gpus(nodes: &[NodeSummary]) -> Option<u32> {
 }
 
 impl ControlPlane {
-    /// Queues a job, refusing one that could never start on its cluster.
+    /// Queues a job, refusing one that breaks a rule ([`JobSpec::validate`]),
+    /// binds a host path its cluster does not allow, or could never start
+    /// on its cluster. Nothing is stored for a refused job.
     pub async fn submit_job(&self, req: wire::JobSubmit) -> Result<wire::JobInfo, ControlError> {
         let wire::JobSubmit { mut spec, compute } = req;
-        let cluster = compute.or_else(|| spec.compute.clone()).ok_or_else(|| {
-            ControlError::Invalid(
-                "the job names no cluster: set `compute:` in the job or pass --compute".to_string(),
-            )
-        })?;
-        spec.compute = Some(cluster.clone());
-        let id = match &spec.name {
-            Some(name) if drover_api::job::is_valid_name(name) => name.clone(),
-            Some(name) => {
-                return Err(ControlError::Invalid(format!(
-                    "job name `{name}` is not valid: use letters, digits, `_` and `-`, starting with a letter or digit"
-                )));
-            }
+        let cluster = compute
+            .or_else(|| spec.compute().map(str::to_string))
+            .ok_or_else(|| {
+                ControlError::Invalid(
+                    "the job names no cluster: set `compute:` in the job or pass --compute"
+                        .to_string(),
+                )
+            })?;
+        spec.set_compute(cluster.clone());
+        let id = match spec.name() {
+            Some(name) => name.to_string(),
             None => new_id("job")?,
         };
-        spec.name = Some(id.clone());
+        spec.set_name(id.clone());
+        spec.validate()?;
         let max_attempts = self.config.max_attempts;
+        let refused = self.config.refused_host_paths.clone();
         let job = self
             .with_store(move |s| -> Result<Result<Job, ControlError>, StoreError> {
                 let c = s.cluster(&cluster)?;
+                let policy = refused.iter().fold(
+                    HostPathPolicy::new(&c.spec.name, &c.spec.allowed_host_paths),
+                    |p, dir| p.refuse(dir),
+                );
+                let errors = policy.check_job(&spec);
+                if !errors.is_empty() {
+                    return Ok(Err(InvalidJob { errors }.into()));
+                }
                 let nodes = s.node_summaries(&cluster)?;
                 if let Err(e) = autoscaler::check_submission(
                     &c.spec,
-                    spec.resources.instance_count,
-                    spec.drover.gpus_per_instance,
+                    spec.instance_count(),
+                    spec.gpus_per_instance(),
                     node_gpus(&nodes),
                 ) {
                     return Ok(Err(e.into()));

@@ -18,6 +18,7 @@ mod scaling;
 mod wire_map;
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -47,6 +48,9 @@ pub struct CoreConfig {
     /// How long a machine a provider created may take to register before
     /// it is removed.
     pub register_timeout: Duration,
+    /// Host folders no job may bind beside [`drover_api::host_paths::ALWAYS_REFUSED`]:
+    /// the control plane's data directory (its store and admin token).
+    pub refused_host_paths: Vec<PathBuf>,
 }
 
 impl Default for CoreConfig {
@@ -58,6 +62,7 @@ impl Default for CoreConfig {
             watch_timeout_max: Duration::from_secs(120),
             autoscaler: AutoscalerConfig::default(),
             register_timeout: Duration::from_secs(120),
+            refused_host_paths: Vec::new(),
         }
     }
 }

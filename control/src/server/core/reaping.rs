@@ -54,7 +54,7 @@ impl ControlPlane {
                 let mut ended = Vec::new();
                 let mut bumps = Vec::new();
                 for j in jobs {
-                    let (Some(limit), Some(started)) = (j.spec.timeout_seconds, j.started_at)
+                    let (Some(limit), Some(started)) = (j.spec.timeout_seconds(), j.started_at)
                     else {
                         continue;
                     };

@@ -18,7 +18,7 @@ pub(super) fn part_info(p: JobPart) -> wire::PartInfo {
 
 pub(super) fn job_info(job: Job, parts: Vec<JobPart>, with_spec: bool) -> wire::JobInfo {
     wire::JobInfo {
-        instance_count: job.spec.resources.instance_count,
+        instance_count: job.spec.instance_count(),
         spec: with_spec.then_some(job.spec),
         id: job.id,
         cluster: job.cluster,

@@ -1,218 +1,21 @@
-//! Command jobs, read from Azure ML v2 job YAML (`az ml job create -f job.yml`).
-//!
-//! [`JobSpec::from_yaml`] accepts the schema Azure ML users already write and
-//! turns it into a plain, validated [`JobSpec`]. Drover's own settings live
-//! under one top-level `drover:` section. Relative paths are resolved against
-//! the directory of the YAML file, like the Azure ML CLI does. Parsing does no
-//! I/O: whether paths exist is checked by whoever runs the job.
+//! Azure ML v2 command-job YAML (`az ml job create -f job.yml`) to a
+//! [`JobSpec`]. The reader checks shapes and types with file, line and key;
+//! the rules on values are [`JobSpec::validate`]'s, whose problems are
+//! reported at the lines of the keys they name.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use marked_yaml::Node;
-use serde::{Deserialize, Serialize};
 
-use crate::docker_args::{DockerArgs, parse_docker_args, split_words};
+use super::{
+    CommandJob, Distribution, DistributionKind, DroverOptions, Input, InvalidJob, JobSpec,
+    MountSpec, Output, ParsedJob, PathKind, PullPolicy, RegistryCredentials, Resources,
+    SecretSource, check_image_reference,
+};
+use crate::docker_args::{parse_docker_args, split_words};
 use crate::units::{parse_bytes, parse_duration};
-use crate::yaml::{Diagnostic, InvalidDefinition, Reader, is_null, join, parse_mapping};
-
-/// Where a job's `code` folder appears inside its container (also the working directory).
-pub const CODE_DIR: &str = "/drover/code";
-/// Parent of the container paths of path inputs (`/drover/inputs/NAME`).
-pub const INPUTS_DIR: &str = "/drover/inputs";
-/// Parent of the container paths of outputs (`/drover/outputs/NAME`).
-pub const OUTPUTS_DIR: &str = "/drover/outputs";
-/// Container paths under this prefix belong to Drover and cannot be mount targets.
-pub const RESERVED_DIR: &str = "/drover";
-
-/// A command job: what to run, in which image, on how many nodes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JobSpec {
-    /// Job name, unique in a cluster; generated when the YAML has none.
-    pub name: Option<String>,
-    /// Human-friendly name shown in listings.
-    pub display_name: Option<String>,
-    /// Groups related jobs.
-    pub experiment_name: Option<String>,
-    /// Free text.
-    pub description: Option<String>,
-    /// Free-form tags.
-    pub tags: BTreeMap<String, String>,
-    /// The command as written, with `${{inputs.x}}` placeholders unresolved;
-    /// see [`JobSpec::resolved_command`].
-    pub command: String,
-    /// Container image that carries the job's dependencies.
-    pub image: String,
-    /// Extra environment variables for every process of the job.
-    pub environment_variables: BTreeMap<String, String>,
-    /// Local folder mounted at [`CODE_DIR`] and used as the working directory.
-    pub code: Option<PathBuf>,
-    /// Target cluster (`compute: azureml:NAME` is read as `NAME`).
-    pub compute: Option<String>,
-    /// Node count and container resources.
-    pub resources: Resources,
-    /// How processes are laid out (MPI or PyTorch); `None` runs one process per node.
-    pub distribution: Option<Distribution>,
-    /// `limits.timeout`, in seconds: the job is stopped and reported as timed out after it.
-    pub timeout_seconds: Option<u64>,
-    /// Named inputs: literal values or local paths mounted read-only.
-    pub inputs: BTreeMap<String, Input>,
-    /// Named output folders, kept after the job.
-    pub outputs: BTreeMap<String, Output>,
-    /// Drover's own settings (the `drover:` section).
-    pub drover: DroverOptions,
-}
-
-/// `resources:` of a job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Resources {
-    /// Number of nodes the job runs on (each runs one part).
-    pub instance_count: u32,
-    /// Requested VM size; informational on a single machine.
-    pub instance_type: Option<String>,
-    /// Size of `/dev/shm` in bytes.
-    pub shm_size: Option<u64>,
-    /// The checked `docker_args`.
-    pub docker_args: DockerArgs,
-}
-
-impl Default for Resources {
-    fn default() -> Self {
-        Resources {
-            instance_count: 1,
-            instance_type: None,
-            shm_size: None,
-            docker_args: DockerArgs::default(),
-        }
-    }
-}
-
-/// Distributed launch style.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DistributionKind {
-    /// Open MPI: node-rank 0 runs `mpirun`.
-    Mpi,
-    /// PyTorch distributed: one launcher per node, `RANK`/`LOCAL_RANK`/`WORLD_SIZE` per process.
-    Pytorch,
-}
-
-/// `distribution:` of a job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Distribution {
-    /// MPI or PyTorch.
-    pub kind: DistributionKind,
-    /// Processes started on each node.
-    pub process_count_per_instance: u32,
-}
-
-/// Kind of a path input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PathKind {
-    /// A single file.
-    UriFile,
-    /// A folder.
-    UriFolder,
-}
-
-/// One entry of `inputs:`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Input {
-    /// A literal (`lr: 0.01`), substituted as written.
-    Literal {
-        /// The value as written.
-        value: String,
-    },
-    /// A local file or folder, mounted read-only.
-    Path {
-        /// File or folder.
-        path_kind: PathKind,
-        /// Absolute path on the machine that runs the job.
-        path: PathBuf,
-    },
-}
-
-/// One entry of `outputs:`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Output {
-    /// Where the folder is kept on the host; chosen by the runner when `None`.
-    pub path: Option<PathBuf>,
-}
-
-/// When to pull the job's image.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PullPolicy {
-    /// Pull only when the node does not have the image.
-    #[default]
-    IfNotPresent,
-    /// Pull before every run (picks up a moved tag).
-    Always,
-    /// Never pull; fail when the image is missing.
-    Never,
-}
-
-/// A bind mount the job asked for in `drover.mounts`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MountSpec {
-    /// Absolute host path.
-    pub source: PathBuf,
-    /// Absolute container path.
-    pub target: String,
-    /// Mounted read-only.
-    pub read_only: bool,
-}
-
-/// Where a secret is read from; the secret itself never appears in a spec.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SecretSource {
-    /// A file holding the secret (trailing newline ignored).
-    File(PathBuf),
-    /// An environment variable of the process that pulls.
-    Env(String),
-}
-
-/// `drover.registry_credentials`: how to log in to the image's registry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RegistryCredentials {
-    /// A Docker `config.json` (as written by `docker login`).
-    DockerConfig(PathBuf),
-    /// A user name and a password read from a file or an environment variable.
-    Login {
-        /// Registry host; the image's registry when `None`.
-        registry: Option<String>,
-        /// User name.
-        username: String,
-        /// Where the password is.
-        password: SecretSource,
-    },
-}
-
-/// The `drover:` section: settings Azure ML has no key for.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DroverOptions {
-    /// GPUs given to each node's part.
-    pub gpus_per_instance: u32,
-    /// Extra bind mounts.
-    pub mounts: Vec<MountSpec>,
-    /// Registry login for the image.
-    pub registry_credentials: Option<RegistryCredentials>,
-    /// When to pull.
-    pub pull_policy: PullPolicy,
-}
-
-/// A parsed job with the warnings its file produced (unknown keys and the like).
-#[derive(Debug, Clone)]
-pub struct ParsedJob {
-    /// The job.
-    pub spec: JobSpec,
-    /// Non-fatal findings, each with file and line.
-    pub warnings: Vec<Diagnostic>,
-}
+use crate::yaml::{InvalidDefinition, Reader, is_null, join, parse_mapping};
 
 const TOP_KEYS: &[&str] = &[
     "$schema",
@@ -235,14 +38,6 @@ const TOP_KEYS: &[&str] = &[
     "outputs",
     "drover",
 ];
-
-/// True for names Azure ML and Docker both accept: `[A-Za-z0-9][A-Za-z0-9_-]*`, ≤ 255.
-pub fn is_valid_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        && name.len() <= 255
-}
 
 fn resolve(base_dir: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
@@ -276,7 +71,9 @@ fn local_path(r: &mut Reader, node: &Node, path: &str, base_dir: &Path) -> Optio
 }
 
 impl JobSpec {
-    /// Parses Azure ML v2 command-job YAML.
+    /// Parses Azure ML v2 job YAML (`type: command`, or no `type`), then
+    /// checks the job with [`JobSpec::validate`], reporting its problems at
+    /// the lines and keys they concern.
     ///
     /// `file` names the file in messages; `base_dir` anchors relative paths.
     pub fn from_yaml(
@@ -286,7 +83,12 @@ impl JobSpec {
     ) -> Result<ParsedJob, InvalidDefinition> {
         let root = parse_mapping(file, text)?;
         let mut r = Reader::new(file);
-        let spec = read_job(&mut r, &root, base_dir);
+        let spec = read_job(&mut r, &root, base_dir).map(JobSpec::Command);
+        if let Some(spec) = &spec
+            && let Err(invalid) = spec.validate()
+        {
+            report_invalid(&mut r, &root, &invalid);
+        }
         let (spec, warnings) = r.finish(spec)?;
         match spec {
             Some(spec) => Ok(ParsedJob { spec, warnings }),
@@ -294,124 +96,76 @@ impl JobSpec {
             None => Err(InvalidDefinition { errors: vec![] }),
         }
     }
+}
 
-    /// The command with `${{inputs.NAME}}` and `${{outputs.NAME}}` replaced by
-    /// literal values or container paths, and `$[[…]]` optional sections kept
-    /// only when the inputs they mention are given.
-    pub fn resolved_command(&self) -> String {
-        substitute(&self.command, &|kind, name| {
-            self.placeholder_value(kind, name)
-        })
-        .unwrap_or_else(|_| self.command.clone())
+/// The YAML key path for a field of a job's JSON, where they differ.
+fn yaml_path(field: &str, root: &Node) -> String {
+    let has = |k: &str| root.as_mapping().and_then(|m| m.get_node(k)).is_some();
+    if field == "image" {
+        return if has("image") && !has("environment") {
+            "image".to_string()
+        } else {
+            "environment.image".to_string()
+        };
     }
+    if field == "timeout_seconds" {
+        return "limits.timeout".to_string();
+    }
+    field.to_string()
+}
 
-    fn placeholder_value(&self, kind: &str, name: &str) -> Option<String> {
-        match kind {
-            "inputs" => self.inputs.get(name).map(|i| match i {
-                Input::Literal { value } => value.clone(),
-                Input::Path { .. } => input_container_path(name, i),
-            }),
-            "outputs" => self
-                .outputs
-                .get(name)
-                .map(|_| format!("{OUTPUTS_DIR}/{name}")),
-            _ => None,
+/// The deepest node of `root` along `path` (`a.b[2].c`), with the path to it.
+fn locate<'a>(root: &'a Node, path: &str) -> (Option<&'a Node>, String) {
+    let mut node = root;
+    let mut found = String::new();
+    for segment in path.split('.') {
+        let (key, index) = match segment.split_once('[') {
+            Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (segment, None),
+        };
+        let Some(next) = node.as_mapping().and_then(|m| m.get_node(key)) else {
+            break;
+        };
+        node = next;
+        found = join(&found, key);
+        if let Some(i) = index {
+            let Some(item) = node.as_sequence().and_then(|s| s.get(i)) else {
+                break;
+            };
+            node = item;
+            found = format!("{found}[{i}]");
         }
     }
+    ((!found.is_empty()).then_some(node), found)
+}
 
-    /// Total processes across all nodes.
-    pub fn world_size(&self) -> u32 {
-        self.resources.instance_count * self.processes_per_instance()
-    }
-
-    /// Processes started on each node (1 without distribution).
-    pub fn processes_per_instance(&self) -> u32 {
-        self.distribution
-            .map(|d| d.process_count_per_instance)
-            .unwrap_or(1)
-    }
-
-    /// Effective `/dev/shm` size: `resources.shm_size`, else `--shm-size` in docker_args.
-    pub fn shm_size(&self) -> Option<u64> {
-        self.resources
-            .shm_size
-            .or(self.resources.docker_args.shm_size)
+/// Reports a job's validation problems at the lines and keys they concern,
+/// skipping keys that already have an error of the reader.
+fn report_invalid(r: &mut Reader, root: &Node, invalid: &InvalidJob) {
+    for e in &invalid.errors {
+        let path = yaml_path(&e.field, root);
+        let (node, found) = locate(root, &path);
+        // A problem inside a flag string (docker_args) is named by the key
+        // the user wrote; its message names the flag.
+        let key = if (path.starts_with("resources.docker_args")
+            || path.starts_with("drover.mounts["))
+            && !found.is_empty()
+        {
+            found.clone()
+        } else {
+            path.clone()
+        };
+        if r.errors.iter().any(|d| d.path == key) {
+            continue;
+        }
+        match node {
+            Some(n) => r.error(n, &key, e.message.clone()),
+            None => r.error_at(0, &key, e.message.clone()),
+        }
     }
 }
 
-/// Container path of a path input: the folder itself, or the file inside
-/// `/drover/inputs/NAME/` under its own name.
-pub fn input_container_path(name: &str, input: &Input) -> String {
-    match input {
-        Input::Path {
-            path_kind: PathKind::UriFile,
-            path,
-        } => {
-            let file = path
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_else(|| name.to_string());
-            format!("{INPUTS_DIR}/{name}/{file}")
-        }
-        _ => format!("{INPUTS_DIR}/{name}"),
-    }
-}
-
-/// Replaces `${{kind.name}}` placeholders through `lookup`. An unknown
-/// placeholder is an error naming it; inside `$[[ … ]]` it drops the section.
-fn substitute(text: &str, lookup: &dyn Fn(&str, &str) -> Option<String>) -> Result<String, String> {
-    fn replace_all(
-        text: &str,
-        lookup: &dyn Fn(&str, &str) -> Option<String>,
-    ) -> Result<String, String> {
-        let mut out = String::with_capacity(text.len());
-        let mut rest = text;
-        while let Some(start) = rest.find("${{") {
-            out.push_str(&rest[..start]);
-            let after = &rest[start + 3..];
-            let end = after
-                .find("}}")
-                .ok_or_else(|| "unterminated `${{` placeholder".to_string())?;
-            let expr = after[..end].trim();
-            let (kind, name) = expr.split_once('.').unwrap_or((expr, ""));
-            match lookup(kind, name) {
-                Some(v) => out.push_str(&v),
-                None => {
-                    return Err(match kind {
-                        "inputs" | "outputs" => format!(
-                            "`${{{{{expr}}}}}` refers to {kind}.{name}, which the job does not define"
-                        ),
-                        _ => format!(
-                            "`${{{{{expr}}}}}` is not supported (use ${{{{inputs.NAME}}}} or ${{{{outputs.NAME}}}})"
-                        ),
-                    });
-                }
-            }
-            rest = &after[end + 2..];
-        }
-        out.push_str(rest);
-        Ok(out)
-    }
-
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(start) = rest.find("$[[") {
-        out.push_str(&replace_all(&rest[..start], lookup)?);
-        let after = &rest[start + 3..];
-        let end = after
-            .find("]]")
-            .ok_or_else(|| "unterminated `$[[` optional section".to_string())?;
-        // An optional section is kept only if every placeholder in it resolves.
-        if let Ok(section) = replace_all(&after[..end], lookup) {
-            out.push_str(&section);
-        }
-        rest = &after[end + 2..];
-    }
-    out.push_str(&replace_all(rest, lookup)?);
-    Ok(out)
-}
-
-fn read_job(r: &mut Reader, root: &Node, base_dir: &Path) -> Option<JobSpec> {
+fn read_job(r: &mut Reader, root: &Node, base_dir: &Path) -> Option<CommandJob> {
     let top = r.mapping(root, "", TOP_KEYS)?;
     let get = |k: &str| top.get_node(k);
 
@@ -434,17 +188,6 @@ fn read_job(r: &mut Reader, root: &Node, base_dir: &Path) -> Option<JobSpec> {
         r.string(n, key)
     };
     let name = opt_string(r, "name");
-    if let (Some(n), Some(name)) = (get("name"), &name)
-        && !is_valid_name(name)
-    {
-        r.error(
-                n,
-                "name",
-                format!(
-                    "`{name}` is not a valid job name (letters, digits, `-` and `_`, starting with a letter or digit)"
-                ),
-            );
-    }
     let display_name = opt_string(r, "display_name");
     let experiment_name = opt_string(r, "experiment_name");
     let description = opt_string(r, "description");
@@ -452,8 +195,11 @@ fn read_job(r: &mut Reader, root: &Node, base_dir: &Path) -> Option<JobSpec> {
         .map(|n| r.string_map(n, "tags"))
         .unwrap_or_default();
 
-    let command_node = get("command");
-    let command = match command_node {
+    let command = match get("command") {
+        Some(n) if is_null(n) => {
+            r.error(n, "command", "is required (the command to run)");
+            None
+        }
         Some(n) => r.non_empty(n, "command"),
         None => {
             r.error_at(0, "command", "is required");
@@ -466,17 +212,6 @@ fn read_job(r: &mut Reader, root: &Node, base_dir: &Path) -> Option<JobSpec> {
     let environment_variables = get("environment_variables")
         .map(|n| r.string_map(n, "environment_variables"))
         .unwrap_or_default();
-    for (k, _) in environment_variables.iter() {
-        if (k.is_empty() || k.contains('='))
-            && let Some(n) = get("environment_variables")
-        {
-            r.error(
-                n,
-                "environment_variables",
-                format!("`{k}` is not a valid environment variable name"),
-            );
-        }
-    }
 
     let code = get("code")
         .filter(|n| !is_null(n))
@@ -484,16 +219,7 @@ fn read_job(r: &mut Reader, root: &Node, base_dir: &Path) -> Option<JobSpec> {
 
     let compute = get("compute").filter(|n| !is_null(n)).and_then(|n| {
         let c = r.non_empty(n, "compute")?;
-        let c = c.strip_prefix("azureml:").unwrap_or(&c).to_string();
-        if c.contains('/') || c.contains(':') {
-            r.error(
-                n,
-                "compute",
-                format!("expected a cluster name or azureml:NAME, got {c}"),
-            );
-            return None;
-        }
-        Some(c)
+        Some(c.strip_prefix("azureml:").unwrap_or(&c).to_string())
     });
 
     let resources = get("resources")
@@ -534,14 +260,13 @@ fn read_job(r: &mut Reader, root: &Node, base_dir: &Path) -> Option<JobSpec> {
         .map(|n| read_drover(r, n, base_dir))
         .unwrap_or_default();
 
-    let command = command?;
-    let spec = JobSpec {
+    Some(CommandJob {
         name,
         display_name,
         experiment_name,
         description,
         tags,
-        command,
+        command: command?,
         image: image?,
         environment_variables,
         code,
@@ -552,15 +277,7 @@ fn read_job(r: &mut Reader, root: &Node, base_dir: &Path) -> Option<JobSpec> {
         inputs,
         outputs,
         drover,
-    };
-    // Every placeholder must name a defined input or output.
-    if let Err(e) = substitute(&spec.command, &|kind, name| {
-        spec.placeholder_value(kind, name)
-    }) && let Some(n) = command_node
-    {
-        r.error(n, "command", e);
-    }
-    Some(spec)
+    })
 }
 
 fn read_image(r: &mut Reader, env: Option<&Node>, bare: Option<&Node>) -> Option<String> {
@@ -637,12 +354,20 @@ fn read_image(r: &mut Reader, env: Option<&Node>, bare: Option<&Node>) -> Option
         (Some(a), _) => a,
         (None, Some(b)) => b,
         (None, None) => {
-            if env.is_none() && bare.is_none() {
-                r.error_at(
+            // `environment: ~` or `image: ~` says nothing either.
+            let null = [(env, "environment"), (bare, "image")]
+                .into_iter()
+                .find_map(|(n, key)| n.filter(|n| is_null(n)).map(|n| (n, key)));
+            match null {
+                Some((n, key)) if env.is_none_or(is_null) && bare.is_none_or(is_null) => {
+                    r.error(n, key, "is required (environment: {image: REPO:TAG})");
+                }
+                None if env.is_none() && bare.is_none() => r.error_at(
                     0,
                     "environment",
                     "is required (environment: {image: REPO:TAG})",
-                );
+                ),
+                _ => {}
             }
             return None;
         }
@@ -659,57 +384,6 @@ fn read_image(r: &mut Reader, env: Option<&Node>, bare: Option<&Node>) -> Option
 }
 
 /// A light check of a Docker image reference (`[host[:port]/]path[:tag][@digest]`).
-pub fn check_image_reference(image: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("`{image}` is not a valid image reference: {why}"));
-    if image.is_empty() {
-        return bad("empty");
-    }
-    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return bad("contains whitespace");
-    }
-    let (name, digest) = match image.split_once('@') {
-        Some((n, d)) => (n, Some(d)),
-        None => (image, None),
-    };
-    if let Some(d) = digest
-        && !d.contains(':')
-    {
-        return bad("a digest looks like sha256:…");
-    }
-    let last = name.rsplit('/').next().unwrap_or(name);
-    let (repo_last, tag) = match last.split_once(':') {
-        Some((r, t)) => (r, Some(t)),
-        None => (last, None),
-    };
-    if let Some(t) = tag
-        && (t.is_empty()
-            || t.len() > 128
-            || !t
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-'))
-    {
-        return bad("a tag has letters, digits, `_`, `.` and `-`");
-    }
-    let path_parts: Vec<&str> = name.split('/').collect();
-    let n = path_parts.len();
-    for (i, part) in path_parts.iter().enumerate() {
-        let part: &str = if i == n - 1 { repo_last } else { part };
-        let is_host =
-            i == 0 && n > 1 && (part.contains('.') || part.contains(':') || part == "localhost");
-        if part.is_empty() {
-            return bad("empty path component");
-        }
-        if !is_host
-            && !part.chars().all(|c| {
-                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
-            })
-        {
-            return bad("repository names are lowercase letters, digits, `.`, `_` and `-`");
-        }
-    }
-    Ok(())
-}
-
 fn read_resources(r: &mut Reader, n: &Node) -> Resources {
     let mut res = Resources::default();
     let Some(m) = r.mapping(
@@ -802,21 +476,6 @@ fn read_distribution(r: &mut Reader, n: &Node) -> Option<Distribution> {
     })
 }
 
-fn check_input_name(r: &mut Reader, node: &Node, path: &str, name: &str) -> bool {
-    let ok = !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if !ok {
-        r.error(
-            node,
-            path,
-            "names are letters, digits, `_` and `-`".to_string(),
-        );
-    }
-    ok
-}
-
 fn read_inputs(r: &mut Reader, n: &Node, base_dir: &Path) -> BTreeMap<String, Input> {
     let mut out = BTreeMap::new();
     let Some(m) = r.mapping(n, "inputs", &[]) else {
@@ -824,9 +483,6 @@ fn read_inputs(r: &mut Reader, n: &Node, base_dir: &Path) -> BTreeMap<String, In
     };
     for (k, v) in m.iter() {
         let path = join("inputs", k.as_str());
-        if !check_input_name(r, v, &path, k.as_str()) {
-            continue;
-        }
         let input = match v {
             Node::Scalar(s) => Some(Input::Literal {
                 value: s.as_str().to_string(),
@@ -906,9 +562,6 @@ fn read_outputs(r: &mut Reader, n: &Node, base_dir: &Path) -> BTreeMap<String, O
     };
     for (k, v) in m.iter() {
         let path = join("outputs", k.as_str());
-        if !check_input_name(r, v, &path, k.as_str()) {
-            continue;
-        }
         let output = if is_null(v) {
             Output { path: None }
         } else if let Some(om) = r.mapping(v, &path, &["type", "path", "mode", "description"]) {
@@ -933,22 +586,6 @@ fn read_outputs(r: &mut Reader, n: &Node, base_dir: &Path) -> BTreeMap<String, O
         out.insert(k.as_str().to_string(), output);
     }
     out
-}
-
-fn check_target(r: &mut Reader, node: &Node, path: &str, target: &str) -> bool {
-    if !target.starts_with('/') || target == "/" {
-        r.error(
-            node,
-            path,
-            format!("the target must be an absolute path other than /, got {target}"),
-        );
-        return false;
-    }
-    if target == RESERVED_DIR || target.starts_with("/drover/") {
-        r.error(node, path, format!("{target} is reserved for Drover"));
-        return false;
-    }
-    true
 }
 
 fn read_drover(r: &mut Reader, n: &Node, base_dir: &Path) -> DroverOptions {
@@ -1034,9 +671,6 @@ fn read_mount(r: &mut Reader, n: &Node, path: &str, base_dir: &Path) -> Option<M
             (source, target, ro)
         }
     };
-    if !check_target(r, n, path, &target) {
-        return None;
-    }
     Some(MountSpec {
         source: resolve(base_dir, &source),
         target,
@@ -1108,9 +742,19 @@ fn read_credentials(r: &mut Reader, n: &Node, base_dir: &Path) -> Option<Registr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::MAX_COMMAND_BYTES;
 
     fn parse(yaml: &str) -> Result<ParsedJob, InvalidDefinition> {
         JobSpec::from_yaml("job.yml", yaml, Path::new("/jobs/demo"))
+    }
+
+    /// The command job of `yaml`, which must parse.
+    fn command(yaml: &str) -> CommandJob {
+        parse(yaml)
+            .expect("parses")
+            .spec
+            .into_command()
+            .expect("a command job")
     }
 
     /// Asserts that `yaml` is refused with exactly `expect` among its errors.
@@ -1178,7 +822,7 @@ drover:
     fn a_full_azure_ml_job_is_read() {
         let parsed = parse(FULL).unwrap();
         assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
-        let j = parsed.spec;
+        let j = parsed.spec.into_command().unwrap();
         assert_eq!(j.name.as_deref(), Some("train-1"));
         assert_eq!(j.display_name.as_deref(), Some("Train"));
         assert_eq!(j.experiment_name.as_deref(), Some("mnist"));
@@ -1245,7 +889,7 @@ drover:
 
     #[test]
     fn defaults_and_bare_image() {
-        let j = parse("command: echo hi\nimage: busybox\n").unwrap().spec;
+        let j = command("command: echo hi\nimage: busybox\n");
         assert_eq!(j.image, "busybox");
         assert_eq!(j.resources.instance_count, 1);
         assert_eq!(j.processes_per_instance(), 1);
@@ -1255,11 +899,9 @@ drover:
 
     #[test]
     fn file_inputs_appear_under_their_own_name() {
-        let j = parse(
+        let j = command(
             "command: cat ${{inputs.f}}\nimage: x\ninputs:\n  f: {type: uri_file, path: ./a/b.csv}\n",
-        )
-        .unwrap()
-        .spec;
+        );
         assert_eq!(j.resolved_command(), "cat /drover/inputs/f/b.csv");
     }
 
@@ -1375,6 +1017,122 @@ drover:
     }
 
     #[test]
+    fn values_that_reach_the_engine_are_bounded() {
+        let big = "x".repeat(MAX_COMMAND_BYTES + 1);
+        for (yaml, expect) in [
+            (
+                "command: echo\nimage: x\ndistribution:\n  type: mpi\n  process_count_per_instance: 4294967295\n".to_string(),
+                "job.yml:5: distribution.process_count_per_instance: must be between 1 and 1024, got 4294967295",
+            ),
+            (
+                "command: echo\nimage: x\nresources:\n  instance_count: 4294967295\n".to_string(),
+                "job.yml:4: resources.instance_count: must be between 1 and 10000, got 4294967295",
+            ),
+            (
+                "command: echo\nimage: x\nresources:\n  shm_size: 100000t\n".to_string(),
+                "job.yml:4: resources.shm_size: must be at most 64 TiB, got 100000 TiB",
+            ),
+            (
+                "command: echo\nimage: x\nresources:\n  docker_args: --memory 1k\n".to_string(),
+                "job.yml:4: resources.docker_args: --memory: must be at least 6 MiB, got 1 KiB",
+            ),
+            (
+                "command: echo\nimage: x\nresources:\n  docker_args: --cpus 1e300\n".to_string(),
+                "job.yml:4: resources.docker_args: --cpus: must be between 0.01 and 4096, got 1e300",
+            ),
+            (
+                "command: echo\nimage: x\nresources:\n  docker_args: --stop-timeout 18446744073709551615\n".to_string(),
+                "job.yml:4: resources.docker_args: --stop-timeout: must be at most 3600 seconds, got 18446744073709551615",
+            ),
+            (
+                "command: echo\nimage: x\nresources:\n  docker_args: --pids-limit -1\n".to_string(),
+                "job.yml:4: resources.docker_args: --pids-limit: must be between 1 and 4194304, got -1 (unlimited is not allowed on a shared node)",
+            ),
+            (
+                "command: echo\nimage: x\nresources:\n  docker_args: --ipc container:abc\n".to_string(),
+                "job.yml:4: resources.docker_args: --ipc=container:abc is not allowed: it joins another container's IPC namespace",
+            ),
+            (
+                "command: echo\nimage: x\nresources:\n  docker_args: --label com.docker.x=1\n".to_string(),
+                "job.yml:4: resources.docker_args: --label com.docker.x: the com.docker. label prefix is reserved",
+            ),
+            (
+                "command: echo\nimage: x\nresources:\n  docker_args: --tmpfs /t:exec,uid=x\n".to_string(),
+                "job.yml:4: resources.docker_args: --tmpfs: option `uid=x` is not allowed (size=, mode=, uid=, gid=, nr_inodes=, ro, rw, [no]exec, [no]suid, [no]dev, [no|rel]atime)",
+            ),
+            (
+                "command: echo\nimage: x\nresources:\n  docker_args: [--user, '--privileged']\n".to_string(),
+                "job.yml:4: resources.docker_args: --user: expected NAME|UID[:GROUP|GID], got `--privileged`",
+            ),
+            (
+                format!("command: {big}\nimage: x\n"),
+                "job.yml:1: command: is 131072 bytes long with its inputs substituted; a command may be at most 131071 bytes (one argument to sh -c); put long scripts in a file under code",
+            ),
+            (
+                "command: \"echo \\0 x\"\nimage: x\n".to_string(),
+                "job.yml:1: command: contains a NUL byte",
+            ),
+            (
+                "command: echo\nimage: x\nenvironment_variables:\n  A=B: x\n".to_string(),
+                "job.yml:4: environment_variables.A=B: `A=B` is not a valid environment variable name",
+            ),
+            (
+                "command: echo\nimage: x\nlimits:\n  timeout: 1000d\n".to_string(),
+                "job.yml:4: limits.timeout: must be between 1 second and 31536000 seconds (a year), got 86400000",
+            ),
+            (
+                "command: echo\nimage: x\ndrover:\n  mounts: ['/a,b:/c']\n".to_string(),
+                "job.yml:4: drover.mounts[0]: /a,b: a host path to mount may not contain `:` or `,`",
+            ),
+            (
+                "command: echo\nimage: x\ndrover:\n  gpus_per_instance: 4294967296\n".to_string(),
+                "job.yml:4: drover.gpus_per_instance: must be at most 64, got 4294967295",
+            ),
+        ] {
+            check_error(&yaml, expect);
+        }
+    }
+
+    #[test]
+    fn nothing_is_a_command_or_an_image() {
+        check_error(
+            "command: ~\nimage: x\n",
+            "job.yml:1: command: is required (the command to run)",
+        );
+        check_error(
+            "command: echo\nimage: ~\n",
+            "job.yml:2: image: is required (environment: {image: REPO:TAG})",
+        );
+        check_error(
+            "command: echo\nenvironment: ~\n",
+            "job.yml:2: environment: is required (environment: {image: REPO:TAG})",
+        );
+        check_error(
+            "command: '  '\nimage: x\n",
+            "job.yml:1: command: must not be empty",
+        );
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_read_past_and_a_second_document_is_refused() {
+        let j = command("\u{feff}command: echo hi\nimage: busybox\n");
+        assert_eq!(j.command, "echo hi");
+        let j = command("---\n# a job\ncommand: echo hi\nimage: busybox\n...\n");
+        assert_eq!(j.image, "busybox");
+        check_error(
+            "command: echo\nimage: x\n---\ncommand: rm -rf /\nimage: y\n",
+            "job.yml:3: a second yaml document starts here; a file holds one definition",
+        );
+        check_error(
+            "command: echo\nimage: x\n...\ncommand: again\n",
+            "job.yml:4: a second yaml document starts here; a file holds one definition",
+        );
+        // `---` inside a block scalar is indented: content, not a marker.
+        let j = command("command: |\n  echo a\n  ---\n  echo b\nimage: x\n");
+        assert!(j.command.contains("---"));
+    }
+
+    #[test]
     fn every_error_of_a_file_is_reported_at_once() {
         let err =
             parse("command: echo\nimage: x\nresources:\n  instance_count: 0\n  shm_size: x\n")
@@ -1384,13 +1142,9 @@ drover:
 
     #[test]
     fn compute_prefix_is_stripped_and_name_kept() {
-        let j = parse("command: echo\nimage: x\ncompute: azureml:cpu\n")
-            .unwrap()
-            .spec;
+        let j = command("command: echo\nimage: x\ncompute: azureml:cpu\n");
         assert_eq!(j.compute.as_deref(), Some("cpu"));
-        let j = parse("command: echo\nimage: x\ncompute: cpu\n")
-            .unwrap()
-            .spec;
+        let j = command("command: echo\nimage: x\ncompute: cpu\n");
         assert_eq!(j.compute.as_deref(), Some("cpu"));
     }
 
@@ -1401,22 +1155,5 @@ drover:
         let back: JobSpec = serde_json::from_str(&json).unwrap();
         assert_eq!(j, back);
         assert!(!json.contains("hunter2"));
-    }
-
-    #[test]
-    fn image_references() {
-        for ok in [
-            "busybox",
-            "drover/base:bookworm",
-            "127.0.0.1:5000/drover/tiny:1",
-            "localhost/x",
-            "nvcr.io/nvidia/pytorch:24.01-py3",
-            "x@sha256:0123abcd",
-        ] {
-            assert!(check_image_reference(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", "a b", "x:", "Upper", "x:tag:more", "x@nodigest", "a//b"] {
-            assert!(check_image_reference(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -1,0 +1,411 @@
+//! Jobs: the kinds Drover runs, as the control plane stores them and agents
+//! receive them.
+//!
+//! - [`JobSpec`] — a job of any kind, tagged by `type` like Azure ML's own
+//!   job YAML (`command` today; `pipeline` and `parallel` are to come), with
+//!   a `format` version in its JSON so that a control plane reads every job
+//!   it stored before an upgrade.
+//! - [`CommandJob`] — Azure ML's command job, read from v2 job YAML by
+//!   [`CommandJob::from_yaml`] (`yaml.rs`), with Drover's own settings under
+//!   one top-level `drover:` section. Relative paths are resolved against the
+//!   directory of the YAML file, like the Azure ML CLI does. Parsing does no
+//!   I/O: whether paths exist is checked by whoever runs the job.
+//! - [`JobSpec::validate`] (`validate.rs`) — the rules every job meets,
+//!   whichever door it came through: the YAML reader, `drover run`, and the
+//!   server on every submission (a hand-written HTTP body meets the same
+//!   rules as YAML).
+//! - `placeholders.rs` — `${{inputs.x}}` substitution in `command`.
+
+mod placeholders;
+mod validate;
+mod wire;
+mod yaml;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use self::placeholders::substitute;
+pub use self::validate::{
+    InvalidJob, MAX_COMMAND_BYTES, MAX_ENV_BYTES, MAX_GPUS_PER_INSTANCE, MAX_INSTANCES,
+    MAX_PROCESSES_PER_INSTANCE, MAX_TIMEOUT_SECONDS, check_image_reference, is_valid_name,
+};
+pub use self::wire::JOB_FORMAT;
+use crate::docker_args::DockerArgs;
+use crate::yaml::Diagnostic;
+
+/// Where a job's `code` folder appears inside its container (also the working directory).
+pub const CODE_DIR: &str = "/drover/code";
+/// Parent of the container paths of path inputs (`/drover/inputs/NAME`).
+pub const INPUTS_DIR: &str = "/drover/inputs";
+/// Parent of the container paths of outputs (`/drover/outputs/NAME`).
+pub const OUTPUTS_DIR: &str = "/drover/outputs";
+/// Container paths under this prefix belong to Drover and cannot be mount targets.
+pub const RESERVED_DIR: &str = "/drover";
+
+/// A job of any kind. Its JSON is the kind's fields plus `"type"` (the
+/// kind, `command` when absent, as in documents stored before kinds
+/// existed) and `"format"` ([`JOB_FORMAT`]; 1 when absent).
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobSpec {
+    /// One command in one image on `resources.instance_count` nodes.
+    Command(CommandJob),
+}
+
+impl From<CommandJob> for JobSpec {
+    fn from(job: CommandJob) -> Self {
+        JobSpec::Command(job)
+    }
+}
+
+impl JobSpec {
+    /// The kind's name, as in YAML's `type:`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            JobSpec::Command(_) => "command",
+        }
+    }
+
+    /// The command job, when this is one (what a node runs).
+    pub fn as_command(&self) -> Option<&CommandJob> {
+        match self {
+            JobSpec::Command(c) => Some(c),
+        }
+    }
+
+    /// The command job, when this is one.
+    pub fn into_command(self) -> Option<CommandJob> {
+        match self {
+            JobSpec::Command(c) => Some(c),
+        }
+    }
+
+    /// The job's name.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            JobSpec::Command(c) => c.name.as_deref(),
+        }
+    }
+
+    /// Sets the job's name (the server picks one when the job has none).
+    pub fn set_name(&mut self, name: String) {
+        match self {
+            JobSpec::Command(c) => c.name = Some(name),
+        }
+    }
+
+    /// The cluster the job names.
+    pub fn compute(&self) -> Option<&str> {
+        match self {
+            JobSpec::Command(c) => c.compute.as_deref(),
+        }
+    }
+
+    /// Sets the cluster (`--compute` overrides the job's own).
+    pub fn set_compute(&mut self, compute: String) {
+        match self {
+            JobSpec::Command(c) => c.compute = Some(compute),
+        }
+    }
+
+    /// Nodes the job's parts need at once.
+    pub fn instance_count(&self) -> u32 {
+        match self {
+            JobSpec::Command(c) => c.resources.instance_count,
+        }
+    }
+
+    /// Healthy GPUs each of its nodes must have.
+    pub fn gpus_per_instance(&self) -> u32 {
+        match self {
+            JobSpec::Command(c) => c.drover.gpus_per_instance,
+        }
+    }
+
+    /// `limits.timeout` in seconds.
+    pub fn timeout_seconds(&self) -> Option<u64> {
+        match self {
+            JobSpec::Command(c) => c.timeout_seconds,
+        }
+    }
+}
+
+/// A command job: what to run, in which image, on how many nodes.
+///
+/// Only `command` and `image` are required on the wire; every other field
+/// has a default, so fields added later read as their default from older
+/// documents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandJob {
+    #[serde(default)]
+    /// Job name, unique in a cluster; generated when the YAML has none.
+    pub name: Option<String>,
+    #[serde(default)]
+    /// Human-friendly name shown in listings.
+    pub display_name: Option<String>,
+    #[serde(default)]
+    /// Groups related jobs.
+    pub experiment_name: Option<String>,
+    #[serde(default)]
+    /// Free text.
+    pub description: Option<String>,
+    #[serde(default)]
+    /// Free-form tags.
+    pub tags: BTreeMap<String, String>,
+    /// The command as written, with `${{inputs.x}}` placeholders unresolved;
+    /// see [`CommandJob::resolved_command`].
+    pub command: String,
+    /// Container image that carries the job's dependencies.
+    pub image: String,
+    #[serde(default)]
+    /// Extra environment variables for every process of the job.
+    pub environment_variables: BTreeMap<String, String>,
+    #[serde(default)]
+    /// Local folder mounted at [`CODE_DIR`] and used as the working directory.
+    pub code: Option<PathBuf>,
+    #[serde(default)]
+    /// Target cluster (`compute: azureml:NAME` is read as `NAME`).
+    pub compute: Option<String>,
+    #[serde(default)]
+    /// Node count and container resources.
+    pub resources: Resources,
+    #[serde(default)]
+    /// How processes are laid out (MPI or PyTorch); `None` runs one process per node.
+    pub distribution: Option<Distribution>,
+    #[serde(default)]
+    /// `limits.timeout`, in seconds: the job is stopped and reported as timed out after it.
+    pub timeout_seconds: Option<u64>,
+    #[serde(default)]
+    /// Named inputs: literal values or local paths mounted read-only.
+    pub inputs: BTreeMap<String, Input>,
+    #[serde(default)]
+    /// Named output folders, kept after the job.
+    pub outputs: BTreeMap<String, Output>,
+    #[serde(default)]
+    /// Drover's own settings (the `drover:` section).
+    pub drover: DroverOptions,
+}
+
+/// `resources:` of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Resources {
+    /// Number of nodes the job runs on (each runs one part).
+    pub instance_count: u32,
+    /// Requested VM size; informational on a single machine.
+    pub instance_type: Option<String>,
+    /// Size of `/dev/shm` in bytes.
+    pub shm_size: Option<u64>,
+    /// The checked `docker_args`.
+    pub docker_args: DockerArgs,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            instance_count: 1,
+            instance_type: None,
+            shm_size: None,
+            docker_args: DockerArgs::default(),
+        }
+    }
+}
+
+/// Distributed launch style.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DistributionKind {
+    /// Open MPI: node-rank 0 runs `mpirun`.
+    Mpi,
+    /// PyTorch distributed: one launcher per node, `RANK`/`LOCAL_RANK`/`WORLD_SIZE` per process.
+    Pytorch,
+}
+
+/// `distribution:` of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Distribution {
+    /// MPI or PyTorch.
+    pub kind: DistributionKind,
+    /// Processes started on each node.
+    #[serde(default = "one")]
+    pub process_count_per_instance: u32,
+}
+
+/// Kind of a path input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathKind {
+    /// A single file.
+    UriFile,
+    /// A folder.
+    UriFolder,
+}
+
+/// One entry of `inputs:`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Input {
+    /// A literal (`lr: 0.01`), substituted as written.
+    Literal {
+        /// The value as written.
+        value: String,
+    },
+    /// A local file or folder, mounted read-only.
+    Path {
+        /// File or folder.
+        path_kind: PathKind,
+        /// Absolute path on the machine that runs the job.
+        path: PathBuf,
+    },
+}
+
+/// One entry of `outputs:`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Output {
+    /// Where the folder is kept on the host; chosen by the runner when `None`.
+    pub path: Option<PathBuf>,
+}
+
+/// When to pull the job's image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// Pull only when the node does not have the image.
+    #[default]
+    IfNotPresent,
+    /// Pull before every run (picks up a moved tag).
+    Always,
+    /// Never pull; fail when the image is missing.
+    Never,
+}
+
+/// A bind mount the job asked for in `drover.mounts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    /// Absolute host path.
+    pub source: PathBuf,
+    /// Absolute container path.
+    pub target: String,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Where a secret is read from; the secret itself never appears in a spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretSource {
+    /// A file holding the secret (trailing newline ignored).
+    File(PathBuf),
+    /// An environment variable of the process that pulls.
+    Env(String),
+}
+
+/// `drover.registry_credentials`: how to log in to the image's registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegistryCredentials {
+    /// A Docker `config.json` (as written by `docker login`).
+    DockerConfig(PathBuf),
+    /// A user name and a password read from a file or an environment variable.
+    Login {
+        /// Registry host; the image's registry when `None`.
+        registry: Option<String>,
+        /// User name.
+        username: String,
+        /// Where the password is.
+        password: SecretSource,
+    },
+}
+
+/// The `drover:` section: settings Azure ML has no key for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DroverOptions {
+    /// GPUs given to each node's part.
+    pub gpus_per_instance: u32,
+    /// Extra bind mounts.
+    pub mounts: Vec<MountSpec>,
+    /// Registry login for the image.
+    pub registry_credentials: Option<RegistryCredentials>,
+    /// When to pull.
+    pub pull_policy: PullPolicy,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A parsed job with the warnings its file produced (unknown keys and the like).
+#[derive(Debug, Clone)]
+pub struct ParsedJob {
+    /// The job.
+    pub spec: JobSpec,
+    /// Non-fatal findings, each with file and line.
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl CommandJob {
+    /// The command with `${{inputs.NAME}}` and `${{outputs.NAME}}` replaced by
+    /// literal values or container paths, and `$[[…]]` optional sections kept
+    /// only when the inputs they mention are given.
+    pub fn resolved_command(&self) -> String {
+        substitute(&self.command, &|kind, name| {
+            self.placeholder_value(kind, name)
+        })
+        .unwrap_or_else(|_| self.command.clone())
+    }
+
+    fn placeholder_value(&self, kind: &str, name: &str) -> Option<String> {
+        match kind {
+            "inputs" => self.inputs.get(name).map(|i| match i {
+                Input::Literal { value } => value.clone(),
+                Input::Path { .. } => input_container_path(name, i),
+            }),
+            "outputs" => self
+                .outputs
+                .get(name)
+                .map(|_| format!("{OUTPUTS_DIR}/{name}")),
+            _ => None,
+        }
+    }
+
+    /// Total processes across all nodes.
+    pub fn world_size(&self) -> u32 {
+        self.resources.instance_count * self.processes_per_instance()
+    }
+
+    /// Processes started on each node (1 without distribution).
+    pub fn processes_per_instance(&self) -> u32 {
+        self.distribution
+            .map(|d| d.process_count_per_instance)
+            .unwrap_or(1)
+    }
+
+    /// Effective `/dev/shm` size: `resources.shm_size`, else `--shm-size` in docker_args.
+    pub fn shm_size(&self) -> Option<u64> {
+        self.resources
+            .shm_size
+            .or(self.resources.docker_args.shm_size)
+    }
+}
+
+/// Container path of a path input: the folder itself, or the file inside
+/// `/drover/inputs/NAME/` under its own name.
+pub fn input_container_path(name: &str, input: &Input) -> String {
+    match input {
+        Input::Path {
+            path_kind: PathKind::UriFile,
+            path,
+        } => {
+            let file = path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_else(|| name.to_string());
+            format!("{INPUTS_DIR}/{name}/{file}")
+        }
+        _ => format!("{INPUTS_DIR}/{name}"),
+    }
+}

@@ -1,0 +1,480 @@
+//! The rules every job meets, whichever door it came through: the YAML
+//! reader, `drover run`, the server on every submission, and the agent
+//! before it starts a part. Messages name the field as it is spelled in the
+//! job's JSON (`resources.docker_args.memory`); the YAML reader maps them to
+//! the file's lines and keys.
+//!
+//! Every number and string that reaches the container engine, the kernel
+//! (argument and environment sizes) or drover-init's fork loop is bounded
+//! here, so that a bad value is refused with Drover's words at submission
+//! rather than with the engine's (often misleading) ones on a node.
+
+use std::fmt;
+use std::path::Path;
+
+use super::placeholders::substitute;
+use super::{CommandJob, Input, JobSpec, RESERVED_DIR, RegistryCredentials, SecretSource};
+use crate::compute::{is_valid_compute_name, is_valid_vm_size};
+use crate::docker_args::{MAX_ENTRIES, check_bytes, is_valid_env_name};
+use crate::error::{FieldError, write_lines};
+
+/// The most nodes one job may span (also the largest `max_instances`).
+pub const MAX_INSTANCES: u32 = crate::compute::MAX_NODES;
+/// The most processes drover-init starts on one node.
+pub const MAX_PROCESSES_PER_INSTANCE: u32 = 1024;
+/// The most GPUs a job may ask for per node.
+pub const MAX_GPUS_PER_INSTANCE: u32 = 64;
+/// The longest `command`, resolved: one argument of `sh -c`, which Linux
+/// caps at 32 pages (`MAX_ARG_STRLEN`, 131072 bytes with its NUL).
+pub const MAX_COMMAND_BYTES: usize = 128 * 1024 - 1;
+/// The most bytes of `NAME=VALUE` environment a job may set in all; with
+/// the command and Drover's own variables this stays under the kernel's
+/// 2 MiB for arguments and environment together.
+pub const MAX_ENV_BYTES: usize = 1024 * 1024;
+/// The longest `limits.timeout`: a year.
+pub const MAX_TIMEOUT_SECONDS: u64 = 365 * 86_400;
+/// The largest job, as JSON: what one request to the server may carry,
+/// less room for the request around it.
+pub const MAX_JOB_BYTES: usize = crate::wire::MAX_REQUEST_BYTES - 64 * 1024;
+/// The most inputs, outputs, mounts, tags or environment variables.
+const MAX_NAMED: usize = 1024;
+
+/// A job that could not be accepted: every problem found, one per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct InvalidJob {
+    /// All problems, in field order.
+    pub errors: Vec<FieldError>,
+}
+
+impl fmt::Display for InvalidJob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_lines(f, &self.errors)
+    }
+}
+
+/// True for names Azure ML and Docker both accept: `[A-Za-z0-9][A-Za-z0-9_-]*`, ≤ 255.
+pub fn is_valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && name.len() <= 255
+}
+
+/// Input and output names: letters, digits, `_` and `-`.
+fn is_valid_port_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// A host path that becomes the source of a bind: absolute, and without the
+/// `:` and `,` that separate the parts of Docker's bind syntax.
+fn check_bind_source(path: &Path) -> Result<(), String> {
+    let text = path.to_string_lossy();
+    if !path.is_absolute() {
+        return Err(format!("expected an absolute path, got {text}"));
+    }
+    if text.contains(':') || text.contains(',') {
+        return Err(format!(
+            "{text}: a host path to mount may not contain `:` or `,`"
+        ));
+    }
+    if text.len() > 4096 {
+        return Err("the path is longer than 4096 bytes".to_string());
+    }
+    Ok(())
+}
+
+/// A container path that is a mount target.
+fn check_target(target: &str) -> Result<(), String> {
+    if !target.starts_with('/') || target == "/" {
+        return Err(format!(
+            "the target must be an absolute path other than /, got {target}"
+        ));
+    }
+    if target == RESERVED_DIR || target.starts_with("/drover/") {
+        return Err(format!("{target} is reserved for Drover"));
+    }
+    if target.contains(':') || target.contains(',') || target.len() > 4096 {
+        return Err(format!(
+            "{target}: a mount target may not contain `:` or `,`"
+        ));
+    }
+    Ok(())
+}
+
+fn check_len(field: &str, text: &str, max: usize, errors: &mut Vec<FieldError>) {
+    if text.len() > max {
+        errors.push(FieldError::new(
+            field,
+            format!("is {} bytes long, at most {max} are allowed", text.len()),
+        ));
+    }
+}
+
+impl JobSpec {
+    /// Every problem with this job, or `Ok` when it meets every rule.
+    pub fn validate(&self) -> Result<(), InvalidJob> {
+        let mut errors = Vec::new();
+        match self {
+            JobSpec::Command(c) => c.check(&mut errors),
+        }
+        match serde_json::to_vec(self) {
+            Ok(json) if json.len() > MAX_JOB_BYTES => errors.push(FieldError::new(
+                "",
+                format!(
+                    "the job is {} as JSON, larger than the {} a job may be",
+                    crate::docker_args::human_bytes(json.len() as u64),
+                    crate::docker_args::human_bytes(MAX_JOB_BYTES as u64)
+                ),
+            )),
+            _ => {}
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(InvalidJob { errors })
+        }
+    }
+}
+
+impl CommandJob {
+    /// Appends every problem of this command job to `errors`.
+    fn check(&self, errors: &mut Vec<FieldError>) {
+        let mut push = |field: &str, message: String| errors.push(FieldError::new(field, message));
+
+        if let Some(name) = &self.name
+            && !is_valid_name(name)
+        {
+            push(
+                "name",
+                format!(
+                    "`{name}` is not a valid job name (letters, digits, `-` and `_`, starting with a letter or digit)"
+                ),
+            );
+        }
+        if self.command.trim().is_empty() {
+            push("command", "is required".to_string());
+        } else {
+            match substitute(&self.command, &|kind, name| {
+                self.placeholder_value(kind, name)
+            }) {
+                Err(e) => push("command", e),
+                Ok(resolved) if resolved.len() > MAX_COMMAND_BYTES => push(
+                    "command",
+                    format!(
+                        "is {} bytes long with its inputs substituted; a command may be at most {MAX_COMMAND_BYTES} bytes (one argument to sh -c); put long scripts in a file under code",
+                        resolved.len()
+                    ),
+                ),
+                Ok(_) => {}
+            }
+        }
+        if self.image.trim().is_empty() {
+            push(
+                "image",
+                "is required (environment: {image: REPO:TAG})".to_string(),
+            );
+        } else if let Err(e) = check_image_reference(&self.image) {
+            push("image", e);
+        } else if self.image.len() > 1024 {
+            push("image", "is longer than 1024 bytes".to_string());
+        }
+        if let Some(c) = &self.compute
+            && !is_valid_compute_name(c)
+        {
+            push(
+                "compute",
+                format!("expected a cluster name or azureml:NAME, got {c}"),
+            );
+        }
+
+        let mut env_bytes = 0usize;
+        for name in self.environment_variables.keys() {
+            if !is_valid_env_name(name) {
+                push(
+                    &format!("environment_variables.{name}"),
+                    format!("`{name}` is not a valid environment variable name"),
+                );
+            }
+        }
+        for (k, v) in &self.environment_variables {
+            env_bytes += k.len() + v.len() + 2;
+        }
+        for (k, v) in &self.resources.docker_args.env {
+            env_bytes += k.len() + v.len() + 2;
+        }
+        if env_bytes > MAX_ENV_BYTES {
+            push(
+                "environment_variables",
+                format!(
+                    "the job's environment is {env_bytes} bytes; at most {MAX_ENV_BYTES} are allowed (pass large data as an input)"
+                ),
+            );
+        }
+        for (field, count) in [
+            ("environment_variables", self.environment_variables.len()),
+            ("tags", self.tags.len()),
+            ("inputs", self.inputs.len()),
+            ("outputs", self.outputs.len()),
+        ] {
+            if count > MAX_NAMED {
+                push(field, format!("at most {MAX_NAMED} entries, got {count}"));
+            }
+        }
+        if self.tags.keys().any(|k| k.trim().is_empty()) {
+            push("tags", "tag names must not be empty".to_string());
+        }
+        if let Some(code) = &self.code
+            && let Err(e) = check_bind_source(code)
+        {
+            push("code", e);
+        }
+
+        let res = &self.resources;
+        if !(1..=MAX_INSTANCES).contains(&res.instance_count) {
+            push(
+                "resources.instance_count",
+                format!(
+                    "must be between 1 and {MAX_INSTANCES}, got {}",
+                    res.instance_count
+                ),
+            );
+        }
+        if let Some(t) = &res.instance_type
+            && !is_valid_vm_size(t)
+        {
+            push(
+                "resources.instance_type",
+                format!(
+                    "`{t}` is not a valid vm size (letters, digits and `_`, like STANDARD_D3_V2)"
+                ),
+            );
+        }
+        if let Some(s) = res.shm_size
+            && let Err(e) = check_bytes("shm_size", s, 1)
+        {
+            push(
+                "resources.shm_size",
+                e.trim_start_matches("shm_size: ").to_string(),
+            );
+        }
+        if let Some(d) = &self.distribution
+            && !(1..=MAX_PROCESSES_PER_INSTANCE).contains(&d.process_count_per_instance)
+        {
+            push(
+                "distribution.process_count_per_instance",
+                format!(
+                    "must be between 1 and {MAX_PROCESSES_PER_INSTANCE}, got {}",
+                    d.process_count_per_instance
+                ),
+            );
+        }
+        if let Some(t) = self.timeout_seconds
+            && !(1..=MAX_TIMEOUT_SECONDS).contains(&t)
+        {
+            push(
+                "limits.timeout",
+                format!(
+                    "must be between 1 second and {MAX_TIMEOUT_SECONDS} seconds (a year), got {t}"
+                ),
+            );
+        }
+
+        for (name, input) in &self.inputs {
+            let field = format!("inputs.{name}");
+            if !is_valid_port_name(name) {
+                push(&field, "names are letters, digits, `_` and `-`".to_string());
+                continue;
+            }
+            match input {
+                Input::Literal { value } if value.len() > MAX_COMMAND_BYTES => push(
+                    &field,
+                    format!(
+                        "the value is {} bytes, at most {MAX_COMMAND_BYTES}",
+                        value.len()
+                    ),
+                ),
+                Input::Literal { .. } => {}
+                Input::Path { path, .. } => {
+                    if let Err(e) = check_bind_source(path) {
+                        push(&format!("{field}.path"), e);
+                    }
+                }
+            }
+        }
+        for (name, output) in &self.outputs {
+            let field = format!("outputs.{name}");
+            if !is_valid_port_name(name) {
+                push(&field, "names are letters, digits, `_` and `-`".to_string());
+                continue;
+            }
+            if let Some(path) = &output.path
+                && let Err(e) = check_bind_source(path)
+            {
+                push(&format!("{field}.path"), e);
+            }
+        }
+
+        let d = &self.drover;
+        if d.gpus_per_instance > MAX_GPUS_PER_INSTANCE {
+            push(
+                "drover.gpus_per_instance",
+                format!(
+                    "must be at most {MAX_GPUS_PER_INSTANCE}, got {}",
+                    d.gpus_per_instance
+                ),
+            );
+        }
+        if d.mounts.len() > MAX_ENTRIES {
+            push(
+                "drover.mounts",
+                format!("at most {MAX_ENTRIES} mounts, got {}", d.mounts.len()),
+            );
+        }
+        for (i, m) in d.mounts.iter().enumerate() {
+            if let Err(e) = check_bind_source(&m.source) {
+                push(&format!("drover.mounts[{i}].source"), e);
+            }
+            if let Err(e) = check_target(&m.target) {
+                push(&format!("drover.mounts[{i}].target"), e);
+            }
+        }
+        match &d.registry_credentials {
+            None => {}
+            Some(RegistryCredentials::DockerConfig(path)) if !path.is_absolute() => push(
+                "drover.registry_credentials.docker_config",
+                format!("expected an absolute path, got {}", path.display()),
+            ),
+            Some(RegistryCredentials::DockerConfig(_)) => {}
+            Some(RegistryCredentials::Login {
+                registry,
+                username,
+                password,
+            }) => {
+                if username.trim().is_empty() || username.len() > 256 {
+                    push(
+                        "drover.registry_credentials.username",
+                        "must be 1 to 256 characters".to_string(),
+                    );
+                }
+                if let Some(r) = registry
+                    && (r.is_empty()
+                        || r.len() > 256
+                        || r.chars().any(|c| c.is_whitespace() || c == '/'))
+                {
+                    push(
+                        "drover.registry_credentials.registry",
+                        format!("expected a registry host like myregistry.azurecr.io, got `{r}`"),
+                    );
+                }
+                match password {
+                    SecretSource::File(path) if !path.is_absolute() => push(
+                        "drover.registry_credentials.password_file",
+                        format!("expected an absolute path, got {}", path.display()),
+                    ),
+                    SecretSource::Env(var) if !is_valid_env_name(var) => push(
+                        "drover.registry_credentials.password_env",
+                        format!("`{var}` is not a valid environment variable name"),
+                    ),
+                    _ => {}
+                }
+            }
+        }
+
+        errors.extend(res.docker_args.check("resources.docker_args"));
+        for (field, text, max) in [
+            ("display_name", self.display_name.as_deref(), 256),
+            ("experiment_name", self.experiment_name.as_deref(), 256),
+            ("description", self.description.as_deref(), 64 * 1024),
+        ] {
+            if let Some(text) = text {
+                check_len(field, text, max, errors);
+            }
+        }
+        for (k, v) in &self.tags {
+            check_len(&format!("tags.{k}"), v, 4096, errors);
+        }
+        // Strings hold no NUL byte anywhere: C strings end there, so the
+        // engine would see something else than what was checked.
+        if let Ok(value) = serde_json::to_value(self) {
+            crate::json::nul_strings(&value, "", errors);
+        }
+    }
+}
+
+/// A light check of a Docker image reference (`[host[:port]/]path[:tag][@digest]`).
+pub fn check_image_reference(image: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("`{image}` is not a valid image reference: {why}"));
+    if image.is_empty() {
+        return bad("empty");
+    }
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return bad("contains whitespace");
+    }
+    let (name, digest) = match image.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (image, None),
+    };
+    if let Some(d) = digest
+        && !d.contains(':')
+    {
+        return bad("a digest looks like sha256:…");
+    }
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let (repo_last, tag) = match last.split_once(':') {
+        Some((r, t)) => (r, Some(t)),
+        None => (last, None),
+    };
+    if let Some(t) = tag
+        && (t.is_empty()
+            || t.len() > 128
+            || !t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-'))
+    {
+        return bad("a tag has letters, digits, `_`, `.` and `-`");
+    }
+    let path_parts: Vec<&str> = name.split('/').collect();
+    let n = path_parts.len();
+    for (i, part) in path_parts.iter().enumerate() {
+        let part: &str = if i == n - 1 { repo_last } else { part };
+        let is_host =
+            i == 0 && n > 1 && (part.contains('.') || part.contains(':') || part == "localhost");
+        if part.is_empty() {
+            return bad("empty path component");
+        }
+        if !is_host
+            && !part.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
+            })
+        {
+            return bad("repository names are lowercase letters, digits, `.`, `_` and `-`");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_references() {
+        for ok in [
+            "busybox",
+            "drover/base:bookworm",
+            "127.0.0.1:5000/drover/tiny:1",
+            "localhost/x",
+            "nvcr.io/nvidia/pytorch:24.01-py3",
+            "x@sha256:0123abcd",
+        ] {
+            assert!(check_image_reference(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a b", "x:", "Upper", "x:tag:more", "x@nodigest", "a//b"] {
+            assert!(check_image_reference(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -234,7 +234,6 @@ fn start_with(
         init_binary: init,
         ip: Some("127.0.0.1".into()),
         dedicated: true,
-        instance: serde_json::Value::Null,
         metrics_listen: None,
         job_network: None,
         imds,

@@ -9,6 +9,7 @@ pub mod compute;
 pub mod docker_args;
 pub mod error;
 pub mod host_paths;
+pub mod inventory;
 pub mod job;
 mod json;
 pub mod labels;

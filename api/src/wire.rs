@@ -39,6 +39,7 @@ use crate::cluster::{ClusterStatus, JobState, NodeState, Timestamp};
 use crate::compute::ComputeSpec;
 pub use crate::compute::ComputeUpdate;
 use crate::error::FieldError;
+use crate::inventory::Inventory;
 
 /// The API version this module describes; the path prefix is `/` + it.
 pub const API_VERSION: &str = "v1";
@@ -510,9 +511,9 @@ pub struct RegisterRequest {
     /// GPU health counts.
     #[serde(default)]
     pub gpus: GpuCounts,
-    /// The agent's inventory document, stored as given.
+    /// What the node has.
     #[serde(default)]
-    pub inventory: serde_json::Value,
+    pub inventory: Inventory,
 }
 
 /// Answer to [`RegisterRequest`]. `Debug` redacts the credential.
@@ -554,9 +555,9 @@ pub struct HeartbeatRequest {
     /// GPU health counts, when known.
     #[serde(default)]
     pub gpus: Option<GpuCounts>,
-    /// A changed inventory document.
+    /// A changed inventory.
     #[serde(default)]
-    pub inventory: Option<serde_json::Value>,
+    pub inventory: Option<Inventory>,
     /// The state of the parts it runs or has finished since the last beat.
     #[serde(default)]
     pub parts: Vec<PartStatus>,
@@ -744,7 +745,7 @@ mod tests {
             node_id: None,
             ip: None,
             gpus: GpuCounts::default(),
-            inventory: serde_json::Value::Null,
+            inventory: Inventory::default(),
         };
         let resp = RegisterResponse {
             node_id: "n1".into(),

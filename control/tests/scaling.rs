@@ -165,7 +165,7 @@ async fn register(core: &ControlPlane, id: &str, token: &str) -> String {
         node_id: Some(id.into()),
         ip: Some("10.213.0.10".into()),
         gpus: wire::GpuCounts::default(),
-        inventory: serde_json::json!({}),
+        inventory: Default::default(),
     })
     .await
     .expect("register")

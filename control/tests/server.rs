@@ -772,6 +772,19 @@ async fn the_job_door_refuses_over_raw_http_what_the_rules_refuse_and_runs_nothi
     spec.allowed_host_paths = vec![allowed_path.display().to_string()];
     let (status, body) = api.post("/v1/clusters", json!({ "spec": spec })).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+    let created: wire::ClusterCreated = serde_json::from_value(body).expect("created");
+    // A node whose agent keeps its data under the allowed prefix.
+    let agent_dir = allowed_path.join("agent-data");
+    let (status, body) = api
+        .send(
+            api.http.post(api.url("/v1/agent/register")).json(&json!({
+                "cluster": "cpu", "join_token": created.join_token, "node_id": "n1",
+                "inventory": {"agent": {"version": "0.1.0", "data_dir": agent_dir}}
+            })),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
 
     let mount = |source: &str| json!({"drover": {"mounts": [{"source": source, "target": "/m"}]}});
     let args = |a: serde_json::Value| json!({"resources": {"docker_args": a}});

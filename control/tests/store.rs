@@ -30,7 +30,10 @@ fn a_job_survives_a_control_plane_restart() {
     let inventory = NodeInventory {
         healthy_gpus: 1,
         total_gpus: 1,
-        details: serde_json::json!({"gpus": [{"uuid": "GPU-1"}]}),
+        details: serde_json::from_value(
+            serde_json::json!({"gpus": [{"index": 0, "uuid": "GPU-1"}]}),
+        )
+        .expect("inventory"),
     };
     let versions_before;
     {

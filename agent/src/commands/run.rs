@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use drover_agent::daemon::{self, DaemonConfig};
-use drover_agent::inventory::{DEFAULT_NVML_LIB, InventoryCollector, InventoryConfig};
+use drover_agent::inventory::{DEFAULT_NVML_LIB, InventoryCollector, InventoryConfig, VmInfo};
 use drover_imds::{ImdsClient, ImdsConfig};
 use drover_runner::{DockerRuntime, HostFacts, PartRunner, PullLimits, RunOptions};
 use serde::Deserialize;
@@ -140,7 +140,7 @@ fn route_ip(server: &str) -> Option<String> {
 async fn instance_metadata(
     url: &str,
 ) -> (
-    serde_json::Value,
+    Option<VmInfo>,
     bool,
     Option<String>,
     Option<(ImdsClient, String)>,
@@ -152,16 +152,21 @@ async fn instance_metadata(
         ..ImdsConfig::default()
     };
     let Ok(client) = ImdsClient::new(config) else {
-        return (serde_json::Value::Null, true, None, None);
+        return (None, true, None, None);
     };
     match tokio::time::timeout(Duration::from_secs(3), client.instance_metadata()).await {
         Ok(Ok(m)) => {
             let c = &m.compute;
             let dedicated = !matches!(c.priority_raw.as_str(), "Low" | "Spot");
             (
-                serde_json::json!({
-                    "vm_id": c.vm_id, "name": c.name, "vm_size": c.vm_size,
-                    "location": c.location, "priority": c.priority_raw,
+                Some(VmInfo {
+                    vm_id: c.vm_id.clone(),
+                    name: c.name.clone(),
+                    vm_size: c.vm_size.clone(),
+                    location: c.location.clone(),
+                    priority: c.priority_raw.clone(),
+                    vm_scale_set_name: c.vm_scale_set_name.clone(),
+                    resource_id: c.resource_id.clone(),
                 }),
                 dedicated,
                 m.private_ipv4().first().map(|ip| ip.to_string()),
@@ -171,11 +176,11 @@ async fn instance_metadata(
         }
         Ok(Err(e)) => {
             tracing::info!(error = %e, "no instance metadata; registering without it");
-            (serde_json::Value::Null, true, None, None)
+            (None, true, None, None)
         }
         Err(_) => {
             tracing::info!("imds did not answer in time; registering without instance metadata");
-            (serde_json::Value::Null, true, None, None)
+            (None, true, None, None)
         }
     }
 }
@@ -244,7 +249,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         init_binary,
         ip: args.ip.or(file.ip),
         dedicated: true,
-        instance: serde_json::Value::Null,
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
         job_network: args.job_network.or(file.job_network),
         imds: None,
@@ -256,9 +260,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
+        let mut vm = None;
         if let Some(url) = imds_url {
             let (instance, dedicated, ip, imds) = instance_metadata(&url).await;
-            config.instance = instance;
+            vm = instance;
             config.dedicated = dedicated;
             config.imds = imds;
             if config.ip.is_none() {
@@ -268,10 +273,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         if config.ip.is_none() {
             config.ip = route_ip(&config.server);
         }
-        let collector = Arc::new(Mutex::new(InventoryCollector::open(&InventoryConfig {
-            nvml_lib,
-            ..InventoryConfig::default()
-        })));
+        let collector = Arc::new(Mutex::new(
+            InventoryCollector::open(&InventoryConfig {
+                nvml_lib,
+                ..InventoryConfig::default()
+            })
+            .with_data_dir(&config.data_dir)
+            .with_vm(vm),
+        ));
         let inventory: daemon::InventorySource = Arc::new(move || {
             collector
                 .lock()

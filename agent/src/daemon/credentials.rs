@@ -116,10 +116,7 @@ pub(super) async fn register(
         node_id: Some(config.node_id.clone()),
         ip: config.ip.clone(),
         gpus: gpu_counts(inv),
-        inventory: serde_json::json!({
-            "inventory": inv,
-            "instance": config.instance,
-        }),
+        inventory: inv.clone(),
     };
     let resp = client.register(&req).await.map_err(RegisterError::Client)?;
     let s = SavedCredential {

@@ -98,7 +98,7 @@ pub(super) async fn heartbeat_task(mut ctx: HeartbeatCtx) {
             gpus: if gpus != last_gpus { gpus } else { None },
             // The whole document only when what scheduling reads changed.
             inventory: if gpus != last_gpus && last_gpus.is_some() {
-                inv.as_ref().and_then(|i| serde_json::to_value(i).ok())
+                inv.clone()
             } else {
                 None
             },

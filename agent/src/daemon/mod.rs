@@ -108,8 +108,6 @@ pub struct DaemonConfig {
     pub ip: Option<String>,
     /// False on low-priority (spot) nodes.
     pub dedicated: bool,
-    /// Extra facts for the registration (IMDS instance metadata).
-    pub instance: serde_json::Value,
     /// Where `/metrics` listens, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
     /// IMDS and this VM's name there: scheduled events are watched when set.

@@ -14,6 +14,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use drover_api::inventory::GpuHealth;
 use serde::{Deserialize, Serialize};
 
 /// XIDs that NVIDIA documents as caused by the application (bad memory access,
@@ -86,33 +87,6 @@ impl GpuEvent {
             GpuEventKind::Xid { xid } => format!("xid {xid}"),
             GpuEventKind::DoubleBitEcc => "double-bit ecc error".to_owned(),
         }
-    }
-}
-
-/// A GPU's health, as carried in the inventory. Times are Unix milliseconds so
-/// the wire form is plain numbers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum GpuHealth {
-    /// No critical event within the recovery window.
-    Healthy,
-    /// A critical event within the recovery window.
-    Unhealthy {
-        /// Why: the most recent critical event, e.g. `"xid 79"`.
-        reason: String,
-        /// When the current run of critical events began (Unix ms).
-        since_unix_ms: u64,
-        /// When the most recent critical event arrived (Unix ms).
-        last_event_unix_ms: u64,
-        /// When the GPU becomes healthy if nothing else happens (Unix ms).
-        recovers_at_unix_ms: u64,
-    },
-}
-
-impl GpuHealth {
-    /// Whether the GPU may be given to jobs.
-    pub fn is_healthy(&self) -> bool {
-        matches!(self, GpuHealth::Healthy)
     }
 }
 

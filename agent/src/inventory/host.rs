@@ -1,47 +1,7 @@
 //! Host facts through sysinfo: what the VM has, independent of GPUs.
 
-use serde::{Deserialize, Serialize};
+use drover_api::inventory::{DiskInfo, HostInfo};
 use sysinfo::{CpuRefreshKind, DiskRefreshKind, Disks, System};
-
-/// The host's CPU, memory, disks and load.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HostInfo {
-    /// Host name as the kernel reports it.
-    pub hostname: Option<String>,
-    /// Kernel version, e.g. `6.1.0-18-amd64`.
-    pub kernel: Option<String>,
-    /// Operating system, e.g. `Debian GNU/Linux 12 (bookworm)`.
-    pub os: Option<String>,
-    /// CPU model (brand string of the first CPU).
-    pub cpu_model: Option<String>,
-    /// Logical CPUs (hardware threads).
-    pub logical_cores: usize,
-    /// Physical cores, where the kernel tells.
-    pub physical_cores: Option<usize>,
-    /// Installed memory, bytes.
-    pub memory_total_bytes: u64,
-    /// Memory available to new work, bytes.
-    pub memory_available_bytes: u64,
-    /// Mounted file systems.
-    pub disks: Vec<DiskInfo>,
-    /// Load averages over 1, 5 and 15 minutes.
-    pub load_average: Option<[f64; 3]>,
-    /// Seconds since boot.
-    pub uptime_secs: Option<u64>,
-}
-
-/// One mounted file system.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskInfo {
-    /// Where it is mounted.
-    pub mount_point: String,
-    /// File system type, e.g. `ext4`.
-    pub file_system: String,
-    /// Size, bytes.
-    pub total_bytes: u64,
-    /// Space available to unprivileged users, bytes.
-    pub available_bytes: u64,
-}
 
 /// Reads host facts. Holds sysinfo's state so repeated refreshes reuse it
 /// instead of re-reading the CPU list each time.

@@ -9,9 +9,8 @@
 //! * [`health`]: GPU health as a pure function of XID/ECC events and time.
 //! * [`table`]: the human-readable rendering used by `drover-agent inventory`.
 //!
-//! The types here are plain serde structs because the inventory travels to
-//! the control plane in heartbeats; they are expected to move to `drover-api`
-//! once the heartbeat wire format is defined.
+//! The inventory's types are `drover_api::inventory`'s (they travel to the
+//! control plane in registration and heartbeats); this module collects them.
 
 pub mod health;
 pub mod host;
@@ -21,143 +20,17 @@ pub mod table;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
-
-pub use health::{GpuEvent, GpuEventKind, GpuHealth, HealthPolicy};
-pub use host::{DiskInfo, HostInfo, HostProbe};
+pub use drover_api::inventory::{
+    AgentInfo, DiskInfo, DriverInfo, EccMode, GpuHealth, GpuInfo, GpuMemory, GpuUtilization,
+    HostInfo, Inventory, MigMode, RemappedRows, RetiredPages, VmInfo,
+};
+pub use health::{GpuEvent, GpuEventKind, HealthPolicy};
+pub use host::HostProbe;
 
 /// The NVML library the agent loads when nothing else is configured: the
 /// versioned name the NVIDIA driver installs (the unversioned `.so` only comes
 /// with development packages).
 pub const DEFAULT_NVML_LIB: &str = "libnvidia-ml.so.1";
-
-/// Everything this node has, at one instant.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Inventory {
-    /// When this inventory was collected (Unix ms).
-    pub collected_at_unix_ms: u64,
-    /// Host resources.
-    pub host: HostInfo,
-    /// The GPU driver, when NVML is present.
-    pub driver: Option<DriverInfo>,
-    /// GPUs in NVML index order; empty on a node without NVML.
-    pub gpus: Vec<GpuInfo>,
-}
-
-/// The NVIDIA driver as NVML reports it; the same for every GPU on the node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DriverInfo {
-    /// Kernel driver version, e.g. `550.54.15`.
-    pub driver_version: Option<String>,
-    /// Highest CUDA version the driver supports, e.g. `12.4`.
-    pub cuda_version: Option<String>,
-    /// NVML library version, e.g. `12.550.54.15`.
-    pub nvml_version: Option<String>,
-}
-
-/// One GPU. Every fact NVML may be unable to give (an older driver lacking the
-/// function, a GPU generation not supporting it) is an `Option`, absent rather
-/// than an error.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GpuInfo {
-    /// NVML index (not necessarily the CUDA index, which depends on
-    /// `CUDA_DEVICE_ORDER`).
-    pub index: u32,
-    /// Product name, e.g. `NVIDIA H100 80GB HBM3`.
-    pub name: Option<String>,
-    /// Stable identity, e.g. `GPU-5f1c...`; what Docker device requests use.
-    pub uuid: Option<String>,
-    /// Board serial number.
-    pub serial: Option<String>,
-    /// PCI bus id, e.g. `00000000:18:00.0`.
-    pub pci_bus_id: Option<String>,
-    /// Frame-buffer memory.
-    pub memory: Option<GpuMemory>,
-    /// Utilization over the driver's last sample period.
-    pub utilization: Option<GpuUtilization>,
-    /// Die temperature, °C.
-    pub temperature_c: Option<u32>,
-    /// Power draw, milliwatts.
-    pub power_mw: Option<u32>,
-    /// CUDA compute capability, e.g. `9.0`.
-    pub compute_capability: Option<String>,
-    /// ECC mode.
-    pub ecc: Option<EccMode>,
-    /// Uncorrected ECC errors since the driver loaded.
-    pub ecc_uncorrected_volatile: Option<u64>,
-    /// Uncorrected ECC errors over the GPU's lifetime.
-    pub ecc_uncorrected_aggregate: Option<u64>,
-    /// Retired memory pages (pre-Ampere GPUs; Ampere and later remap rows).
-    pub retired_pages: Option<RetiredPages>,
-    /// Remapped memory rows (Ampere and later).
-    pub remapped_rows: Option<RemappedRows>,
-    /// Multi-Instance GPU mode (A100/H100 class GPUs).
-    pub mig: Option<MigMode>,
-    /// Health judged from XID and ECC events.
-    pub health: GpuHealth,
-}
-
-/// Frame-buffer memory, bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GpuMemory {
-    /// Installed.
-    pub total_bytes: u64,
-    /// Allocated (includes the driver's reservation).
-    pub used_bytes: u64,
-    /// Unallocated.
-    pub free_bytes: u64,
-}
-
-/// Utilization, percent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GpuUtilization {
-    /// Time a kernel was running.
-    pub gpu_percent: u32,
-    /// Time device memory was being read or written.
-    pub memory_percent: u32,
-}
-
-/// ECC mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EccMode {
-    /// ECC is on now.
-    pub enabled: bool,
-    /// ECC will be on after the next reboot.
-    pub pending_enabled: bool,
-}
-
-/// Retired pages by cause.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RetiredPages {
-    /// Retired after repeated single-bit errors.
-    pub single_bit_ecc: u32,
-    /// Retired after a double-bit error.
-    pub double_bit_ecc: u32,
-    /// Pages wait for a reboot to be retired.
-    pub pending: Option<bool>,
-}
-
-/// Row remapping state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RemappedRows {
-    /// Rows remapped after correctable errors.
-    pub correctable: u32,
-    /// Rows remapped after uncorrectable errors.
-    pub uncorrectable: u32,
-    /// A remapping waits for a GPU reset.
-    pub pending: bool,
-    /// A remapping failed: the GPU should be replaced.
-    pub failed: bool,
-}
-
-/// Multi-Instance GPU mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigMode {
-    /// MIG is on now.
-    pub enabled: bool,
-    /// MIG will be on after the next GPU reset.
-    pub pending_enabled: bool,
-}
 
 /// What a [`GpuDiscovery`] found.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -220,6 +93,8 @@ impl Default for InventoryConfig {
 pub struct InventoryCollector {
     host: HostProbe,
     gpus: Box<dyn GpuDiscovery>,
+    agent: AgentInfo,
+    vm: Option<VmInfo>,
 }
 
 impl InventoryCollector {
@@ -234,7 +109,25 @@ impl InventoryCollector {
         Self {
             host: HostProbe::default(),
             gpus,
+            agent: AgentInfo {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                data_dir: None,
+            },
+            vm: None,
         }
+    }
+
+    /// Reports `vm` as the VM the node is (from IMDS).
+    pub fn with_vm(mut self, vm: Option<VmInfo>) -> Self {
+        self.vm = vm;
+        self
+    }
+
+    /// Reports `data_dir` as the agent's data directory (which no job on
+    /// the node may bind).
+    pub fn with_data_dir(mut self, data_dir: &std::path::Path) -> Self {
+        self.agent.data_dir = Some(data_dir.display().to_string());
+        self
     }
 
     /// Reads the whole inventory now.
@@ -243,6 +136,8 @@ impl InventoryCollector {
         let GpuReport { driver, gpus } = self.gpus.discover();
         Inventory {
             collected_at_unix_ms: health::unix_ms(SystemTime::now()),
+            agent: self.agent.clone(),
+            vm: self.vm.clone(),
             host,
             driver,
             gpus,

@@ -187,6 +187,8 @@ mod tests {
     fn inventory(gpus: Vec<GpuInfo>, driver: bool) -> Inventory {
         Inventory {
             collected_at_unix_ms: 0,
+            agent: Default::default(),
+            vm: None,
             host: HostInfo {
                 hostname: Some("node-0".into()),
                 kernel: Some("6.1.0".into()),

@@ -2,6 +2,7 @@
 
 use drover_api::JobSpec;
 use drover_api::cluster::{JobState, NodeState, NodeSummary, Timestamp};
+use drover_api::inventory::Inventory;
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
 use super::jobs::{PartState, requeue_in};
@@ -10,16 +11,16 @@ use super::{
     Store, StoreError, VersionBump, bump_version, count, from_json, ms, parse_col, to_json, ts,
 };
 
-/// What a node reports of its hardware.
+/// What a node reports of itself.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeInventory {
     /// GPUs it reports healthy.
     pub healthy_gpus: u32,
     /// All its GPUs.
     pub total_gpus: u32,
-    /// The full inventory document as the agent sent it; kept for display,
-    /// never queried on.
-    pub details: serde_json::Value,
+    /// The whole inventory as the agent sent it; kept for display and the
+    /// host path policy (the agent's data dir), never queried on in SQL.
+    pub details: Inventory,
 }
 
 /// A node joining a cluster.
@@ -153,7 +154,7 @@ fn read_node(row: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
             inventory: NodeInventory {
                 healthy_gpus: count(row.get("healthy_gpus")?),
                 total_gpus: count(row.get("total_gpus")?),
-                details: serde_json::Value::Null,
+                details: Inventory::default(),
             },
             registered_at: ts(row.get("registered_at")?),
             last_heartbeat: ts(row.get("last_heartbeat")?),

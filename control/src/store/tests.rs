@@ -33,7 +33,11 @@ fn inventory(gpus: u32) -> NodeInventory {
     NodeInventory {
         healthy_gpus: gpus,
         total_gpus: gpus,
-        details: serde_json::json!({ "gpus": gpus, "hostname": "vm" }),
+        details: serde_json::from_value(serde_json::json!({
+            "host": {"hostname": "vm"},
+            "gpus": (0..gpus).map(|i| serde_json::json!({"index": i})).collect::<Vec<_>>(),
+        }))
+        .expect("inventory"),
     }
 }
 
@@ -1441,5 +1445,10 @@ fn a_store_written_by_the_first_format_is_read() {
     let node = s.node("vm-old-0").expect("node");
     assert_eq!(node.current_job.as_deref(), Some("queued-old-format"));
     assert_eq!(node.ip.as_deref(), Some("10.0.0.4"));
-    assert!(node.inventory.details.get("host").is_some());
+    let inv = &node.inventory.details;
+    assert_eq!(
+        inv.host.logical_cores, 2,
+        "the real agent inventory of the fixture"
+    );
+    assert!(inv.host.memory_total_bytes > 0);
 }

@@ -157,7 +157,11 @@ async fn run(nodes: usize, seconds: u64, interval: Duration) {
                     healthy: 8,
                     total: 8,
                 },
-                inventory: serde_json::json!({"gpus": 8, "cpu": "bench"}),
+                inventory: serde_json::from_value(serde_json::json!({
+                    "host": {"cpu_model": "bench"},
+                    "gpus": (0..8).map(|i| serde_json::json!({"index": i})).collect::<Vec<_>>(),
+                }))
+                .expect("inventory"),
             };
             let resp = client
                 .post(format!("{url}/v1/agent/register"))

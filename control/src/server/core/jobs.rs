@@ -1,6 +1,8 @@
 //! Jobs through the user API: submission (validated and checked against
 //! the cluster and its host path policy), show, list, cancel and logs.
 
+use std::path::PathBuf;
+
 use drover_api::cluster::NodeSummary;
 use drover_api::host_paths::HostPathPolicy;
 use drover_api::job::InvalidJob;
@@ -43,7 +45,14 @@ impl ControlPlane {
         let job = self
             .with_store(move |s| -> Result<Result<Job, ControlError>, StoreError> {
                 let c = s.cluster(&cluster)?;
-                let policy = refused.iter().fold(
+                // The agents' data dirs, as their nodes report them, beside
+                // the control plane's own.
+                let agent_dirs: Vec<PathBuf> = s
+                    .nodes(&cluster)?
+                    .into_iter()
+                    .filter_map(|n| n.inventory.details.agent.data_dir.map(PathBuf::from))
+                    .collect();
+                let policy = refused.iter().chain(&agent_dirs).fold(
                     HostPathPolicy::new(&c.spec.name, &c.spec.allowed_host_paths),
                     |p, dir| p.refuse(dir),
                 );

@@ -139,6 +139,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use drover_api::wire::PartKey;
     use drover_api::wire::PartState;
 
     #[test]
@@ -146,9 +147,7 @@ mod tests {
         let m = Metrics::default();
         m.heartbeat_latency.observe(0.02);
         m.observe_parts(&[PartStatus {
-            job: "j".into(),
-            attempt: 1,
-            node_rank: 0,
+            part: PartKey::new("j", 1, 0),
             state: PartState::Running,
             exit_code: None,
         }]);

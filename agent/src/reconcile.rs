@@ -5,56 +5,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use drover_api::wire::{Assignment, PartState};
+use drover_api::wire::{Assignment, PartKey, PartState};
 use drover_runner::part::PartContainer;
 use drover_runner::runtime::ContainerState;
-
-/// A part's identity: job, attempt and node rank. A part key that has (or
-/// had, this session) a container is never started again.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PartId {
-    /// Job id.
-    pub job: String,
-    /// Attempt (1-based).
-    pub attempt: u32,
-    /// Node rank.
-    pub node_rank: u32,
-}
-
-impl PartId {
-    /// The key of an assignment.
-    pub fn of_assignment(a: &Assignment) -> Self {
-        PartId {
-            job: a.job.clone(),
-            attempt: a.attempt,
-            node_rank: a.node_rank,
-        }
-    }
-
-    /// The key a container's labels carry.
-    pub fn of_container(c: &PartContainer) -> Self {
-        PartId {
-            job: c.job.clone(),
-            attempt: c.attempt,
-            node_rank: c.node_rank,
-        }
-    }
-}
-
-impl std::fmt::Display for PartId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}/{}", self.job, self.attempt, self.node_rank)
-    }
-}
 
 /// What the agent itself knows this session.
 #[derive(Debug, Clone, Default)]
 pub struct Known {
     /// Parts with a live supervisor (starting, running, or adopted).
-    pub supervised: BTreeSet<PartId>,
+    pub supervised: BTreeSet<PartKey>,
     /// Parts whose supervisor ended this session: never started again, even
     /// if a stale desired state still lists them.
-    pub finished: BTreeSet<PartId>,
+    pub finished: BTreeSet<PartKey>,
     /// Draining: no new part starts.
     pub draining: bool,
 }
@@ -63,12 +25,12 @@ pub struct Known {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Run an assigned part that has no container (pull, create, start).
-    Start(PartId),
+    Start(PartKey),
     /// Supervise a running container found by label (after a restart):
     /// wait for it, ship its logs from now on.
     Adopt {
         /// The part.
-        part: PartId,
+        part: PartKey,
         /// Its container.
         container: String,
         /// It was created but never started (the agent died in between):
@@ -79,24 +41,24 @@ pub enum Action {
     /// report it, remove the container once the report is accepted.
     Collect {
         /// The part.
-        part: PartId,
+        part: PartKey,
         /// Its container.
         container: String,
     },
     /// Cancel a supervised part the control plane no longer assigns.
-    Cancel(PartId),
+    Cancel(PartKey),
     /// Stop and remove an unsupervised running container the control plane
     /// no longer assigns.
     StopContainer {
         /// The part.
-        part: PartId,
+        part: PartKey,
         /// Its container.
         container: String,
     },
     /// The control plane believes the part runs here but it has no container
     /// and was not started this session (removed behind the agent's back):
     /// report it failed rather than start a duplicate.
-    ReportMissing(PartId),
+    ReportMissing(PartKey),
 }
 
 /// Decides what to do. `desired` is `None` until the control plane has
@@ -110,7 +72,7 @@ pub fn reconcile(
 ) -> Vec<Action> {
     let mut actions = Vec::new();
     // Live desired parts; ended ones are kept only for their history.
-    let wanted: BTreeMap<PartId, &Assignment> = desired
+    let wanted: BTreeMap<PartKey, &Assignment> = desired
         .unwrap_or_default()
         .iter()
         .filter(|a| {
@@ -119,13 +81,13 @@ pub fn reconcile(
                 PartState::Assigned | PartState::Preparing | PartState::Running
             )
         })
-        .map(|a| (PartId::of_assignment(a), a))
+        .map(|a| (a.part.clone(), a))
         .collect();
     let confirmed = desired.is_some();
 
     let mut has_container = BTreeSet::new();
     for c in actual {
-        let part = PartId::of_container(c);
+        let part = c.part.clone();
         has_container.insert(part.clone());
         let assigned = wanted.contains_key(&part);
         if known.supervised.contains(&part) {
@@ -205,19 +167,13 @@ mod tests {
         .spec
     }
 
-    fn id(job: &str) -> PartId {
-        PartId {
-            job: job.into(),
-            attempt: 1,
-            node_rank: 0,
-        }
+    fn id(job: &str) -> PartKey {
+        PartKey::new(job, 1, 0)
     }
 
     fn assigned(job: &str, state: PartState) -> Assignment {
         Assignment {
-            job: job.into(),
-            attempt: 1,
-            node_rank: 0,
+            part: PartKey::new(job, 1, 0),
             state,
             spec: spec(),
             nodes: vec![],
@@ -229,9 +185,7 @@ mod tests {
         PartContainer {
             id: format!("c-{job}"),
             name: format!("drover-{job}"),
-            job: job.into(),
-            node_rank: 0,
-            attempt: 1,
+            part: PartKey::new(job, 1, 0),
             owner: "n1".into(),
             state,
         }

@@ -19,7 +19,7 @@ use drover_api::JobSpec;
 use drover_api::cluster::NodeState;
 use drover_api::wire::{
     Assignment, Assignments, HeartbeatRequest, HeartbeatResponse, LogBatch, LogBatchAccepted,
-    NewLogLine, PartState, RegisterRequest, RegisterResponse,
+    NewLogLine, PartKey, PartState, RegisterRequest, RegisterResponse,
 };
 use drover_imds::{EventStatus, ImdsClient, ImdsConfig};
 use drover_imds_emulator::{Emulator, EmulatorConfig, EventSpec, EventType, VmSpec};
@@ -62,7 +62,7 @@ impl Stub {
             .unwrap()
             .iter()
             .flat_map(|b| b.parts.iter())
-            .filter(|p| p.job == job)
+            .filter(|p| p.part.job == job)
             .map(|p| (p.state, p.exit_code))
             .collect()
     }
@@ -158,9 +158,7 @@ fn spec() -> JobSpec {
 
 fn assignment(job: &str, state: PartState) -> Assignment {
     Assignment {
-        job: job.into(),
-        attempt: 1,
-        node_rank: 0,
+        part: PartKey::new(job, 1, 0),
         state,
         spec: spec(),
         nodes: vec![],

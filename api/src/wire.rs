@@ -530,12 +530,9 @@ pub struct RegisterResponse {
 /// The state of one part as the agent reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartStatus {
-    /// Job id.
-    pub job: String,
-    /// Attempt.
-    pub attempt: u32,
-    /// Node rank.
-    pub node_rank: u32,
+    /// The part (its fields are inline on the wire).
+    #[serde(flatten)]
+    pub part: PartKey,
     /// Its state.
     pub state: PartState,
     /// Exit code, once ended.
@@ -563,15 +560,34 @@ pub struct HeartbeatRequest {
     pub parts: Vec<PartStatus>,
 }
 
-/// A part, by its key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A part: one node's share of one attempt of a job. The one key of a part
+/// everywhere — assignments, part reports, a container's labels, the
+/// runner's placement, the agent's reconciler.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PartKey {
     /// Job id.
     pub job: String,
-    /// Attempt.
+    /// Attempt (1-based).
     pub attempt: u32,
-    /// Node rank.
+    /// Node rank (0 is the master).
     pub node_rank: u32,
+}
+
+impl PartKey {
+    /// The key of `job`'s part `node_rank` in `attempt`.
+    pub fn new(job: &str, attempt: u32, node_rank: u32) -> Self {
+        PartKey {
+            job: job.to_string(),
+            attempt,
+            node_rank,
+        }
+    }
+}
+
+impl fmt::Display for PartKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.job, self.attempt, self.node_rank)
+    }
 }
 
 /// Answer to [`HeartbeatRequest`].
@@ -598,12 +614,9 @@ pub struct PeerNode {
 /// One part a node should run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Assignment {
-    /// Job id.
-    pub job: String,
-    /// Attempt.
-    pub attempt: u32,
-    /// This node's rank.
-    pub node_rank: u32,
+    /// The part (its fields are inline on the wire).
+    #[serde(flatten)]
+    pub part: PartKey,
     /// The part's state as the control plane knows it.
     pub state: PartState,
     /// What to run.
@@ -762,10 +775,16 @@ mod tests {
     fn heartbeat_fields_default() {
         let beat: HeartbeatRequest = serde_json::from_str("{}").unwrap();
         assert_eq!(beat, HeartbeatRequest::default());
-        let part: PartStatus =
-            serde_json::from_str(r#"{"job":"j","attempt":1,"node_rank":0,"state":"running"}"#)
-                .unwrap();
+        let text = r#"{"job":"j","attempt":1,"node_rank":0,"state":"running"}"#;
+        let part: PartStatus = serde_json::from_str(text).unwrap();
+        assert_eq!(part.part, PartKey::new("j", 1, 0));
         assert_eq!(part.state, PartState::Running);
         assert_eq!(part.exit_code, None);
+        // The key stays inline: agents and servers of before read it.
+        let back = serde_json::to_value(&part).unwrap();
+        assert_eq!(
+            back,
+            serde_json::json!({"job":"j","attempt":1,"node_rank":0,"state":"running","exit_code":null})
+        );
     }
 }

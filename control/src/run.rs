@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_api::job::JobSpec;
+use drover_api::wire::PartKey;
 use drover_runner::part::{PartEvent, StopReason};
 use drover_runner::runtime::{LogStream, PullProgress};
 use drover_runner::{
@@ -270,18 +271,14 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
 
     let runtime = Arc::new(DockerRuntime::connect().await?);
     let placement = Placement {
-        job: name.clone(),
-        node_rank: 0,
-        attempt: 1,
-        owner: "run".into(),
-        node_ips: vec!["127.0.0.1".into()],
-        dedicated: true,
         gpu_uuids: config.gpu_uuids.clone(),
         network_mode: config.network.clone(),
-        outputs_root: outputs_root.clone(),
-        init_binary,
-        rank_grace: Duration::from_secs(10),
-        extra_env: Default::default(),
+        ..Placement::new(
+            PartKey::new(&name, 1, 0),
+            "run",
+            init_binary,
+            outputs_root.clone(),
+        )
     };
     let host = HostFacts::probe();
     if host.memlock_max >= 0 {

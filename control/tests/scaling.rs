@@ -14,6 +14,7 @@ use drover_api::cluster::{JobState, NodeState};
 use drover_api::compute::{ComputeSpec, ProviderKind};
 use drover_api::job::JobSpec;
 use drover_api::wire;
+use drover_api::wire::PartKey;
 use drover_control::provider::{
     Operation, Provider, ProviderError, ProviderFuture, Providers, ProvisionState, ProvisionedNode,
 };
@@ -309,9 +310,7 @@ async fn an_idle_node_leaves_and_is_forgotten_but_not_while_it_holds_a_job() {
         gpus: None,
         inventory: None,
         parts: vec![wire::PartStatus {
-            job: "one".into(),
-            attempt: 1,
-            node_rank: 0,
+            part: PartKey::new("one", 1, 0),
             state,
             exit_code: (state == wire::PartState::Succeeded).then_some(0),
         }],

@@ -477,7 +477,11 @@ async fn a_placement_wakes_the_nodes_long_poll_at_once() {
     assert_eq!(assigned.parts.len(), 1);
     let part = &assigned.parts[0];
     assert_eq!(
-        (part.job.as_str(), part.attempt, part.node_rank),
+        (
+            part.part.job.as_str(),
+            part.part.attempt,
+            part.part.node_rank
+        ),
         ("train", 1, 0)
     );
     assert_eq!(part.state, wire::PartState::Assigned);

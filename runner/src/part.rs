@@ -15,6 +15,7 @@ use drover_api::job::{
     CODE_DIR, CommandJob, DistributionKind, Input, OUTPUTS_DIR, input_container_path,
 };
 use drover_api::labels;
+use drover_api::wire::PartKey;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -34,12 +35,8 @@ pub const MASTER_PORT: u16 = 29500;
 /// Where one part runs and as what: everything a job spec does not say.
 #[derive(Debug, Clone)]
 pub struct Placement {
-    /// Job name (also the `drover.job` label).
-    pub job: String,
-    /// Node rank of this part (0-based).
-    pub node_rank: u32,
-    /// Attempt number, from 1.
-    pub attempt: u32,
+    /// The part (job, attempt, node rank; also its container's labels).
+    pub part: PartKey,
     /// Owner label value (`run` for `drover run`, the node id for an agent).
     pub owner: String,
     /// The IP of every node of the job, in node-rank order.
@@ -60,6 +57,53 @@ pub struct Placement {
     pub extra_env: BTreeMap<String, String>,
 }
 
+/// How long drover-init waits between SIGTERM and SIGKILL for the other
+/// ranks when one fails, unless told otherwise.
+pub const DEFAULT_RANK_GRACE: Duration = Duration::from_secs(10);
+
+/// The address given to a node whose address is not known.
+const UNKNOWN_NODE_IP: &str = "127.0.0.1";
+
+impl Placement {
+    /// `part` on this machine alone: one node at loopback, dedicated, no
+    /// GPUs, the engine's default network, [`DEFAULT_RANK_GRACE`]. The one
+    /// place a placement is made; callers change what differs.
+    pub fn new(
+        part: PartKey,
+        owner: impl Into<String>,
+        init_binary: PathBuf,
+        outputs_root: PathBuf,
+    ) -> Self {
+        Placement {
+            part,
+            owner: owner.into(),
+            node_ips: vec![UNKNOWN_NODE_IP.to_string()],
+            dedicated: true,
+            gpu_uuids: Vec::new(),
+            network_mode: None,
+            outputs_root,
+            init_binary,
+            rank_grace: DEFAULT_RANK_GRACE,
+            extra_env: BTreeMap::new(),
+        }
+    }
+
+    /// The job's nodes' addresses, by node rank, as the control plane knows
+    /// them; one not known is given as loopback.
+    // FIXME: a multi-node part must not start with a guessed address; it
+    // should wait for every peer's address instead.
+    pub fn with_nodes(mut self, ips: impl IntoIterator<Item = Option<String>>) -> Self {
+        self.node_ips = ips
+            .into_iter()
+            .map(|ip| ip.unwrap_or_else(|| UNKNOWN_NODE_IP.to_string()))
+            .collect();
+        if self.node_ips.is_empty() {
+            self.node_ips.push(UNKNOWN_NODE_IP.to_string());
+        }
+        self
+    }
+}
+
 /// Host folder of an output.
 pub fn output_host_path(job: &CommandJob, placement: &Placement, name: &str) -> PathBuf {
     job.outputs
@@ -69,15 +113,15 @@ pub fn output_host_path(job: &CommandJob, placement: &Placement, name: &str) -> 
 }
 
 /// Container name of a part: `drover-<job>-<rank>-a<attempt>`.
-pub fn container_name(job: &str, node_rank: u32, attempt: u32) -> String {
-    format!("drover-{job}-{node_rank}-a{attempt}")
+pub fn container_name(part: &PartKey) -> String {
+    format!("drover-{}-{}-a{}", part.job, part.node_rank, part.attempt)
 }
 
 /// The environment a training script written for Azure ML expects, for one node.
 fn distributed_env(job: &CommandJob, p: &Placement) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     let ips = if p.node_ips.is_empty() {
-        vec!["127.0.0.1".to_string()]
+        vec![UNKNOWN_NODE_IP.to_string()]
     } else {
         p.node_ips.clone()
     };
@@ -92,12 +136,12 @@ fn distributed_env(job: &CommandJob, p: &Placement) -> BTreeMap<String, String> 
     env.insert("AZ_BATCH_HOST_LIST".into(), ips.join(","));
     env.insert(
         "AZ_BATCH_IS_CURRENT_NODE_MASTER".into(),
-        (p.node_rank == 0).to_string(),
+        (p.part.node_rank == 0).to_string(),
     );
     env.insert("AZ_BATCH_NODE_IS_DEDICATED".into(), p.dedicated.to_string());
     env.insert("MASTER_ADDR".into(), master);
     env.insert("MASTER_PORT".into(), MASTER_PORT.to_string());
-    env.insert("NODE_RANK".into(), p.node_rank.to_string());
+    env.insert("NODE_RANK".into(), p.part.node_rank.to_string());
     env.insert("NODE_COUNT".into(), nodes.to_string());
     env.insert("WORLD_SIZE".into(), job.world_size().to_string());
     if let Some(d) = job.distribution {
@@ -110,9 +154,9 @@ fn distributed_env(job: &CommandJob, p: &Placement) -> BTreeMap<String, String> 
             .into(),
         );
     }
-    env.insert("DROVER_JOB_NAME".into(), p.job.clone());
-    env.insert("AZUREML_RUN_ID".into(), p.job.clone());
-    env.insert("DROVER_ATTEMPT".into(), p.attempt.to_string());
+    env.insert("DROVER_JOB_NAME".into(), p.part.job.clone());
+    env.insert("AZUREML_RUN_ID".into(), p.part.job.clone());
+    env.insert("DROVER_ATTEMPT".into(), p.part.attempt.to_string());
     env
 }
 
@@ -292,9 +336,9 @@ pub fn plan_container(job: &CommandJob, p: &Placement, host: &HostFacts) -> Cont
         labels_map.insert(k.clone(), v.clone());
     }
     labels_map.insert(labels::MANAGED.into(), "true".into());
-    labels_map.insert(labels::JOB.into(), p.job.clone());
-    labels_map.insert(labels::PART.into(), p.node_rank.to_string());
-    labels_map.insert(labels::ATTEMPT.into(), p.attempt.to_string());
+    labels_map.insert(labels::JOB.into(), p.part.job.clone());
+    labels_map.insert(labels::PART.into(), p.part.node_rank.to_string());
+    labels_map.insert(labels::ATTEMPT.into(), p.part.attempt.to_string());
     labels_map.insert(labels::OWNER.into(), p.owner.clone());
 
     let args = &job.resources.docker_args;
@@ -307,7 +351,7 @@ pub fn plan_container(job: &CommandJob, p: &Placement, host: &HostFacts) -> Cont
         job.resolved_command(),
     ];
     ContainerConfig {
-        name: container_name(&p.job, p.node_rank, p.attempt),
+        name: container_name(&p.part),
         image: job.image.clone(),
         entrypoint: vec![INIT_PATH.to_string()],
         cmd,
@@ -349,12 +393,8 @@ pub struct PartContainer {
     pub id: String,
     /// Container name.
     pub name: String,
-    /// Job name.
-    pub job: String,
-    /// Node rank.
-    pub node_rank: u32,
-    /// Attempt.
-    pub attempt: u32,
+    /// The part its labels name.
+    pub part: PartKey,
     /// Owner.
     pub owner: String,
     /// Engine state.
@@ -367,9 +407,11 @@ impl PartContainer {
     pub fn from_summary(c: ContainerSummary) -> Option<Self> {
         let get = |k: &str| c.labels.get(k).cloned();
         Some(PartContainer {
-            job: get(labels::JOB)?,
-            node_rank: get(labels::PART)?.parse().ok()?,
-            attempt: get(labels::ATTEMPT)?.parse().ok()?,
+            part: PartKey {
+                job: get(labels::JOB)?,
+                node_rank: get(labels::PART)?.parse().ok()?,
+                attempt: get(labels::ATTEMPT)?.parse().ok()?,
+            },
             owner: get(labels::OWNER)?,
             id: c.id,
             name: c.name,
@@ -763,18 +805,12 @@ mod tests {
         let init = dir.join("drover-init");
         std::fs::write(&init, b"#!").expect("init");
         Placement {
-            job: "j1".into(),
-            node_rank: 1,
-            attempt: 2,
-            owner: "node-a".into(),
-            node_ips: vec!["10.0.0.4".into(), "10.0.0.5".into()],
             dedicated: false,
             gpu_uuids: vec!["GPU-aaaa".into(), "GPU-bbbb".into()],
             network_mode: Some("container:node-a".into()),
-            outputs_root: dir.join("out"),
-            init_binary: init,
-            rank_grace: Duration::from_secs(10),
             extra_env: BTreeMap::from([("MSI_ENDPOINT".into(), "http://x".into())]),
+            ..Placement::new(PartKey::new("j1", 2, 1), "node-a", init, dir.join("out"))
+                .with_nodes([Some("10.0.0.4".into()), Some("10.0.0.5".into())])
         }
     }
 
@@ -855,6 +891,22 @@ mod tests {
         assert_eq!(c.ipc_mode.as_deref(), Some("shareable"));
         assert_eq!(default_pids_limit(64), 65_536);
         assert_eq!(default_pids_limit(1024), 1_048_576);
+    }
+
+    #[test]
+    fn a_placement_with_unknown_addresses_falls_back_in_one_place() {
+        let p = Placement::new(
+            PartKey::new("j", 1, 0),
+            "run",
+            "/init".into(),
+            "/out".into(),
+        );
+        assert_eq!(p.node_ips, ["127.0.0.1"]);
+        assert_eq!(p.rank_grace, DEFAULT_RANK_GRACE);
+        let p = p.with_nodes([Some("10.0.0.4".to_string()), None]);
+        assert_eq!(p.node_ips, ["10.0.0.4", "127.0.0.1"]);
+        let p = p.with_nodes([]);
+        assert_eq!(p.node_ips, ["127.0.0.1"]);
     }
 
     #[test]
@@ -998,13 +1050,8 @@ mod tests {
         let parts = runner.list_parts(Some("node-a")).await.unwrap();
         assert_eq!(parts.len(), 1);
         assert_eq!(
-            (
-                parts[0].job.as_str(),
-                parts[0].node_rank,
-                parts[0].attempt,
-                parts[0].state
-            ),
-            ("j1", 1, 2, ContainerState::Running)
+            (&parts[0].part, parts[0].state),
+            (&PartKey::new("j1", 2, 1), ContainerState::Running)
         );
         assert!(runner.list_parts(Some("node-b")).await.unwrap().is_empty());
         cancel.cancel();

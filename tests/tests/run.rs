@@ -246,9 +246,9 @@ fn ctrl_c_stops_the_job_and_leaves_no_container() {
             );
             runner.list_parts(Some("run")).await.expect("list parts")
         });
-    let ours: Vec<_> = parts.iter().filter(|p| p.job == name).collect();
+    let ours: Vec<_> = parts.iter().filter(|p| p.part.job == name).collect();
     assert_eq!(ours.len(), 1, "{parts:?}");
-    assert_eq!((ours[0].node_rank, ours[0].attempt), (0, 1));
+    assert_eq!((ours[0].part.node_rank, ours[0].part.attempt), (0, 1));
     // Give drover a moment to start supervising, then interrupt it like Ctrl-C.
     std::thread::sleep(Duration::from_millis(500));
     let pid = child.id() as i32;

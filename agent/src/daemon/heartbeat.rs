@@ -19,7 +19,7 @@ use super::state::{HealthyGpus, SharedReports, healthy_uuids, lock};
 use super::{DaemonConfig, Input, InventorySource, gpu_counts};
 use crate::control_client::ControlClient;
 use crate::metrics::Metrics;
-use crate::reconcile::PartId;
+use drover_api::wire::PartKey;
 
 pub(super) struct HeartbeatCtx {
     pub(super) client: ControlClient,
@@ -66,12 +66,10 @@ pub(super) async fn heartbeat_task(mut ctx: HeartbeatCtx) {
             ctx.metrics.observe_gpus(inv);
             *ctx.gpus.lock().unwrap_or_else(|e| e.into_inner()) = healthy_uuids(inv);
         }
-        let (parts, ended): (Vec<PartStatus>, Vec<(PartId, Option<String>)>) = {
+        let (parts, ended): (Vec<PartStatus>, Vec<(PartKey, Option<String>)>) = {
             let r = lock(&ctx.reports);
-            let status = |p: &PartId, state, exit_code| PartStatus {
-                job: p.job.clone(),
-                attempt: p.attempt,
-                node_rank: p.node_rank,
+            let status = |p: &PartKey, state, exit_code| PartStatus {
+                part: p.clone(),
                 state,
                 exit_code,
             };
@@ -125,16 +123,7 @@ pub(super) async fn heartbeat_task(mut ctx: HeartbeatCtx) {
                     let _ = ctx.input.send(Input::Acked(ended)).await;
                 }
                 if !resp.rejected.is_empty() {
-                    let keys = resp
-                        .rejected
-                        .into_iter()
-                        .map(|k| PartId {
-                            job: k.job,
-                            attempt: k.attempt,
-                            node_rank: k.node_rank,
-                        })
-                        .collect();
-                    let _ = ctx.input.send(Input::Rejected(keys)).await;
+                    let _ = ctx.input.send(Input::Rejected(resp.rejected)).await;
                 }
             }
             Err(e) if e.is_unauthorized() => {

@@ -71,8 +71,9 @@ use tokio_util::sync::CancellationToken;
 use crate::control_client::ClientError;
 use crate::inventory::{GpuHealth, Inventory};
 use crate::metrics::Metrics;
-use crate::reconcile::{Known, PartId};
+use crate::reconcile::Known;
 use credentials::connect;
+use drover_api::wire::PartKey;
 use heartbeat::{HeartbeatCtx, heartbeat_task};
 use logs::ship_task;
 pub use logs::{MAX_BATCH, MAX_BATCH_BYTES, MAX_LINE_BYTES};
@@ -179,11 +180,11 @@ enum Input {
     /// The control plane's desired state.
     Desired(Assignments),
     /// A supervisor finished.
-    Ended(PartId, Ended),
+    Ended(PartKey, Ended),
     /// The server accepted these final states: remove their containers.
-    Acked(Vec<(PartId, Option<String>)>),
+    Acked(Vec<(PartKey, Option<String>)>),
     /// The server no longer wants these parts.
-    Rejected(Vec<PartId>),
+    Rejected(Vec<PartKey>),
     /// IMDS announced an event that ends this VM's containers: drain with
     /// this deadline, then acknowledge the events.
     Maintenance {

@@ -23,7 +23,8 @@ use super::state::{Ended, HealthyGpus, SharedReports, lock};
 use super::supervisor::{PartCtx, SupervisorKind, supervise};
 use super::{DaemonConfig, Input, Ship};
 use crate::metrics::Metrics;
-use crate::reconcile::{Action, Known, PartId, reconcile};
+use crate::reconcile::{Action, Known, reconcile};
+use drover_api::wire::PartKey;
 
 pub(super) struct Supervisor {
     cancel: CancellationToken,
@@ -42,11 +43,11 @@ pub(super) struct Reconciler<R: ContainerRuntime> {
     pub(super) ship: mpsc::Sender<Ship>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) gpus: HealthyGpus,
-    pub(super) supervisors: BTreeMap<PartId, Supervisor>,
+    pub(super) supervisors: BTreeMap<PartKey, Supervisor>,
     pub(super) known: Known,
     pub(super) desired: Option<Vec<Assignment>>,
     /// Exited containers whose final state is reported but not yet removed.
-    pub(super) collecting: std::collections::BTreeSet<PartId>,
+    pub(super) collecting: std::collections::BTreeSet<PartKey>,
 }
 
 /// How often the reconciler re-reads Docker even when nothing happened.
@@ -94,10 +95,13 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 // Forget finished parts the control plane no longer lists and
                 // whose final state it has: ended parts never become live
                 // again, so the set stays as small as the node's work.
-                let pending: std::collections::BTreeSet<PartId> =
+                let pending: std::collections::BTreeSet<PartKey> =
                     lock(&self.reports).ended.keys().cloned().collect();
-                let listed: std::collections::BTreeSet<PartId> =
-                    a.parts.iter().map(PartId::of_assignment).collect();
+                let listed: std::collections::BTreeSet<PartKey> = a
+                    .parts
+                    .iter()
+                    .map(|a: &Assignment| a.part.clone())
+                    .collect();
                 self.known.finished.retain(|p| {
                     listed.contains(p) || pending.contains(p) || self.collecting.contains(p)
                 });
@@ -160,7 +164,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 let Some(a) = self
                     .desired
                     .as_ref()
-                    .and_then(|d| d.iter().find(|a| PartId::of_assignment(a) == part))
+                    .and_then(|d| d.iter().find(|a| a.part.clone() == part))
                     .cloned()
                 else {
                     return;
@@ -235,7 +239,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         }
     }
 
-    fn spawn(&mut self, part: PartId, kind: SupervisorKind) {
+    fn spawn(&mut self, part: PartKey, kind: SupervisorKind) {
         let cancel = CancellationToken::new();
         let initial = match kind {
             SupervisorKind::Start(_) => PartState::Preparing,

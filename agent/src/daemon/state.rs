@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use drover_api::wire::PartState;
 
 use crate::inventory::{GpuHealth, Inventory};
-use crate::reconcile::PartId;
+use drover_api::wire::PartKey;
 
 /// A part's final state, kept until the server accepts it.
 #[derive(Debug, Clone)]
@@ -26,8 +26,8 @@ pub(super) struct Ended {
 /// What heartbeats report: live part states and ended parts not yet acked.
 #[derive(Debug, Default)]
 pub(super) struct Reports {
-    pub(super) live: BTreeMap<PartId, PartState>,
-    pub(super) ended: BTreeMap<PartId, Ended>,
+    pub(super) live: BTreeMap<PartKey, PartState>,
+    pub(super) ended: BTreeMap<PartKey, Ended>,
     /// Wakes the heartbeat when a part changes state, so that the server
     /// (and the user) learn of a start or an end at once, not a heartbeat
     /// interval later.
@@ -35,13 +35,13 @@ pub(super) struct Reports {
 }
 
 impl Reports {
-    pub(super) fn set_live(&mut self, part: PartId, state: PartState) {
+    pub(super) fn set_live(&mut self, part: PartKey, state: PartState) {
         if self.live.insert(part, state) != Some(state) {
             self.changed.notify_one();
         }
     }
 
-    pub(super) fn end(&mut self, part: PartId, ended: Ended) {
+    pub(super) fn end(&mut self, part: PartKey, ended: Ended) {
         self.live.remove(&part);
         self.ended.insert(part, ended);
         self.changed.notify_one();

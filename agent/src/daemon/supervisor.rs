@@ -8,7 +8,6 @@
 //! (mpsc 4096), and, once that flush is answered, `Input::Ended` to the
 //! reconciler (mpsc 64).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,7 +26,7 @@ use super::logs::MAX_LINE_BYTES;
 use super::state::{Ended, HealthyGpus, SharedReports, lock};
 use super::{DaemonConfig, Input, Ship};
 use crate::metrics::Metrics;
-use crate::reconcile::PartId;
+use drover_api::wire::PartKey;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -42,7 +41,7 @@ pub(super) enum SupervisorKind {
 }
 
 pub(super) struct PartCtx<R: ContainerRuntime> {
-    pub(super) part: PartId,
+    pub(super) part: PartKey,
     pub(super) runner: Arc<PartRunner<R>>,
     pub(super) config: DaemonConfig,
     pub(super) reports: SharedReports,
@@ -182,28 +181,23 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
         return refuse(ctx, why).await;
     }
     let gpu_uuids: Vec<String> = healthy.into_iter().take(want).collect();
+    let outputs_root = ctx
+        .config
+        .data_dir
+        .join("outputs")
+        .join(&a.part.job)
+        .join(a.part.attempt.to_string());
     let placement = Placement {
-        job: a.job.clone(),
-        node_rank: a.node_rank,
-        attempt: a.attempt,
-        owner: ctx.config.node_id.clone(),
-        node_ips: a
-            .nodes
-            .iter()
-            .map(|n| n.ip.clone().unwrap_or_else(|| "127.0.0.1".to_string()))
-            .collect(),
         dedicated: ctx.config.dedicated,
         gpu_uuids,
         network_mode: ctx.config.job_network.clone(),
-        outputs_root: ctx
-            .config
-            .data_dir
-            .join("outputs")
-            .join(&a.job)
-            .join(a.attempt.to_string()),
-        init_binary: ctx.config.init_binary.clone(),
-        rank_grace: Duration::from_secs(10),
-        extra_env: BTreeMap::new(),
+        ..Placement::new(
+            a.part.clone(),
+            &ctx.config.node_id,
+            ctx.config.init_binary.clone(),
+            outputs_root,
+        )
+        .with_nodes(a.nodes.iter().map(|n| n.ip.clone()))
     };
     let (tx, mut rx) = mpsc::channel::<PartEvent>(256);
     let container = Arc::new(Mutex::new(None::<String>));

@@ -3,6 +3,7 @@
 use drover_api::JobSpec;
 use drover_api::cluster::{JobState, NodeState, NodeSummary, Timestamp};
 use drover_api::inventory::Inventory;
+use drover_api::wire::PartKey;
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
 use super::jobs::{PartState, requeue_in};
@@ -111,12 +112,8 @@ pub struct AssignedNode {
 /// One part a node should run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Assignment {
-    /// The job.
-    pub job: String,
-    /// The attempt.
-    pub attempt: u32,
-    /// This node's rank.
-    pub node_rank: u32,
+    /// The part.
+    pub part: PartKey,
     /// The part's state as last reported.
     pub state: PartState,
     /// What to run.
@@ -487,9 +484,11 @@ impl Store {
             };
             parts.push(Assignment {
                 spec: from_json(|| format!("spec of job `{job}`"), &spec)?,
-                job,
-                attempt,
-                node_rank,
+                part: PartKey {
+                    job,
+                    attempt,
+                    node_rank,
+                },
                 state,
                 nodes,
             });

@@ -751,7 +751,11 @@ fn placement_assigns_parts_and_bumps_versions() {
         assert_eq!(a.parts.len(), 1);
         let part = &a.parts[0];
         assert_eq!(
-            (part.job.as_str(), part.attempt, part.node_rank),
+            (
+                part.part.job.as_str(),
+                part.part.attempt,
+                part.part.node_rank
+            ),
             ("j", 1, rank)
         );
         assert_eq!(part.state, PartState::Assigned);

@@ -98,28 +98,31 @@ fn apply_heartbeat(
     )?;
     let mut rejected = Vec::new();
     for p in &req.parts {
-        let key = || wire::PartKey {
-            job: p.job.clone(),
-            attempt: p.attempt,
-            node_rank: p.node_rank,
-        };
+        let key = &p.part;
         // A node reports only its own parts: a credential must
         // not let one node move another node's work.
-        let own = match s.job_parts(&p.job) {
-            Ok(parts) => parts
-                .iter()
-                .any(|x| x.attempt == p.attempt && x.node_rank == p.node_rank && x.node == node.id),
+        let own = match s.job_parts(&key.job) {
+            Ok(parts) => parts.iter().any(|x| {
+                x.attempt == key.attempt && x.node_rank == key.node_rank && x.node == node.id
+            }),
             // A part the control plane never had (deleted job).
             Err(StoreError::NotFound { .. }) => false,
             Err(e) => return Err(e),
         };
         if !own {
-            rejected.push(key());
+            rejected.push(key.clone());
             continue;
         }
-        let r = s.report_part(&p.job, p.attempt, p.node_rank, p.state, p.exit_code, t)?;
+        let r = s.report_part(
+            &key.job,
+            key.attempt,
+            key.node_rank,
+            p.state,
+            p.exit_code,
+            t,
+        )?;
         if !r.accepted {
-            rejected.push(key());
+            rejected.push(key.clone());
         }
         if let Some(tr) = r.job {
             bumps.extend(tr.bumped);
@@ -316,9 +319,7 @@ impl ControlPlane {
                 .parts
                 .into_iter()
                 .map(|p| wire::Assignment {
-                    job: p.job,
-                    attempt: p.attempt,
-                    node_rank: p.node_rank,
+                    part: p.part,
                     state: p.state,
                     spec: p.spec,
                     allowed_host_paths: allowed_host_paths.clone(),

@@ -518,17 +518,11 @@ pub fn human_bytes(b: u64) -> String {
         ("MiB", 1 << 20),
         ("KiB", 1 << 10),
     ];
-    for (unit, size) in UNITS {
-        if b >= size && (b / size) * size == b {
-            return format!("{} {unit}", b / size);
-        }
+    match UNITS.iter().find(|(_, size)| b >= *size) {
+        Some((unit, size)) if (b / size) * size == b => format!("{} {unit}", b / size),
+        Some((unit, size)) => format!("{:.1} {unit}", b as f64 / *size as f64),
+        None => format!("{b} bytes"),
     }
-    for (unit, size) in UNITS {
-        if b >= size {
-            return format!("{:.1} {unit}", b as f64 / size as f64);
-        }
-    }
-    format!("{b} bytes")
 }
 
 /// Checks that `bytes` (of `flag`) lies in `min..=MAX_MEMORY_BYTES`.

@@ -308,3 +308,39 @@ async fn the_server_binary_prints_its_token_once_and_stops_on_sigterm() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_file_too_large_for_the_server_is_refused_with_its_size_not_a_broken_pipe() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, cli) = start(dir.path()).await;
+    cli.ok(&[
+        "compute",
+        "create",
+        "--name",
+        "cpu",
+        "--vm-size",
+        "STANDARD_D3_V2",
+        "--max-nodes",
+        "1",
+    ])
+    .await;
+    // 10 MB of literal inputs: each within its own bound, too large as a whole.
+    let mut yaml = String::from("command: echo hi\nimage: busybox\ncompute: cpu\ninputs:\n");
+    let value = "v".repeat(100 * 1024);
+    for i in 0..100 {
+        yaml.push_str(&format!("  in{i}: {value}\n"));
+    }
+    let file = cli.home.path().join("big.yml");
+    std::fs::write(&file, &yaml).expect("write job");
+    assert!(yaml.len() > 10_000_000);
+    let err = cli
+        .fails(&["job", "create", "-f", &file.display().to_string()])
+        .await;
+    assert!(
+        err.contains("the job is 9.8 MiB as JSON; a job may be at most 3.9 MiB (the server accepts requests of at most 4 MiB)"),
+        "{err}"
+    );
+    assert!(!err.to_lowercase().contains("broken pipe"), "{err}");
+    server.shutdown();
+    server.wait().await.expect("server stops");
+}

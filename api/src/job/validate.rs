@@ -125,9 +125,10 @@ impl JobSpec {
             Ok(json) if json.len() > MAX_JOB_BYTES => errors.push(FieldError::new(
                 "",
                 format!(
-                    "the job is {} as JSON, larger than the {} a job may be",
+                    "the job is {} as JSON; a job may be at most {} (the server accepts requests of at most {})",
                     crate::docker_args::human_bytes(json.len() as u64),
-                    crate::docker_args::human_bytes(MAX_JOB_BYTES as u64)
+                    crate::docker_args::human_bytes(MAX_JOB_BYTES as u64),
+                    crate::docker_args::human_bytes(crate::wire::MAX_REQUEST_BYTES as u64)
                 ),
             )),
             _ => {}

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use drover_api::wire::{ErrorBody, ErrorCode};
+use drover_api::wire::{self, ErrorBody, ErrorCode};
 use reqwest::Method;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -92,7 +92,16 @@ impl Client {
             req = req.bearer_auth(t);
         }
         if let Some(b) = body {
-            req = req.json(b);
+            let json = serde_json::to_vec(b).context("cannot encode the request as json")?;
+            // The server answers 413 and closes the connection while a large
+            // body is still being written, which the client would see only
+            // as a broken pipe: say what the server would say instead.
+            if json.len() > wire::MAX_REQUEST_BYTES {
+                bail!("{}", wire::too_large_message(Some(json.len())));
+            }
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(json);
         }
         let resp = match req.send().await {
             Ok(r) => r,

@@ -189,7 +189,7 @@ async fn create(
         .unwrap_or_else(|| PathBuf::from("."));
     let parsed = JobSpec::from_yaml(&file.display().to_string(), &text, &base)
         .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("invalid job definition {}", file.display()))?;
+        .context("invalid job definition")?;
     for w in &parsed.warnings {
         eprintln!("warning: {w}");
     }

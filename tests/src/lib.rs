@@ -638,7 +638,13 @@ impl ServerProc {
 
     /// Creates a cluster of up to `max_nodes` and returns its join token.
     pub fn create_cluster(&self, name: &str, max_nodes: u32) -> String {
-        let out = self.cli_ok(&[
+        self.create_cluster_with(name, max_nodes, &[])
+    }
+
+    /// Like [`ServerProc::create_cluster`], with more `compute create` flags.
+    pub fn create_cluster_with(&self, name: &str, max_nodes: u32, extra: &[&str]) -> String {
+        let max = max_nodes.to_string();
+        let mut args = vec![
             "compute",
             "create",
             "--name",
@@ -646,8 +652,10 @@ impl ServerProc {
             "--vm-size",
             "STANDARD_D3_V2",
             "--max-nodes",
-            &max_nodes.to_string(),
-        ]);
+            &max,
+        ];
+        args.extend_from_slice(extra);
+        let out = self.cli_ok(&args);
         out.lines()
             .last()
             .map(|l| l.trim().to_string())

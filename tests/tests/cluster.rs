@@ -18,10 +18,15 @@ struct Cluster {
 
 impl Cluster {
     fn start(grace_seconds: u64) -> Cluster {
+        Cluster::start_with(grace_seconds, &[])
+    }
+
+    /// A cluster created with these extra `compute create` flags.
+    fn start_with(grace_seconds: u64, flags: &[&str]) -> Cluster {
         require_docker();
         let server = ServerProc::start(grace_seconds);
         let name = "e2e".to_string();
-        let join = server.create_cluster(&name, 2);
+        let join = server.create_cluster_with(&name, 2, flags);
         let tag = unique_name("n");
         let agents = (1..=2)
             .map(|i| AgentProc::start(&server, &name, &join, &format!("{tag}-{i}")))
@@ -71,18 +76,30 @@ impl Cluster {
 
     /// Submits a job and returns its name.
     fn submit(&self, command: &str, instances: u32) -> String {
+        self.submit_yaml(&format!(
+            "command: {command}\nenvironment:\n  image: {}\nresources:\n  instance_count: {instances}\n",
+            drover_tests::BASE_IMAGE
+        ))
+    }
+
+    /// Submits a job written as `yaml` and returns its name.
+    fn submit_yaml(&self, yaml: &str) -> String {
         let name = unique_name("cl");
+        let out = self.submit_args(yaml, &name);
+        assert!(
+            out.status.success(),
+            "submitting failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        name
+    }
+
+    /// `drover job create` of `yaml` as `name`, whatever its outcome.
+    fn submit_args(&self, yaml: &str, name: &str) -> std::process::Output {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("job.yml");
-        std::fs::write(
-            &file,
-            format!(
-                "command: {command}\nenvironment:\n  image: {}\nresources:\n  instance_count: {instances}\n",
-                drover_tests::BASE_IMAGE
-            ),
-        )
-        .expect("write job");
-        self.server.cli_ok(&[
+        std::fs::write(&file, yaml).expect("write job");
+        self.server.cli(&[
             "job",
             "create",
             "-f",
@@ -90,9 +107,8 @@ impl Cluster {
             "--compute",
             &self.name,
             "--name",
-            &name,
-        ]);
-        name
+            name,
+        ])
     }
 
     fn logs(&self, job: &str) -> String {
@@ -453,4 +469,57 @@ fn an_agent_configured_by_file_serves_metrics() {
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
     assert!(text.contains("drover_agent_pulls_total"), "{text}");
     assert_eq!(agent.terminate(Duration::from_secs(20)), Some(0));
+}
+
+#[test]
+fn host_paths_are_the_clusters_policy_checked_by_the_server_and_again_by_the_node() {
+    let allowed = tempfile::tempdir().expect("allowed dir");
+    let allowed = std::fs::canonicalize(allowed.path()).expect("canonical");
+    std::fs::create_dir_all(allowed.join("data")).expect("data dir");
+    std::fs::write(allowed.join("data/greeting.txt"), "hello-from-an-allowed-path\n")
+        .expect("file");
+    // A link under the allowed prefix that leads out of it.
+    std::os::unix::fs::symlink("/etc", allowed.join("escape")).expect("symlink");
+    let prefix = allowed.display().to_string();
+    let c = Cluster::start_with(40, &["--allow-host-path", &prefix]);
+    let yaml = |mount: &str| {
+        format!(
+            "command: cat /d/greeting.txt\nenvironment:\n  image: {}\ndrover:\n  mounts: ['{mount}:/d:ro']\n",
+            drover_tests::BASE_IMAGE
+        )
+    };
+
+    // Under the allowed prefix: it runs and sees the file.
+    let ok = c.submit_yaml(&yaml(&format!("{prefix}/data")));
+    c.server
+        .wait_job_state(&ok, "completed", Duration::from_secs(90));
+    assert!(c.logs(&ok).contains("hello-from-an-allowed-path"), "{}", c.logs(&ok));
+
+    // The Docker socket, /etc and paths outside the prefix are refused at
+    // submission: nothing is stored, nothing runs.
+    for (mount, expect) in [
+        ("/var/run/docker.sock", "is a container engine's socket"),
+        ("/etc", "is never allowed: /etc is under /etc"),
+        ("/opt/data", "is not under a host path cluster e2e allows"),
+    ] {
+        let name = unique_name("refused");
+        let out = c.submit_args(&yaml(mount), &name);
+        assert!(!out.status.success(), "{mount} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("drover.mounts[0].source: "), "{err}");
+        assert!(err.contains(expect), "{mount}: {err}");
+        assert!(!c.server.cli(&["job", "show", &name]).status.success());
+    }
+
+    // A link out of the prefix passes the server's lexical check; the node,
+    // which sees the real path, refuses it before anything reaches Docker.
+    let escape = c.submit_yaml(&yaml(&format!("{prefix}/escape")));
+    c.server
+        .wait_job_state(&escape, "failed", Duration::from_secs(90));
+    let logs = c.logs(&escape);
+    assert!(
+        logs.contains(&format!("{prefix}/escape resolves to /etc, which is never allowed")),
+        "{logs}"
+    );
+    assert!(containers_of_job(&escape).is_empty(), "no container was created");
 }

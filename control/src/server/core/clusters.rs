@@ -38,7 +38,8 @@ impl ControlPlane {
             &self.config.autoscaler,
         );
         ClusterStatusView {
-            creating: u32::try_from(nodes.len() - view.nodes.len()).unwrap_or(u32::MAX),
+            creating: u32::try_from(nodes.len().saturating_sub(view.nodes.len()))
+                .unwrap_or(u32::MAX),
             nodes,
             decision,
         }

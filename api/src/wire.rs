@@ -388,6 +388,11 @@ pub struct JobInfo {
     pub ended_at: Option<Timestamp>,
     /// Why it failed, was canceled, or was last requeued.
     pub failure_reason: Option<String>,
+    /// Why a queued job is still waiting, when the server knows: its
+    /// cluster's scaling error while the cluster cannot reach its target,
+    /// or the nodes being created for it.
+    #[serde(default)]
+    pub waiting_reason: Option<String>,
     /// Its parts, by attempt then rank (empty in listings).
     #[serde(default)]
     pub parts: Vec<PartInfo>,

@@ -1,7 +1,8 @@
 //! The control plane's scaling glue against a stand-in provider: machines
 //! it made count as preparing until their agents register, are not made
 //! twice, are given up when they die or never register, dead nodes are
-//! reclaimed once their machine stopped, and idle nodes leave cleanly.
+//! reclaimed once their machine stopped, idle nodes leave cleanly, and a
+//! queued job says what it waits for.
 //! (The local provider itself is exercised against Docker in
 //! `tests/tests/local.rs`.)
 
@@ -79,6 +80,9 @@ impl Provider for Machines {
         count: u32,
         join_token: &'a str,
     ) -> ProviderFuture<'a, Vec<ProvisionedNode>> {
+        if let Some(e) = self.outage_error(Operation::CreateNodes) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
         self.tokens.lock().unwrap().push(join_token.to_string());
         let mut out = Vec::new();
         for _ in 0..count {
@@ -372,4 +376,45 @@ async fn every_provider_error_of_a_pass_is_recorded_and_a_failed_listing_makes_n
             "the local provider failed to remove a node: the backend is down",
         ]
     );
+}
+
+async fn waiting_reason(core: &ControlPlane) -> Option<String> {
+    core.job("one".into()).await.expect("job").waiting_reason
+}
+
+#[tokio::test]
+async fn a_queued_job_says_why_it_waits_until_it_is_placed() {
+    let s = setup(CoreConfig::default(), 0, 2, 120).await;
+    submit(&s.core, "one", 1).await;
+    // Decided, not yet asked of the provider.
+    assert_eq!(
+        waiting_reason(&s.core).await.as_deref(),
+        Some("waiting for 1 node: cluster loc is resizing 0 → 1")
+    );
+
+    // The provider cannot create nodes: its error is the job's reason.
+    s.machines.fail(&[Operation::CreateNodes]);
+    s.core.schedule_pass().await.expect("pass");
+    assert_eq!(
+        waiting_reason(&s.core).await.as_deref(),
+        Some(
+            "cluster loc cannot reach 1 node: the local provider failed to create nodes: the backend is down"
+        )
+    );
+
+    // It recovers: the machine is being made.
+    s.machines.fail(&[]);
+    s.core.schedule_pass().await.expect("pass");
+    assert_eq!(s.machines.ids(), ["m-1"]);
+    assert_eq!(
+        waiting_reason(&s.core).await.as_deref(),
+        Some("waiting for 1 node: cluster loc is resizing 0 → 1")
+    );
+
+    // Its agent registers and the job is placed: nothing to wait for.
+    register(&s.core, "m-1", &s.machines.token()).await;
+    s.core.schedule_pass().await.expect("pass");
+    let job = s.core.job("one".into()).await.expect("job");
+    assert_eq!(job.state, JobState::Preparing);
+    assert_eq!(job.waiting_reason, None);
 }

@@ -31,6 +31,17 @@ pub struct DockerRuntime {
     docker: Docker,
 }
 
+/// A local image as [`DockerRuntime::images_labelled`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Its content id (`sha256:…`), which names it even once untagged.
+    pub id: String,
+    /// Its names (`repo:tag`); empty when untagged.
+    pub tags: Vec<String>,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+}
+
 fn engine_error(e: BollardError) -> RuntimeError {
     match e {
         BollardError::DockerResponseServerError {
@@ -293,8 +304,37 @@ impl DockerRuntime {
         Ok(found.into_iter().flat_map(|i| i.repo_tags).collect())
     }
 
-    /// Removes a local image by name; one a container uses is refused
-    /// ([`RuntimeError::Conflict`]), never forced.
+    /// Local images carrying every label of `labels`, untagged ones included.
+    pub async fn images_labelled(
+        &self,
+        labels: &[(String, String)],
+    ) -> Result<Vec<ImageInfo>, RuntimeError> {
+        let options = bollard::query_parameters::ListImagesOptions {
+            filters: Some(label_filter(labels)),
+            ..Default::default()
+        };
+        let found = self
+            .docker
+            .list_images(Some(options))
+            .await
+            .map_err(engine_error)?;
+        Ok(found
+            .into_iter()
+            .map(|i| ImageInfo {
+                id: i.id,
+                tags: i
+                    .repo_tags
+                    .into_iter()
+                    .filter(|t| t != "<none>:<none>")
+                    .collect(),
+                labels: i.labels.into_iter().collect(),
+            })
+            .collect())
+    }
+
+    /// Removes a local image by name, or by id (refused while several names
+    /// share it); one a container uses is refused ([`RuntimeError::Conflict`]),
+    /// never forced. Removing one of several names only drops that name.
     pub async fn remove_image(&self, name: &str) -> Result<(), RuntimeError> {
         self.docker
             .remove_image(

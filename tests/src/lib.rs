@@ -895,12 +895,27 @@ impl LocalUp {
         Self::up_build(extra, true)
     }
 
+    /// `drover up` with debug builds, its node image built from `agent`
+    /// (another agent build: a node image of its own).
+    pub fn up_with_agent(agent: &Path, extra: &[&str]) -> LocalUp {
+        Self::up_from(agent, extra, false)
+    }
+
     fn up_build(extra: &[&str], release: bool) -> LocalUp {
-        require_docker();
-        let (agent, init) = if release {
-            (agent_bin_release(), init_bin_release())
+        let agent = if release {
+            agent_bin_release()
         } else {
-            (agent_bin(), init_bin())
+            agent_bin()
+        };
+        Self::up_from(&agent, extra, release)
+    }
+
+    fn up_from(agent: &Path, extra: &[&str], release: bool) -> LocalUp {
+        require_docker();
+        let init = if release {
+            init_bin_release()
+        } else {
+            init_bin()
         };
         let up = LocalUp {
             data: tempfile::tempdir().expect("tempdir"),
@@ -941,6 +956,12 @@ impl LocalUp {
     }
 
     fn drover(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("drover runs")
+    }
+
+    /// `drover ARGS` against this cluster's server, not started (for
+    /// commands that run on, like `job create --stream`).
+    pub fn command(&self, args: &[&str]) -> Command {
         let bin = if self.release {
             drover_bin_release()
         } else {
@@ -957,7 +978,7 @@ impl LocalUp {
         if !token.is_empty() {
             cmd.env("DROVER_TOKEN", token);
         }
-        cmd.output().expect("drover runs")
+        cmd
     }
 
     /// Runs `drover ARGS` against this cluster's server.
@@ -1068,6 +1089,18 @@ impl Drop for LocalUp {
             ]);
         }
     }
+}
+
+/// The node image `drover up` builds from `agent`: `drover/node:` and the
+/// first 16 hex digits of the binary's SHA-256.
+pub fn node_image_for(agent: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(agent)
+        .output()
+        .expect("sha256sum runs");
+    assert!(out.status.success(), "sha256sum {}", agent.display());
+    let digest = String::from_utf8_lossy(&out.stdout);
+    format!("drover/node:{}", &digest[..16])
 }
 
 /// Containers (any state) carrying `label=value`.

@@ -2,10 +2,15 @@
 //! networks, scaled by the autoscaler, lost, preempted and replaced for
 //! real, and removed by `drover down`.
 
-use std::time::Duration;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use drover_tests::{
-    JobDir, LocalUp, containers_labelled, networks_labelled, short_name, wait_until,
+    JobDir, LocalUp, agent_bin, containers_labelled, networks_labelled, node_image_for, short_name,
+    unique_name, wait_until,
 };
 use serde_json::Value;
 
@@ -305,4 +310,300 @@ fn a_preempted_low_priority_node_restarts_its_job_on_a_new_node() {
     assert_restarted_elsewhere(&up.job(&job), &victim);
     // The preempted node's container is reclaimed, its record too.
     assert_node_gone(&up, &spot, &victim);
+}
+
+/// A copy of the agent binary with `marker` appended: the same program, as
+/// another build of it, so its digest (and node image tag) differ.
+fn agent_copy(dir: &Path, marker: &str) -> PathBuf {
+    let path = dir.join(format!("{marker}/drover-agent"));
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("agent dir");
+    std::fs::copy(agent_bin(), &path).expect("copy the agent");
+    let mut bytes = std::fs::read(&path).expect("read the copy");
+    bytes.extend_from_slice(
+        format!("\ndrover-test-build {marker} {}\n", unique_name("b")).as_bytes(),
+    );
+    std::fs::write(&path, bytes).expect("write the copy");
+    path
+}
+
+/// The names (`repo:tag`) of a local image, or `None` when it is not there.
+fn image_names(image: &str) -> Option<Vec<String>> {
+    let out = Command::new("docker")
+        .args([
+            "image",
+            "inspect",
+            "--format",
+            "{{join .RepoTags \" \"}}",
+            image,
+        ])
+        .output()
+        .expect("docker image inspect");
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    })
+}
+
+/// A label of a local image.
+fn image_label(image: &str, label: &str) -> String {
+    let out = Command::new("docker")
+        .args([
+            "image",
+            "inspect",
+            "--format",
+            &format!("{{{{index .Config.Labels \"{label}\"}}}}"),
+            image,
+        ])
+        .output()
+        .expect("docker image inspect");
+    assert!(out.status.success(), "{image} is not there");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Removes an image under every name it has (`docker rmi`, not forced).
+fn remove_image(image: &str) {
+    let Some(names) = image_names(image) else {
+        return;
+    };
+    let out = Command::new("docker")
+        .arg("rmi")
+        .args(&names)
+        .output()
+        .expect("docker rmi");
+    assert!(
+        out.status.success(),
+        "docker rmi {names:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Removes the node images a test built, under every name, when dropped.
+/// Declared before the clusters using them, so it runs after their `down`.
+struct BuiltImages(Vec<String>);
+
+impl Drop for BuiltImages {
+    fn drop(&mut self) {
+        for image in &self.0 {
+            if let Some(names) = image_names(image) {
+                let _ = Command::new("docker")
+                    .arg("rmi")
+                    .args(&names)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
+/// Flags for a cluster of one node that goes back to zero nodes quickly.
+const ONE_NODE_BRIEFLY: &[&str] = &[
+    "--max-nodes",
+    "1",
+    "--idle-seconds-before-scaledown",
+    "2",
+    "--scale-down-cooldown-seconds",
+    "0",
+];
+
+/// Waits until `cluster` is back at zero nodes with no node container left.
+fn wait_for_zero_nodes(up: &LocalUp, cluster: &str) {
+    let ok = wait_until(Duration::from_secs(60), || {
+        let (current, target, alloc, _) = status(up, cluster);
+        current == 0
+            && target == 0
+            && alloc == "Steady"
+            && containers_labelled("drover.cluster", cluster).is_empty()
+    });
+    assert!(
+        ok,
+        "never back to 0: {:?}\n{}",
+        status(up, cluster),
+        up.log_text()
+    );
+}
+
+/// Runs one small job on `up`'s cluster and checks that it completed.
+fn run_a_job(up: &LocalUp, words: &str) {
+    let file = job_file(&format!(
+        "command: echo {words}\nenvironment:\n  image: drover/base:bookworm\n"
+    ));
+    let job = up.submit(&file.job_file(), &up.cluster);
+    up.wait_job_state(&job, "completed", Duration::from_secs(90));
+    let logs = up.cli_ok(&["job", "logs", &job]);
+    assert!(logs.contains(words), "{logs}");
+}
+
+/// A second Drover build (another agent binary) in another data dir builds
+/// its own node image while a first cluster sits at zero nodes: the first
+/// cluster's image stays (each is labelled with the control plane that built
+/// it), and the first cluster still scales up and runs a job afterwards.
+#[test]
+fn a_second_build_keeps_the_node_image_of_a_cluster_at_zero_nodes() {
+    let agents = tempfile::tempdir().expect("tempdir");
+    let (agent_a, agent_b) = (
+        agent_copy(agents.path(), "first"),
+        agent_copy(agents.path(), "second"),
+    );
+    let (image_a, image_b) = (node_image_for(&agent_a), node_image_for(&agent_b));
+    assert_ne!(image_a, image_b);
+    let _built = BuiltImages(vec![image_a.clone(), image_b.clone()]);
+
+    let first = LocalUp::up_with_agent(&agent_a, ONE_NODE_BRIEFLY);
+    let (current, target, _, _) = status(&first, &first.cluster);
+    assert_eq!((current, target), (0, 0));
+    assert!(image_names(&image_a).is_some(), "{image_a} was not built");
+    let builder_a = image_label(&image_a, "drover.control-plane");
+    assert!(!builder_a.is_empty(), "{image_a} carries no builder label");
+
+    let mut second = LocalUp::up_with_agent(&agent_b, ONE_NODE_BRIEFLY);
+    let names_b = image_names(&image_b).expect("the second build has its own node image");
+    let builder_b = image_label(&image_b, "drover.control-plane");
+    assert_ne!(builder_a, builder_b);
+    // Marked as in use by the second control plane, while its server runs.
+    assert!(
+        names_b.contains(&format!("drover/node:used-by-{builder_b}")),
+        "{names_b:?}"
+    );
+    let names_a = image_names(&image_a).unwrap_or_else(|| {
+        panic!(
+            "the second build removed {image_a}, the image of a cluster at zero nodes:\n{}",
+            second.log_text()
+        )
+    });
+    assert!(
+        names_a.contains(&format!("drover/node:used-by-{builder_a}")),
+        "{names_a:?}"
+    );
+    let said = second.down();
+    assert!(said.contains("removed"), "{said}");
+    // Its mark is dropped with its server; its image keeps its own name.
+    assert_eq!(image_names(&image_b), Some(vec![image_b.clone()]));
+    assert!(containers_labelled("drover.cluster", &second.cluster).is_empty());
+    assert!(networks_labelled("drover.cluster", &second.cluster).is_empty());
+
+    run_a_job(&first, "first-cluster-still-runs");
+    assert!(image_names(&image_a).is_some());
+}
+
+/// With a cluster at zero nodes and its node image removed, a job submitted
+/// makes the provider build the image again, and the job completes. When it
+/// cannot (the agent binary is gone too), a job followed with `--stream`
+/// says why within seconds, `job show` has a `waiting:` line, and once the
+/// agent binary is back the image is rebuilt and the job completes.
+#[test]
+fn a_missing_node_image_is_rebuilt_and_a_job_that_waits_says_why() {
+    let agents = tempfile::tempdir().expect("tempdir");
+    let agent = agent_copy(agents.path(), "rebuild");
+    let image = node_image_for(&agent);
+    let _built = BuiltImages(vec![image.clone()]);
+    let up = LocalUp::up_with_agent(&agent, ONE_NODE_BRIEFLY);
+    let cluster = up.cluster.clone();
+
+    remove_image(&image);
+    assert_eq!(image_names(&image), None);
+    run_a_job(&up, "ran-on-a-rebuilt-image");
+    assert!(image_names(&image).is_some(), "{image} was not rebuilt");
+    assert!(
+        up.log_text().contains("node image rebuilt"),
+        "{}",
+        up.log_text()
+    );
+    wait_for_zero_nodes(&up, &cluster);
+
+    // Now it cannot be rebuilt: no image, no agent binary.
+    remove_image(&image);
+    let away = agent.with_extension("away");
+    std::fs::rename(&agent, &away).expect("move the agent away");
+    let file =
+        job_file("command: echo waited-then-ran\nenvironment:\n  image: drover/base:bookworm\n");
+    let name = short_name("wait");
+    let submitted = Instant::now();
+    let mut follower = up
+        .command(&[
+            "job",
+            "create",
+            "-f",
+            &file.job_file().display().to_string(),
+            "-c",
+            &cluster,
+            "-n",
+            &name,
+            "--stream",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("drover job create --stream");
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let mut pipe = follower.stderr.take().expect("stderr");
+    let sink = Arc::clone(&stderr);
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if let Ok(mut s) = sink.lock() {
+                s.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+    });
+    let said = |what: &str| stderr.lock().map(|s| s.contains(what)).unwrap_or(false);
+    assert!(
+        wait_until(Duration::from_secs(20), || said("could not be rebuilt")),
+        "the follower never said why the job waits:\n{}\nserver log:\n{}",
+        stderr.lock().map(|s| s.clone()).unwrap_or_default(),
+        up.log_text()
+    );
+    let waited = submitted.elapsed();
+    assert!(
+        waited < Duration::from_secs(15),
+        "said why only after {waited:?}"
+    );
+    let show = up.cli_ok(&["job", "show", &name]);
+    let waiting = show
+        .lines()
+        .find(|l| l.starts_with("waiting:"))
+        .unwrap_or_else(|| panic!("no waiting line:\n{show}"));
+    for words in [
+        image.as_str(),
+        "is missing and could not be rebuilt",
+        "cannot read the agent binary",
+    ] {
+        assert!(waiting.contains(words), "{words} not in {waiting}");
+    }
+    assert_eq!(up.job(&name)["state"], "queued");
+    // The cluster says the same in its scaling errors.
+    let errors = up.compute(&cluster)["status"]["errors"].to_string();
+    assert!(errors.contains("could not be rebuilt"), "{errors}");
+
+    // The agent binary is back: the next pass rebuilds and the job runs.
+    std::fs::rename(&away, &agent).expect("move the agent back");
+    let ended = wait_until(Duration::from_secs(120), || {
+        matches!(follower.try_wait(), Ok(Some(_)))
+    });
+    if !ended {
+        let _ = follower.kill();
+    }
+    let out = follower.wait_with_output().expect("follower output");
+    let _ = reader.join();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = stderr.lock().map(|s| s.clone()).unwrap_or_default();
+    assert!(
+        ended && out.status.success(),
+        "the job did not complete after the rebuild ({:?}):\n{stdout}\n{stderr}\n{}",
+        out.status,
+        up.log_text()
+    );
+    assert!(stdout.contains("waited-then-ran"), "{stdout}");
+    assert!(stderr.contains("queued: cluster"), "{stderr}");
+    assert!(image_names(&image).is_some());
+    assert!(
+        up.job(&name)["waiting_reason"].is_null(),
+        "{}",
+        up.job(&name)
+    );
 }

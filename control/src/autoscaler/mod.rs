@@ -5,6 +5,9 @@
 //! joined, reclaimable), calls [`decide`], and returns a [`ScalingPlan`]
 //! that the control plane only carries out.
 //!
+//! [`waiting_reason`] (in `waiting.rs`) tells a queued job's user why it
+//! waits, from the same decision.
+//!
 //! [`decide`] is a pure function over one cluster's spec, nodes and jobs, the
 //! time, the time of the last scale action and the latest provider error; it
 //! returns a [`ScaleDecision`] that the control plane hands to the cluster's
@@ -37,6 +40,7 @@
 //!   are listed for the provider to delete, regardless of the cool-down.
 
 mod plan;
+mod waiting;
 
 use std::time::Duration;
 
@@ -46,6 +50,7 @@ use drover_api::cluster::{
 use drover_api::compute::ComputeSpec;
 
 pub use self::plan::{NeverJoined, ScalingInput, ScalingPlan, plan, with_pending};
+pub use self::waiting::{ClusterProgress, waiting_reason};
 
 /// Default cool-down between a scale action and the next removal.
 pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(30);

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use drover_api::JobSpec;
+use drover_api::cluster::JobState;
 use drover_api::wire;
 use reqwest::Method;
 
@@ -83,7 +84,7 @@ pub async fn run(args: JobArgs) -> anyhow::Result<i32> {
             logs(&client, &job, true, json).await?;
             let end = get_job(&client, &job).await?;
             eprintln!("job {job} {}", end.state);
-            Ok(if end.state == drover_api::cluster::JobState::Completed {
+            Ok(if end.state == JobState::Completed {
                 0
             } else {
                 1
@@ -232,6 +233,9 @@ fn show(j: &wire::JobInfo) -> String {
     if let Some(r) = &j.failure_reason {
         kv("reason:", r.clone());
     }
+    if let Some(w) = &j.waiting_reason {
+        kv("waiting:", w.clone());
+    }
     if let Some(job) = j.spec.as_ref().and_then(|s| s.as_command()) {
         kv("image:", job.image.clone());
         kv("command:", job.command.clone());
@@ -256,8 +260,36 @@ fn show(j: &wire::JobInfo) -> String {
     out
 }
 
+/// How often a follower asks a queued job why it waits.
+const WAITING_POLL: Duration = Duration::from_secs(2);
+
+/// Prints, on stderr, why a followed job waits: when a reason first appears
+/// and whenever it changes, so a job that cannot start is not silence.
+#[derive(Default)]
+struct WaitingNotes {
+    last: Option<String>,
+}
+
+impl WaitingNotes {
+    /// The line to print for the job's latest reason, if it is news.
+    fn note(&mut self, reason: Option<&str>) -> Option<String> {
+        let reason = reason?;
+        if self.last.as_deref() == Some(reason) {
+            return None;
+        }
+        self.last = Some(reason.to_string());
+        Some(format!("queued: {reason}"))
+    }
+}
+
 async fn logs(client: &Client, name: &str, follow: bool, json: bool) -> anyhow::Result<i32> {
-    let multi = get_job(client, name).await?.instance_count > 1;
+    let job = get_job(client, name).await?;
+    let multi = job.instance_count > 1;
+    let mut waiting = WaitingNotes::default();
+    if follow && let Some(line) = waiting.note(job.waiting_reason.as_deref()) {
+        eprintln!("{line}");
+    }
+    let mut asked = std::time::Instant::now();
     let mut from = 0u64;
     loop {
         let page: wire::LogPage = client
@@ -292,7 +324,40 @@ async fn logs(client: &Client, name: &str, follow: bool, json: bool) -> anyhow::
             return Ok(0);
         }
         if caught_up {
+            if page.job_state == JobState::Queued && asked.elapsed() >= WAITING_POLL {
+                asked = std::time::Instant::now();
+                let job = get_job(client, name).await?;
+                if let Some(line) = waiting.note(job.waiting_reason.as_deref()) {
+                    eprintln!("{line}");
+                }
+            }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_reason_is_printed_when_it_appears_and_when_it_changes() {
+        let mut w = WaitingNotes::default();
+        assert_eq!(w.note(None), None);
+        assert_eq!(
+            w.note(Some("waiting for 1 node: cluster cpu is resizing 0 → 1"))
+                .as_deref(),
+            Some("queued: waiting for 1 node: cluster cpu is resizing 0 → 1")
+        );
+        assert_eq!(
+            w.note(Some("waiting for 1 node: cluster cpu is resizing 0 → 1")),
+            None
+        );
+        assert_eq!(w.note(None), None);
+        assert_eq!(
+            w.note(Some("cluster cpu cannot reach 1 node: quota"))
+                .as_deref(),
+            Some("queued: cluster cpu cannot reach 1 node: quota")
+        );
     }
 }

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use drover_control::provider::local::{LocalConfig, ensure_node_image};
+use drover_control::provider::local::{
+    LocalConfig, NodeImageSource, control_plane_id, ensure_node_image,
+};
 use drover_control::server::{self, ADMIN_TOKEN_FILE, ServerConfig};
 
 use super::default_data_dir;
@@ -50,7 +52,9 @@ pub struct ServerArgs {
 /// The local provider's options.
 #[derive(clap::Args, Clone)]
 pub struct LocalArgs {
-    /// Node image (default: built from the agent binary on drover/base:bookworm when missing).
+    /// Node image, used as it is: never built, nor rebuilt when it goes
+    /// missing (default: built from the agent binary on drover/base:bookworm
+    /// when missing, and rebuilt from it when it goes missing).
     #[arg(long)]
     pub node_image: Option<String>,
     /// The drover-agent put into the node image (default: next to drover).
@@ -75,8 +79,8 @@ impl LocalArgs {
     pub async fn config(&self, data_dir: &Path) -> anyhow::Result<LocalConfig> {
         let init = drover_runner::init_binary::find(self.init.as_deref())
             .context("the local provider gives drover-init to job containers")?;
-        let image = match &self.node_image {
-            Some(i) => i.clone(),
+        let (image, source) = match &self.node_image {
+            Some(i) => (i.clone(), None),
             None => {
                 let agent = match &self.agent_binary {
                     Some(p) => p.clone(),
@@ -84,15 +88,30 @@ impl LocalArgs {
                         .context("locating drover")?
                         .with_file_name("drover-agent"),
                 };
+                // Absolute: the server rebuilds from it later, and `drover up`
+                // hands it to a server that may run elsewhere.
+                let agent = std::path::absolute(&agent)
+                    .with_context(|| format!("cannot resolve {}", agent.display()))?;
+                let source = NodeImageSource::new(agent);
                 let docker = drover_runner::DockerRuntime::connect()
                     .await
                     .context("the local provider needs Docker")?;
-                ensure_node_image(&docker, &agent, |line| eprintln!("  {line}"))
+                let image =
+                    ensure_node_image(&docker, &source, &control_plane_id(data_dir), |line| {
+                        eprintln!("  {line}")
+                    })
                     .await
-                    .with_context(|| format!("building the node image from {}", agent.display()))?
+                    .with_context(|| {
+                        format!(
+                            "building the node image from {}",
+                            source.agent_binary.display()
+                        )
+                    })?;
+                (image, Some(source))
             }
         };
         let mut config = LocalConfig::new(data_dir, 0, image, init);
+        config.node_image_source = source;
         config.imds_listen = self.imds_listen;
         config.heartbeat_seconds = self.node_heartbeat_seconds;
         config.stop_grace_seconds = self.node_stop_grace_seconds;

@@ -4,8 +4,9 @@
 //! `up` builds what is missing (the base image, offline when no registry
 //! answers; the node image), starts `drover server --local` in the
 //! background with its log and pid in the data directory, creates the
-//! default cluster and says how to submit a job. `down` stops that server
-//! and removes every container and network its local provider created.
+//! default cluster and says how to submit a job. `down` stops that server,
+//! removes every container and network its local provider created, and
+//! drops its mark on the node image it used.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -14,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use drover_api::compute::{ComputeSpec, ProviderKind, VmPriority};
 use drover_api::wire;
-use drover_control::provider::local::{BASE_IMAGE, control_plane_id, tear_down};
+use drover_control::provider::local::{
+    BASE_IMAGE, LocalConfig, control_plane_id, release_node_image, tear_down,
+};
 use drover_runner::DockerRuntime;
 use drover_runner::runtime::ContainerRuntime;
 use futures_util::StreamExt;
@@ -117,7 +120,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
         Some(pid) => step(&format!("server already running (pid {pid})")),
         None => {
             step(&format!("starting drover server on 0.0.0.0:{}", args.port));
-            start_server(&dir, &args, &local.node_image, &local.init_binary)?;
+            start_server(&dir, &args, &local)?;
         }
     }
     let client = wait_for_server(&dir, &server).await?;
@@ -206,7 +209,7 @@ fn find_offline_script() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn start_server(dir: &Path, args: &UpArgs, image: &str, init: &Path) -> anyhow::Result<()> {
+fn start_server(dir: &Path, args: &UpArgs, local: &LocalConfig) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt as _;
     let exe = std::env::current_exe().context("locating drover")?;
     let log_path = dir.join(LOG_FILE);
@@ -218,17 +221,21 @@ fn start_server(dir: &Path, args: &UpArgs, image: &str, init: &Path) -> anyhow::
     let err = log
         .try_clone()
         .with_context(|| format!("cannot open {}", log_path.display()))?;
-    let child = std::process::Command::new(exe)
-        .arg("server")
-        .arg("--local")
+    let mut command = std::process::Command::new(exe);
+    command.arg("server").arg("--local");
+    // The agent binary rather than the image it built: the server then knows
+    // how to build the image again should it go missing.
+    match &local.node_image_source {
+        Some(source) => command.arg("--agent-binary").arg(&source.agent_binary),
+        None => command.arg("--node-image").arg(&local.node_image),
+    };
+    let child = command
         .arg("--data-dir")
         .arg(dir)
         .arg("--listen")
         .arg(format!("0.0.0.0:{}", args.port))
-        .arg("--node-image")
-        .arg(image)
         .arg("--init")
-        .arg(init)
+        .arg(&local.init_binary)
         .arg("--grace-seconds")
         .arg(args.grace_seconds.to_string())
         .arg("--scale-down-cooldown-seconds")
@@ -342,13 +349,22 @@ pub async fn down(args: DownArgs) -> anyhow::Result<i32> {
     let docker = DockerRuntime::connect()
         .await
         .context("drover down needs the Docker engine to remove the nodes")?;
-    let done = tear_down(&docker, &control_plane_id(&dir))
+    let control_plane = control_plane_id(&dir);
+    let done = tear_down(&docker, &control_plane)
         .await
         .context("removing the local cluster's containers and networks")?;
     step(&format!(
         "removed {} node container(s), {} job container(s), {} network(s)",
         done.nodes, done.jobs, done.networks
     ));
+    // No server uses the node image any more: another control plane that
+    // built it may remove it; `drover up` builds it again when needed.
+    if let Err(e) = release_node_image(&docker, &control_plane).await {
+        eprintln!(
+            "    cannot release the node image: {}",
+            drover_api::error::chain(&e)
+        );
+    }
     if args.purge {
         std::fs::remove_dir_all(&dir)
             .with_context(|| format!("cannot delete {}", dir.display()))?;

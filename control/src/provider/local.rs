@@ -26,6 +26,17 @@
 //! State lives in Docker: node containers carry labels (cluster, control
 //! plane, the VM record as JSON), so a restarted server re-registers its VMs
 //! with a fresh emulator and lists its nodes again.
+//!
+//! Node images are shared by every control plane on the machine that runs
+//! the same agent binary (`drover/node:<agent digest>`), so their upkeep
+//! follows two rules: an image carries the label of the control plane that
+//! built it, and a control plane marks the one it uses with a tag of its own
+//! (`drover/node:used-by-<control plane>`). A control plane removes only
+//! images it built that neither it nor any other control plane marks
+//! ([`node_images_to_remove`]); and since an image can still disappear (a
+//! `docker rmi`, an image pruned by its builder between a check and a mark),
+//! the provider checks its image before creating nodes and builds it again
+//! from its [`NodeImageSource`] when it is gone.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -41,6 +52,7 @@ use drover_imds_emulator::{
     ServeError, VmSpec,
 };
 use drover_runner::DockerRuntime;
+use drover_runner::docker::ImageInfo;
 use drover_runner::runtime::{
     Bind, ContainerRuntime, ContainerState, ContainerSummary, ContextFile, NodeContainerConfig,
     RuntimeError,
@@ -53,6 +65,9 @@ use super::{Operation, Provider, ProviderError, ProviderFuture, ProvisionState, 
 pub const BASE_IMAGE: &str = "drover/base:bookworm";
 /// Repository of node images; the tag is the agent binary's digest.
 pub const NODE_IMAGE_REPO: &str = "drover/node";
+/// Prefix of the tag that marks the node image a control plane uses:
+/// `drover/node:used-by-<control plane>`.
+const IN_USE_TAG_PREFIX: &str = "used-by-";
 /// Label on a node container holding its VM record (JSON).
 const VM_LABEL: &str = "drover.vm";
 /// Where the agent lives in the node image.
@@ -74,6 +89,10 @@ pub struct LocalConfig {
     pub imds_listen: SocketAddr,
     /// The node image (see [`ensure_node_image`]).
     pub node_image: String,
+    /// What `node_image` was built from, so that the provider can build it
+    /// again when it goes missing; `None` for an image given by name, which
+    /// the provider cannot rebuild.
+    pub node_image_source: Option<NodeImageSource>,
     /// Host path of the static `drover-init`.
     pub init_binary: PathBuf,
     /// Host folder holding one data folder per node.
@@ -100,11 +119,31 @@ impl LocalConfig {
             server_port,
             imds_listen: SocketAddr::from(([0, 0, 0, 0], 7341)),
             node_image,
+            node_image_source: None,
             init_binary,
             nodes_dir: data_dir.join("local-nodes"),
             heartbeat_seconds: 2.0,
             stop_grace_seconds: 10.0,
             subnet_prefix: [10, 213],
+        }
+    }
+}
+
+/// What a node image is built from: [`ensure_node_image`]'s input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeImageSource {
+    /// The `drover-agent` binary put into the image; its digest is the tag.
+    pub agent_binary: PathBuf,
+    /// The image it is built on.
+    pub base_image: String,
+}
+
+impl NodeImageSource {
+    /// `agent_binary` on [`BASE_IMAGE`].
+    pub fn new(agent_binary: PathBuf) -> Self {
+        NodeImageSource {
+            agent_binary,
+            base_image: BASE_IMAGE.to_string(),
         }
     }
 }
@@ -133,6 +172,9 @@ pub enum LocalStartError {
     /// The node image is not there.
     #[error("node image {0} not found; `drover up` builds it")]
     NoNodeImage(String),
+    /// The node image is not there and could not be built again.
+    #[error(transparent)]
+    NodeImage(MissingNodeImage),
     /// The nodes' data folder could not be made.
     #[error("cannot create {path}")]
     NodesDir {
@@ -152,6 +194,21 @@ pub struct LocalProvider {
     docker: DockerRuntime,
     imds: RunningEmulator,
     config: LocalConfig,
+    /// The image new nodes get: `config.node_image`, or what a rebuild made
+    /// of it. Held across a check and a rebuild, so only one rebuild runs.
+    node_image: tokio::sync::Mutex<String>,
+}
+
+/// The node image is missing and could not be built again; creating nodes
+/// waits until it is back.
+#[derive(Debug, thiserror::Error)]
+#[error("node image {image} is missing and could not be rebuilt")]
+pub struct MissingNodeImage {
+    /// The image.
+    pub image: String,
+    /// Why it could not be rebuilt, with what to do.
+    #[source]
+    pub source: NodeImageError,
 }
 
 fn backend(
@@ -190,7 +247,26 @@ impl LocalProvider {
             .await
             .map_err(LocalStartError::Docker)?
         {
-            return Err(LocalStartError::NoNodeImage(config.node_image.clone()));
+            // Gone between its build and now (pruned, `docker rmi`).
+            let Some(source) = &config.node_image_source else {
+                return Err(LocalStartError::NoNodeImage(config.node_image.clone()));
+            };
+            tracing::warn!(image = %config.node_image, "node image is missing; rebuilding it");
+            config.node_image = ensure_node_image(&docker, source, &config.control_plane, |line| {
+                tracing::debug!(line, "node image build");
+            })
+            .await
+            .map_err(|source| {
+                LocalStartError::NodeImage(MissingNodeImage {
+                    image: config.node_image.clone(),
+                    source,
+                })
+            })?;
+        }
+        // Marked before anything else: from now on no other control plane
+        // removes it, and the images this one no longer uses can go.
+        if let Err(e) = adopt_node_image(&docker, &config.control_plane, &config.node_image).await {
+            tracing::warn!(image = %config.node_image, error = %e, "cannot mark the node image as in use");
         }
         if !config.init_binary.is_file() {
             return Err(LocalStartError::NoInit(config.init_binary.clone()));
@@ -211,6 +287,7 @@ impl LocalProvider {
         let provider = LocalProvider {
             docker,
             imds,
+            node_image: tokio::sync::Mutex::new(config.node_image.clone()),
             config,
         };
         let existing = provider
@@ -231,6 +308,50 @@ impl LocalProvider {
     /// The address the IMDS emulator listens on.
     pub fn imds_addr(&self) -> SocketAddr {
         self.imds.local_addr()
+    }
+
+    /// The node image, built again first when it has gone missing (a
+    /// `docker rmi`, or pruned by the control plane that built it before
+    /// this one marked it). A rebuild from an agent binary that changed
+    /// since the start names a new image, which new nodes then get.
+    async fn present_node_image(&self) -> Result<String, ProviderError> {
+        let fail = |e| backend(Operation::CreateNodes, e);
+        let mut image = self.node_image.lock().await;
+        if self.docker.image_present(&image).await.map_err(fail)? {
+            return Ok(image.clone());
+        }
+        let missing = |source| {
+            backend(
+                Operation::CreateNodes,
+                MissingNodeImage {
+                    image: image.clone(),
+                    source,
+                },
+            )
+        };
+        let Some(source) = &self.config.node_image_source else {
+            return Err(missing(NodeImageError::Named));
+        };
+        tracing::warn!(
+            image = %image,
+            agent = %source.agent_binary.display(),
+            base = %source.base_image,
+            "node image is missing; rebuilding it"
+        );
+        let rebuilt = ensure_node_image(&self.docker, source, &self.config.control_plane, |line| {
+            tracing::debug!(line, "node image build");
+        })
+        .await
+        .map_err(missing)?;
+        if rebuilt != *image {
+            tracing::warn!(was = %image, now = %rebuilt, "the agent binary changed since the server started; new nodes get the new node image");
+        }
+        tracing::info!(image = %rebuilt, "node image rebuilt");
+        if let Err(e) = adopt_node_image(&self.docker, &self.config.control_plane, &rebuilt).await {
+            tracing::warn!(image = %rebuilt, error = %e, "cannot mark the node image as in use");
+        }
+        *image = rebuilt.clone();
+        Ok(rebuilt)
     }
 
     /// Node containers of this control plane, filtered by more labels.
@@ -352,12 +473,16 @@ impl LocalProvider {
     async fn create_one(
         &self,
         cluster: &ComputeSpec,
+        image: &str,
         join_token: &str,
-        network: &str,
-        base: &str,
-        gateway: &str,
+        net: &ClusterNet,
         used: &mut Vec<String>,
     ) -> Result<ProvisionedNode, ProviderError> {
+        let ClusterNet {
+            name: network,
+            base,
+            gateway,
+        } = net;
         let fail = |e| backend(Operation::CreateNodes, e);
         let host = (FIRST_NODE_HOST..=254)
             .find(|h| !used.contains(&format!("{base}.{h}")))
@@ -405,7 +530,7 @@ impl LocalProvider {
         ]);
         let spec = NodeContainerConfig {
             name: id.clone(),
-            image: self.config.node_image.clone(),
+            image: image.to_string(),
             cmd: vec!["run".to_string()],
             env,
             labels: node_labels,
@@ -452,6 +577,16 @@ impl LocalProvider {
             state: ProvisionState::Creating,
         })
     }
+}
+
+/// A cluster's network, as nodes are put on it.
+struct ClusterNet {
+    /// Its name.
+    name: String,
+    /// Its subnet's `a.b.c`.
+    base: String,
+    /// The host's address on it.
+    gateway: String,
 }
 
 /// The host folders a cluster lets its jobs bind, bound into its node
@@ -527,8 +662,13 @@ impl Provider for LocalProvider {
     ) -> ProviderFuture<'a, Vec<ProvisionedNode>> {
         Box::pin(async move {
             let fail = |e| backend(Operation::CreateNodes, e);
-            let (network, base, gateway) =
-                self.ensure_network(&cluster.name).await.map_err(fail)?;
+            let image = self.present_node_image().await?;
+            let (name, base, gateway) = self.ensure_network(&cluster.name).await.map_err(fail)?;
+            let net = ClusterNet {
+                name,
+                base,
+                gateway,
+            };
             let mut used: Vec<String> = self
                 .node_containers(&[(labels::CLUSTER.to_string(), cluster.name.clone())])
                 .await
@@ -540,7 +680,7 @@ impl Provider for LocalProvider {
             let mut created = Vec::new();
             for _ in 0..count {
                 created.push(
-                    self.create_one(cluster, join_token, &network, &base, &gateway, &mut used)
+                    self.create_one(cluster, &image, join_token, &net, &mut used)
                         .await?,
                 );
             }
@@ -661,16 +801,19 @@ impl Provider for LocalProvider {
     }
 }
 
-/// The node image for `agent_binary`: `drover/node:<digest>` on top of
-/// [`BASE_IMAGE`], built only when missing. `progress` gets each build line.
+/// The node image of `source`: `drover/node:<agent digest>` on its base
+/// image, built only when missing, labelled with the control plane that
+/// built it. `progress` gets each build line. It neither marks nor prunes:
+/// that is [`adopt_node_image`]'s, run by the control plane that uses it.
 pub async fn ensure_node_image(
     docker: &DockerRuntime,
-    agent_binary: &Path,
+    source: &NodeImageSource,
+    control_plane: &str,
     progress: impl FnMut(&str),
 ) -> Result<String, NodeImageError> {
-    let agent = std::fs::read(agent_binary).map_err(|source| NodeImageError::ReadAgent {
-        path: agent_binary.to_path_buf(),
-        source,
+    let agent = std::fs::read(&source.agent_binary).map_err(|e| NodeImageError::ReadAgent {
+        path: source.agent_binary.clone(),
+        source: e,
     })?;
     let digest: String = Sha256::digest(&agent)
         .iter()
@@ -685,16 +828,20 @@ pub async fn ensure_node_image(
     {
         return Ok(tag);
     }
+    let base = &source.base_image;
     if !docker
-        .image_present(BASE_IMAGE)
+        .image_present(base)
         .await
         .map_err(NodeImageError::Docker)?
     {
-        return Err(NodeImageError::NoBase);
+        return Err(NodeImageError::NoBase(base.clone()));
     }
+    // The builder's label comes last, so that the layers before it are
+    // shared by the same agent's images built by other control planes.
     let dockerfile = format!(
-        "FROM {BASE_IMAGE}\nCOPY drover-agent {AGENT_IN_IMAGE}\nLABEL {}=true\nENTRYPOINT [\"{AGENT_IN_IMAGE}\"]\nCMD [\"run\"]\n",
-        labels::MANAGED
+        "FROM {base}\nCOPY drover-agent {AGENT_IN_IMAGE}\nLABEL {}=true\nENTRYPOINT [\"{AGENT_IN_IMAGE}\"]\nCMD [\"run\"]\nLABEL {}={control_plane}\n",
+        labels::MANAGED,
+        labels::CONTROL_PLANE,
     );
     let context = [
         ContextFile {
@@ -712,21 +859,89 @@ pub async fn ensure_node_image(
         .build_image(&tag, &context, progress)
         .await
         .map_err(NodeImageError::Docker)?;
-    // Node images of older agents would pile up with every upgrade: remove
-    // those no container uses (the engine refuses the rest).
-    for old in docker
-        .image_tags(NODE_IMAGE_REPO)
-        .await
-        .map_err(NodeImageError::Docker)?
-    {
-        if old != tag {
-            match docker.remove_image(&old).await {
-                Ok(()) => tracing::info!(image = %old, "removed an unused node image"),
-                Err(e) => tracing::debug!(image = %old, error = %e, "node image kept"),
+    tracing::info!(image = %tag, control_plane, "node image built");
+    Ok(tag)
+}
+
+/// The tag with which `control_plane` marks the node image it uses.
+pub fn in_use_tag(control_plane: &str) -> String {
+    format!("{NODE_IMAGE_REPO}:{IN_USE_TAG_PREFIX}{control_plane}")
+}
+
+/// Of the images `control_plane` built (`images`: those carrying its
+/// label), the ids of those it may remove now that it uses `current`.
+///
+/// Kept: `current` (by any of its names); any image carrying another
+/// control plane's label (never this one's to remove) or marked in use by
+/// another control plane (its `used-by-` tag); any image with a name outside
+/// [`NODE_IMAGE_REPO`] (someone gave it one). Images are removed by id, so
+/// that a mark added after this decision makes the engine refuse.
+pub fn node_images_to_remove(
+    images: &[ImageInfo],
+    control_plane: &str,
+    current: &str,
+) -> Vec<String> {
+    let repo_prefix = format!("{NODE_IMAGE_REPO}:");
+    let mine = in_use_tag(control_plane);
+    images
+        .iter()
+        .filter(|i| i.labels.get(labels::CONTROL_PLANE).map(String::as_str) == Some(control_plane))
+        .filter(|i| i.id != current && !i.tags.iter().any(|t| t == current || *t == mine))
+        .filter(|i| {
+            i.tags.iter().all(|t| {
+                t.strip_prefix(&repo_prefix)
+                    .is_some_and(|tag| !tag.starts_with(IN_USE_TAG_PREFIX))
+            })
+        })
+        .map(|i| i.id.clone())
+        .collect()
+}
+
+/// Makes `image` the node image `control_plane` uses: marks it with the
+/// control plane's `used-by-` tag (moving the mark off the one it used
+/// before), then removes the images it built and no longer uses
+/// ([`node_images_to_remove`]; the engine refuses those a container still
+/// uses). Returns the ids removed.
+pub async fn adopt_node_image(
+    docker: &DockerRuntime,
+    control_plane: &str,
+    image: &str,
+) -> Result<Vec<String>, RuntimeError> {
+    docker
+        .tag_image(
+            image,
+            NODE_IMAGE_REPO,
+            &format!("{IN_USE_TAG_PREFIX}{control_plane}"),
+        )
+        .await?;
+    let built = docker
+        .images_labelled(&[(labels::CONTROL_PLANE.to_string(), control_plane.to_string())])
+        .await?;
+    let mut removed = Vec::new();
+    for old in node_images_to_remove(&built, control_plane, image) {
+        match docker.remove_image(&old).await {
+            Ok(()) => {
+                tracing::info!(image = %old, control_plane, "removed a node image this control plane no longer uses");
+                removed.push(old);
             }
+            Err(e) => tracing::debug!(image = %old, error = %e, "node image kept"),
         }
     }
-    Ok(tag)
+    Ok(removed)
+}
+
+/// Drops `control_plane`'s mark on the node image it used (`drover down`):
+/// the image stays for the other names it has, and goes if this mark was its
+/// last one and no container uses it. Returns whether there was a mark.
+pub async fn release_node_image(
+    docker: &DockerRuntime,
+    control_plane: &str,
+) -> Result<bool, RuntimeError> {
+    match docker.remove_image(&in_use_tag(control_plane)).await {
+        Ok(()) => Ok(true),
+        Err(RuntimeError::NotFound(_)) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// What [`tear_down`] removed.
@@ -781,7 +996,7 @@ pub async fn tear_down(
 #[derive(Debug, thiserror::Error)]
 pub enum NodeImageError {
     /// The agent binary could not be read.
-    #[error("reading the agent binary {path}")]
+    #[error("cannot read the agent binary {path}")]
     ReadAgent {
         /// The path tried.
         path: PathBuf,
@@ -790,8 +1005,14 @@ pub enum NodeImageError {
         source: std::io::Error,
     },
     /// The base image is missing.
-    #[error("the base image {BASE_IMAGE} is missing; build it with `images/build-offline.sh base`")]
-    NoBase,
+    #[error("{0} is missing; build it with `images/build-offline.sh base` (or run `drover up`)")]
+    NoBase(String),
+    /// The image was given by name (`--node-image`), not built from an agent
+    /// binary: there is nothing to build it from.
+    #[error(
+        "the server was given it with --node-image, so it cannot build it; build or pull it again, or restart the server without --node-image"
+    )]
+    Named,
     /// Docker failed.
     #[error("docker")]
     Docker(#[source] RuntimeError),
@@ -807,6 +1028,61 @@ mod tests {
         assert_eq!(subnet_base("10.213.4.0/16"), None);
         assert_eq!(subnet_base("fd00::/64"), None);
         assert_eq!(network_name("cpu"), "drover-cpu");
+    }
+
+    /// `id tag,tag built-by` (`-` for no tags, no label).
+    fn image(text: &str) -> ImageInfo {
+        let f: Vec<&str> = text.split(' ').collect();
+        ImageInfo {
+            id: f[0].to_string(),
+            tags: match f[1] {
+                "-" => Vec::new(),
+                tags => tags.split(',').map(str::to_string).collect(),
+            },
+            labels: match f[2] {
+                "-" => BTreeMap::new(),
+                cp => BTreeMap::from([(labels::CONTROL_PLANE.to_string(), cp.to_string())]),
+            },
+        }
+    }
+
+    #[test]
+    fn a_control_plane_prunes_only_images_it_built_and_nobody_uses() {
+        let images: Vec<ImageInfo> = [
+            // What `a` uses now, marked.
+            "sha256:cur drover/node:cur,drover/node:used-by-a a",
+            // `a` built it, nobody uses it: removed.
+            "sha256:old drover/node:old a",
+            // `a` built it, `b` adopted it: kept while `b` uses it.
+            "sha256:shared drover/node:shared,drover/node:used-by-b a",
+            // `b` built it (b sits at zero nodes): never `a`'s to remove.
+            "sha256:theirs drover/node:theirs b",
+            // Built before images carried their builder: nobody's.
+            "sha256:legacy drover/node:legacy -",
+            // `a` built it, someone named it elsewhere: kept.
+            "sha256:named drover/node:named,mine/agent:1 a",
+            // `a` built it, its name moved to a newer build: removed.
+            "sha256:untagged - a",
+        ]
+        .iter()
+        .map(|t| image(t))
+        .collect();
+        assert_eq!(
+            node_images_to_remove(&images, "a", "drover/node:cur"),
+            ["sha256:old", "sha256:untagged"]
+        );
+        // `b` removes none of `a`'s, and keeps its own current one.
+        assert!(node_images_to_remove(&images, "b", "drover/node:theirs").is_empty());
+        // `b` moved on from `theirs`: it goes; `shared` stays `a`'s.
+        assert_eq!(
+            node_images_to_remove(&images, "b", "drover/node:new"),
+            ["sha256:theirs"]
+        );
+        // The current image is kept whichever name it is given by.
+        assert!(
+            !node_images_to_remove(&images, "a", "sha256:old").contains(&"sha256:old".to_string())
+        );
+        assert_eq!(in_use_tag("a"), "drover/node:used-by-a");
     }
 
     #[test]

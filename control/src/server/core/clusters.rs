@@ -1,17 +1,28 @@
 //! Clusters: create, update, show, list and delete, with the status the
 //! autoscaler would report for each (allocation state, node counts, errors).
 
-use drover_api::cluster::{ClusterStatus, NodeStateCounts};
+use drover_api::cluster::{ClusterStatus, NodeStateCounts, NodeSummary};
 use drover_api::compute::{ComputeSpec, ComputeUpdate, Naming};
 use drover_api::wire;
 
 use super::{ClusterView, ControlPlane, new_secret, now, read_cluster_view};
-use crate::autoscaler::{self, AutoscaleInput};
+use crate::autoscaler::{self, AutoscaleInput, ScaleDecision};
 use crate::server::error::ControlError;
 use crate::store::StoreError;
 
+/// A cluster's scaling status as users see it.
+pub(super) struct ClusterStatusView {
+    /// Registered nodes plus the machines being created, as preparing nodes.
+    pub nodes: Vec<NodeSummary>,
+    /// Machines being created that have not registered.
+    pub creating: u32,
+    /// The autoscaler's decision now.
+    pub decision: ScaleDecision,
+}
+
 impl ControlPlane {
-    fn cluster_info(&self, view: ClusterView) -> wire::ClusterInfo {
+    /// The status the autoscaler would report for the cluster of `view` now.
+    pub(super) fn cluster_status(&self, view: &ClusterView) -> ClusterStatusView {
         let memo = self.memo(&view.cluster.spec.name);
         let nodes = autoscaler::with_pending(&view.nodes, &memo.pending);
         let reason = memo.reason();
@@ -26,6 +37,18 @@ impl ControlPlane {
             },
             &self.config.autoscaler,
         );
+        ClusterStatusView {
+            creating: u32::try_from(nodes.len().saturating_sub(view.nodes.len()))
+                .unwrap_or(u32::MAX),
+            nodes,
+            decision,
+        }
+    }
+
+    fn cluster_info(&self, view: ClusterView) -> wire::ClusterInfo {
+        let ClusterStatusView {
+            nodes, decision, ..
+        } = self.cluster_status(&view);
         wire::ClusterInfo {
             status: ClusterStatus {
                 allocation_state: decision.allocation_state,

@@ -3,14 +3,14 @@
 
 use std::path::PathBuf;
 
-use drover_api::cluster::NodeSummary;
+use drover_api::cluster::{JobState, NodeSummary};
 use drover_api::host_paths::HostPathPolicy;
 use drover_api::job::InvalidJob;
 use drover_api::wire;
 
 use super::wire_map::job_info;
-use super::{ControlPlane, new_id, now};
-use crate::autoscaler;
+use super::{ClusterView, ControlPlane, new_id, now, read_cluster_view};
+use crate::autoscaler::{self, ClusterProgress};
 use crate::server::error::ControlError;
 use crate::store::{Job, JobFilter, NewJob, StoreError};
 
@@ -20,6 +20,21 @@ fn node_gpus(nodes: &[NodeSummary]) -> Option<u32> {
 }
 
 impl ControlPlane {
+    /// Fills in why `info`, a queued job, waits, from its cluster's status.
+    fn with_waiting_reason(&self, mut info: wire::JobInfo, view: &ClusterView) -> wire::JobInfo {
+        let status = self.cluster_status(view);
+        info.waiting_reason = autoscaler::waiting_reason(
+            info.state,
+            info.instance_count,
+            &ClusterProgress {
+                name: &view.cluster.spec.name,
+                decision: &status.decision,
+                creating: status.creating,
+            },
+        );
+        info
+    }
+
     /// Queues a job, refusing one that breaks a rule ([`JobSpec::validate`]),
     /// binds a host path its cluster does not allow, or could never start
     /// on its cluster. Nothing is stored for a refused job.
@@ -85,12 +100,24 @@ impl ControlPlane {
         Ok(job_info(job, Vec::new(), true))
     }
 
-    /// One job with its parts and spec.
+    /// One job with its parts and spec, and for a queued job why it waits.
     pub async fn job(&self, id: String) -> Result<wire::JobInfo, ControlError> {
-        let (job, parts) = self
-            .with_store(move |s| Ok((s.job(&id)?, s.job_parts(&id)?)))
+        let (job, parts, view) = self
+            .with_store(move |s| {
+                let job = s.job(&id)?;
+                let parts = s.job_parts(&id)?;
+                let view = match job.state {
+                    JobState::Queued => Some(read_cluster_view(s, &job.cluster)?),
+                    _ => None,
+                };
+                Ok((job, parts, view))
+            })
             .await?;
-        Ok(job_info(job, parts, true))
+        let info = job_info(job, parts, true);
+        Ok(match view {
+            Some(view) => self.with_waiting_reason(info, &view),
+            None => info,
+        })
     }
 
     /// Jobs, optionally of one cluster, in submission order.

@@ -29,6 +29,7 @@ pub(super) fn job_info(job: Job, parts: Vec<JobPart>, with_spec: bool) -> wire::
         started_at: job.started_at,
         ended_at: job.ended_at,
         failure_reason: job.failure_reason,
+        waiting_reason: None,
         parts: parts.into_iter().map(part_info).collect(),
     }
 }

@@ -62,6 +62,23 @@ impl ClientError {
         }
     }
 
+    /// True when nothing listens at the server's address (the connection
+    /// was refused): the control plane is down, so it cannot be giving this
+    /// node's work to another node either.
+    pub fn is_refused(&self) -> bool {
+        let ClientError::Unreachable { source, .. } = self else {
+            return false;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        while let Some(c) = cause {
+            if let Some(io) = c.downcast_ref::<std::io::Error>() {
+                return io.kind() == std::io::ErrorKind::ConnectionRefused;
+            }
+            cause = c.source();
+        }
+        false
+    }
+
     /// True when the credential is not (or no longer) accepted.
     pub fn is_unauthorized(&self) -> bool {
         matches!(self, ClientError::Rejected { status: 401, .. })

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use drover_api::wire::{Assignment, PartKey, PartState};
+use drover_api::wire::{Assignment, LogCursor, PartKey, PartState};
 use drover_runner::part::PartContainer;
 use drover_runner::runtime::ContainerState;
 
@@ -19,6 +19,9 @@ pub struct Known {
     pub finished: BTreeSet<PartKey>,
     /// Draining: no new part starts.
     pub draining: bool,
+    /// Cut off from the control plane past the grace (self-fenced): no new
+    /// part starts until it answers again.
+    pub fenced: bool,
 }
 
 /// One step toward the desired state.
@@ -26,8 +29,10 @@ pub struct Known {
 pub enum Action {
     /// Run an assigned part that has no container (pull, create, start).
     Start(PartKey),
-    /// Supervise a running container found by label (after a restart):
-    /// wait for it, ship its logs from now on.
+    /// Supervise a container found by label (after a restart) that the
+    /// control plane still assigns: ship its logs from where the control
+    /// plane's log of it ends, wait for it (an exited one at once), report
+    /// its end.
     Adopt {
         /// The part.
         part: PartKey,
@@ -36,9 +41,13 @@ pub enum Action {
         /// It was created but never started (the agent died in between):
         /// start it first.
         start: bool,
+        /// Where the control plane's log of the part ends.
+        log_from: Option<LogCursor>,
     },
-    /// A container that ended while nobody watched: read its exit code,
-    /// report it, remove the container once the report is accepted.
+    /// A container that ended while nobody watched and that the control
+    /// plane no longer assigns (or whose end this agent already has): read
+    /// its exit code, report it, remove the container once the report is
+    /// accepted.
     Collect {
         /// The part.
         part: PartKey,
@@ -62,9 +71,10 @@ pub enum Action {
 }
 
 /// Decides what to do. `desired` is `None` until the control plane has
-/// answered a watch in this session: before that nothing is stopped or
-/// started (two-phase), only adopted and collected, so a restarted agent
-/// never removes work on a guess. `actual` are this node's containers only.
+/// answered a watch in this session: before that nothing is started,
+/// stopped, adopted or collected (two-phase), so a restarted agent never
+/// removes work on a guess, and adopts a container knowing where the
+/// control plane's log of it ends. `actual` are this node's containers only.
 pub fn reconcile(
     desired: Option<&[Assignment]>,
     actual: &[PartContainer],
@@ -89,33 +99,43 @@ pub fn reconcile(
     for c in actual {
         let part = c.part.clone();
         has_container.insert(part.clone());
-        let assigned = wanted.contains_key(&part);
+        let assigned = wanted.get(&part);
         if known.supervised.contains(&part) {
-            if confirmed && !assigned {
+            if confirmed && assigned.is_none() {
                 actions.push(Action::Cancel(part));
             }
             continue;
         }
-        match c.state {
-            ContainerState::Exited => actions.push(Action::Collect {
+        if !confirmed {
+            continue;
+        }
+        let finished = known.finished.contains(&part);
+        match (c.state, assigned) {
+            (ContainerState::Exited, Some(a)) if !finished => actions.push(Action::Adopt {
+                part,
+                container: c.id.clone(),
+                start: false,
+                log_from: a.log_cursor,
+            }),
+            (ContainerState::Exited, _) => actions.push(Action::Collect {
                 part,
                 container: c.id.clone(),
             }),
-            ContainerState::Running | ContainerState::Created => {
-                let created = c.state == ContainerState::Created;
-                if confirmed && !assigned {
-                    actions.push(Action::StopContainer {
-                        part,
-                        container: c.id.clone(),
-                    });
-                } else if known.finished.contains(&part) || (created && !confirmed) {
-                    // A created container is started only for a confirmed
-                    // assignment: the agent never starts what it was not given.
-                } else {
+            (ContainerState::Running | ContainerState::Created, None) => {
+                actions.push(Action::StopContainer {
+                    part,
+                    container: c.id.clone(),
+                });
+            }
+            (ContainerState::Running | ContainerState::Created, Some(a)) => {
+                // A created container starts only while the node is in touch.
+                let hold = known.fenced && c.state == ContainerState::Created;
+                if !(finished || hold) {
                     actions.push(Action::Adopt {
                         part,
                         container: c.id.clone(),
-                        start: created,
+                        start: c.state == ContainerState::Created,
+                        log_from: a.log_cursor,
                     });
                 }
             }
@@ -132,7 +152,7 @@ pub fn reconcile(
         match a.state {
             // Assigned or preparing: no container was ever created (one that
             // was would carry the part's labels and be in `actual`).
-            PartState::Assigned | PartState::Preparing if !known.draining => {
+            PartState::Assigned | PartState::Preparing if !known.draining && !known.fenced => {
                 actions.push(Action::Start(part.clone()));
             }
             PartState::Running => actions.push(Action::ReportMissing(part.clone())),
@@ -178,7 +198,13 @@ mod tests {
             spec: spec(),
             nodes: vec![],
             allowed_host_paths: vec![],
+            log_cursor: None,
         }
+    }
+
+    fn with_cursor(mut a: Assignment, at_ns: u64) -> Assignment {
+        a.log_cursor = Some(LogCursor { at_ns, index: 1 });
+        a
     }
 
     fn container(job: &str, state: ContainerState) -> PartContainer {
@@ -196,6 +222,7 @@ mod tests {
             supervised: supervised.iter().map(|j| id(j)).collect(),
             finished: finished.iter().map(|j| id(j)).collect(),
             draining,
+            fenced: false,
         }
     }
 
@@ -204,6 +231,16 @@ mod tests {
             part: id(job),
             container: format!("c-{job}"),
             start: false,
+            log_from: None,
+        }
+    }
+
+    fn adopt_from(job: &str, at_ns: u64) -> Action {
+        Action::Adopt {
+            part: id(job),
+            container: format!("c-{job}"),
+            start: false,
+            log_from: Some(LogCursor { at_ns, index: 1 }),
         }
     }
 
@@ -283,11 +320,18 @@ mod tests {
                 want: vec![Action::ReportMissing(id("a"))],
             },
             Case {
-                name: "before confirmation: adopt and collect, never stop or start",
+                name: "before confirmation nothing is adopted, collected, stopped or started",
                 desired: None,
                 actual: vec![container("a", Running), container("b", Exited)],
                 known: Known::default(),
-                want: vec![adopt("a"), collect("b")],
+                want: vec![],
+            },
+            Case {
+                name: "an adopted part ships its log from the control plane's cursor",
+                desired: Some(vec![with_cursor(assigned("a", PRunning), 7)]),
+                actual: vec![container("a", Running)],
+                known: Known::default(),
+                want: vec![adopt_from("a", 7)],
             },
             Case {
                 name: "after confirmation an unassigned running container is stopped",
@@ -304,11 +348,28 @@ mod tests {
                 want: vec![stop("a")],
             },
             Case {
-                name: "an exited container is collected whether assigned or not",
-                desired: Some(vec![assigned("a", PRunning)]),
+                name: "an exited assigned container is adopted (its log shipped), an unassigned one collected",
+                desired: Some(vec![with_cursor(assigned("a", PRunning), 9)]),
                 actual: vec![container("a", Exited), container("b", Exited)],
                 known: Known::default(),
-                want: vec![collect("a"), collect("b")],
+                want: vec![adopt_from("a", 9), collect("b")],
+            },
+            Case {
+                name: "an exited container of a part ended this session is collected",
+                desired: Some(vec![assigned("a", PRunning)]),
+                actual: vec![container("a", Exited)],
+                known: known(&[], &["a"], false),
+                want: vec![collect("a")],
+            },
+            Case {
+                name: "nothing starts while fenced",
+                desired: Some(vec![assigned("a", Assigned), assigned("b", Preparing)]),
+                actual: vec![container("b", ContainerState::Created)],
+                known: Known {
+                    fenced: true,
+                    ..Known::default()
+                },
+                want: vec![],
             },
             Case {
                 name: "a supervised part no longer assigned is canceled",
@@ -340,6 +401,7 @@ mod tests {
                     part: id("a"),
                     container: "c-a".into(),
                     start: true,
+                    log_from: None,
                 }],
             },
             Case {

@@ -19,7 +19,7 @@ use drover_api::JobSpec;
 use drover_api::cluster::NodeState;
 use drover_api::wire::{
     Assignment, Assignments, HeartbeatRequest, HeartbeatResponse, LogBatch, LogBatchAccepted,
-    NewLogLine, PartKey, PartState, RegisterRequest, RegisterResponse,
+    LogCursor, NewLogLine, PartKey, PartState, RegisterRequest, RegisterResponse,
 };
 use drover_imds::{EventStatus, ImdsClient, ImdsConfig};
 use drover_imds_emulator::{Emulator, EmulatorConfig, EventSpec, EventType, VmSpec};
@@ -85,6 +85,7 @@ async fn register(
             node_id: req.node_id.unwrap_or_default(),
             credential: format!("cred-{n}"),
             heartbeat_interval_seconds: 1,
+            grace_seconds: 40,
         }),
     )
 }
@@ -127,7 +128,11 @@ async fn logs(State(stub): State<Arc<Stub>>, body: axum::body::Bytes) -> Json<Lo
     let b: LogBatch = serde_json::from_slice(&body).unwrap();
     let n = b.lines.len() as u64;
     stub.logs.lock().unwrap().extend(b.lines);
-    Json(LogBatchAccepted { accepted: n })
+    Json(LogBatchAccepted {
+        accepted: n,
+        duplicates: 0,
+        rejected: vec![],
+    })
 }
 
 async fn serve(stub: Arc<Stub>) -> String {
@@ -163,6 +168,7 @@ fn assignment(job: &str, state: PartState) -> Assignment {
         spec: spec(),
         nodes: vec![],
         allowed_host_paths: vec![],
+        log_cursor: None,
     }
 }
 
@@ -235,6 +241,7 @@ fn start_with(
         metrics_listen: None,
         job_network: None,
         imds,
+        self_fence: true,
     };
     let runner = Arc::new(PartRunner::new(
         runtime.clone(),
@@ -288,14 +295,35 @@ async fn a_restarted_agent_adopts_collects_and_removes_only_after_confirmation()
     rt.stop(&ended, Duration::ZERO).await.unwrap();
     let stray = leftover(&rt, "stray").await;
 
-    // The control plane has not answered yet: adopt and collect, stop nothing.
+    // The control plane has not answered yet: nothing is adopted, collected
+    // or stopped (the agent does not know where its logs end yet).
     let agent = start(server, rt.clone(), Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let record = agent.runtime.record();
+    assert_eq!(record.created.len(), 3, "nothing new was created");
+    assert!(
+        record.stopped.iter().all(|c| c == &ended),
+        "unconfirmed: kept"
+    );
+    assert!(record.removed.is_empty());
+    assert!(stub.reported("ended").is_empty());
+
+    // Confirmed: `run` and `ended` are assigned (never started twice),
+    // `stray` is not.
+    stub.set(
+        1,
+        vec![
+            assignment("run", PartState::Running),
+            assignment("ended", PartState::Running),
+        ],
+    );
+    stub.answer_watch.store(true, Ordering::SeqCst);
     eventually("the ended part is reported with its exit code", || {
         stub.reported("ended")
             .contains(&(PartState::Failed, Some(143)))
     })
     .await;
-    eventually("the collected container is removed once reported", || {
+    eventually("the ended container is removed once reported", || {
         agent.runtime.record().removed.contains(&ended)
     })
     .await;
@@ -303,15 +331,6 @@ async fn a_restarted_agent_adopts_collects_and_removes_only_after_confirmation()
         stub.reported("run").contains(&(PartState::Running, None))
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let record = agent.runtime.record();
-    assert_eq!(record.created.len(), 3, "nothing new was created");
-    assert!(!record.stopped.contains(&stray), "unconfirmed: kept");
-    assert!(!record.stopped.contains(&running));
-
-    // Confirmed: `run` is assigned (never started twice), `stray` is not.
-    stub.set(1, vec![assignment("run", PartState::Running)]);
-    stub.answer_watch.store(true, Ordering::SeqCst);
     eventually("the unassigned container is stopped and removed", || {
         let r = agent.runtime.record();
         r.stopped.contains(&stray) && r.removed.contains(&stray)
@@ -327,6 +346,77 @@ async fn a_restarted_agent_adopts_collects_and_removes_only_after_confirmation()
             && agent.runtime.record().removed.contains(&running)
     })
     .await;
+    agent.shutdown.cancel();
+    agent.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_part_ships_from_where_the_control_planes_log_ends() {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    let mut rt = FakeRuntime::new(
+        PullScript::Progress {
+            n: 0,
+            every: Duration::ZERO,
+        },
+        ExitScript::UntilStopped,
+    );
+    rt.present.lock().unwrap().push(IMAGE.into());
+    // Two lines per stamp, as fast output gets: the cursor tells them apart.
+    rt.log_lines = (1..=8).map(|i| format!("line {i}")).collect();
+    let rt = Arc::new(rt);
+    let done = leftover(&rt, "done").await;
+    rt.stop(&done, Duration::ZERO).await.unwrap();
+    leftover(&rt, "live").await;
+
+    // The control plane has lines 1..=5 of `done` (line 5 is the first of
+    // its stamp) and none of `live`.
+    let stored = drover_runner::fake::fake_log_timestamp(4);
+    let at = humantime::parse_rfc3339(&stored).unwrap();
+    let at_ns = at.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let mut a = assignment("done", PartState::Running);
+    a.log_cursor = Some(LogCursor { at_ns, index: 1 });
+    stub.set(1, vec![a, assignment("live", PartState::Running)]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    let agent = start(server, rt.clone(), Duration::from_secs(5));
+    eventually("the ended part is reported", || {
+        !stub.reported("done").is_empty()
+    })
+    .await;
+    eventually("the live part's lines arrive", || {
+        stub.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.job == "live")
+            .count()
+            == 8
+    })
+    .await;
+    let logs = stub.logs.lock().unwrap().clone();
+    let done_lines: Vec<&str> = logs
+        .iter()
+        .filter(|l| l.job == "done")
+        .map(|l| l.text.as_str())
+        .collect();
+    assert_eq!(
+        done_lines,
+        ["line 6", "line 7", "line 8"],
+        "only what the log lacks"
+    );
+    assert!(
+        logs.iter().all(|l| l.cursor.is_some()),
+        "every container line has its cursor"
+    );
+    let live: Vec<LogCursor> = logs
+        .iter()
+        .filter(|l| l.job == "live")
+        .filter_map(|l| l.cursor)
+        .collect();
+    let mut sorted = live.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, live, "cursors grow line by line");
     agent.shutdown.cancel();
     agent.task.await.unwrap().unwrap();
 }

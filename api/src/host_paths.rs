@@ -35,6 +35,7 @@ pub const ALWAYS_REFUSED: &[&str] = &[
     "/var/lib/docker",
     "/var/lib/containerd",
     "/var/lib/drover",
+    "/var/lib/drover-agent",
 ];
 
 /// File names of container-engine sockets, refused wherever they are.

@@ -243,7 +243,22 @@ impl GpuHealth {
     }
 }
 
+/// The largest inventory a node may send, as JSON: room for hundreds of
+/// GPUs and disks, not for a document that would weigh on the store.
+pub const MAX_INVENTORY_BYTES: usize = 256 * 1024;
+
 impl Inventory {
+    /// Refuses an inventory larger than [`MAX_INVENTORY_BYTES`].
+    pub fn check_size(&self) -> Result<(), String> {
+        let size = serde_json::to_vec(self).map_or(usize::MAX, |v| v.len());
+        if size > MAX_INVENTORY_BYTES {
+            return Err(format!(
+                "the inventory is {size} bytes as JSON; a node may send at most {MAX_INVENTORY_BYTES}"
+            ));
+        }
+        Ok(())
+    }
+
     /// GPUs that are healthy, and in all.
     pub fn gpu_counts(&self) -> (u32, u32) {
         let total = u32::try_from(self.gpus.len()).unwrap_or(u32::MAX);

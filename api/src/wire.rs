@@ -20,7 +20,7 @@
 //! | `GET /v1/jobs?compute=NAME` | → [`JobList`] |
 //! | `GET /v1/jobs/{id}` | → [`JobInfo`] |
 //! | `POST /v1/jobs/{id}/cancel` | → [`JobInfo`] |
-//! | `GET /v1/jobs/{id}/logs?from=N&limit=M` | → [`LogPage`] |
+//! | `GET /v1/jobs/{id}/logs?from=N&limit=M[&attempt=A]` | → [`LogPage`] (one attempt's lines: the current one unless `attempt` says) |
 //! | `GET /v1/nodes?compute=NAME` | → [`NodeList`] |
 //! | `POST /v1/agent/register` (no auth header; the join token is in the body) | [`RegisterRequest`] → [`RegisterResponse`] |
 //! | `POST /v1/agent/heartbeat` | [`HeartbeatRequest`] → [`HeartbeatResponse`] |
@@ -47,6 +47,10 @@ pub const API_VERSION: &str = "v1";
 /// The largest request body the server reads (413 past it): agents split
 /// log batches to stay under it.
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// The most part reports one heartbeat may carry: a node runs one job's
+/// part at a time and reports the few that ended while it was cut off.
+pub const MAX_PART_REPORTS: usize = 256;
+
 /// The longest request URI the server reads (414 past it).
 pub const MAX_URI_BYTES: usize = 8 * 1024;
 /// The most header bytes (names and values) the server reads (431 past it).
@@ -449,6 +453,12 @@ pub struct LogPage {
     /// The job's state when read (a follower stops once it is terminal and
     /// `next_seq == end_seq`).
     pub job_state: JobState,
+    /// The attempt whose lines these are.
+    #[serde(default)]
+    pub attempt: u32,
+    /// The job's attempts so far (its current attempt).
+    #[serde(default)]
+    pub attempts: u32,
 }
 
 /// A node.
@@ -530,6 +540,14 @@ pub struct RegisterResponse {
     pub credential: String,
     /// How often the server expects heartbeats.
     pub heartbeat_interval_seconds: u64,
+    /// How long the server waits for a silent node before it requeues the
+    /// node's work: an agent cut off for longer stops its parts itself.
+    #[serde(default = "default_grace_seconds")]
+    pub grace_seconds: u64,
+}
+
+fn default_grace_seconds() -> u64 {
+    40
 }
 
 /// The state of one part as the agent reports it.
@@ -632,6 +650,11 @@ pub struct Assignment {
     /// job's host paths against them with their real, resolved paths).
     #[serde(default)]
     pub allowed_host_paths: Vec<String>,
+    /// Where the control plane's log of this part ends (`None`: it has no
+    /// line of it yet); an agent that adopts the part's container ships
+    /// from there.
+    #[serde(default)]
+    pub log_cursor: Option<LogCursor>,
 }
 
 /// `GET /v1/agent/assignments`: what the node should run now.
@@ -641,6 +664,19 @@ pub struct Assignments {
     pub version: u64,
     /// Live parts of the node's placed jobs.
     pub parts: Vec<Assignment>,
+}
+
+/// Where a part's log stands: the container-engine timestamp of a line
+/// (nanoseconds since the epoch) and its place among the lines stamped with
+/// that same time (from 1). Lines of a container are in cursor order, so
+/// an agent that restarts ships from where the control plane's log for the
+/// part ends, and the control plane stores a line at most once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LogCursor {
+    /// The line's timestamp, ns since the Unix epoch.
+    pub at_ns: u64,
+    /// Its place among lines with the same timestamp, from 1.
+    pub index: u32,
 }
 
 /// A log line from an agent.
@@ -658,6 +694,10 @@ pub struct NewLogLine {
     pub at: Timestamp,
     /// The text, without a trailing newline.
     pub text: String,
+    /// Its place in the container's log; `None` for lines the agent writes
+    /// itself (which are stored whenever they arrive).
+    #[serde(default)]
+    pub cursor: Option<LogCursor>,
 }
 
 /// `POST /v1/agent/logs`.
@@ -672,6 +712,13 @@ pub struct LogBatch {
 pub struct LogBatchAccepted {
     /// Lines stored.
     pub accepted: u64,
+    /// Lines already stored (at or before their part's cursor), skipped.
+    #[serde(default)]
+    pub duplicates: u64,
+    /// Parts of attempts that are no longer current: their lines were not
+    /// stored (a superseded attempt never writes into the new one's log).
+    #[serde(default)]
+    pub rejected: Vec<PartKey>,
 }
 
 /// What `Debug` shows instead of a secret.
@@ -708,6 +755,7 @@ impl fmt::Debug for RegisterResponse {
                 "heartbeat_interval_seconds",
                 &self.heartbeat_interval_seconds,
             )
+            .field("grace_seconds", &self.grace_seconds)
             .finish()
     }
 }
@@ -769,6 +817,7 @@ mod tests {
             node_id: "n1".into(),
             credential: "s3cret-cred".into(),
             heartbeat_interval_seconds: 10,
+            grace_seconds: 40,
         };
         for text in [format!("{req:?}"), format!("{resp:?}")] {
             assert!(!text.contains("s3cret"), "{text}");

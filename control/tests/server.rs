@@ -1109,3 +1109,165 @@ async fn protocol_errors_carry_the_documented_error_body() {
     );
     stop(server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_gives_every_node_a_fresh_grace_period() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let grace = Duration::from_secs(2);
+    let (server, api, cred) = one_node_one_job(dir.path(), grace).await;
+    api.wait_job("train", Duration::from_secs(5), |j| j.attempt >= 1)
+        .await;
+    let running =
+        json!({"parts": [{"job": "train", "attempt": 1, "node_rank": 0, "state": "running"}]});
+    let (status, _) = api
+        .agent_post(&cred, "/v1/agent/heartbeat", running.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    stop(server).await;
+
+    // Down for longer than the grace: no heartbeat could arrive.
+    tokio::time::sleep(grace + Duration::from_secs(1)).await;
+    let mut c = config(dir.path());
+    c.grace = grace;
+    let (server, token) = start_with(c).await;
+    let api = Api::new(&server, &token);
+    // A grace period from the start: the node is live and its job runs on.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let job = api.job("train").await;
+    assert_eq!((job.state, job.attempt), (JobState::Running, 1), "{job:?}");
+    let (status, _) = api.agent_post(&cred, "/v1/agent/heartbeat", running).await;
+    assert_eq!(status, StatusCode::OK);
+    // Silent for a whole grace after the start: then it is lost.
+    let job = api
+        .wait_job("train", Duration::from_secs(8), |j| {
+            j.state == JobState::Queued
+        })
+        .await;
+    assert_eq!(job.parts[0].state, wire::PartState::Lost);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_attempt_writes_nothing_and_each_attempt_has_its_own_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, api, cred1) = one_node_one_job(dir.path(), Duration::from_secs(1)).await;
+    api.wait_job("train", Duration::from_secs(5), |j| j.attempt == 1)
+        .await;
+    let line = |attempt: u32, text: &str, at_ns: u64| {
+        json!({"job": "train", "attempt": attempt, "node_rank": 0, "stream": "stdout",
+               "at": 1, "text": text, "cursor": {"at_ns": at_ns, "index": 1}})
+    };
+    let (status, body) = api
+        .agent_post(
+            &cred1,
+            "/v1/agent/logs",
+            json!({"lines": [line(1, "one-a", 1), line(1, "one-b", 2)]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["accepted"], 2);
+    // Sent again (a retried upload): stored once.
+    let (_, body) = api
+        .agent_post(
+            &cred1,
+            "/v1/agent/logs",
+            json!({"lines": [line(1, "one-b", 2)]}),
+        )
+        .await;
+    assert_eq!(
+        (body["accepted"].as_u64(), body["duplicates"].as_u64()),
+        (Some(0), Some(1))
+    );
+
+    // n1 goes silent past the grace: the job is requeued.
+    api.wait_job("train", Duration::from_secs(8), |j| {
+        j.state == JobState::Queued
+    })
+    .await;
+    // Heard from again, n1 is the only node: attempt 2 goes there.
+    let (status, _) = api
+        .agent_post(&cred1, "/v1/agent/heartbeat", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    api.wait_job("train", Duration::from_secs(5), |j| j.attempt == 2)
+        .await;
+    // Attempt 1's container went on printing long after its part ended: a
+    // line written within the window is kept in attempt 1's log (what a job
+    // prints while it handles SIGTERM), one written later is refused.
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as u64;
+    let (status, body) = api
+        .agent_post(
+            &cred1,
+            "/v1/agent/logs",
+            json!({"lines": [
+                line(1, "one-sigterm", now_ns),
+                line(1, "stale", now_ns + 120_000_000_000),
+                line(2, "two-a", 1)
+            ]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["accepted"], 2);
+    assert_eq!(
+        body["rejected"],
+        json!([{"job": "train", "attempt": 1, "node_rank": 0}]),
+        "the superseded attempt's line is refused"
+    );
+    let texts = |body: &serde_json::Value| -> Vec<String> {
+        body["lines"]
+            .as_array()
+            .expect("lines")
+            .iter()
+            .map(|l| l["text"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let (_, body) = api.get("/v1/jobs/train/logs").await;
+    assert_eq!(texts(&body), ["two-a"], "the current attempt by default");
+    assert_eq!(
+        (body["attempt"].as_u64(), body["attempts"].as_u64()),
+        (Some(2), Some(2))
+    );
+    let (_, body) = api.get("/v1/jobs/train/logs?attempt=1").await;
+    assert_eq!(texts(&body), ["one-a", "one-b", "one-sigterm"]);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_carries_only_what_a_node_can_hold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, api, cred) = one_node_one_job(dir.path(), Duration::from_secs(40)).await;
+    let parts: Vec<serde_json::Value> = (0..wire::MAX_PART_REPORTS + 1)
+        .map(|i| json!({"job": format!("j{i}"), "attempt": 1, "node_rank": 0, "state": "running"}))
+        .collect();
+    let (status, body) = api
+        .agent_post(&cred, "/v1/agent/heartbeat", json!({ "parts": parts }))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        error_of(&body)
+            .message
+            .starts_with("parts: a heartbeat may carry at most 256 part reports"),
+        "{body}"
+    );
+    let disks: Vec<serde_json::Value> = (0..4000)
+        .map(|i| json!({"mount_point": format!("/var/lib/docker/overlay2/{i:064}/merged"), "file_system": "overlay"}))
+        .collect();
+    let (status, body) = api
+        .agent_post(
+            &cred,
+            "/v1/agent/heartbeat",
+            json!({ "inventory": {"host": {"disks": disks}} }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        error_of(&body)
+            .message
+            .starts_with("inventory: the inventory is"),
+        "{body}"
+    );
+    stop(server).await;
+}

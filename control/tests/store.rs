@@ -92,6 +92,7 @@ fn a_job_survives_a_control_plane_restart() {
                 node_rank: 0,
                 stream: LogStream::Stdout,
                 text: "epoch 1",
+                cursor: None,
             }],
         )
         .expect("logs");
@@ -120,7 +121,7 @@ fn a_job_survives_a_control_plane_restart() {
         s.heartbeat(id, &Heartbeat::default(), t(20))
             .expect("heartbeat");
     }
-    let page = s.read_logs("train", 0, 10).expect("logs kept");
+    let page = s.read_logs("train", None, 0, 10).expect("logs kept");
     assert_eq!(page.lines[0].text, "epoch 1");
     assert_eq!(page.next_seq, 1);
 

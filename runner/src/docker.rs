@@ -553,12 +553,18 @@ impl ContainerRuntime for DockerRuntime {
             .map_err(engine_error)
     }
 
-    fn logs(&self, id: &str) -> BoxStream<'static, Result<LogLine, RuntimeError>> {
+    fn logs(
+        &self,
+        id: &str,
+        since_unix_secs: i64,
+    ) -> BoxStream<'static, Result<LogLine, RuntimeError>> {
         let options = LogsOptions {
             follow: true,
             stdout: true,
             stderr: true,
             timestamps: true,
+            // The engine's API takes a 32-bit time.
+            since: i32::try_from(since_unix_secs.max(0)).unwrap_or(i32::MAX),
             ..Default::default()
         };
         self.docker

@@ -83,6 +83,24 @@ pub struct FakeRuntime {
     containers: Mutex<HashMap<String, Container>>,
 }
 
+/// The time the fake's log lines start at (2026-01-01T00:00:00Z); lines
+/// come two per stamp, 100 ms apart (fast output shares timestamps, which
+/// log cursors must tell apart).
+pub const FAKE_LOG_EPOCH: i64 = 1_767_225_600;
+
+/// The engine timestamp of the fake's log line `i` (RFC 3339, nanoseconds).
+pub fn fake_log_timestamp(i: usize) -> String {
+    let tenths = (i / 2) as i64;
+    let secs = tenths / 10;
+    let nanos = (tenths % 10) * 100_000_000;
+    format!(
+        "2026-01-01T{:02}:{:02}:{:02}.{nanos:09}Z",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
 impl FakeRuntime {
     /// A runtime whose pulls and containers follow the given scripts.
     pub fn new(pull: PullScript, exit: ExitScript) -> Self {
@@ -199,14 +217,20 @@ impl ContainerRuntime for FakeRuntime {
         Ok(())
     }
 
-    fn logs(&self, _id: &str) -> BoxStream<'static, Result<LogLine, RuntimeError>> {
+    fn logs(
+        &self,
+        _id: &str,
+        since_unix_secs: i64,
+    ) -> BoxStream<'static, Result<LogLine, RuntimeError>> {
         let lines: Vec<Result<LogLine, RuntimeError>> = self
             .log_lines
             .iter()
-            .map(|l| {
+            .enumerate()
+            .filter(|(i, _)| FAKE_LOG_EPOCH + (*i as i64 / 2) / 10 >= since_unix_secs)
+            .map(|(i, l)| {
                 Ok(LogLine {
                     stream: LogStream::Stdout,
-                    timestamp: String::new(),
+                    timestamp: fake_log_timestamp(i),
                     text: l.clone(),
                 })
             })

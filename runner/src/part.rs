@@ -727,7 +727,7 @@ async fn run_part<R: ContainerRuntime>(
     let _ = events.send(PartEvent::Started { id: id.clone() }).await;
 
     let logs = {
-        let mut stream = runtime.logs(&id);
+        let mut stream = runtime.logs(&id, 0);
         let events = events.clone();
         tokio::spawn(async move {
             while let Some(item) = stream.next().await {

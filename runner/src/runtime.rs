@@ -177,8 +177,13 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
     /// Starts a created container.
     fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
-    /// Follows a container's stdout/stderr from its start until it exits.
-    fn logs(&self, id: &str) -> BoxStream<'static, Result<LogLine, RuntimeError>>;
+    /// Follows a container's stdout/stderr until it exits: from its start,
+    /// or from the lines stamped at or after `since_unix_secs` (0: all).
+    fn logs(
+        &self,
+        id: &str,
+        since_unix_secs: i64,
+    ) -> BoxStream<'static, Result<LogLine, RuntimeError>>;
     /// Waits until the container exits.
     fn wait(&self, id: &str) -> impl Future<Output = Result<ExitStatus, RuntimeError>> + Send;
     /// Sends SIGTERM, then SIGKILL after `grace`.

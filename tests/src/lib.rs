@@ -5,6 +5,8 @@
 //! (`images/build-offline.sh base`); they fail with a message that says so
 //! when either is missing, rather than skipping.
 
+pub mod kill_loop;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -605,6 +607,25 @@ impl ServerProc {
         }
     }
 
+    /// Stops the server with SIGTERM (a clean shutdown) and waits for it;
+    /// [`ServerProc::resume`] starts it again.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Starts a killed server again on the same port and data.
     pub fn resume(&mut self) {
         if self.child.is_none() {
@@ -815,6 +836,15 @@ impl AgentProc {
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to the process.
+    pub fn signal(&self, signal: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .args([&format!("-{signal}"), &pid.to_string()])
+                .status();
+        }
     }
 
     /// `kill -9`: no drain, no goodbye.

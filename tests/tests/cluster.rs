@@ -476,8 +476,11 @@ fn host_paths_are_the_clusters_policy_checked_by_the_server_and_again_by_the_nod
     let allowed = tempfile::tempdir().expect("allowed dir");
     let allowed = std::fs::canonicalize(allowed.path()).expect("canonical");
     std::fs::create_dir_all(allowed.join("data")).expect("data dir");
-    std::fs::write(allowed.join("data/greeting.txt"), "hello-from-an-allowed-path\n")
-        .expect("file");
+    std::fs::write(
+        allowed.join("data/greeting.txt"),
+        "hello-from-an-allowed-path\n",
+    )
+    .expect("file");
     // A link under the allowed prefix that leads out of it.
     std::os::unix::fs::symlink("/etc", allowed.join("escape")).expect("symlink");
     let prefix = allowed.display().to_string();
@@ -493,7 +496,11 @@ fn host_paths_are_the_clusters_policy_checked_by_the_server_and_again_by_the_nod
     let ok = c.submit_yaml(&yaml(&format!("{prefix}/data")));
     c.server
         .wait_job_state(&ok, "completed", Duration::from_secs(90));
-    assert!(c.logs(&ok).contains("hello-from-an-allowed-path"), "{}", c.logs(&ok));
+    assert!(
+        c.logs(&ok).contains("hello-from-an-allowed-path"),
+        "{}",
+        c.logs(&ok)
+    );
 
     // The Docker socket, /etc and paths outside the prefix are refused at
     // submission: nothing is stored, nothing runs.
@@ -518,8 +525,121 @@ fn host_paths_are_the_clusters_policy_checked_by_the_server_and_again_by_the_nod
         .wait_job_state(&escape, "failed", Duration::from_secs(90));
     let logs = c.logs(&escape);
     assert!(
-        logs.contains(&format!("{prefix}/escape resolves to /etc, which is never allowed")),
+        logs.contains(&format!(
+            "{prefix}/escape resolves to /etc, which is never allowed"
+        )),
         "{logs}"
     );
-    assert!(containers_of_job(&escape).is_empty(), "no container was created");
+    assert!(
+        containers_of_job(&escape).is_empty(),
+        "no container was created"
+    );
+}
+
+#[test]
+fn agents_killed_at_random_moments_lose_and_repeat_no_log_line() {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(7);
+    let report = drover_tests::kill_loop::run(5, 20, seed, false);
+    assert_eq!(
+        (
+            report.completed,
+            report.duplicate_containers,
+            report.lines_lost,
+            report.lines_duplicated
+        ),
+        (5, 0, 0, 0),
+        "seed {seed}: {report:#?}"
+    );
+}
+
+#[test]
+fn a_server_down_longer_than_the_grace_loses_and_repeats_nothing() {
+    // The grace is 4 s; the server stays down 10 s, once stopped cleanly and
+    // once killed.
+    let mut c = Cluster::start(4);
+    for how in ["SIGTERM", "SIGKILL"] {
+        let job = c.submit("echo started-once; sleep 12; echo finished-once", 1);
+        c.running_on(&job);
+        std::thread::sleep(Duration::from_secs(1));
+        match how {
+            "SIGTERM" => c.server.terminate(),
+            _ => c.server.kill(),
+        }
+        std::thread::sleep(Duration::from_secs(10));
+        c.server.resume();
+        c.server
+            .wait_job_state(&job, "completed", Duration::from_secs(60));
+        let info = c.server.job(&job);
+        assert_eq!(info["attempt"], 1, "{how}: {info}");
+        assert_eq!(parts(&info).len(), 1, "{how}: {info}");
+        let logs = c.logs(&job);
+        assert_eq!(logs.matches("started-once").count(), 1, "{how}: {logs}");
+        assert_eq!(logs.matches("finished-once").count(), 1, "{how}: {logs}");
+        c.assert_no_containers(&job);
+    }
+}
+
+#[test]
+fn a_frozen_agent_is_fenced_when_it_wakes_and_its_old_attempt_writes_nothing() {
+    let c = Cluster::start(3);
+    let job = c.submit("for i in $(seq 1 100); do echo tick-$i; sleep 0.2; done", 1);
+    let (first, i) = c.running_on(&job);
+    let frozen_container = containers_of_job(&job);
+    assert_eq!(frozen_container.len(), 1);
+    c.agents[i].signal("STOP");
+    // Past the grace the job is requeued on the other node as attempt 2.
+    let moved = wait_until(Duration::from_secs(30), || {
+        let info = c.server.job(&job);
+        info["attempt"] == 2 && info["state"] == "running"
+    });
+    let info = c.server.job(&job);
+    assert!(moved, "{info}");
+    let second = parts(&info)
+        .into_iter()
+        .find(|p| p["attempt"] == 2)
+        .and_then(|p| p["node"].as_str().map(str::to_string))
+        .expect("attempt 2's node");
+    assert_ne!(second, first);
+    // The frozen agent's container still runs: nobody watched it.
+    let running = |id: &str| {
+        let out = std::process::Command::new("docker")
+            .args(["inspect", "-f", "{{.State.Running}}", id])
+            .output()
+            .expect("docker inspect");
+        String::from_utf8_lossy(&out.stdout).trim() == "true"
+    };
+    assert!(running(&frozen_container[0]));
+    c.agents[i].signal("CONT");
+    let woke = std::time::Instant::now();
+    let stopped = wait_until(Duration::from_secs(10), || !running(&frozen_container[0]));
+    let took = woke.elapsed();
+    assert!(
+        stopped,
+        "attempt 1 kept running:\n{}",
+        c.agents[i].log_text()
+    );
+    assert!(
+        took <= Duration::from_secs(2),
+        "attempt 1 stopped {} ms after its agent woke",
+        took.as_millis()
+    );
+    c.server
+        .wait_job_state(&job, "completed", Duration::from_secs(60));
+    // Attempt 2's log is attempt 2's alone: 100 ticks, none of attempt 1's.
+    let out = c.server.cli_ok(&["job", "logs", &job, "--json"]);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert!(lines.iter().all(|l| l["attempt"] == 2), "{out}");
+    let ticks = lines
+        .iter()
+        .filter(|l| l["text"].as_str().is_some_and(|t| t.starts_with("tick-")))
+        .count();
+    assert_eq!(ticks, 100, "{out}");
+    let first_attempt = c.server.cli_ok(&["job", "logs", &job, "--attempt", "1"]);
+    assert!(first_attempt.contains("tick-1"), "{first_attempt}");
 }

@@ -298,9 +298,12 @@ fn a_preempted_low_priority_node_restarts_its_job_on_a_new_node() {
         up.log_text()
     );
     up.wait_job_state(&job, "completed", Duration::from_secs(90));
+    // Each attempt has its own log: the current one by default.
     let logs = up.cli_ok(&["job", "logs", &job]);
-    assert!(logs.contains("got SIGTERM"), "{logs}");
     assert!(logs.contains("finished"), "{logs}");
+    assert!(!logs.contains("got SIGTERM"), "{logs}");
+    let first = up.cli_ok(&["job", "logs", &job, "--attempt", "1"]);
+    assert!(first.contains("got SIGTERM"), "{first}");
     let show = up.cli_ok(&["job", "show", &job]);
     assert!(show.contains("preempted"), "{show}");
     assert!(

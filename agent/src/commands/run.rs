@@ -67,6 +67,11 @@ pub struct RunArgs {
     /// across VMs); the engine default when unset.
     #[arg(long, env = "DROVER_JOB_NETWORK")]
     job_network: Option<String>,
+    /// Stop every part when cut off from the control plane for longer than
+    /// its grace period, so two attempts of a job never run together for
+    /// long (default true; `false` for clusters that prefer running on).
+    #[arg(long, env = "DROVER_SELF_FENCE", action = clap::ArgAction::Set)]
+    self_fence: Option<bool>,
 }
 
 /// The config file: the same settings as the flags.
@@ -88,6 +93,7 @@ struct FileConfig {
     ip: Option<String>,
     metrics_listen: Option<SocketAddr>,
     job_network: Option<String>,
+    self_fence: Option<bool>,
 }
 
 fn seconds(v: Option<f64>, default: f64, what: &str) -> anyhow::Result<Duration> {
@@ -252,6 +258,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
         job_network: args.job_network.or(file.job_network),
         imds: None,
+        self_fence: args.self_fence.or(file.self_fence).unwrap_or(true),
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -23,6 +23,22 @@ struct SavedCredential {
     cluster: String,
     node_id: String,
     credential: String,
+    /// The control plane's grace period when the node registered.
+    #[serde(default = "default_grace_seconds")]
+    grace_seconds: u64,
+}
+
+fn default_grace_seconds() -> u64 {
+    40
+}
+
+/// A node joined to the control plane.
+pub(super) struct Joined {
+    /// The client, with the node's credential.
+    pub(super) client: ControlClient,
+    /// How long the control plane waits for a silent node before it
+    /// requeues the node's work.
+    pub(super) grace: Duration,
 }
 
 /// Reuses the saved credential when the server still accepts it, else
@@ -32,7 +48,7 @@ pub(super) async fn connect(
     config: &DaemonConfig,
     inv: &Inventory,
     shutdown: &CancellationToken,
-) -> Result<Option<ControlClient>, DaemonError> {
+) -> Result<Option<Joined>, DaemonError> {
     let base = ControlClient::new(&config.server)?;
     let path = config.data_dir.join(CREDENTIAL_FILE);
     let saved = std::fs::read(&path)
@@ -61,7 +77,12 @@ pub(super) async fn connect(
                     other => other,
                 };
                 match answer {
-                    Ok(_) => return Ok(Some(client)),
+                    Ok(_) => {
+                        return Ok(Some(Joined {
+                            client,
+                            grace: Duration::from_secs(s.grace_seconds),
+                        }));
+                    }
                     Err(e) if e.is_unauthorized() => {
                         tracing::warn!(node = %config.node_id, "saved credential refused, registering again");
                         saved = None;
@@ -71,7 +92,12 @@ pub(super) async fn connect(
                 }
             }
             None => match register(config, inv, &base).await {
-                Ok(()) => return Ok(Some(base)),
+                Ok(grace) => {
+                    return Ok(Some(Joined {
+                        client: base,
+                        grace,
+                    }));
+                }
                 Err(RegisterError::Fatal(e)) => return Err(e),
                 Err(RegisterError::Client(e)) => Err(e),
             },
@@ -100,12 +126,13 @@ pub(super) enum RegisterError {
 }
 
 /// Registers with the join token, saves the credential and installs it in
-/// `client` (and so in every clone of it).
+/// `client` (and so in every clone of it); returns the control plane's
+/// grace period.
 pub(super) async fn register(
     config: &DaemonConfig,
     inv: &Inventory,
     client: &ControlClient,
-) -> Result<(), RegisterError> {
+) -> Result<Duration, RegisterError> {
     let token = config
         .join_token
         .clone()
@@ -124,10 +151,11 @@ pub(super) async fn register(
         cluster: config.cluster.clone(),
         node_id: resp.node_id.clone(),
         credential: resp.credential.clone(),
+        grace_seconds: resp.grace_seconds,
     };
     save_credential(&config.data_dir.join(CREDENTIAL_FILE), &s).map_err(RegisterError::Fatal)?;
     client.set_credential(resp.credential);
-    Ok(())
+    Ok(Duration::from_secs(resp.grace_seconds))
 }
 
 fn save_credential(path: &std::path::Path, s: &SavedCredential) -> Result<(), DaemonError> {

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::credentials::{RegisterError, register};
-use super::state::{HealthyGpus, SharedReports, healthy_uuids, lock};
+use super::state::{Contact, HealthyGpus, SharedReports, healthy_uuids, lock};
 use super::{DaemonConfig, Input, InventorySource, gpu_counts};
 use crate::control_client::ControlClient;
 use crate::metrics::Metrics;
@@ -33,6 +33,7 @@ pub(super) struct HeartbeatCtx {
     pub(super) now: mpsc::Receiver<oneshot::Sender<()>>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) gpus: HealthyGpus,
+    pub(super) contact: Contact,
     pub(super) io: CancellationToken,
 }
 
@@ -110,6 +111,13 @@ pub(super) async fn heartbeat_task(mut ctx: HeartbeatCtx) {
         ctx.metrics
             .heartbeat_latency
             .observe(started.elapsed().as_secs_f64());
+        let heard = match &answer {
+            Ok(_) => true,
+            Err(e) => e.is_refused() || !e.is_transient(),
+        };
+        if heard {
+            *ctx.contact.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
         match answer {
             Ok(resp) => {
                 last_gpus = gpus;
@@ -134,7 +142,7 @@ pub(super) async fn heartbeat_task(mut ctx: HeartbeatCtx) {
                 tracing::warn!(node = %ctx.config.node_id, "node credential refused; registering again");
                 if let Some(inv) = &inv {
                     match register(&ctx.config, inv, &ctx.client).await {
-                        Ok(()) => tracing::info!(node = %ctx.config.node_id, "registered again"),
+                        Ok(_) => tracing::info!(node = %ctx.config.node_id, "registered again"),
                         Err(RegisterError::Client(e)) => {
                             tracing::warn!(error = %e, "registering again failed")
                         }

@@ -63,9 +63,13 @@ pub(super) async fn ship_task(
             };
             lines = batch.lines;
             match r {
-                Ok(_) => {
+                Ok(answer) => {
                     backoff.reset();
                     lines.clear();
+                    if !answer.rejected.is_empty() {
+                        // A superseded attempt: the heartbeat stops it too.
+                        tracing::info!(parts = ?answer.rejected, "the control plane refused lines of superseded attempts");
+                    }
                 }
                 Err(e) if !e.is_transient() => {
                     // A refused batch (e.g. a part the server ended) is dropped.

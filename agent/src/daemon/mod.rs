@@ -45,6 +45,7 @@
 //! channels and tokens, spawns the tasks and joins them.
 
 mod credentials;
+mod fence;
 mod heartbeat;
 mod logs;
 mod maintenance;
@@ -79,7 +80,7 @@ use logs::ship_task;
 pub use logs::{MAX_BATCH, MAX_BATCH_BYTES, MAX_LINE_BYTES};
 use maintenance::maintenance_task;
 use reconciler::Reconciler;
-use state::{Ended, HealthyGpus, SharedReports, healthy_uuids};
+use state::{Contact, Ended, HealthyGpus, SharedReports, healthy_uuids};
 use watch::watch_task;
 
 /// Everything the daemon needs to know.
@@ -117,6 +118,10 @@ pub struct DaemonConfig {
     /// multi-node job reach each other at the node IPs); engine default when
     /// `None`.
     pub job_network: Option<String>,
+    /// Stop every part when cut off from the control plane for longer than
+    /// its grace period (see `fence`); off for clusters that prefer their
+    /// jobs to run on through a partition.
+    pub self_fence: bool,
 }
 
 impl std::fmt::Debug for DaemonConfig {
@@ -185,6 +190,10 @@ enum Input {
     Acked(Vec<(PartKey, Option<String>)>),
     /// The server no longer wants these parts.
     Rejected(Vec<PartKey>),
+    /// Cut off from the control plane past its grace: stop every part now.
+    CutOff,
+    /// The control plane answers again after a cut-off.
+    Reconnected,
     /// IMDS announced an event that ends this VM's containers: drain with
     /// this deadline, then acknowledge the events.
     Maintenance {
@@ -252,9 +261,10 @@ pub async fn run<R: ContainerRuntime>(
     };
     metrics.observe_gpus(&inv);
     let gpus: HealthyGpus = Arc::new(Mutex::new(healthy_uuids(&inv)));
-    let Some(client) = connect(&config, &inv, &shutdown).await? else {
+    let Some(joined) = connect(&config, &inv, &shutdown).await? else {
         return Ok(());
     };
+    let client = joined.client;
     tracing::info!(node = %config.node_id, cluster = %config.cluster, "agent joined");
 
     let reports: SharedReports = Arc::default();
@@ -265,6 +275,7 @@ pub async fn run<R: ContainerRuntime>(
     let (input_tx, input_rx) = mpsc::channel::<Input>(64);
     let (ship_tx, ship_rx) = mpsc::channel::<Ship>(4096);
     let (beat_tx, beat_rx) = mpsc::channel::<oneshot::Sender<()>>(4);
+    let contact: Contact = Arc::new(Mutex::new(std::time::Instant::now()));
 
     let watch = tokio::spawn(watch_task(
         client.clone(),
@@ -284,8 +295,17 @@ pub async fn run<R: ContainerRuntime>(
         now: beat_rx,
         metrics: metrics.clone(),
         gpus: gpus.clone(),
+        contact: contact.clone(),
         io: io.clone(),
     }));
+    let fence = config.self_fence.then(|| {
+        tokio::spawn(fence::fence_task(
+            contact,
+            joined.grace,
+            input_tx.clone(),
+            io.clone(),
+        ))
+    });
     let shipper = tokio::spawn(ship_task(client.clone(), ship_rx, io.clone()));
     let mut maintenance = Vec::new();
     if let Some((imds, vm)) = &config.imds {
@@ -327,7 +347,7 @@ pub async fn run<R: ContainerRuntime>(
         }
     }
     io.cancel();
-    for task in maintenance {
+    for task in maintenance.into_iter().chain(fence) {
         let _ = task.await;
     }
     for (name, task) in [

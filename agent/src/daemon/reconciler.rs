@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use drover_api::wire::{Assignment, PartState};
 use drover_runner::PartRunner;
-use drover_runner::runtime::ContainerRuntime;
+use drover_runner::runtime::{ContainerRuntime, ContainerState};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -132,6 +132,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
             }
             // Already draining: nothing more to do.
             Input::Maintenance { .. } => {}
+            Input::CutOff => self.fence().await,
+            Input::Reconnected => self.known.fenced = false,
             Input::Rejected(parts) => {
                 for part in parts {
                     if let Some(s) = self.supervisors.get(&part) {
@@ -140,6 +142,29 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     }
                 }
             }
+        }
+    }
+
+    /// Stops every part of this node at once: the control plane has given
+    /// them to other nodes by now. Containers are killed rather than given
+    /// the grace (another attempt of the job already runs); supervisors then
+    /// see them end and report them, and nothing new starts until the
+    /// control plane answers again.
+    async fn fence(&mut self) {
+        self.known.fenced = true;
+        match self.runner.list_parts(Some(&self.config.node_id)).await {
+            Ok(parts) => {
+                for c in parts.iter().filter(|c| c.state != ContainerState::Exited) {
+                    tracing::warn!(part = %c.part, container = %c.id, "self-fencing: killing the part");
+                    if let Err(e) = self.runner.runtime.stop(&c.id, Duration::ZERO).await {
+                        tracing::warn!(part = %c.part, error = %e, "killing the part failed");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listing part containers to fence failed"),
+        }
+        for s in self.supervisors.values() {
+            s.cancel.cancel();
         }
     }
 
@@ -176,6 +201,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 part,
                 container,
                 start,
+                log_from,
             } => {
                 if start {
                     tracing::info!(part = %part, container = %container, "starting container created before a restart");
@@ -185,7 +211,14 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 } else {
                     tracing::info!(part = %part, container = %container, "adopting running container");
                 }
-                self.spawn(part, SupervisorKind::Adopt(container));
+                self.spawn(
+                    part,
+                    SupervisorKind::Adopt {
+                        container,
+                        log_from,
+                        ship_logs: true,
+                    },
+                );
             }
             Action::Collect { part, container } => {
                 if !self.collecting.insert(part.clone()) {
@@ -219,7 +252,15 @@ impl<R: ContainerRuntime> Reconciler<R> {
             }
             Action::StopContainer { part, container } => {
                 tracing::info!(part = %part, container = %container, "stopping container the control plane no longer assigns");
-                self.spawn(part.clone(), SupervisorKind::Adopt(container));
+                // No log: the control plane has no part for its lines.
+                self.spawn(
+                    part.clone(),
+                    SupervisorKind::Adopt {
+                        container,
+                        log_from: None,
+                        ship_logs: false,
+                    },
+                );
                 if let Some(s) = self.supervisors.get(&part) {
                     s.cancel.cancel();
                 }
@@ -243,7 +284,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         let cancel = CancellationToken::new();
         let initial = match kind {
             SupervisorKind::Start(_) => PartState::Preparing,
-            SupervisorKind::Adopt(_) => PartState::Running,
+            SupervisorKind::Adopt { .. } => PartState::Running,
         };
         lock(&self.reports).set_live(part.clone(), initial);
         let ctx = PartCtx {

@@ -6,6 +6,8 @@
 //!   `heartbeat`, which is woken through `Reports::changed`.
 //! - `HealthyGpus`: written by `run` and every `heartbeat`, read by a part
 //!   supervisor when it picks its GPUs.
+//! - `Contact`: when the control plane was last heard from (or known to be
+//!   down), written by the `heartbeat`, read by the `fence` task.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -49,6 +51,10 @@ impl Reports {
 }
 
 pub(super) type SharedReports = Arc<Mutex<Reports>>;
+
+/// When the control plane last answered a heartbeat, or last refused the
+/// connection (it was down, so it could not requeue this node's work).
+pub(super) type Contact = Arc<Mutex<std::time::Instant>>;
 
 /// UUIDs of the GPUs that are healthy now, refreshed by every heartbeat.
 pub(super) type HealthyGpus = Arc<Mutex<Vec<String>>>;

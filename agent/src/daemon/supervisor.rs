@@ -14,10 +14,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drover_api::host_paths::HostPathPolicy;
 use drover_api::job::InvalidJob;
-use drover_api::wire::{Assignment, NewLogLine, PartState};
+use drover_api::wire::{Assignment, LogCursor, NewLogLine, PartState};
 use drover_runner::PartRunner;
 use drover_runner::part::{PartEvent, PartOutcome, Placement};
-use drover_runner::runtime::{ContainerRuntime, LogStream};
+use drover_runner::runtime::{ContainerRuntime, LogLine, LogStream};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -37,7 +37,46 @@ fn now_ms() -> u64 {
 
 pub(super) enum SupervisorKind {
     Start(Box<Assignment>),
-    Adopt(String),
+    /// A container that exists already (running, or ended while the agent
+    /// was down), and where the control plane's log of it ends.
+    Adopt {
+        container: String,
+        /// Ship its lines after this cursor (all when `None`)…
+        log_from: Option<LogCursor>,
+        /// …or none, for a container the control plane has no part for.
+        ship_logs: bool,
+    },
+}
+
+/// The cursors of a container's lines, in the order the engine gives them:
+/// a line's timestamp and its place among lines with the same timestamp.
+#[derive(Debug, Default)]
+pub(super) struct LogPositions {
+    last: Option<LogCursor>,
+}
+
+impl LogPositions {
+    /// The cursor of the next line, stamped `timestamp` (RFC 3339 with
+    /// nanoseconds, as the engine writes it); `None` when it does not parse.
+    pub(super) fn next(&mut self, timestamp: &str) -> Option<LogCursor> {
+        let at_ns = parse_engine_time(timestamp)?;
+        let index = match self.last {
+            Some(l) if l.at_ns == at_ns => l.index + 1,
+            _ => 1,
+        };
+        let c = LogCursor { at_ns, index };
+        self.last = Some(c);
+        Some(c)
+    }
+}
+
+/// An engine log timestamp (`2026-12-01T21:34:43.123456789Z`) in ns since the epoch.
+fn parse_engine_time(timestamp: &str) -> Option<u64> {
+    let t = humantime::parse_rfc3339(timestamp)
+        .or_else(|_| humantime::parse_rfc3339_weak(timestamp.trim_end_matches('Z')))
+        .ok()?;
+    let d = t.duration_since(UNIX_EPOCH).ok()?;
+    u64::try_from(d.as_nanos()).ok()
 }
 
 pub(super) struct PartCtx<R: ContainerRuntime> {
@@ -69,6 +108,16 @@ impl<R: ContainerRuntime> Clone for PartCtx<R> {
 }
 
 impl<R: ContainerRuntime> PartCtx<R> {
+    /// A line of the part's own output, at its place in the container's log.
+    fn container_line(&self, line: LogLine, positions: &mut LogPositions) -> NewLogLine {
+        let cursor = positions.next(&line.timestamp);
+        NewLogLine {
+            cursor,
+            ..self.line(line.stream, line.text)
+        }
+    }
+
+    /// A line the agent writes itself into the part's log.
     fn line(&self, stream: LogStream, mut text: String) -> NewLogLine {
         if text.len() > MAX_LINE_BYTES {
             // One runaway line must not make a batch the server refuses.
@@ -86,6 +135,7 @@ impl<R: ContainerRuntime> PartCtx<R> {
             stream,
             at: drover_api::cluster::Timestamp(now_ms()),
             text,
+            cursor: None,
         }
     }
 
@@ -99,7 +149,11 @@ impl<R: ContainerRuntime> PartCtx<R> {
 pub(super) async fn supervise<R: ContainerRuntime>(ctx: PartCtx<R>, kind: SupervisorKind) {
     let ended = match kind {
         SupervisorKind::Start(a) => run_new(&ctx, &a).await,
-        SupervisorKind::Adopt(id) => run_adopted(&ctx, &id).await,
+        SupervisorKind::Adopt {
+            container,
+            log_from,
+            ship_logs,
+        } => run_adopted(&ctx, &container, ship_logs.then_some(log_from)).await,
     };
     // Final state only after the logs before it are stored.
     let (tx, rx) = oneshot::channel();
@@ -210,6 +264,7 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
         let lines = ctx.clone();
         tokio::spawn(async move {
             let mut pulling = false;
+            let mut positions = LogPositions::default();
             while let Some(ev) = rx.recv().await {
                 match ev {
                     PartEvent::Pull(_) if !pulling => {
@@ -224,7 +279,8 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
                         lock(&reports).set_live(part.clone(), PartState::Running);
                     }
                     PartEvent::Log(l) => {
-                        let _ = ship.send(Ship::Line(lines.line(l.stream, l.text))).await;
+                        let line = lines.container_line(l, &mut positions);
+                        let _ = ship.send(Ship::Line(line)).await;
                     }
                     PartEvent::Stopping { .. } => {}
                 }
@@ -258,27 +314,36 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
 }
 
 /// Supervises a container this agent did not start in this session: ships
-/// its output from now on and waits for it (stopping it when canceled).
-async fn run_adopted<R: ContainerRuntime>(ctx: &PartCtx<R>, id: &str) -> Ended {
+/// its output from where the control plane's log of it ends (`log_from`;
+/// from its start when `None`), so that lines written while no agent
+/// watched reach the log and none is sent twice, and waits for it
+/// (stopping it when canceled). A container that has already exited is
+/// shipped to its last line and reported with its exit code.
+async fn run_adopted<R: ContainerRuntime>(
+    ctx: &PartCtx<R>,
+    id: &str,
+    ship: Option<Option<LogCursor>>,
+) -> Ended {
     let runtime = ctx.runner.runtime.clone();
-    let since = SystemTime::now();
-    let logs = {
-        let mut stream = runtime.logs(id);
+    let logs = ship.map(|log_from| {
+        // The engine filters by whole seconds; the cursor skips the rest.
+        let since = log_from.map_or(0, |c| i64::try_from(c.at_ns / 1_000_000_000).unwrap_or(0));
+        let mut stream = runtime.logs(id, since);
         let ship = ctx.ship.clone();
         let mk = ctx.clone();
         tokio::spawn(async move {
+            let mut positions = LogPositions::default();
             while let Some(Ok(line)) = stream.next().await {
-                // Lines from before the adoption were shipped by the agent that started it.
-                let old = humantime::parse_rfc3339_weak(line.timestamp.trim_end_matches('Z'))
-                    .ok()
-                    .or_else(|| humantime::parse_rfc3339(&line.timestamp).ok())
-                    .is_some_and(|t| t < since);
-                if !old {
-                    let _ = ship.send(Ship::Line(mk.line(line.stream, line.text))).await;
+                let l = mk.container_line(line, &mut positions);
+                if let (Some(from), Some(at)) = (log_from, l.cursor)
+                    && at <= from
+                {
+                    continue;
                 }
+                let _ = ship.send(Ship::Line(l)).await;
             }
         })
-    };
+    });
     ctx.set_live(PartState::Running);
     let mut stopped = false;
     let status = tokio::select! {
@@ -295,7 +360,9 @@ async fn run_adopted<R: ContainerRuntime>(ctx: &PartCtx<R>, id: &str) -> Ended {
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(5), logs).await;
+    if let Some(logs) = logs {
+        let _ = tokio::time::timeout(Duration::from_secs(5), logs).await;
+    }
     let (state, exit_code) = match status {
         Ok(_) if stopped => (PartState::Stopped, None),
         Ok(s) if s.code == 0 => (PartState::Succeeded, Some(0)),

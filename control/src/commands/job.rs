@@ -63,6 +63,10 @@ enum JobCommand {
         /// Keep printing new lines until the job ends.
         #[arg(long, short = 'f')]
         follow: bool,
+        /// The attempt whose lines to print (default: the current one; a
+        /// follower moves on to a new attempt when the job is requeued).
+        #[arg(long)]
+        attempt: Option<u32>,
     },
 }
 
@@ -81,7 +85,7 @@ pub async fn run(args: JobArgs) -> anyhow::Result<i32> {
             if !stream {
                 return Ok(0);
             }
-            logs(&client, &job, true, json).await?;
+            logs(&client, &job, true, None, json).await?;
             let end = get_job(&client, &job).await?;
             eprintln!("job {job} {}", end.state);
             Ok(if end.state == JobState::Completed {
@@ -159,7 +163,11 @@ pub async fn run(args: JobArgs) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        JobCommand::Logs { name, follow } => logs(&client, &name, follow, json).await,
+        JobCommand::Logs {
+            name,
+            follow,
+            attempt,
+        } => logs(&client, &name, follow, attempt, json).await,
     }
 }
 
@@ -282,7 +290,13 @@ impl WaitingNotes {
     }
 }
 
-async fn logs(client: &Client, name: &str, follow: bool, json: bool) -> anyhow::Result<i32> {
+async fn logs(
+    client: &Client,
+    name: &str,
+    follow: bool,
+    attempt: Option<u32>,
+    json: bool,
+) -> anyhow::Result<i32> {
     let job = get_job(client, name).await?;
     let multi = job.instance_count > 1;
     let mut waiting = WaitingNotes::default();
@@ -291,15 +305,33 @@ async fn logs(client: &Client, name: &str, follow: bool, json: bool) -> anyhow::
     }
     let mut asked = std::time::Instant::now();
     let mut from = 0u64;
+    let mut shown_attempt: Option<u32> = None;
+    let only = attempt.map(|a| format!("&attempt={a}")).unwrap_or_default();
     loop {
         let page: wire::LogPage = client
             .call(
                 Method::GET,
-                &format!("/v1/jobs/{}/logs?from={from}", encode(name)),
+                &format!("/v1/jobs/{}/logs?from={from}{only}", encode(name)),
                 None::<&()>,
             )
             .await
             .with_context(|| format!("cannot read the logs of job {name}"))?;
+        // Each attempt has its own log: say which one this is, and when a
+        // requeued job moves on to the next.
+        if !json && page.attempt > 0 && shown_attempt != Some(page.attempt) {
+            if shown_attempt.is_some() || page.attempts > 1 {
+                eprintln!(
+                    "(attempt {} of the job{})",
+                    page.attempt,
+                    if page.attempt < page.attempts {
+                        format!("; the current one is {}, see --attempt", page.attempts)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            shown_attempt = Some(page.attempt);
+        }
         if page.first_seq > from && from < page.end_seq {
             eprintln!(
                 "({} earlier lines were dropped by the log cap)",
@@ -320,7 +352,9 @@ async fn logs(client: &Client, name: &str, follow: bool, json: bool) -> anyhow::
         }
         from = page.next_seq;
         let caught_up = page.next_seq >= page.end_seq;
-        if caught_up && (!follow || page.job_state.is_terminal()) {
+        // A follower of an older attempt has all of it.
+        let old_attempt = attempt.is_some_and(|a| a < page.attempts);
+        if caught_up && (!follow || page.job_state.is_terminal() || old_attempt) {
             return Ok(0);
         }
         if caught_up {

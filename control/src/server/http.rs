@@ -365,12 +365,13 @@ async fn cancel_job(
     Ok(Json(core.cancel_job(id).await?))
 }
 
-/// `?from=N&limit=M`.
+/// `?from=N&limit=M&attempt=A`.
 #[derive(Debug, Deserialize)]
 struct LogQuery {
     #[serde(default)]
     from: u64,
     limit: Option<usize>,
+    attempt: Option<u32>,
 }
 
 async fn job_logs(
@@ -381,7 +382,7 @@ async fn job_logs(
 ) -> Answer<wire::LogPage> {
     let Query(q) = query?;
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
-    Ok(Json(core.job_logs(id, q.from, limit).await?))
+    Ok(Json(core.job_logs(id, q.attempt, q.from, limit).await?))
 }
 
 async fn list_nodes(

@@ -287,6 +287,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     // No job may bind the control plane's own data (its store, its admin
     // token, local nodes' credentials).
     let mut core_config = config.core.clone();
+    core_config.grace = config.grace;
     let data_dir =
         std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
     core_config.refused_host_paths.push(data_dir);

@@ -5,7 +5,10 @@
 //! [`super::StoreConfig::log_cap_bytes`] the oldest lines are dropped; a
 //! reader learns it missed some from [`LogPage::first_seq`].
 
+use std::collections::BTreeMap;
+
 use drover_api::cluster::Timestamp;
+use drover_api::wire::LogCursor;
 use drover_runner::runtime::LogStream;
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
@@ -24,6 +27,20 @@ pub struct NewLogLine<'a> {
     pub stream: LogStream,
     /// The text, without a trailing newline.
     pub text: &'a str,
+    /// Its place in its container's log, when it came from one: a line at or
+    /// before its part's cursor is already stored and is skipped.
+    pub cursor: Option<LogCursor>,
+}
+
+/// What an append stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The number the next line will get.
+    pub next_seq: u64,
+    /// Lines stored.
+    pub stored: u64,
+    /// Lines skipped because their part's log already had them.
+    pub duplicates: u64,
 }
 
 /// A stored line.
@@ -87,10 +104,16 @@ fn truncate(text: &str, max: usize) -> &str {
 }
 
 impl Store {
-    /// Appends lines to a job's log, dropping the oldest past the cap, and
-    /// returns the number the next line will get. A line longer than the
-    /// whole cap is cut to it.
-    pub fn append_logs(&mut self, job: &str, lines: &[NewLogLine<'_>]) -> Result<u64, StoreError> {
+    /// Appends lines to a job's log, dropping the oldest past the cap. A
+    /// line longer than the whole cap is cut to it. A line with a cursor is
+    /// stored only if it comes after its part's cursor, which then moves to
+    /// it: an agent that ships a line twice (a retried upload, a restart)
+    /// stores it once.
+    pub fn append_logs(
+        &mut self,
+        job: &str,
+        lines: &[NewLogLine<'_>],
+    ) -> Result<Appended, StoreError> {
         let cap = self.config.log_cap_bytes;
         let max_line = usize::try_from(cap).unwrap_or(usize::MAX);
         let tx = self
@@ -104,12 +127,45 @@ impl Store {
             )
             .optional()?
             .ok_or_else(|| StoreError::not_found("job", job))?;
+        // Each part's cursor, read once and written back once.
+        let mut cursors: BTreeMap<(u32, u32), (Option<LogCursor>, bool)> = BTreeMap::new();
+        let (mut stored, mut duplicates) = (0u64, 0u64);
         {
+            let mut read_cursor = tx.prepare_cached(
+                "SELECT log_at_ns, log_index FROM job_parts
+                 WHERE job = ?1 AND attempt = ?2 AND node_rank = ?3",
+            )?;
             let mut insert = tx.prepare_cached(
                 "INSERT INTO job_logs (job, seq, at, attempt, node_rank, stream, line)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             for line in lines {
+                if let Some(c) = line.cursor {
+                    let key = (line.attempt, line.node_rank);
+                    let entry = match cursors.entry(key) {
+                        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(e) => {
+                            let known: Option<(Option<i64>, Option<i64>)> = read_cursor
+                                .query_row(params![job, line.attempt, line.node_rank], |r| {
+                                    Ok((r.get(0)?, r.get(1)?))
+                                })
+                                .optional()?;
+                            let known = match known {
+                                Some((Some(at), Some(index))) => Some(LogCursor {
+                                    at_ns: u64::try_from(at).unwrap_or(0),
+                                    index: count(index),
+                                }),
+                                _ => None,
+                            };
+                            e.insert((known, false))
+                        }
+                    };
+                    if entry.0.is_some_and(|known| c <= known) {
+                        duplicates += 1;
+                        continue;
+                    }
+                    *entry = (Some(c), true);
+                }
                 let text = truncate(line.text, max_line);
                 insert.execute(params![
                     job,
@@ -121,7 +177,23 @@ impl Store {
                     text
                 ])?;
                 next += 1;
+                stored += 1;
                 bytes += i64::try_from(text.len()).unwrap_or(i64::MAX);
+            }
+            let mut write_cursor = tx.prepare_cached(
+                "UPDATE job_parts SET log_at_ns = ?4, log_index = ?5
+                 WHERE job = ?1 AND attempt = ?2 AND node_rank = ?3",
+            )?;
+            for ((attempt, rank), (cursor, moved)) in &cursors {
+                if let (true, Some(c)) = (moved, cursor) {
+                    write_cursor.execute(params![
+                        job,
+                        attempt,
+                        rank,
+                        i64::try_from(c.at_ns).unwrap_or(i64::MAX),
+                        c.index
+                    ])?;
+                }
             }
         }
         let cap = i64::try_from(cap).unwrap_or(i64::MAX);
@@ -159,11 +231,22 @@ impl Store {
             params![job, next, bytes],
         )?;
         tx.commit()?;
-        Ok(u64::try_from(next).unwrap_or(0))
+        Ok(Appended {
+            next_seq: u64::try_from(next).unwrap_or(0),
+            stored,
+            duplicates,
+        })
     }
 
-    /// Up to `limit` lines of a job's log from number `from` on.
-    pub fn read_logs(&self, job: &str, from: u64, limit: usize) -> Result<LogPage, StoreError> {
+    /// Up to `limit` lines of a job's log from number `from` on, of one
+    /// attempt or of all.
+    pub fn read_logs(
+        &self,
+        job: &str,
+        attempt: Option<u32>,
+        from: u64,
+        limit: usize,
+    ) -> Result<LogPage, StoreError> {
         let tx = self.conn.unchecked_transaction()?;
         let end: i64 = tx
             .query_row("SELECT log_next_seq FROM jobs WHERE id = ?1", [job], |r| {
@@ -171,18 +254,22 @@ impl Store {
             })
             .optional()?
             .ok_or_else(|| StoreError::not_found("job", job))?;
-        let first: Option<i64> =
-            tx.query_row("SELECT min(seq) FROM job_logs WHERE job = ?1", [job], |r| {
-                r.get(0)
-            })?;
+        // -1: every attempt.
+        let attempt_i = attempt.map_or(-1, i64::from);
+        let first: Option<i64> = tx.query_row(
+            "SELECT min(seq) FROM job_logs WHERE job = ?1 AND (?2 < 0 OR attempt = ?2)",
+            params![job, attempt_i],
+            |r| r.get(0),
+        )?;
         let from_i = i64::try_from(from).unwrap_or(i64::MAX);
         let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
         let lines = {
             let mut stmt = tx.prepare_cached(
                 "SELECT seq, at, attempt, node_rank, stream, line FROM job_logs
-                 WHERE job = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
+                 WHERE job = ?1 AND seq >= ?2 AND (?4 < 0 OR attempt = ?4)
+                 ORDER BY seq LIMIT ?3",
             )?;
-            stmt.query_map(params![job, from_i, limit_i], |r| {
+            stmt.query_map(params![job, from_i, limit_i, attempt_i], |r| {
                 Ok(StoredLogLine {
                     seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
                     at: ts(r.get(1)?),
@@ -198,9 +285,12 @@ impl Store {
         let end_seq = u64::try_from(end).unwrap_or(0);
         // With nothing kept, the next line will be the oldest.
         let first_seq = first.map_or(end_seq, |f| u64::try_from(f).unwrap_or(0));
+        // A short page has every line there is: the next one of this
+        // attempt can only come at `end_seq` or later.
         let next_seq = match lines.last() {
-            Some(l) => l.seq + 1,
-            None => from.max(first_seq),
+            Some(l) if lines.len() >= limit => l.seq + 1,
+            Some(_) => end_seq,
+            None => from.max(first_seq).max(end_seq),
         };
         Ok(LogPage {
             lines,

@@ -43,7 +43,7 @@ pub use error::StoreError;
 pub use jobs::{
     Job, JobFilter, JobPart, NewJob, PartReport, PartState, Placed, Transition, UnknownPartState,
 };
-pub use logs::{LogPage, NewLogLine, StoredLogLine};
+pub use logs::{Appended, LogPage, NewLogLine, StoredLogLine};
 pub use nodes::{
     AssignedNode, Assignment, Assignments, Heartbeat, NewNode, Node, NodeInventory, NodeLost,
 };

@@ -3,7 +3,7 @@
 use drover_api::JobSpec;
 use drover_api::cluster::{JobState, NodeState, NodeSummary, Timestamp};
 use drover_api::inventory::Inventory;
-use drover_api::wire::PartKey;
+use drover_api::wire::{LogCursor, PartKey};
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
 use super::jobs::{PartState, requeue_in};
@@ -116,6 +116,8 @@ pub struct Assignment {
     pub part: PartKey,
     /// The part's state as last reported.
     pub state: PartState,
+    /// Where the stored log of the part ends.
+    pub log_cursor: Option<LogCursor>,
     /// What to run.
     pub spec: JobSpec,
     /// Every node of the attempt, rank 0 first (for the hostfile and
@@ -448,27 +450,34 @@ impl Store {
                 .ok_or_else(|| StoreError::not_found("node", id))?;
             u64::try_from(v).unwrap_or(0)
         };
-        let rows: Vec<(String, u32, u32, PartState, String)> = {
+        type Row = (String, u32, u32, PartState, String, Option<LogCursor>);
+        let rows: Vec<Row> = {
             let mut stmt = tx.prepare_cached(
-                "SELECT p.job, p.attempt, p.node_rank, p.state, j.spec
+                "SELECT p.job, p.attempt, p.node_rank, p.state, j.spec, p.log_at_ns, p.log_index
                  FROM job_parts p JOIN jobs j ON j.id = p.job AND j.attempt = p.attempt
                  WHERE p.node = ?1 AND p.state IN ('assigned', 'preparing', 'running')
                    AND j.state IN ('preparing', 'running')
                  ORDER BY j.seq",
             )?;
             stmt.query_map([id], |r| {
+                let at: Option<i64> = r.get(5)?;
+                let index: Option<i64> = r.get(6)?;
                 Ok((
                     r.get(0)?,
                     count(r.get(1)?),
                     count(r.get(2)?),
                     parse_col(r, "state")?,
                     r.get(4)?,
+                    at.zip(index).map(|(at, index)| LogCursor {
+                        at_ns: u64::try_from(at).unwrap_or(0),
+                        index: count(index),
+                    }),
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?
         };
         let mut parts = Vec::with_capacity(rows.len());
-        for (job, attempt, node_rank, state, spec) in rows {
+        for (job, attempt, node_rank, state, spec, log_cursor) in rows {
             let nodes = {
                 let mut stmt = tx.prepare_cached(
                     "SELECT p.node, n.ip FROM job_parts p LEFT JOIN nodes n ON n.id = p.node
@@ -489,6 +498,7 @@ impl Store {
                     attempt,
                     node_rank,
                 },
+                log_cursor,
                 state,
                 nodes,
             });

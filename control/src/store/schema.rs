@@ -11,7 +11,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StoreError;
 
 /// The migrations, oldest first.
-pub(crate) const MIGRATIONS: &[&str] = &[V1];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -121,6 +121,16 @@ CREATE TABLE api_tokens (
     hash       BLOB NOT NULL UNIQUE,
     created_at INTEGER NOT NULL
 ) STRICT;
+"#;
+
+/// Version 2: where each part's log ends (the container-engine timestamp
+/// of its last stored line and its place among lines of that time), so an
+/// agent that restarts ships from there and no line is stored twice; and
+/// reading one attempt's lines by index.
+const V2: &str = r#"
+ALTER TABLE job_parts ADD COLUMN log_at_ns INTEGER;
+ALTER TABLE job_parts ADD COLUMN log_index INTEGER;
+CREATE INDEX job_logs_by_attempt ON job_logs (job, attempt, seq);
 "#;
 
 /// Brings `conn` to the newest of `scripts`, one transaction per script.

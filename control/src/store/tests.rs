@@ -1113,6 +1113,7 @@ fn line(text: &str) -> NewLogLine<'_> {
         node_rank: 0,
         stream: LogStream::Stdout,
         text,
+        cursor: None,
     }
 }
 
@@ -1130,11 +1131,11 @@ fn logs_are_capped_oldest_first_and_resumable() {
     let mut next = 0;
     for chunk in texts.chunks(7) {
         let lines: Vec<NewLogLine<'_>> = chunk.iter().map(|t| line(t)).collect();
-        next = s.append_logs("j", &lines).expect("append");
+        next = s.append_logs("j", &lines).expect("append").next_seq;
     }
     assert_eq!(next, 30);
 
-    let page = s.read_logs("j", 0, 1000).expect("read");
+    let page = s.read_logs("j", None, 0, 1000).expect("read");
     // 11 lines of 9 bytes fit in 100.
     assert_eq!((page.first_seq, page.end_seq, page.next_seq), (19, 30, 30));
     let got: Vec<&str> = page.lines.iter().map(|l| l.text.as_str()).collect();
@@ -1155,12 +1156,12 @@ fn logs_are_capped_oldest_first_and_resumable() {
     assert_eq!(stored, 0, "the byte count matches what is kept");
 
     // Following: a page at a time, then caught up.
-    let page = s.read_logs("j", 25, 3).expect("read");
+    let page = s.read_logs("j", None, 25, 3).expect("read");
     assert_eq!(page.lines.len(), 3);
     assert_eq!(page.next_seq, 28);
-    let page = s.read_logs("j", page.next_seq, 10).expect("read");
+    let page = s.read_logs("j", None, page.next_seq, 10).expect("read");
     assert_eq!((page.lines.len(), page.next_seq), (2, 30));
-    let page = s.read_logs("j", 30, 10).expect("read");
+    let page = s.read_logs("j", None, 30, 10).expect("read");
     assert!(page.lines.is_empty());
     assert_eq!((page.next_seq, page.end_seq), (30, 30));
 
@@ -1172,7 +1173,7 @@ fn logs_are_capped_oldest_first_and_resumable() {
         }],
     )
     .expect("append");
-    let page = s.read_logs("j", 30, 10).expect("read");
+    let page = s.read_logs("j", None, 30, 10).expect("read");
     assert_eq!(page.lines.len(), 1);
     assert_eq!(page.lines[0].stream, LogStream::Stderr);
     assert_eq!(page.lines[0].seq, 30);
@@ -1189,11 +1190,11 @@ fn a_line_longer_than_the_cap_is_cut_to_it() {
     submit(&mut s, "j", "cpu", 1, 1);
     // 'é' is two bytes: the cut must not split it.
     s.append_logs("j", &[line("aaaaaaaaaééé")]).expect("append");
-    let page = s.read_logs("j", 0, 10).expect("read");
+    let page = s.read_logs("j", None, 0, 10).expect("read");
     assert_eq!(page.lines.len(), 1);
     assert_eq!(page.lines[0].text, "aaaaaaaaa");
     s.append_logs("j", &[line("0123456789")]).expect("append");
-    let page = s.read_logs("j", 0, 10).expect("read");
+    let page = s.read_logs("j", None, 0, 10).expect("read");
     let got: Vec<&str> = page.lines.iter().map(|l| l.text.as_str()).collect();
     assert_eq!(got, ["0123456789"]);
     assert_eq!(page.first_seq, 1);
@@ -1202,7 +1203,7 @@ fn a_line_longer_than_the_cap_is_cut_to_it() {
         Err(StoreError::NotFound { kind: "job", .. })
     ));
     assert!(matches!(
-        s.read_logs("ghost", 0, 1),
+        s.read_logs("ghost", None, 0, 1),
         Err(StoreError::NotFound { kind: "job", .. })
     ));
 }
@@ -1431,7 +1432,7 @@ fn a_store_written_by_the_first_format_is_read() {
     assert_eq!(parts.len(), 1);
     assert_eq!(parts[0].state, PartState::Succeeded);
     assert_eq!(parts[0].exit_code, Some(0));
-    let logs = s.read_logs("train-old-format", 0, 10).expect("logs");
+    let logs = s.read_logs("train-old-format", None, 0, 10).expect("logs");
     let text: Vec<&str> = logs.lines.iter().map(|l| l.text.as_str()).collect();
     assert_eq!(text, ["epoch 1 loss 0.5", "warning: slow"]);
 
@@ -1455,4 +1456,70 @@ fn a_store_written_by_the_first_format_is_read() {
         "the real agent inventory of the fixture"
     );
     assert!(inv.host.memory_total_bytes > 0);
+}
+
+#[test]
+fn a_line_is_stored_once_per_part_cursor_and_each_attempt_reads_its_own() {
+    use drover_api::wire::LogCursor;
+    let mut s = mem();
+    add_cluster(&mut s, "cpu", 1);
+    add_node(&mut s, "n1", "cpu", 0);
+    submit(&mut s, "j", "cpu", 1, 3);
+    s.record_placement("j", &nodes(&["n1"]), t(5))
+        .expect("place");
+    let at = |at_ns: u64, index: u32| Some(LogCursor { at_ns, index });
+    let l = |text: &'static str, cursor| NewLogLine {
+        cursor,
+        ..line(text)
+    };
+    let a = s
+        .append_logs(
+            "j",
+            &[l("a", at(10, 1)), l("b", at(10, 2)), l("c", at(11, 1))],
+        )
+        .expect("append");
+    assert_eq!((a.stored, a.duplicates), (3, 0));
+    // A retried batch and a restarted agent re-reading from its cursor:
+    // only what is new is stored; agent lines without a cursor always are.
+    let a = s
+        .append_logs(
+            "j",
+            &[
+                l("b", at(10, 2)),
+                l("c", at(11, 1)),
+                l("d", at(11, 2)),
+                l("note", None),
+            ],
+        )
+        .expect("append");
+    assert_eq!((a.stored, a.duplicates), (2, 2));
+    let texts = |page: LogPage| page.lines.into_iter().map(|l| l.text).collect::<Vec<_>>();
+    assert_eq!(
+        texts(s.read_logs("j", Some(1), 0, 100).expect("read")),
+        ["a", "b", "c", "d", "note"]
+    );
+    let asg = s.assignments("n1").expect("assignments");
+    assert_eq!(
+        asg.parts[0].log_cursor,
+        at(11, 2),
+        "the cursor reaches the agent"
+    );
+
+    // Attempt 2's lines are read apart from attempt 1's; a short page
+    // resumes at the log's end, so a follower of an old attempt stops.
+    s.append_logs(
+        "j",
+        &[NewLogLine {
+            attempt: 2,
+            ..l("second", at(1, 1))
+        }],
+    )
+    .expect("append");
+    let first = s.read_logs("j", Some(1), 0, 100).expect("read");
+    assert_eq!((first.next_seq, first.end_seq), (6, 6));
+    assert_eq!(
+        texts(s.read_logs("j", Some(2), 0, 100).expect("read")),
+        ["second"]
+    );
+    assert_eq!(s.read_logs("j", None, 0, 100).expect("read").lines.len(), 6);
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use drover_api::cluster::NodeState;
+use drover_api::cluster::{NodeState, Timestamp};
 use drover_api::wire;
 
 use super::wire_map::node_info;
@@ -13,8 +13,31 @@ use super::{ControlPlane, new_id, new_secret, now};
 use crate::server::error::ControlError;
 use crate::server::events::Event;
 use crate::store::{
-    Heartbeat, NewLogLine, NewNode, Node, NodeInventory, Store, StoreError, VersionBump,
+    Heartbeat, JobPart, NewLogLine, NewNode, Node, NodeInventory, Store, StoreError, VersionBump,
 };
+
+/// How long after a superseded part ended its own lines are still stored
+/// (in its attempt's log): what a preempted job prints while it handles
+/// SIGTERM (Azure gives at least 30 s notice, the agent a stop grace) is
+/// worth keeping, a zombie attempt's output long after is not.
+const SUPERSEDED_LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether `line`, of an attempt that is no longer its job's current one,
+/// was written (by its container's clock, else the agent's) before its
+/// part ended or within [`SUPERSEDED_LOG_WINDOW`] after.
+fn late_but_in_time(line: &wire::NewLogLine, parts: &[JobPart]) -> bool {
+    let Some(ended) = parts
+        .iter()
+        .find(|p| p.attempt == line.attempt && p.node_rank == line.node_rank)
+        .and_then(|p| p.ended_at)
+    else {
+        return false;
+    };
+    let written = line
+        .cursor
+        .map_or(line.at, |c| Timestamp(c.at_ns / 1_000_000));
+    written <= ended.plus(SUPERSEDED_LOG_WINDOW)
+}
 
 /// What a heartbeat changed: versions to wake, rejected parts, whether the
 /// scheduler should look again, and the node's desired-state version.
@@ -165,6 +188,9 @@ impl ControlPlane {
             }
             None => new_id("node")?,
         };
+        req.inventory
+            .check_size()
+            .map_err(|e| ControlError::Invalid(format!("inventory: {e}")))?;
         let credential = new_secret()?;
         let cred = credential.clone();
         let id = node_id.clone();
@@ -217,6 +243,7 @@ impl ControlPlane {
             node_id,
             credential,
             heartbeat_interval_seconds: self.config.heartbeat_interval.as_secs(),
+            grace_seconds: self.config.grace.as_secs(),
         })
     }
 
@@ -229,6 +256,17 @@ impl ControlPlane {
         credential: &str,
         req: wire::HeartbeatRequest,
     ) -> Result<wire::HeartbeatResponse, ControlError> {
+        if req.parts.len() > wire::MAX_PART_REPORTS {
+            return Err(ControlError::Invalid(format!(
+                "parts: a heartbeat may carry at most {} part reports, got {}",
+                wire::MAX_PART_REPORTS,
+                req.parts.len()
+            )));
+        }
+        if let Some(inv) = &req.inventory {
+            inv.check_size()
+                .map_err(|e| ControlError::Invalid(format!("inventory: {e}")))?;
+        }
         let credential = credential.to_string();
         let applied = self
             .with_store(move |s| {
@@ -323,6 +361,7 @@ impl ControlPlane {
                     state: p.state,
                     spec: p.spec,
                     allowed_host_paths: allowed_host_paths.clone(),
+                    log_cursor: p.log_cursor,
                     nodes: p
                         .nodes
                         .into_iter()
@@ -333,48 +372,78 @@ impl ControlPlane {
         })
     }
 
-    /// Stores log lines of parts placed on `node`.
+    /// Stores log lines of parts placed on `node`, each in its attempt's
+    /// log. Lines of an attempt that is no longer the job's current one are
+    /// stored only if written by the time the part ended (or shortly after:
+    /// [`SUPERSEDED_LOG_WINDOW`]); the rest are refused and their parts come
+    /// back in `rejected`. Lines at or before their part's cursor are
+    /// already stored and are skipped.
     pub async fn upload_logs(
         &self,
         node: String,
         batch: wire::LogBatch,
     ) -> Result<wire::LogBatchAccepted, ControlError> {
-        let accepted = self
-            .with_store(move |s| -> Result<Result<u64, ControlError>, StoreError> {
-                let mut by_job: HashMap<&str, Vec<&wire::NewLogLine>> = HashMap::new();
-                for l in &batch.lines {
-                    by_job.entry(l.job.as_str()).or_default().push(l);
-                }
-                let mut accepted = 0u64;
-                for (job, lines) in by_job {
-                    let parts = s.job_parts(job)?;
-                    // A node writes only the logs of parts it was given.
-                    let own = |l: &&wire::NewLogLine| {
-                        parts.iter().any(|p| {
-                            p.node == node && p.attempt == l.attempt && p.node_rank == l.node_rank
-                        })
-                    };
-                    if !lines.iter().all(own) {
-                        return Ok(Err(ControlError::Forbidden(format!(
-                            "node `{node}` holds no such part of job `{job}`"
-                        ))));
+        let who = node.clone();
+        let answer = self
+            .with_store(
+                move |s| -> Result<Result<wire::LogBatchAccepted, ControlError>, StoreError> {
+                    let mut by_job: HashMap<&str, Vec<&wire::NewLogLine>> = HashMap::new();
+                    for l in &batch.lines {
+                        by_job.entry(l.job.as_str()).or_default().push(l);
                     }
-                    let new: Vec<NewLogLine<'_>> = lines
-                        .iter()
-                        .map(|l| NewLogLine {
-                            at: l.at,
-                            attempt: l.attempt,
-                            node_rank: l.node_rank,
-                            stream: l.stream,
-                            text: &l.text,
-                        })
-                        .collect();
-                    s.append_logs(job, &new)?;
-                    accepted += new.len() as u64;
-                }
-                Ok(Ok(accepted))
-            })
+                    let mut answer = wire::LogBatchAccepted {
+                        accepted: 0,
+                        duplicates: 0,
+                        rejected: Vec::new(),
+                    };
+                    for (job, lines) in by_job {
+                        let parts = s.job_parts(job)?;
+                        // A node writes only the logs of parts it was given.
+                        let own = |l: &&wire::NewLogLine| {
+                            parts.iter().any(|p| {
+                                p.node == node
+                                    && p.attempt == l.attempt
+                                    && p.node_rank == l.node_rank
+                            })
+                        };
+                        if !lines.iter().all(own) {
+                            return Ok(Err(ControlError::Forbidden(format!(
+                                "node `{node}` holds no such part of job `{job}`"
+                            ))));
+                        }
+                        let current = s.job(job)?.attempt;
+                        let mut new: Vec<NewLogLine<'_>> = Vec::with_capacity(lines.len());
+                        for l in lines {
+                            if l.attempt != current && !late_but_in_time(l, &parts) {
+                                let key = wire::PartKey::new(job, l.attempt, l.node_rank);
+                                if !answer.rejected.contains(&key) {
+                                    answer.rejected.push(key);
+                                }
+                                continue;
+                            }
+                            new.push(NewLogLine {
+                                at: l.at,
+                                attempt: l.attempt,
+                                node_rank: l.node_rank,
+                                stream: l.stream,
+                                text: &l.text,
+                                cursor: l.cursor,
+                            });
+                        }
+                        if new.is_empty() {
+                            continue;
+                        }
+                        let appended = s.append_logs(job, &new)?;
+                        answer.accepted += appended.stored;
+                        answer.duplicates += appended.duplicates;
+                    }
+                    Ok(Ok(answer))
+                },
+            )
             .await??;
-        Ok(wire::LogBatchAccepted { accepted })
+        if !answer.rejected.is_empty() {
+            tracing::info!(node = %who, parts = ?answer.rejected, "log lines of superseded attempts refused");
+        }
+        Ok(answer)
     }
 }

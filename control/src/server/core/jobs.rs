@@ -155,17 +155,25 @@ impl ControlPlane {
         Ok(job_info(t.job, parts, true))
     }
 
-    /// A page of a job's log.
+    /// A page of a job's log: one attempt's lines, the current attempt's
+    /// unless `attempt` names another.
     pub async fn job_logs(
         &self,
         id: String,
+        attempt: Option<u32>,
         from: u64,
         limit: usize,
     ) -> Result<wire::LogPage, ControlError> {
-        let (page, state) = self
+        let (page, state, attempt, attempts) = self
             .with_store(move |s| {
-                let state = s.job(&id)?.state;
-                Ok((s.read_logs(&id, from, limit)?, state))
+                let job = s.job(&id)?;
+                let attempt = attempt.unwrap_or(job.attempt);
+                Ok((
+                    s.read_logs(&id, Some(attempt), from, limit)?,
+                    job.state,
+                    attempt,
+                    job.attempt,
+                ))
             })
             .await?;
         Ok(wire::LogPage {
@@ -185,6 +193,8 @@ impl ControlPlane {
             first_seq: page.first_seq,
             end_seq: page.end_seq,
             job_state: state,
+            attempt,
+            attempts,
         })
     }
 }

@@ -39,6 +39,9 @@ pub struct CoreConfig {
     pub max_attempts: u32,
     /// Heartbeat interval the server asks agents for.
     pub heartbeat_interval: Duration,
+    /// How long a node may be silent before its work is requeued; agents
+    /// are told, so that one cut off for longer stops its parts itself.
+    pub grace: Duration,
     /// Long-poll timeout when the agent gives none.
     pub watch_timeout: Duration,
     /// The longest long-poll an agent may ask for.
@@ -58,6 +61,7 @@ impl Default for CoreConfig {
         CoreConfig {
             max_attempts: 3,
             heartbeat_interval: Duration::from_secs(10),
+            grace: Duration::from_secs(40),
             watch_timeout: Duration::from_secs(30),
             watch_timeout_max: Duration::from_secs(120),
             autoscaler: AutoscalerConfig::default(),
@@ -111,6 +115,9 @@ pub struct ControlPlane {
     /// Ends long polls at shutdown, so that the HTTP server's graceful
     /// shutdown does not wait out every agent's poll timeout.
     shutdown: CancellationToken,
+    /// When this control plane started: no node is silent before a whole
+    /// grace period has passed since.
+    started: Timestamp,
     config: CoreConfig,
 }
 
@@ -174,6 +181,7 @@ impl ControlPlane {
             providers: Arc::new(Providers::default()),
             metrics: ServerMetrics::default(),
             shutdown: CancellationToken::new(),
+            started: now(),
             config,
         }
     }

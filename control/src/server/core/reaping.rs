@@ -13,8 +13,16 @@ use crate::store::JobFilter;
 impl ControlPlane {
     /// Marks nodes silent for longer than `grace` unusable and requeues
     /// their jobs. Returns the nodes marked.
+    ///
+    /// Every node gets a whole grace period from this control plane's start:
+    /// heartbeats that could not arrive while it was down are no sign of a
+    /// dead node (the kubelet's node lease and Nomad's heartbeat grace after a
+    /// leader election do the same).
     pub async fn reap_silent_nodes(&self, grace: Duration) -> Result<Vec<String>, ControlError> {
         let t = now();
+        if t.since(self.started) < grace {
+            return Ok(Vec::new());
+        }
         let before = Timestamp(t.as_millis().saturating_sub(grace.as_millis() as u64));
         let reason = format!("no heartbeat for {}s", grace.as_secs());
         let (lost, bumps) = self

@@ -287,23 +287,6 @@ impl DockerRuntime {
         }
     }
 
-    /// Names (`repo:tag`) of the local images of repository `repo`.
-    pub async fn image_tags(&self, repo: &str) -> Result<Vec<String>, RuntimeError> {
-        let options = bollard::query_parameters::ListImagesOptions {
-            filters: Some(HashMap::from([(
-                "reference".to_string(),
-                vec![format!("{repo}:*")],
-            )])),
-            ..Default::default()
-        };
-        let found = self
-            .docker
-            .list_images(Some(options))
-            .await
-            .map_err(engine_error)?;
-        Ok(found.into_iter().flat_map(|i| i.repo_tags).collect())
-    }
-
     /// Local images carrying every label of `labels`, untagged ones included.
     pub async fn images_labelled(
         &self,

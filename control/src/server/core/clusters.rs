@@ -5,7 +5,9 @@ use drover_api::cluster::{ClusterStatus, NodeStateCounts, NodeSummary};
 use drover_api::compute::{ComputeSpec, ComputeUpdate, Naming};
 use drover_api::wire;
 
-use super::{ClusterView, ControlPlane, new_secret, now, read_cluster_view};
+use super::{
+    ClusterView, ControlPlane, new_secret, now, read_all_cluster_views, read_cluster_view,
+};
 use crate::autoscaler::{self, AutoscaleInput, ScaleDecision};
 use crate::server::error::ControlError;
 use crate::store::StoreError;
@@ -117,14 +119,7 @@ impl ControlPlane {
 
     /// Every cluster with its status.
     pub async fn clusters(&self) -> Result<wire::ClusterList, ControlError> {
-        let views = self
-            .with_store(|s| {
-                s.clusters()?
-                    .iter()
-                    .map(|c| read_cluster_view(s, &c.spec.name))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await?;
+        let views = self.with_store(|s| read_all_cluster_views(s)).await?;
         Ok(wire::ClusterList {
             clusters: views.into_iter().map(|v| self.cluster_info(v)).collect(),
         })

@@ -156,6 +156,15 @@ struct ClusterView {
     errors: Vec<drover_api::cluster::ScalingError>,
 }
 
+/// Every cluster's status, read in one store call.
+fn read_all_cluster_views(store: &Store) -> Result<Vec<ClusterView>, StoreError> {
+    store
+        .clusters()?
+        .iter()
+        .map(|c| read_cluster_view(store, &c.spec.name))
+        .collect()
+}
+
 fn read_cluster_view(store: &Store, name: &str) -> Result<ClusterView, StoreError> {
     let cluster = store.cluster(name)?;
     Ok(ClusterView {

@@ -5,7 +5,7 @@
 use drover_api::cluster::{JobState, Timestamp};
 use drover_api::compute::ComputeSpec;
 
-use super::{ControlPlane, new_secret, now, read_cluster_view};
+use super::{ControlPlane, new_secret, now, read_all_cluster_views};
 use crate::autoscaler::{self, ScalingInput};
 use crate::provider::Provider;
 use crate::server::error::ControlError;
@@ -26,14 +26,7 @@ impl ControlPlane {
     /// the autoscaler wants, remembering its errors.
     pub async fn schedule_pass(&self) -> Result<(), ControlError> {
         let t = now();
-        let views = self
-            .with_store(|s| {
-                s.clusters()?
-                    .iter()
-                    .map(|c| read_cluster_view(s, &c.spec.name))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await?;
+        let views = self.with_store(|s| read_all_cluster_views(s)).await?;
         for view in views {
             let plan = crate::scheduler::schedule(&view.cluster.spec, &view.nodes, &view.jobs);
             for placement in plan.placements {

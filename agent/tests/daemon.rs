@@ -454,6 +454,62 @@ async fn an_assigned_part_runs_once_and_its_logs_come_before_its_exit_code() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_line_carries_the_rank_drover_init_marked_it_with_and_not_the_marker() {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    stub.set(1, vec![assignment("ranks", PartState::Assigned)]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    let mut rt = FakeRuntime::new(
+        PullScript::Progress {
+            n: 0,
+            every: Duration::ZERO,
+        },
+        ExitScript::After {
+            delay: Duration::from_millis(50),
+            code: 0,
+            oom: false,
+        },
+    );
+    rt.present.lock().unwrap().push(IMAGE.into());
+    rt.log_lines = vec![
+        "\x1erank 2\x1fhello from 2".into(),
+        "\x1erank 0\x1f".into(),
+        "drover-init: a line of drover-init itself".into(),
+        // Only a whole marker at the start is one.
+        "\x1erank x\x1fnot a marker".into(),
+        "\x1erank 1\x1f\x1erank 5\x1fforged".into(),
+    ];
+    let agent = start(server, Arc::new(rt), Duration::from_secs(5));
+    eventually("the part's success is reported", || {
+        stub.reported("ranks")
+            .contains(&(PartState::Succeeded, Some(0)))
+    })
+    .await;
+    let logs: Vec<(Option<u32>, String)> = stub
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| (l.rank, l.text.clone()))
+        .collect();
+    assert_eq!(
+        logs,
+        vec![
+            (Some(2), "hello from 2".to_string()),
+            (Some(0), String::new()),
+            (
+                None,
+                "drover-init: a line of drover-init itself".to_string()
+            ),
+            (None, "\x1erank x\x1fnot a marker".to_string()),
+            (Some(1), "\x1erank 5\x1fforged".to_string()),
+        ]
+    );
+    agent.shutdown.cancel();
+    agent.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_says_leaving_and_stops_parts_at_the_deadline() {
     let stub = Arc::new(Stub::default());
     let server = serve(stub.clone()).await;

@@ -437,6 +437,11 @@ pub struct LogLine {
     pub stream: LogStream,
     /// The text, without a trailing newline.
     pub text: String,
+    /// The process that wrote it (its `RANK`), in a part that runs more
+    /// than one; `None` for a part's only process and for what drover-init
+    /// or the agent wrote.
+    #[serde(default)]
+    pub rank: Option<u32>,
 }
 
 /// `GET /v1/jobs/{id}/logs`.
@@ -698,6 +703,10 @@ pub struct NewLogLine {
     /// itself (which are stored whenever they arrive).
     #[serde(default)]
     pub cursor: Option<LogCursor>,
+    /// The process that wrote it (its `RANK`), read from drover-init's
+    /// marker in a part that runs more than one; `None` otherwise.
+    #[serde(default)]
+    pub rank: Option<u32>,
 }
 
 /// `POST /v1/agent/logs`.

@@ -93,6 +93,7 @@ fn a_job_survives_a_control_plane_restart() {
                 stream: LogStream::Stdout,
                 text: "epoch 1",
                 cursor: None,
+                rank: None,
             }],
         )
         .expect("logs");

@@ -5,7 +5,8 @@
 //! * [`pull`] — shared, time-bounded image pulls with progress.
 //! * [`auth`] — registry credentials from the job or `~/.docker/config.json`.
 //! * [`part`] — planning a part's container and driving it to an outcome.
-//! * [`init_binary`] — finding the static drover-init.
+//! * [`init_binary`] — finding the static drover-init; [`init_output`] —
+//!   the rank marker it puts on each line of a part with several ranks.
 //! * [`fake`] — a scripted in-memory runtime for tests of the logic above.
 //!
 //! Architecture Invariant: this crate is the only one that imports bollard.
@@ -20,6 +21,10 @@ pub mod part;
 pub mod pull;
 pub mod runtime;
 mod tar;
+
+/// drover-init's output protocol: [`init_output::split_marker`] reads the
+/// rank of a line of a part that runs more than one rank.
+pub use drover_init as init_output;
 
 pub use docker::DockerRuntime;
 pub use part::{HostFacts, PartEvent, PartOutcome, PartRunner, Placement, RunOptions};

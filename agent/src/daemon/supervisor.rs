@@ -15,9 +15,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use drover_api::host_paths::HostPathPolicy;
 use drover_api::job::InvalidJob;
 use drover_api::wire::{Assignment, LogCursor, NewLogLine, PartState};
-use drover_runner::PartRunner;
 use drover_runner::part::{PartEvent, PartOutcome, Placement};
 use drover_runner::runtime::{ContainerRuntime, LogLine, LogStream};
+use drover_runner::{PartRunner, init_output};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -108,12 +108,19 @@ impl<R: ContainerRuntime> Clone for PartCtx<R> {
 }
 
 impl<R: ContainerRuntime> PartCtx<R> {
-    /// A line of the part's own output, at its place in the container's log.
+    /// A line of the part's own output, at its place in the container's
+    /// log, with the rank drover-init's marker names (the marker is not
+    /// part of the text).
     fn container_line(&self, line: LogLine, positions: &mut LogPositions) -> NewLogLine {
         let cursor = positions.next(&line.timestamp);
+        let (rank, text) = match init_output::split_marker(&line.text) {
+            (Some(rank), text) => (Some(rank), text.to_string()),
+            (None, _) => (None, line.text),
+        };
         NewLogLine {
             cursor,
-            ..self.line(line.stream, line.text)
+            rank,
+            ..self.line(line.stream, text)
         }
     }
 
@@ -136,6 +143,7 @@ impl<R: ContainerRuntime> PartCtx<R> {
             at: drover_api::cluster::Timestamp(now_ms()),
             text,
             cursor: None,
+            rank: None,
         }
     }
 

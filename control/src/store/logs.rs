@@ -30,6 +30,8 @@ pub struct NewLogLine<'a> {
     /// Its place in its container's log, when it came from one: a line at or
     /// before its part's cursor is already stored and is skipped.
     pub cursor: Option<LogCursor>,
+    /// The process that wrote it, in a part that runs more than one.
+    pub rank: Option<u32>,
 }
 
 /// What an append stored.
@@ -58,6 +60,8 @@ pub struct StoredLogLine {
     pub stream: LogStream,
     /// The text.
     pub text: String,
+    /// The process that wrote it, in a part that runs more than one.
+    pub rank: Option<u32>,
 }
 
 /// A slice of a job's log.
@@ -136,8 +140,8 @@ impl Store {
                  WHERE job = ?1 AND attempt = ?2 AND node_rank = ?3",
             )?;
             let mut insert = tx.prepare_cached(
-                "INSERT INTO job_logs (job, seq, at, attempt, node_rank, stream, line)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO job_logs (job, seq, at, attempt, node_rank, stream, line, rank)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             for line in lines {
                 if let Some(c) = line.cursor {
@@ -174,7 +178,8 @@ impl Store {
                     line.attempt,
                     line.node_rank,
                     stream_name(line.stream),
-                    text
+                    text,
+                    line.rank
                 ])?;
                 next += 1;
                 stored += 1;
@@ -265,7 +270,7 @@ impl Store {
         let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
         let lines = {
             let mut stmt = tx.prepare_cached(
-                "SELECT seq, at, attempt, node_rank, stream, line FROM job_logs
+                "SELECT seq, at, attempt, node_rank, stream, line, rank FROM job_logs
                  WHERE job = ?1 AND seq >= ?2 AND (?4 < 0 OR attempt = ?4)
                  ORDER BY seq LIMIT ?3",
             )?;
@@ -277,6 +282,9 @@ impl Store {
                     node_rank: count(r.get(3)?),
                     stream: stream_of(&r.get::<_, String>(4)?),
                     text: r.get(5)?,
+                    rank: r
+                        .get::<_, Option<i64>>(6)?
+                        .and_then(|r| u32::try_from(r).ok()),
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?

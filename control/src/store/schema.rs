@@ -11,7 +11,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StoreError;
 
 /// The migrations, oldest first.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -131,6 +131,13 @@ const V2: &str = r#"
 ALTER TABLE job_parts ADD COLUMN log_at_ns INTEGER;
 ALTER TABLE job_parts ADD COLUMN log_index INTEGER;
 CREATE INDEX job_logs_by_attempt ON job_logs (job, attempt, seq);
+"#;
+
+/// Version 3: the process (its `RANK`) that wrote each log line of a part
+/// that runs more than one; `NULL` for a part's only process, for what
+/// drover-init or the agent wrote, and for every line stored before.
+const V3: &str = r#"
+ALTER TABLE job_logs ADD COLUMN rank INTEGER;
 "#;
 
 /// Brings `conn` to the newest of `scripts`, one transaction per script.

@@ -1114,6 +1114,7 @@ fn line(text: &str) -> NewLogLine<'_> {
         stream: LogStream::Stdout,
         text,
         cursor: None,
+        rank: None,
     }
 }
 
@@ -1169,14 +1170,17 @@ fn logs_are_capped_oldest_first_and_resumable() {
         "j",
         &[NewLogLine {
             stream: LogStream::Stderr,
+            rank: Some(3),
             ..line("new")
         }],
     )
     .expect("append");
-    let page = s.read_logs("j", None, 30, 10).expect("read");
-    assert_eq!(page.lines.len(), 1);
-    assert_eq!(page.lines[0].stream, LogStream::Stderr);
-    assert_eq!(page.lines[0].seq, 30);
+    let page = s.read_logs("j", None, 29, 10).expect("read");
+    assert_eq!(page.lines.len(), 2);
+    assert_eq!(page.lines[1].stream, LogStream::Stderr);
+    assert_eq!(page.lines[1].seq, 30);
+    // The writing process is kept; a line without one has none.
+    assert_eq!((page.lines[0].rank, page.lines[1].rank), (None, Some(3)));
 }
 
 #[test]
@@ -1435,6 +1439,10 @@ fn a_store_written_by_the_first_format_is_read() {
     let logs = s.read_logs("train-old-format", None, 0, 10).expect("logs");
     let text: Vec<&str> = logs.lines.iter().map(|l| l.text.as_str()).collect();
     assert_eq!(text, ["epoch 1 loss 0.5", "warning: slow"]);
+    assert!(
+        logs.lines.iter().all(|l| l.rank.is_none()),
+        "lines stored before ranks were kept have none"
+    );
 
     let queued = s.job("queued-old-format").expect("second job");
     assert_eq!(

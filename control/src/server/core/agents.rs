@@ -428,6 +428,7 @@ impl ControlPlane {
                                 stream: l.stream,
                                 text: &l.text,
                                 cursor: l.cursor,
+                                rank: l.rank,
                             });
                         }
                         if new.is_empty() {

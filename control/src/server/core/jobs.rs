@@ -187,6 +187,7 @@ impl ControlPlane {
                     node_rank: l.node_rank,
                     stream: l.stream,
                     text: l.text,
+                    rank: l.rank,
                 })
                 .collect(),
             next_seq: page.next_seq,

@@ -2,8 +2,11 @@
 //!
 //! `run` executes a job on this machine's Docker without a control plane.
 //! `scheduler` and `autoscaler` are pure decisions over plain data.
+//! `output` is what every command's output shares (closed pipes, escape
+//! codes, log line prefixes).
 
 pub mod autoscaler;
+pub mod output;
 pub mod provider;
 pub mod run;
 pub mod scheduler;

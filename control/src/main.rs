@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use drover_control::output::{self, CLOSED_PIPE_EXIT, OutputError};
 use drover_control::run::{RunConfig, run_job};
 use drover_runner::PullLimits;
 
@@ -42,6 +43,12 @@ enum Command {
     Up(commands::up::UpArgs),
     /// Stop what `drover up` started and remove its containers and networks.
     Down(commands::up::DownArgs),
+    /// Print a shell completion script, e.g. `drover completion bash >
+    /// /etc/bash_completion.d/drover`, or `source <(drover completion zsh)`.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(clap::Args)]
@@ -81,8 +88,11 @@ fn init_tracing(default_filter: &str) {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
-        // Colours only on a terminal: a log file gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // Colours only on a terminal, and not under NO_COLOR: a log file
+        // gets plain text.
+        .with_ansi(output::escape_codes_allowed(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        ))
         .with_target(false)
         .init();
 }
@@ -105,8 +115,48 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("drover run {}", args.job.display()))
 }
 
+/// `drover completion SHELL`: the script, written once it is whole.
+fn completion(shell: clap_complete::Shell) -> anyhow::Result<i32> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "drover", &mut script);
+    let script = String::from_utf8(script).context("the completion script is not utf-8")?;
+    output::print(&script)?;
+    Ok(0)
+}
+
+/// True when the command stopped because its standard output was closed.
+fn stdout_closed(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| matches!(c.downcast_ref::<OutputError>(), Some(OutputError::Closed)))
+}
+
+/// A reader that closes the pipe (`drover … | head -1`) has read enough: a
+/// `print!` that meets the closed pipe ends the command quietly with
+/// [`CLOSED_PIPE_EXIT`] rather than with a panic message. The commands
+/// write through [`output`], which says so without panicking; this covers
+/// any `print!` that does not.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        let broken_pipe = std::io::Error::from(std::io::ErrorKind::BrokenPipe).to_string();
+        if message.starts_with("failed printing to stdout")
+            && (message.contains("os error 32") || message.contains(&broken_pipe))
+        {
+            std::process::exit(CLOSED_PIPE_EXIT);
+        }
+        default(info)
+    }));
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    quiet_on_closed_stdout();
     // The server is a daemon: its info lines are its record. CLI commands
     // stay quiet unless something is wrong.
     init_tracing(match cli.command {
@@ -121,7 +171,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("drover: cannot start the async runtime: {e}");
+            output::note(format_args!("drover: cannot start the async runtime: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -134,12 +184,15 @@ fn main() -> ExitCode {
             Command::Node(args) => commands::node::run(args).await,
             Command::Up(args) => commands::up::up(args).await,
             Command::Down(args) => commands::up::down(args).await,
+            Command::Completion { shell } => completion(shell),
         }
     });
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        // Not an error: the reader has what it wanted.
+        Err(e) if stdout_closed(&e) => ExitCode::from(CLOSED_PIPE_EXIT as u8),
         Err(e) => {
-            eprintln!("drover: error: {e:#}");
+            output::note(format_args!("drover: error: {e:#}"));
             // `drover run`: 125, like `docker run`: the job never ran, so no
             // code of its own applies. Other commands: 1.
             ExitCode::from(if is_run { 125 } else { 1 })

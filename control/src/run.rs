@@ -1,6 +1,9 @@
 //! `drover run job.yml`: one single-node job on this machine's Docker, with no
-//! control plane. Shows pull progress, streams the job's output, and ends with
-//! the job's exit code; Ctrl-C (or SIGTERM) stops and removes the container.
+//! control plane. Shows pull progress, streams the job's output (each line of
+//! a job with several processes prefixed `[node 0 rank R]`), and ends with
+//! the job's exit code; Ctrl-C (or SIGTERM) stops and removes the container,
+//! and so does closing its output (`drover run job.yml | head -1`), which
+//! ends with [`CLOSED_PIPE_EXIT`].
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -9,15 +12,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_api::job::JobSpec;
+use drover_api::wire::LogStream;
 use drover_api::wire::PartKey;
+use drover_runner::init_output::split_marker;
 use drover_runner::part::{PartEvent, StopReason};
-use drover_runner::runtime::{LogStream, PullProgress};
+use drover_runner::runtime::{LogLine, PullProgress};
 use drover_runner::{
     DockerRuntime, HostFacts, PartOutcome, PartRunner, Placement, PullLimits, RunOptions,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::output::{self, CLOSED_PIPE_EXIT, escape_codes_allowed, line_prefix, note};
 
 /// Settings of `drover run` beyond the job file.
 #[derive(Debug, Clone, Default)]
@@ -134,7 +141,8 @@ pub fn load_job(path: &Path) -> Result<JobSpec, RunError> {
     Ok(parsed.spec)
 }
 
-/// Renders pull progress: one bar per layer on a terminal, a few lines otherwise.
+/// Renders pull progress: one bar per layer on a terminal, a few lines
+/// otherwise (and under `NO_COLOR`: no escape codes at all).
 struct PullView {
     multi: MultiProgress,
     bars: HashMap<String, ProgressBar>,
@@ -143,7 +151,7 @@ struct PullView {
 
 impl PullView {
     fn new() -> Self {
-        let terminal = std::io::stderr().is_terminal();
+        let terminal = escape_codes_allowed(std::io::stderr().is_terminal());
         let target = if terminal {
             ProgressDrawTarget::stderr()
         } else {
@@ -203,7 +211,7 @@ impl PullView {
         if self.terminal {
             let _ = self.multi.println(text);
         } else {
-            eprintln!("{text}");
+            note(text);
         }
     }
 
@@ -212,6 +220,39 @@ impl PullView {
             b.finish_and_clear();
         }
         let _ = self.multi.clear();
+    }
+}
+
+/// Writes the job's output where `drover run` shows it: stdout and stderr,
+/// each line of a multi-process job with the prefix of its rank.
+struct JobOutput {
+    /// The job runs more than one process: lines say which wrote them.
+    multi: bool,
+    stdout: std::io::Stdout,
+    stderr: std::io::Stderr,
+    /// Someone closed our stdout or stderr: the job is being stopped, and
+    /// nothing more is written.
+    closed: bool,
+}
+
+impl JobOutput {
+    /// Writes one line of the job's; false when the output is closed.
+    fn line(&mut self, line: &LogLine) -> bool {
+        if self.closed {
+            return false;
+        }
+        let (rank, text) = split_marker(&line.text);
+        let prefix = line_prefix(self.multi, 0, rank);
+        let written = match line.stream {
+            LogStream::Stdout => writeln!(self.stdout, "{prefix}{text}"),
+            LogStream::Stderr => writeln!(self.stderr, "{prefix}{text}"),
+        };
+        if let Err(e) = written
+            && matches!(output::OutputError::from_io(e), output::OutputError::Closed)
+        {
+            self.closed = true;
+        }
+        !self.closed
     }
 }
 
@@ -320,60 +361,75 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
     };
 
     let (tx, mut rx) = mpsc::channel::<PartEvent>(1024);
-    let printer = tokio::spawn(async move {
-        let mut view = PullView::new();
-        let mut stdout = std::io::stdout();
-        let mut stderr = std::io::stderr();
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                PartEvent::Pull(p) => view.update(&p),
-                PartEvent::Created { .. } => view.clear(),
-                PartEvent::Started { .. } => {}
-                PartEvent::Log(line) => {
-                    let _ = match line.stream {
-                        LogStream::Stdout => writeln!(stdout, "{}", line.text),
-                        LogStream::Stderr => writeln!(stderr, "{}", line.text),
-                    };
-                }
-                PartEvent::Stopping { reason } => {
-                    let why = match reason {
-                        StopReason::Timeout => "limits.timeout reached",
-                        StopReason::Canceled => "interrupted",
-                    };
-                    eprintln!("drover: stopping the job ({why})");
+    let mut out = JobOutput {
+        multi: job.processes_per_instance() > 1,
+        stdout: std::io::stdout(),
+        stderr: std::io::stderr(),
+        closed: false,
+    };
+    let printer = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let mut view = PullView::new();
+            // Every event is taken, written or not: the part never waits on us.
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    PartEvent::Pull(p) => view.update(&p),
+                    PartEvent::Created { .. } => view.clear(),
+                    PartEvent::Started { .. } => {}
+                    PartEvent::Log(line) => {
+                        if !out.line(&line) && !cancel.is_cancelled() {
+                            // Nobody reads the job's output: stop it, as
+                            // Ctrl-C would, and leave no container behind.
+                            cancel.cancel();
+                        }
+                    }
+                    PartEvent::Stopping { reason } => {
+                        let why = match reason {
+                            StopReason::Timeout => "limits.timeout reached",
+                            StopReason::Canceled if out.closed => "its output was closed",
+                            StopReason::Canceled => "interrupted",
+                        };
+                        note(format_args!("drover: stopping the job ({why})"));
+                    }
                 }
             }
-        }
-        let _ = stdout.flush();
-    });
+            let _ = out.stdout.flush();
+            out.closed
+        })
+    };
 
     let result = runner.run(&job, &placement, tx, cancel).await;
     signals.abort();
-    let _ = printer.await;
+    let closed = printer.await.unwrap_or(false);
     let outcome = result?;
     match outcome {
-        PartOutcome::Completed => eprintln!("drover: job {name} completed"),
-        PartOutcome::Failed { exit_code } => {
-            eprintln!("drover: job {name} failed with exit code {exit_code}")
-        }
-        PartOutcome::OomKilled { exit_code } => eprintln!(
+        PartOutcome::Completed => note(format_args!("drover: job {name} completed")),
+        PartOutcome::Failed { exit_code } => note(format_args!(
+            "drover: job {name} failed with exit code {exit_code}"
+        )),
+        PartOutcome::OomKilled { exit_code } => note(format_args!(
             "drover: job {name} was killed for running out of memory (exit code {exit_code}); raise --memory in resources.docker_args"
-        ),
-        PartOutcome::TimedOut => eprintln!(
+        )),
+        PartOutcome::TimedOut => note(format_args!(
             "drover: job {name} timed out after {}s (limits.timeout) and was stopped",
             job.timeout_seconds.unwrap_or(0)
-        ),
-        PartOutcome::Canceled => {
-            eprintln!("drover: job {name} canceled; its container was removed")
-        }
+        )),
+        PartOutcome::Canceled => note(format_args!(
+            "drover: job {name} canceled; its container was removed"
+        )),
     }
     if !job.outputs.is_empty() {
         for out in job.outputs.keys() {
-            eprintln!(
+            note(format_args!(
                 "drover: output {out}: {}",
                 drover_runner::part::output_host_path(&job, &placement, out).display()
-            );
+            ));
         }
+    }
+    // Like a process that SIGPIPE ended, whatever the job itself did after.
+    if closed && outcome == PartOutcome::Canceled {
+        return Ok(CLOSED_PIPE_EXIT);
     }
     Ok(outcome.exit_code())
 }

@@ -9,6 +9,7 @@ use reqwest::Method;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use drover_control::output;
 use drover_control::server::ADMIN_TOKEN_FILE;
 
 use super::default_data_dir;
@@ -185,11 +186,9 @@ pub fn encode(s: &str) -> String {
     out
 }
 
-/// Prints a value as pretty JSON.
+/// Prints a value as one pretty JSON document.
 pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).context("cannot encode the answer as json")?
-    );
+    let json = serde_json::to_string_pretty(value).context("cannot encode the answer as json")?;
+    output::println(json)?;
     Ok(())
 }

@@ -11,6 +11,7 @@ use reqwest::Method;
 
 use super::client::{Client, ClientArgs, encode, print_json};
 use super::output::{ago, or_dash, table};
+use drover_control::output;
 use drover_control::server::now;
 
 /// `drover job …`.
@@ -143,7 +144,7 @@ pub async fn run(args: JobArgs) -> anyhow::Result<i32> {
             if json {
                 print_json(&job)?;
             } else {
-                print!("{}", show(&job));
+                output::print(&show(&job))?;
             }
             Ok(0)
         }
@@ -290,6 +291,33 @@ impl WaitingNotes {
     }
 }
 
+/// Whether a job's log lines say which node and process wrote them: a job
+/// of more than one node or more than one process per node.
+fn multi_process(job: &wire::JobInfo) -> bool {
+    let procs = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.as_command())
+        .map_or(1, |c| c.processes_per_instance());
+    job.instance_count > 1 || procs > 1
+}
+
+/// One page of log lines as `job logs` prints them: each line with its
+/// prefix, or (`json`) one JSON document per line.
+fn render_lines(lines: &[wire::LogLine], multi: bool, json: bool) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for l in lines {
+        if json {
+            out.push_str(&serde_json::to_string(l).context("cannot encode a log line")?);
+        } else {
+            out.push_str(&output::line_prefix(multi, l.node_rank, l.rank));
+            out.push_str(&l.text);
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
 async fn logs(
     client: &Client,
     name: &str,
@@ -298,10 +326,10 @@ async fn logs(
     json: bool,
 ) -> anyhow::Result<i32> {
     let job = get_job(client, name).await?;
-    let multi = job.instance_count > 1;
+    let multi = multi_process(&job);
     let mut waiting = WaitingNotes::default();
     if follow && let Some(line) = waiting.note(job.waiting_reason.as_deref()) {
-        eprintln!("{line}");
+        output::note(line);
     }
     let mut asked = std::time::Instant::now();
     let mut from = 0u64;
@@ -320,7 +348,7 @@ async fn logs(
         // requeued job moves on to the next.
         if !json && page.attempt > 0 && shown_attempt != Some(page.attempt) {
             if shown_attempt.is_some() || page.attempts > 1 {
-                eprintln!(
+                output::note(format_args!(
                     "(attempt {} of the job{})",
                     page.attempt,
                     if page.attempt < page.attempts {
@@ -328,28 +356,18 @@ async fn logs(
                     } else {
                         String::new()
                     }
-                );
+                ));
             }
             shown_attempt = Some(page.attempt);
         }
         if page.first_seq > from && from < page.end_seq {
-            eprintln!(
+            output::note(format_args!(
                 "({} earlier lines were dropped by the log cap)",
                 page.first_seq - from
-            );
+            ));
         }
-        for l in &page.lines {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(l).context("cannot encode a log line")?
-                );
-            } else if multi {
-                println!("[rank {}] {}", l.node_rank, l.text);
-            } else {
-                println!("{}", l.text);
-            }
-        }
+        // A page in one write; a closed pipe ends the command quietly.
+        output::print(&render_lines(&page.lines, multi, json)?)?;
         from = page.next_seq;
         let caught_up = page.next_seq >= page.end_seq;
         // A follower of an older attempt has all of it.
@@ -362,7 +380,7 @@ async fn logs(
                 asked = std::time::Instant::now();
                 let job = get_job(client, name).await?;
                 if let Some(line) = waiting.note(job.waiting_reason.as_deref()) {
-                    eprintln!("{line}");
+                    output::note(line);
                 }
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -373,6 +391,38 @@ async fn logs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn line(node_rank: u32, rank: Option<u32>, text: &str) -> wire::LogLine {
+        wire::LogLine {
+            seq: 0,
+            at: drover_api::cluster::Timestamp(0),
+            attempt: 1,
+            node_rank,
+            stream: wire::LogStream::Stdout,
+            text: text.into(),
+            rank,
+        }
+    }
+
+    #[test]
+    fn log_lines_say_which_process_wrote_them_in_multi_process_jobs() {
+        let lines = [line(0, Some(2), "a"), line(1, None, "b")];
+        assert_eq!(
+            render_lines(&lines, true, false).unwrap(),
+            "[node 0 rank 2] a\n[node 1] b\n"
+        );
+        assert_eq!(render_lines(&lines[1..], false, false).unwrap(), "b\n");
+        let json = render_lines(&lines, true, true).unwrap();
+        let docs: Vec<serde_json::Value> = json
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(docs.len(), 2, "one JSON document a line: {json}");
+        assert_eq!(
+            (docs[0]["rank"].as_u64(), docs[0]["text"].as_str()),
+            (Some(2), Some("a"))
+        );
+    }
 
     #[test]
     fn a_waiting_reason_is_printed_when_it_appears_and_when_it_changes() {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use drover_control::output;
 use drover_control::provider::local::{
     LocalConfig, NodeImageSource, control_plane_id, ensure_node_image,
 };
@@ -98,7 +99,7 @@ impl LocalArgs {
                     .context("the local provider needs Docker")?;
                 let image =
                     ensure_node_image(&docker, &source, &control_plane_id(data_dir), |line| {
-                        eprintln!("  {line}")
+                        output::note(format_args!("  {line}"))
                     })
                     .await
                     .with_context(|| {
@@ -142,12 +143,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<i32> {
         )
     })?;
     if let Some(token) = &running.new_admin_token {
-        eprintln!(
+        output::note(format_args!(
             "drover: created the admin api token (shown once; also in {}, mode 0600):\n  {token}",
             data_dir.join(ADMIN_TOKEN_FILE).display()
-        );
+        ));
     }
-    eprintln!("drover: server listening on http://{}", running.addr);
+    output::note(format_args!(
+        "drover: server listening on http://{}",
+        running.addr
+    ));
     let stop = running.shutdown_token();
     tokio::spawn(async move {
         wait_for_signal().await;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use drover_api::compute::{ComputeSpec, ProviderKind, VmPriority};
 use drover_api::wire;
+use drover_control::output;
 use drover_control::provider::local::{
     BASE_IMAGE, LocalConfig, control_plane_id, release_node_image, tear_down,
 };
@@ -85,7 +86,7 @@ fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 fn step(text: &str) {
-    eprintln!("==> {text}");
+    output::note(format_args!("==> {text}"));
 }
 
 /// The pid of a running server started by `up`, if any.
@@ -109,11 +110,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
     ensure_base_image(&docker).await?;
     step("node image");
     let local = args.local.config(&dir).await?;
-    eprintln!(
+    output::note(format_args!(
         "    {} (drover-init: {})",
         local.node_image,
         local.init_binary.display()
-    );
+    ));
 
     let server = format!("http://127.0.0.1:{}", args.port);
     match running_pid(&dir) {
@@ -126,25 +127,25 @@ pub async fn up(args: UpArgs) -> anyhow::Result<i32> {
     let client = wait_for_server(&dir, &server).await?;
     ensure_cluster(&client, &args).await?;
     let token_file = dir.join(drover_control::server::ADMIN_TOKEN_FILE);
-    println!(
+    output::println(format_args!(
         "Drover is up: server {server} (log {}), cluster `{}` (0 to {} nodes; idle nodes go after {}s).",
         dir.join(LOG_FILE).display(),
         args.cluster,
         args.max_nodes,
         args.idle_seconds_before_scaledown
-    );
-    println!("Submit the example job and follow it:");
+    ))?;
+    output::println("Submit the example job and follow it:")?;
     if dir != std::fs::canonicalize(default_data_dir()).unwrap_or_default() || args.port != 7340 {
-        println!(
+        output::println(format_args!(
             "  export DROVER_SERVER={server} DROVER_TOKEN=$(cat {})",
             token_file.display()
-        );
+        ))?;
     }
-    println!(
+    output::println(format_args!(
         "  drover job create -f examples/hello.yml --compute {} --stream",
         args.cluster
-    );
-    println!("Remove everything with: drover down");
+    ))?;
+    output::println("Remove everything with: drover down")?;
     Ok(0)
 }
 
@@ -171,8 +172,8 @@ async fn ensure_base_image(docker: &DockerRuntime) -> anyhow::Result<()> {
             docker.tag_image(PULL_BASE, repo, tag).await?;
             return Ok(());
         }
-        Ok(Err(e)) => eprintln!("    no registry: {e}"),
-        Err(_) => eprintln!("    no registry answered within 60 s"),
+        Ok(Err(e)) => output::note(format_args!("    no registry: {e}")),
+        Err(_) => output::note("    no registry answered within 60 s"),
     }
     let script = find_offline_script().context(
         "the base image is missing, no registry answered, and images/build-offline.sh is not found; \
@@ -337,7 +338,7 @@ pub async fn down(args: DownArgs) -> anyhow::Result<i32> {
         let started = Instant::now();
         while running_pid(&dir).is_some() {
             if started.elapsed() > Duration::from_secs(20) {
-                eprintln!("    still running after 20 s; killing it");
+                output::note("    still running after 20 s; killing it");
                 // SAFETY: as above.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
                 break;
@@ -360,20 +361,20 @@ pub async fn down(args: DownArgs) -> anyhow::Result<i32> {
     // No server uses the node image any more: another control plane that
     // built it may remove it; `drover up` builds it again when needed.
     if let Err(e) = release_node_image(&docker, &control_plane).await {
-        eprintln!(
+        output::note(format_args!(
             "    cannot release the node image: {}",
             drover_api::error::chain(&e)
-        );
+        ));
     }
     if args.purge {
         std::fs::remove_dir_all(&dir)
             .with_context(|| format!("cannot delete {}", dir.display()))?;
         step(&format!("deleted {}", dir.display()));
     } else {
-        eprintln!(
+        output::note(format_args!(
             "    data (database, job outputs) kept in {}; `drover down --purge` deletes it",
             dir.display()
-        );
+        ));
     }
     Ok(0)
 }

@@ -243,6 +243,49 @@ impl GpuHealth {
     }
 }
 
+/// A node's inventory in short, as `drover node show` and `node list
+/// --json` give it: the host, the GPU driver, and each GPU with its health.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InventorySummary {
+    /// When the inventory was collected (Unix ms).
+    pub collected_at_unix_ms: u64,
+    /// Host name.
+    pub hostname: Option<String>,
+    /// Operating system.
+    pub os: Option<String>,
+    /// Kernel version.
+    pub kernel: Option<String>,
+    /// CPU model.
+    pub cpu_model: Option<String>,
+    /// Logical CPUs.
+    pub logical_cores: usize,
+    /// Installed memory, bytes.
+    pub memory_total_bytes: u64,
+    /// The NVIDIA driver's version, when NVML is present.
+    pub driver_version: Option<String>,
+    /// The highest CUDA version the driver supports.
+    pub cuda_version: Option<String>,
+    /// GPUs in NVML index order.
+    pub gpus: Vec<GpuSummary>,
+}
+
+/// One GPU in short.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GpuSummary {
+    /// NVML index.
+    pub index: u32,
+    /// Product name.
+    pub name: Option<String>,
+    /// Stable identity (`GPU-…`).
+    pub uuid: Option<String>,
+    /// Frame-buffer memory, bytes.
+    pub memory_total_bytes: Option<u64>,
+    /// Health judged from XID and ECC events.
+    pub health: GpuHealth,
+}
+
 /// The largest inventory a node may send, as JSON: room for hundreds of
 /// GPUs and disks, not for a document that would weigh on the store.
 pub const MAX_INVENTORY_BYTES: usize = 256 * 1024;
@@ -257,6 +300,33 @@ impl Inventory {
             ));
         }
         Ok(())
+    }
+
+    /// The inventory in short (see [`InventorySummary`]).
+    pub fn summary(&self) -> InventorySummary {
+        let driver = self.driver.as_ref();
+        InventorySummary {
+            collected_at_unix_ms: self.collected_at_unix_ms,
+            hostname: self.host.hostname.clone(),
+            os: self.host.os.clone(),
+            kernel: self.host.kernel.clone(),
+            cpu_model: self.host.cpu_model.clone(),
+            logical_cores: self.host.logical_cores,
+            memory_total_bytes: self.host.memory_total_bytes,
+            driver_version: driver.and_then(|d| d.driver_version.clone()),
+            cuda_version: driver.and_then(|d| d.cuda_version.clone()),
+            gpus: self
+                .gpus
+                .iter()
+                .map(|g| GpuSummary {
+                    index: g.index,
+                    name: g.name.clone(),
+                    uuid: g.uuid.clone(),
+                    memory_total_bytes: g.memory.map(|m| m.total_bytes),
+                    health: g.health.clone(),
+                })
+                .collect(),
+        }
     }
 
     /// GPUs that are healthy, and in all.
@@ -284,5 +354,54 @@ mod tests {
             serde_json::from_str(r#"{"host": {"numa_nodes": 2}, "later": true}"#)
                 .expect("newer fields");
         assert_eq!(newer.host, HostInfo::default());
+    }
+
+    #[test]
+    fn a_summary_keeps_each_gpu_and_its_health() {
+        let sick = GpuHealth::Unhealthy {
+            reason: "xid 79".into(),
+            since_unix_ms: 1,
+            last_event_unix_ms: 2,
+            recovers_at_unix_ms: 3,
+        };
+        let inv = Inventory {
+            collected_at_unix_ms: 9,
+            host: HostInfo {
+                hostname: Some("vm0".into()),
+                logical_cores: 96,
+                ..HostInfo::default()
+            },
+            driver: Some(DriverInfo {
+                driver_version: Some("550.54.15".into()),
+                cuda_version: Some("12.4".into()),
+                nvml_version: None,
+            }),
+            gpus: vec![
+                GpuInfo {
+                    index: 0,
+                    uuid: Some("GPU-a".into()),
+                    memory: Some(GpuMemory {
+                        total_bytes: 80,
+                        used_bytes: 1,
+                        free_bytes: 79,
+                    }),
+                    ..GpuInfo::default()
+                },
+                GpuInfo {
+                    index: 1,
+                    health: sick.clone(),
+                    ..GpuInfo::default()
+                },
+            ],
+            ..Inventory::default()
+        };
+        let s = inv.summary();
+        assert_eq!(s.hostname.as_deref(), Some("vm0"));
+        assert_eq!(s.logical_cores, 96);
+        assert_eq!(s.driver_version.as_deref(), Some("550.54.15"));
+        assert_eq!(s.gpus.len(), 2);
+        assert_eq!(s.gpus[0].memory_total_bytes, Some(80));
+        assert_eq!(s.gpus[0].health, GpuHealth::Healthy);
+        assert_eq!(s.gpus[1].health, sick);
     }
 }

@@ -22,6 +22,8 @@
 //! | `POST /v1/jobs/{id}/cancel` | → [`JobInfo`] |
 //! | `GET /v1/jobs/{id}/logs?from=N&limit=M[&attempt=A]` | → [`LogPage`] (one attempt's lines: the current one unless `attempt` says) |
 //! | `GET /v1/nodes?compute=NAME` | → [`NodeList`] |
+//! | `GET /v1/nodes/{id}` | → [`NodeInfo`] |
+//! | `POST /v1/nodes/{id}/evict` | → [`EvictResponse`] |
 //! | `POST /v1/agent/register` (no auth header; the join token is in the body) | [`RegisterRequest`] → [`RegisterResponse`] |
 //! | `POST /v1/agent/heartbeat` | [`HeartbeatRequest`] → [`HeartbeatResponse`] |
 //! | `GET /v1/agent/assignments?version=N&timeout=S` | → [`Assignments`] (long poll) |
@@ -39,7 +41,7 @@ use crate::cluster::{ClusterStatus, JobState, NodeState, Timestamp};
 use crate::compute::ComputeSpec;
 pub use crate::compute::ComputeUpdate;
 use crate::error::FieldError;
-use crate::inventory::Inventory;
+use crate::inventory::{Inventory, InventorySummary, VmInfo};
 
 /// The API version this module describes; the path prefix is `/` + it.
 pub const API_VERSION: &str = "v1";
@@ -487,6 +489,32 @@ pub struct NodeInfo {
     pub last_heartbeat: Timestamp,
     /// The job it holds.
     pub current_job: Option<String>,
+    /// The part of that job it runs, when it has one.
+    #[serde(default)]
+    pub current_part: Option<NodePart>,
+    /// Its VM, as the cloud's metadata service describes it (name, size,
+    /// id, priority…); `None` where the node has no such service.
+    #[serde(default)]
+    pub vm: Option<VmInfo>,
+    /// The version of its agent, when the agent said.
+    #[serde(default)]
+    pub agent_version: Option<String>,
+    /// What it has, in short: host, GPU driver, each GPU and its health.
+    #[serde(default)]
+    pub inventory: Option<InventorySummary>,
+}
+
+/// The part a node runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodePart {
+    /// The part (its fields are inline on the wire).
+    #[serde(flatten)]
+    pub part: PartKey,
+    /// Its state.
+    pub state: PartState,
+    /// When it started running.
+    #[serde(default)]
+    pub started_at: Option<Timestamp>,
 }
 
 /// `GET /v1/nodes`.
@@ -832,6 +860,43 @@ mod tests {
             assert!(!text.contains("s3cret"), "{text}");
             assert!(text.contains(REDACTED), "{text}");
         }
+    }
+
+    #[test]
+    fn log_lines_and_nodes_of_older_writers_read() {
+        let line: NewLogLine = serde_json::from_str(
+            r#"{"job":"j","attempt":1,"node_rank":0,"stream":"stdout","at":5,"text":"t"}"#,
+        )
+        .unwrap();
+        assert_eq!((line.rank, line.cursor), (None, None));
+        let stored: LogLine = serde_json::from_str(
+            r#"{"seq":0,"at":5,"attempt":1,"node_rank":0,"stream":"stderr","text":"t"}"#,
+        )
+        .unwrap();
+        assert_eq!(stored.rank, None);
+        let node: NodeInfo = serde_json::from_str(
+            r#"{"id":"n","cluster":"c","state":"idle","ip":null,"healthy_gpus":0,"total_gpus":0,
+                "registered_at":1,"last_heartbeat":2,"current_job":null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                node.vm,
+                node.agent_version,
+                node.inventory,
+                node.current_part
+            ),
+            (None, None, None, None)
+        );
+        let part = NodePart {
+            part: PartKey::new("j", 2, 1),
+            state: PartState::Running,
+            started_at: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&part).unwrap(),
+            serde_json::json!({"job":"j","attempt":2,"node_rank":1,"state":"running","started_at":null})
+        );
     }
 
     #[test]

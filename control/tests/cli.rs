@@ -1,11 +1,15 @@
 //! The real `drover` binary against an in-process server on a free port:
-//! compute and job commands, their tables and their errors.
+//! compute, job and node commands, their tables and their errors, and their
+//! manners with pipes.
 
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
-use std::process::Output;
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use drover_api::wire;
 use drover_control::server::{self, RunningServer, ServerConfig};
+use serde_json::json;
 
 struct Cli {
     server: String,
@@ -28,6 +32,46 @@ impl Cli {
             .expect("join")
     }
 
+    /// Runs `drover ARGS` with its stdout a pipe nobody reads any more:
+    /// its first write meets a closed pipe.
+    async fn run_into_closed_pipe(&self, args: &[&str]) -> Output {
+        let mut cmd = self.command(args);
+        cmd.stdout(closed_pipe()).stderr(Stdio::piped());
+        tokio::task::spawn_blocking(move || cmd.output().expect("drover runs"))
+            .await
+            .expect("join")
+    }
+
+    /// Runs `drover ARGS | READER` in bash; the exit status is drover's.
+    async fn run_into(&self, reader: &str, args: &[&str]) -> Output {
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg("-c")
+            .arg(format!(
+                "\"$DROVER_BIN\" \"$@\" | {reader} > /dev/null; exit ${{PIPESTATUS[0]}}"
+            ))
+            .arg("drover")
+            .args(args)
+            .env("DROVER_BIN", env!("CARGO_BIN_EXE_drover"));
+        self.env(&mut cmd);
+        tokio::task::spawn_blocking(move || cmd.output().expect("bash runs"))
+            .await
+            .expect("join")
+    }
+
+    fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_drover"));
+        cmd.args(args);
+        self.env(&mut cmd);
+        cmd
+    }
+
+    fn env(&self, cmd: &mut std::process::Command) {
+        cmd.env("DROVER_SERVER", &self.server)
+            .env("DROVER_TOKEN", &self.token)
+            .env("DROVER_DATA_DIR", self.home.path())
+            .env_remove("DROVER_LOG");
+    }
+
     async fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args).await;
         assert!(
@@ -43,6 +87,30 @@ impl Cli {
         assert_eq!(out.status.code(), Some(1), "drover {args:?} should fail");
         String::from_utf8(out.stderr).expect("utf-8")
     }
+}
+
+/// The write end of a pipe whose read end is already closed.
+fn closed_pipe() -> Stdio {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2(2) fills both descriptors, which we then own.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh descriptors, owned by nothing else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    Stdio::from(write)
+}
+
+/// A command that met a closed pipe ended as a Unix tool does: status 0
+/// (it had written everything before) or 141, and no word on stderr.
+fn assert_quiet(out: &Output, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(141)),
+        "{what}: {:?}, stderr: {stderr}",
+        out.status
+    );
+    assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+    assert_eq!(stderr, "", "{what}: nothing on stderr");
 }
 
 async fn start(dir: &Path) -> (RunningServer, Cli) {
@@ -343,4 +411,301 @@ async fn a_job_file_too_large_for_the_server_is_refused_with_its_size_not_a_brok
     assert!(!err.to_lowercase().contains("broken pipe"), "{err}");
     server.shutdown();
     server.wait().await.expect("server stops");
+}
+
+/// Registers node `n1` of cluster `gpu` as an agent would: a VM from IMDS,
+/// two GPUs of which one is unhealthy, an agent version. Returns its
+/// credential.
+async fn register_gpu_node(cli: &Cli, join: &str) -> String {
+    let body = json!({
+        "cluster": "gpu", "join_token": join, "node_id": "n1", "ip": "10.0.0.4",
+        "gpus": {"healthy": 1, "total": 2},
+        "inventory": {
+            "collected_at_unix_ms": 1,
+            "agent": {"version": "0.1.0-test", "data_dir": "/var/lib/drover-agent"},
+            "vm": {"vm_id": "02aab8a4-74ef-476e-8182-f6d2ba4166a6", "name": "vm-gpu-0",
+                   "vm_size": "Standard_ND96asr_v4", "priority": "Spot", "location": "westeurope"},
+            "host": {"hostname": "vm-gpu-0", "os": "Debian GNU/Linux 12 (bookworm)",
+                     "logical_cores": 96, "memory_total_bytes": 1_000_000_000_000u64},
+            "driver": {"driver_version": "550.54.15", "cuda_version": "12.4"},
+            "gpus": [
+                {"index": 0, "name": "NVIDIA A100-SXM4-80GB", "uuid": "GPU-0aa",
+                 "memory": {"total_bytes": 85_899_345_920u64, "used_bytes": 0, "free_bytes": 85_899_345_920u64},
+                 "health": {"state": "healthy"}},
+                {"index": 1, "name": "NVIDIA A100-SXM4-80GB", "uuid": "GPU-1bb",
+                 "health": {"state": "unhealthy", "reason": "xid 79", "since_unix_ms": 1,
+                            "last_event_unix_ms": 1, "recovers_at_unix_ms": 4_000_000_000_000u64}}
+            ]
+        }
+    });
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/agent/register", cli.server))
+        .json(&body)
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(resp.status(), reqwest::StatusCode::CREATED);
+    let r: wire::RegisterResponse = resp.json().await.expect("registered");
+    r.credential
+}
+
+async fn agent_post(cli: &Cli, cred: &str, path: &str, body: serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}{path}", cli.server))
+        .bearer_auth(cred)
+        .json(&body)
+        .send()
+        .await
+        .expect("agent call");
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    assert!(status.is_success(), "{path}: {status} {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_show_and_list_give_the_vm_the_gpus_and_the_part_it_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, cli) = start(dir.path()).await;
+    let created = cli
+        .ok(&[
+            "compute",
+            "create",
+            "--name",
+            "gpu",
+            "--vm-size",
+            "ND96",
+            "--max-nodes",
+            "1",
+        ])
+        .await;
+    let join = created
+        .lines()
+        .last()
+        .expect("join token")
+        .trim()
+        .to_string();
+    let cred = register_gpu_node(&cli, &join).await;
+    let job = dir.path().join("job.yml");
+    std::fs::write(
+        &job,
+        "name: train\ncommand: python train.py\nenvironment:\n  image: busybox\ncompute: gpu\n\
+         distribution: {type: pytorch, process_count_per_instance: 3}\n",
+    )
+    .expect("write");
+    cli.ok(&["job", "create", "-f", job.to_str().expect("path")])
+        .await;
+    agent_post(
+        &cli,
+        &cred,
+        "/v1/agent/heartbeat",
+        json!({"parts": [{"job": "train", "attempt": 1, "node_rank": 0, "state": "running"}]}),
+    )
+    .await;
+
+    let text = cli.ok(&["node", "show", "n1"]).await;
+    for want in [
+        "node:           n1\n",
+        "compute:        gpu\n",
+        "state:          running\n",
+        "address:        10.0.0.4\n",
+        "vm name:        vm-gpu-0\n",
+        "vm size:        Standard_ND96asr_v4\n",
+        "vm id:          02aab8a4-74ef-476e-8182-f6d2ba4166a6\n",
+        "priority:       Spot\n",
+        "job:            train (attempt 1, node rank 0, running",
+        "heartbeat:      ",
+        "agent:          0.1.0-test\n",
+        "host:           vm-gpu-0, Debian GNU/Linux 12 (bookworm), 96 cpus, 931.3 GiB memory\n",
+        "driver:         550.54.15 (cuda 12.4)\n",
+        "gpus:           1 of 2 healthy\n",
+        "GPU-0aa",
+        "80.0 GiB",
+        "unhealthy: xid 79",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+
+    // The same facts, as JSON, for one node and in the list.
+    let one: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["node", "show", "n1", "--json"]).await).expect("json");
+    let list: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["node", "list", "--json"]).await).expect("one document");
+    assert_eq!(list["nodes"][0], one);
+    assert_eq!(one["vm"]["name"], "vm-gpu-0");
+    assert_eq!(one["vm"]["vm_size"], "Standard_ND96asr_v4");
+    assert_eq!(one["vm"]["priority"], "Spot");
+    assert_eq!(one["agent_version"], "0.1.0-test");
+    assert_eq!(one["current_job"], "train");
+    assert_eq!(one["current_part"]["job"], "train");
+    assert_eq!(one["current_part"]["node_rank"], 0);
+    assert_eq!(one["current_part"]["state"], "running");
+    assert_eq!(one["inventory"]["driver_version"], "550.54.15");
+    assert_eq!(one["inventory"]["gpus"][0]["health"]["state"], "healthy");
+    assert_eq!(one["inventory"]["gpus"][1]["health"]["state"], "unhealthy");
+    assert_eq!(one["inventory"]["gpus"][1]["health"]["reason"], "xid 79");
+    assert_eq!(
+        (one["healthy_gpus"].as_u64(), one["total_gpus"].as_u64()),
+        (Some(1), Some(2))
+    );
+
+    // The table stays short: one line a node, the columns of before.
+    let table = cli.ok(&["node", "list"]).await;
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(
+        rows[0].starts_with("NODE") && rows[0].ends_with("JOB"),
+        "{table}"
+    );
+    assert!(rows[1].contains("n1") && rows[1].contains("1/2"), "{table}");
+    assert!(!table.contains("Standard_ND96asr_v4"), "{table}");
+
+    let err = cli.fails(&["node", "show", "nope"]).await;
+    assert!(
+        err.contains("cannot show node nope") && err.contains("not found"),
+        "{err}"
+    );
+
+    server.shutdown();
+    server.wait().await.expect("server stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_say_which_process_wrote_each_line_and_closed_pipes_end_commands_quietly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, cli) = start(dir.path()).await;
+    let created = cli
+        .ok(&[
+            "compute",
+            "create",
+            "--name",
+            "gpu",
+            "--vm-size",
+            "ND96",
+            "--max-nodes",
+            "1",
+        ])
+        .await;
+    let join = created
+        .lines()
+        .last()
+        .expect("join token")
+        .trim()
+        .to_string();
+    let cred = register_gpu_node(&cli, &join).await;
+    let job = dir.path().join("job.yml");
+    std::fs::write(
+        &job,
+        "name: ranks\ncommand: python train.py\nenvironment:\n  image: busybox\ncompute: gpu\n\
+         distribution: {type: pytorch, process_count_per_instance: 3}\n",
+    )
+    .expect("write");
+    cli.ok(&["job", "create", "-f", job.to_str().expect("path")])
+        .await;
+    agent_post(
+        &cli,
+        &cred,
+        "/v1/agent/heartbeat",
+        json!({"parts": [{"job": "ranks", "attempt": 1, "node_rank": 0, "state": "running"}]}),
+    )
+    .await;
+    // Lines of each rank, one of drover-init's own, and enough of them
+    // (about 1 MB) that a reader who stops early closes a full pipe.
+    let line = |rank: Option<u32>, text: String| {
+        json!({"job": "ranks", "attempt": 1, "node_rank": 0, "stream": "stdout", "at": 1,
+               "text": text, "rank": rank})
+    };
+    let mut lines = vec![
+        line(Some(0), "hello from 0".into()),
+        line(Some(2), "hello from 2".into()),
+        line(None, "drover-init: rank 1 exited with code 3".into()),
+    ];
+    lines.extend((0..10_000).map(|i| line(Some(i % 3), format!("{i:05} {}", "x".repeat(100)))));
+    for chunk in lines.chunks(2_000) {
+        agent_post(&cli, &cred, "/v1/agent/logs", json!({ "lines": chunk })).await;
+    }
+
+    let text = cli.ok(&["job", "logs", "ranks"]).await;
+    let first: Vec<&str> = text.lines().take(4).collect();
+    assert_eq!(
+        first,
+        [
+            "[node 0 rank 0] hello from 0",
+            "[node 0 rank 2] hello from 2",
+            "[node 0] drover-init: rank 1 exited with code 3",
+            &format!("[node 0 rank 0] 00000 {}", "x".repeat(100)),
+        ]
+    );
+    assert_eq!(text.lines().count(), 10_003, "every line");
+    // --json: one document a line, the rank a field of its own.
+    let json_lines = cli.ok(&["job", "logs", "ranks", "--json"]).await;
+    let docs: Vec<serde_json::Value> = json_lines
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON document a line"))
+        .collect();
+    assert_eq!(docs.len(), 10_003);
+    assert_eq!(
+        (docs[1]["rank"].as_u64(), docs[1]["text"].as_str()),
+        (Some(2), Some("hello from 2"))
+    );
+    assert!(docs[2]["rank"].is_null(), "{}", docs[2]);
+
+    // Closed pipes: a reader that has enough ends the command, quietly.
+    for args in [
+        &["job", "logs", "ranks"][..],
+        &["job", "logs", "ranks", "--json"],
+        &["job", "list", "--json"],
+        &["job", "list"],
+        &["job", "show", "ranks"],
+        &["job", "show", "ranks", "--json"],
+        &["node", "list", "--json"],
+        &["node", "list"],
+        &["node", "show", "n1"],
+        &["compute", "list"],
+        &["compute", "list", "--json"],
+        &["completion", "bash"],
+        &["--help"],
+    ] {
+        let out = cli.run_into_closed_pipe(args).await;
+        assert_quiet(&out, &format!("drover {args:?} > closed pipe"));
+    }
+    let out = cli.run_into("head -1", &["job", "logs", "ranks"]).await;
+    assert_quiet(&out, "drover job logs ranks | head -1");
+    assert_eq!(out.status.code(), Some(141), "the pipe closed mid-log");
+    let out = cli.run_into("head -c1", &["job", "list", "--json"]).await;
+    assert_quiet(&out, "drover job list --json | head -c1");
+    let out = cli
+        .run_into("head -c1", &["job", "logs", "ranks", "--json"])
+        .await;
+    assert_quiet(&out, "drover job logs ranks --json | head -c1");
+
+    // Errors still go to stderr with a status, whatever stdout is.
+    let out = cli.run_into_closed_pipe(&["job", "logs", "nope"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("job `nope` not found"));
+
+    server.shutdown();
+    server.wait().await.expect("server stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_scripts_for_bash_zsh_and_fish() {
+    let cli = Cli {
+        server: "http://127.0.0.1:9".to_string(),
+        token: "t".to_string(),
+        home: tempfile::tempdir().expect("tempdir"),
+    };
+    for (shell, mark) in [
+        ("bash", "complete -F _drover"),
+        ("zsh", "#compdef drover"),
+        ("fish", "complete -c drover"),
+    ] {
+        let script = cli.ok(&["completion", shell]).await;
+        assert!(script.contains(mark), "{shell}: {script}");
+        for command in ["compute", "job", "node", "completion"] {
+            assert!(script.contains(command), "{shell} misses {command}");
+        }
+    }
+    let err = cli.run(&["completion", "tcsh"]).await;
+    assert_eq!(err.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&err.stderr).contains("invalid value"));
 }

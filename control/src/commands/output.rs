@@ -1,4 +1,4 @@
-//! Plain-text rendering for the CLI: aligned tables and relative times.
+//! Plain-text rendering for the CLI: aligned tables, relative times, sizes.
 
 use drover_api::cluster::Timestamp;
 
@@ -43,6 +43,21 @@ pub fn ago(t: Timestamp, now: Timestamp) -> String {
     }
 }
 
+/// `512 B`, `1.5 KiB`, `80.0 GiB`, `2.0 TiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 /// `-` for nothing.
 pub fn or_dash(v: Option<impl ToString>) -> String {
     v.map_or_else(|| "-".to_string(), |v| v.to_string())
@@ -65,6 +80,19 @@ mod tests {
             t,
             "NAME         STATE\na-long-name  idle\nb            running\n"
         );
+    }
+
+    #[test]
+    fn sizes() {
+        for (n, expect) in [
+            (0, "0 B"),
+            (1023, "1023 B"),
+            (1536, "1.5 KiB"),
+            (80 << 30, "80.0 GiB"),
+            (2 << 40, "2.0 TiB"),
+        ] {
+            assert_eq!(bytes(n), expect);
+        }
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub fn router(core: AppState) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/logs", get(job_logs))
         .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{id}", get(show_node))
         .route("/metrics", get(metrics))
         .route("/v1/nodes/{id}/evict", post(evict_node))
         .route("/v1/agent/register", post(register))
@@ -392,6 +393,14 @@ async fn list_nodes(
 ) -> Answer<wire::NodeList> {
     let Query(q) = query?;
     Ok(Json(core.nodes(q.compute).await?))
+}
+
+async fn show_node(
+    State(core): State<AppState>,
+    _user: User,
+    Path(id): Path<String>,
+) -> Answer<wire::NodeInfo> {
+    Ok(Json(core.node(id).await?))
 }
 
 /// Prometheus text, unauthenticated like most `/metrics` endpoints: counts

@@ -8,7 +8,7 @@ use std::time::Duration;
 use drover_api::cluster::{NodeState, Timestamp};
 use drover_api::wire;
 
-use super::wire_map::node_info;
+use super::wire_map::{current_part, node_info};
 use super::{ControlPlane, new_id, new_secret, now};
 use crate::server::error::ControlError;
 use crate::server::events::Event;
@@ -160,18 +160,44 @@ fn apply_heartbeat(
     })
 }
 
+/// A node and the part of its current job it runs.
+fn with_part(s: &Store, n: Node) -> Result<(Node, Option<JobPart>), StoreError> {
+    let part = match &n.current_job {
+        Some(job) => current_part(&n, s.job_parts(job)?),
+        None => None,
+    };
+    Ok((n, part))
+}
+
 impl ControlPlane {
-    /// Nodes, optionally of one cluster.
+    /// Nodes, optionally of one cluster, each with the part it runs.
     pub async fn nodes(&self, cluster: Option<String>) -> Result<wire::NodeList, ControlError> {
         let nodes = self
-            .with_store(move |s| match &cluster {
-                Some(c) => s.nodes(c),
-                None => s.all_nodes(),
+            .with_store(move |s| {
+                let nodes = match &cluster {
+                    Some(c) => s.nodes(c)?,
+                    None => s.all_nodes()?,
+                };
+                nodes
+                    .into_iter()
+                    .map(|n| with_part(s, n))
+                    .collect::<Result<Vec<_>, _>>()
             })
             .await?;
         Ok(wire::NodeList {
-            nodes: nodes.into_iter().map(node_info).collect(),
+            nodes: nodes.into_iter().map(|(n, p)| node_info(n, p)).collect(),
         })
+    }
+
+    /// One node, with the part it runs.
+    pub async fn node(&self, id: String) -> Result<wire::NodeInfo, ControlError> {
+        let (n, p) = self
+            .with_store(move |s| {
+                let n = s.node(&id)?;
+                with_part(s, n)
+            })
+            .await?;
+        Ok(node_info(n, p))
     }
 
     /// Registers a node that presents its cluster's join token.

@@ -34,8 +34,20 @@ pub(super) fn job_info(job: Job, parts: Vec<JobPart>, with_spec: bool) -> wire::
     }
 }
 
-pub(super) fn node_info(n: Node) -> wire::NodeInfo {
+/// A node as users see it, with the part it runs (`part`, one of its
+/// current job's parts on it) and its inventory in short.
+pub(super) fn node_info(n: Node, part: Option<JobPart>) -> wire::NodeInfo {
+    let details = &n.inventory.details;
+    let agent_version = Some(details.agent.version.clone()).filter(|v| !v.is_empty());
     wire::NodeInfo {
+        current_part: part.map(|p| wire::NodePart {
+            part: wire::PartKey::new(&p.job, p.attempt, p.node_rank),
+            state: p.state,
+            started_at: p.started_at,
+        }),
+        vm: details.vm.clone(),
+        agent_version,
+        inventory: Some(details.summary()),
         id: n.id,
         cluster: n.cluster,
         state: n.state,
@@ -46,4 +58,13 @@ pub(super) fn node_info(n: Node) -> wire::NodeInfo {
         last_heartbeat: n.last_heartbeat,
         current_job: n.current_job,
     }
+}
+
+/// The part of its current job a node runs: its newest part of that job
+/// on the node, a live one before an ended one.
+pub(super) fn current_part(node: &Node, parts: Vec<JobPart>) -> Option<JobPart> {
+    parts
+        .into_iter()
+        .filter(|p| p.node == node.id)
+        .max_by_key(|p| (!p.state.is_terminal(), p.attempt))
 }

@@ -50,6 +50,13 @@ pub(super) enum SupervisorKind {
 
 /// The cursors of a container's lines, in the order the engine gives them:
 /// a line's timestamp and its place among lines with the same timestamp.
+///
+/// The engine stamps stdout and stderr lines as two readers take them and
+/// may store a line after one stamped later (microseconds apart: a rank's
+/// stdout and stderr forwarded by drover-init one after the other). A line
+/// is never placed before the one it follows: one stamped earlier than the
+/// last takes the last's time and the next place, so cursors only grow in
+/// the engine's order, and a line is never taken for one already stored.
 #[derive(Debug, Default)]
 pub(super) struct LogPositions {
     last: Option<LogCursor>,
@@ -60,15 +67,23 @@ impl LogPositions {
     /// nanoseconds, as the engine writes it); `None` when it does not parse.
     pub(super) fn next(&mut self, timestamp: &str) -> Option<LogCursor> {
         let at_ns = parse_engine_time(timestamp)?;
-        let index = match self.last {
-            Some(l) if l.at_ns == at_ns => l.index + 1,
-            _ => 1,
+        let c = match self.last {
+            Some(l) if at_ns <= l.at_ns => LogCursor {
+                at_ns: l.at_ns,
+                index: l.index + 1,
+            },
+            _ => LogCursor { at_ns, index: 1 },
         };
-        let c = LogCursor { at_ns, index };
         self.last = Some(c);
         Some(c)
     }
 }
+
+/// How far before the stored cursor an adopted container's log is read
+/// again: more than the engine's stamps are ever out of order, so every
+/// line that could follow the cursor is read, and read with the cursor it
+/// had (the skipped lines give the same running order).
+const ADOPT_LOG_MARGIN_SECS: i64 = 1;
 
 /// An engine log timestamp (`2026-12-01T21:34:43.123456789Z`) in ns since the epoch.
 fn parse_engine_time(timestamp: &str) -> Option<u64> {
@@ -335,7 +350,12 @@ async fn run_adopted<R: ContainerRuntime>(
     let runtime = ctx.runner.runtime.clone();
     let logs = ship.map(|log_from| {
         // The engine filters by whole seconds; the cursor skips the rest.
-        let since = log_from.map_or(0, |c| i64::try_from(c.at_ns / 1_000_000_000).unwrap_or(0));
+        let since = log_from.map_or(0, |c| {
+            i64::try_from(c.at_ns / 1_000_000_000)
+                .unwrap_or(0)
+                .saturating_sub(ADOPT_LOG_MARGIN_SECS)
+                .max(0)
+        });
         let mut stream = runtime.logs(id, since);
         let ship = ctx.ship.clone();
         let mk = ctx.clone();
@@ -384,5 +404,70 @@ async fn run_adopted<R: ContainerRuntime>(
         state,
         exit_code,
         container: Some(id.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cursors(stamps: &[&str]) -> Vec<(u64, u32)> {
+        let mut p = LogPositions::default();
+        stamps
+            .iter()
+            .map(|t| {
+                p.next(t)
+                    .map(|c| (c.at_ns % 1_000_000_000, c.index))
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lines_of_one_time_get_places_in_order() {
+        assert_eq!(
+            cursors(&[
+                "2026-12-01T21:34:43.000000100Z",
+                "2026-12-01T21:34:43.000000100Z",
+                "2026-12-01T21:34:43.000000200Z",
+            ]),
+            [(100, 1), (100, 2), (200, 1)]
+        );
+    }
+
+    #[test]
+    fn a_line_stamped_before_the_one_it_follows_still_comes_after_it() {
+        // What the engine does with a stderr line read a moment before a
+        // stdout line but stored after it.
+        let got = cursors(&[
+            "2026-12-01T21:34:43.433318646Z",
+            "2026-12-01T21:34:43.432992115Z",
+            "2026-12-01T21:34:43.433318646Z",
+            "2026-12-01T21:34:43.5Z",
+        ]);
+        assert_eq!(
+            got,
+            [
+                (433_318_646, 1),
+                (433_318_646, 2),
+                (433_318_646, 3),
+                (500_000_000, 1)
+            ]
+        );
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "cursors only grow");
+    }
+
+    #[test]
+    fn reading_again_from_a_second_earlier_gives_the_same_cursors() {
+        let all = [
+            "2026-12-01T21:34:41.9Z",
+            "2026-12-01T21:34:42.5Z",
+            "2026-12-01T21:34:42.4Z",
+            "2026-12-01T21:34:43.1Z",
+        ];
+        let full = cursors(&all);
+        // Read again from 21:34:42 (a cursor at 43.1 minus the margin).
+        let again = cursors(&all[1..]);
+        assert_eq!(full[1..], again[..]);
     }
 }

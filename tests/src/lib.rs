@@ -226,6 +226,50 @@ pub fn drover_run_spawn(job: &JobDir, name: &str) -> Child {
         .expect("spawn drover")
 }
 
+/// A job command (a quoted YAML scalar) whose every rank prints five lines
+/// to stdout and five to stderr, rank 2 also a line of 100 000 bytes, then
+/// `done`; run it with three processes per node.
+pub const RANKS_COMMAND: &str = r#"'for i in 1 2 3 4 5; do echo "r$RANK line $i"; echo "r$RANK err $i" >&2; done; if [ "$RANK" = 2 ]; then head -c 100000 /dev/zero | tr "\0" y; echo; fi; echo "r$RANK done"'"#;
+
+/// Checks the output of [`RANKS_COMMAND`]'s three ranks on node 0, with
+/// each line prefixed by who wrote it: every line there, in order within
+/// its rank and stream, the long line split into pieces with nothing lost.
+/// `stdout` and `stderr` may be one text (`drover job logs` prints both).
+pub fn check_ranks_output(stdout: &str, stderr: &str) {
+    for rank in 0..3 {
+        let prefix = format!("[node 0 rank {rank}] ");
+        let err_of = format!("r{rank} err ");
+        let out: Vec<&str> = stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter(|l| !l.starts_with(&err_of))
+            .collect();
+        let mut want: Vec<String> = (1..=5).map(|i| format!("r{rank} line {i}")).collect();
+        let long: Vec<&str> = out.iter().copied().filter(|l| l.starts_with('y')).collect();
+        if rank == 2 {
+            assert_eq!(long.concat(), "y".repeat(100_000), "the long line, whole");
+            assert!(long.len() > 1, "split into pieces");
+            assert!(long.iter().all(|p| p.len() <= 8 * 1024));
+            want.extend(long.iter().map(|p| p.to_string()));
+        } else {
+            assert!(long.is_empty());
+        }
+        want.push(format!("r{rank} done"));
+        assert_eq!(out, want, "rank {rank}'s stdout, in order:\n{stdout}");
+        let err: Vec<&str> = stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter(|l| l.starts_with(&err_of))
+            .collect();
+        let want_err: Vec<String> = (1..=5).map(|i| format!("r{rank} err {i}")).collect();
+        assert_eq!(err, want_err, "rank {rank}'s stderr:\n{stderr}");
+    }
+    assert!(
+        !stdout.contains('\x1e') && !stderr.contains('\x1e'),
+        "no marker is left in the text"
+    );
+}
+
 /// A unique, valid job name for one test.
 pub fn unique_name(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()

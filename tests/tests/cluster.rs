@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use drover_tests::{
-    AgentProc, ServerProc, containers_of_job, remove_job_containers, require_docker, unique_name,
-    wait_until,
+    AgentProc, RANKS_COMMAND, ServerProc, check_ranks_output, containers_of_job,
+    remove_job_containers, require_docker, unique_name, wait_until,
 };
 
 struct Cluster {
@@ -209,11 +209,37 @@ fn a_two_instance_job_waits_for_both_nodes_then_starts_on_both() {
     nodes.dedup();
     assert_eq!(nodes.len(), 2, "one part per node: {info}");
     let logs = c.logs(&job);
-    for rank in ["rank-0-of-2", "rank-1-of-2"] {
-        assert!(logs.contains(rank), "{rank} missing: {logs}");
+    // One process a node: each line says its node, not a rank.
+    for line in ["[node 0] rank-0-of-2", "[node 1] rank-1-of-2"] {
+        assert!(logs.lines().any(|l| l == line), "{line} missing: {logs}");
     }
     c.assert_no_containers(&job);
     c.assert_no_containers(&blocker);
+}
+
+#[test]
+fn a_multi_process_jobs_logs_say_which_rank_wrote_each_line_and_lose_none() {
+    let c = Cluster::start(40);
+    let job = c.submit_yaml(&format!(
+        "command: {RANKS_COMMAND}\nenvironment:\n  image: {}\n\
+         distribution:\n  type: pytorch\n  process_count_per_instance: 3\n",
+        drover_tests::BASE_IMAGE
+    ));
+    c.server
+        .wait_job_state(&job, "completed", Duration::from_secs(90));
+    let logs = c.logs(&job);
+    check_ranks_output(&logs, &logs);
+    // The rank is a field of its own in JSON lines.
+    let json = c.server.cli_ok(&["job", "logs", &job, "--json"]);
+    let ranked = json
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+        .filter(|l| l["text"] == "r2 done")
+        .collect::<Vec<_>>();
+    assert_eq!(ranked.len(), 1, "{json}");
+    assert_eq!(ranked[0]["rank"], 2);
+    assert_eq!(ranked[0]["node_rank"], 0);
+    c.assert_no_containers(&job);
 }
 
 #[test]

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use drover_tests::{
-    BASE_IMAGE, JobDir, containers_of_job, drover_run, drover_run_spawn, unique_name, wait_until,
+    BASE_IMAGE, JobDir, RANKS_COMMAND, check_ranks_output, containers_of_job, drover_run,
+    drover_run_spawn, unique_name, wait_until,
 };
 
 fn job(command: &str, extra: &str) -> JobDir {
@@ -184,20 +185,56 @@ fn three_local_ranks_get_rank_variables() {
     );
     let r = drover_run(&j, &unique_name("ranks"), &[]);
     assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
-    let mut lines: Vec<&str> = r
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with("rank="))
-        .collect();
+    let mut lines: Vec<&str> = r.stdout.lines().filter(|l| l.contains("rank=")).collect();
     lines.sort();
     assert_eq!(
         lines,
         vec![
-            "rank=0 local=0 world=3",
-            "rank=1 local=1 world=3",
-            "rank=2 local=2 world=3"
+            "[node 0 rank 0] rank=0 local=0 world=3",
+            "[node 0 rank 1] rank=1 local=1 world=3",
+            "[node 0 rank 2] rank=2 local=2 world=3"
         ]
     );
+}
+
+#[test]
+fn each_line_of_a_multi_process_job_says_its_rank_and_none_is_lost() {
+    let j = job(
+        RANKS_COMMAND,
+        "distribution:\n  type: pytorch\n  process_count_per_instance: 3\n",
+    );
+    let r = drover_run(&j, &unique_name("ranklines"), &[]);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    check_ranks_output(&r.stdout, &r.stderr);
+}
+
+#[test]
+fn a_single_process_job_prints_its_lines_unprefixed() {
+    let j = job("'echo one; echo two >&2'", "");
+    let r = drover_run(&j, &unique_name("plain"), &[]);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert_eq!(r.stdout, "one\n");
+    assert!(r.stderr.starts_with("two\n"), "{}", r.stderr);
+}
+
+#[test]
+fn closing_the_output_stops_the_job_removes_its_container_and_exits_141() {
+    use std::io::BufRead;
+    let j = job("'while true; do echo tick; sleep 0.1; done'", "");
+    let name = unique_name("epipe");
+    let mut child = drover_run_spawn(&j, &name);
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    stdout.read_line(&mut first).expect("a first line");
+    assert_eq!(first, "tick\n");
+    // What `| head -1` does once it has its line.
+    drop(stdout);
+    let out = child.wait_with_output().expect("wait drover");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "stderr: {stderr}");
+    assert!(stderr.contains("its output was closed"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(containers_of_job(&name).is_empty(), "container left behind");
 }
 
 #[test]
@@ -218,6 +255,31 @@ fn one_failing_rank_fails_the_part_and_stops_the_others() {
         "others were not stopped: {:?}",
         r.elapsed
     );
+}
+
+#[test]
+fn a_failing_ranks_last_words_come_before_its_exit_is_reported() {
+    let j = job(
+        r#"'if [ "$RANK" = 1 ]; then seq 1 2000 | sed "s/^/r1 /" >&2; echo "r1 last words" >&2; exit 3; fi; sleep 300'"#,
+        "distribution:\n  type: pytorch\n  process_count_per_instance: 3\n",
+    );
+    let r = drover_run(&j, &unique_name("lastwords"), &["--stop-grace", "1"]);
+    assert_eq!(r.code, Some(3), "stderr: {}", r.stderr);
+    let last = r
+        .stderr
+        .find("[node 0 rank 1] r1 last words\n")
+        .expect("the rank's last line");
+    let reported = r
+        .stderr
+        .find("[node 0] drover-init: rank 1 exited with code 3")
+        .expect("drover-init's report, on the node's own line");
+    assert!(last < reported, "{}", r.stderr);
+    let numbered = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("[node 0 rank 1] r1 ") && !l.ends_with("last words"))
+        .count();
+    assert_eq!(numbered, 2000, "{}", r.stderr);
 }
 
 #[test]

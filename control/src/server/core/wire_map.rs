@@ -1,5 +1,6 @@
 //! Store records to the `/v1` wire types users see.
 
+use drover_api::inventory::Inventory;
 use drover_api::wire;
 
 use crate::store::{Job, JobPart, Node};
@@ -47,7 +48,8 @@ pub(super) fn node_info(n: Node, part: Option<JobPart>) -> wire::NodeInfo {
         }),
         vm: details.vm.clone(),
         agent_version,
-        inventory: Some(details.summary()),
+        // A node that never sent an inventory has none to sum up.
+        inventory: (*details != Inventory::default()).then(|| details.summary()),
         id: n.id,
         cluster: n.cluster,
         state: n.state,

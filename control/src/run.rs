@@ -12,8 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_api::job::JobSpec;
-use drover_api::wire::LogStream;
-use drover_api::wire::PartKey;
+use drover_api::wire::{LogStream, PartKey};
 use drover_runner::init_output::split_marker;
 use drover_runner::part::{PartEvent, StopReason};
 use drover_runner::runtime::{LogLine, PullProgress};

@@ -7,18 +7,19 @@
 //! stdout or stderr with a marker in front:
 //!
 //! ```text
-//! \x1e rank 3 \x1f text of the line \n      (without the spaces)
+//! <RS>rank 3<US>text of the line<LF>
 //! ```
 //!
-//! The marker opens with ASCII RS (0x1e) and closes with ASCII US (0x1f),
-//! control characters that text output does not contain, so a line of user
-//! output cannot pass for one by accident; and since every forwarded line
-//! gets drover-init's own marker first, a marker written by the user sits
-//! inside the text, where readers leave it. A line longer than
-//! [`MAX_PIECE`] bytes is forwarded in pieces, each with its own marker.
+//! where 3 is the rank's `RANK`. The marker opens with ASCII RS (0x1e) and
+//! closes with ASCII US (0x1f), control characters that text output does
+//! not contain, so a line of user output cannot pass for one by accident;
+//! and since every forwarded line gets drover-init's own marker first, a
+//! marker written by the user sits inside the text, where readers leave it.
+//! A line longer than [`MAX_PIECE`] bytes is forwarded in pieces, each with
+//! its own marker.
 //!
-//! This crate has no dependencies so that the agent and the CLI read the
-//! same definition drover-init writes.
+//! The library uses nothing but `std`, so the agent and the CLI depend on
+//! the very definition drover-init writes by, at no cost.
 
 /// The first byte of a rank marker (ASCII record separator).
 pub const MARK_START: u8 = 0x1e;

@@ -303,9 +303,19 @@ impl Providers {
         }
     }
 
-    /// The provider of `cluster`.
+    /// The provider a cluster that names none gets: the local one when this
+    /// control plane runs it (`drover up`), else the static one.
+    pub fn default_kind(&self) -> ProviderKind {
+        if self.local.is_some() {
+            ProviderKind::Local
+        } else {
+            ProviderKind::Static
+        }
+    }
+
+    /// The provider of `cluster` (the default one when it names none).
     pub fn for_cluster(&self, cluster: &ComputeSpec) -> &dyn Provider {
-        match cluster.provider {
+        match cluster.provider.unwrap_or_else(|| self.default_kind()) {
             ProviderKind::Static => &self.static_,
             ProviderKind::Local => match &self.local {
                 Some(p) => p.as_ref(),

@@ -12,6 +12,7 @@
 //! metadata and scheduled events, and the control plane can use it for
 //! tokens of its own managed identity.
 
+mod date;
 mod events;
 mod instance;
 mod limiter;
@@ -25,6 +26,7 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use tokio::time::Instant;
 
+pub use date::{InvalidDate, parse_event_time};
 pub use events::{
     DEFAULT_POLL_INTERVAL, EVENTS_API_VERSION, EventStatus, EventType, EventsUpdate,
     ScheduledEvent, ScheduledEvents, ScheduledEventsWatcher,

@@ -31,6 +31,8 @@ pub(super) async fn maintenance_task(
                 EventType::Preempt | EventType::Terminate => Duration::ZERO,
                 EventType::Reboot | EventType::Redeploy => e
                     .not_before_time()
+                    .ok()
+                    .flatten()
                     .and_then(|t| t.duration_since(SystemTime::now()).ok())
                     .map_or(Duration::ZERO, |left| left.saturating_sub(stop_grace * 2)),
                 EventType::Freeze | EventType::Unknown => {

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::date::{InvalidDate, parse_event_time};
-use super::{ImdsClient, ImdsError, wire};
+use super::{ImdsClient, ImdsError, RetryPolicy, wire};
 
 /// The api-version used for scheduled events.
 pub const EVENTS_API_VERSION: &str = "2020-07-01";
@@ -144,26 +144,36 @@ pub struct EventsUpdate {
 }
 
 /// Polls scheduled events and reports each new incarnation.
+///
+/// Its requests are retried by the client's policy with every wait cut to
+/// the poll interval ([`RetryPolicy::capped`]): while IMDS fails the watcher
+/// still asks about once an interval (well under IMDS's 5 requests a
+/// second), so it sees the first good answer within an interval of IMDS
+/// recovering, not at the end of a 16 s backoff step. A preemption gives only
+/// 30 s of notice.
 pub struct ScheduledEventsWatcher {
     client: ImdsClient,
     vm_name: String,
     last_incarnation: Option<i64>,
+    retry: RetryPolicy,
 }
 
 impl ScheduledEventsWatcher {
     /// A watcher for the VM called `vm_name` (instance metadata `compute.name`).
     pub fn new(client: ImdsClient, vm_name: &str) -> Self {
+        let retry = client.retry_policy().capped(DEFAULT_POLL_INTERVAL);
         Self {
             client,
             vm_name: vm_name.to_owned(),
             last_incarnation: None,
+            retry,
         }
     }
 
     /// Fetches the document once; `Some` when its incarnation is new (the
     /// first poll always reports).
     pub async fn poll(&mut self) -> Result<Option<EventsUpdate>, ImdsError> {
-        let doc = self.client.scheduled_events().await?;
+        let doc = self.client.scheduled_events_with(&self.retry).await?;
         if self.last_incarnation == Some(doc.document_incarnation) {
             return Ok(None);
         }
@@ -187,13 +197,14 @@ impl ScheduledEventsWatcher {
 
     /// The `imds-scheduled-events` task: polls every `interval` and sends each
     /// update to `updates` until `shutdown` is cancelled or the receiver is
-    /// gone. Failures are logged and polling goes on.
+    /// gone. Failures are logged and polling goes on at the same cadence.
     pub async fn run(
         mut self,
         interval: Duration,
         updates: mpsc::Sender<EventsUpdate>,
         shutdown: CancellationToken,
     ) {
+        self.retry = self.client.retry_policy().capped(interval);
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

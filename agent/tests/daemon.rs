@@ -61,6 +61,15 @@ impl Stub {
         *self.assignments.lock().unwrap() = Some(Assignments { version, parts });
     }
 
+    /// Whether a stderr line of `job` starting with `prefix` was uploaded.
+    fn logged(&self, job: &str, prefix: &str) -> bool {
+        self.logs.lock().unwrap().iter().any(|l| {
+            l.job == job
+                && l.stream == drover_api::wire::LogStream::Stderr
+                && l.text.starts_with(prefix)
+        })
+    }
+
     fn states(&self) -> Vec<Option<NodeState>> {
         self.beats.lock().unwrap().iter().map(|b| b.state).collect()
     }
@@ -492,8 +501,16 @@ async fn shutdown_drains_says_leaving_and_stops_parts_at_the_deadline() {
             .any(|b| b.state == Some(NodeState::Leaving)),
         "told the server it is leaving"
     );
-    assert!(stub.reported("long").contains(&(PartState::Stopped, None)));
+    // SIGTERM is no scheduled event: the part is stopped, with its code.
+    assert!(
+        stub.reported("long")
+            .contains(&(PartState::Stopped, Some(143)))
+    );
     assert_eq!(agent.runtime.record().stopped.len(), 1);
+    assert!(stub.logged(
+        "long",
+        "drover-agent: stopping the part: the agent was told to stop and its drain deadline passed"
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -621,7 +638,16 @@ async fn a_preemption_notice_stops_parts_then_acknowledges_the_event() {
         .unwrap()
         .unwrap();
     assert_eq!(agent.runtime.record().stopped.len(), 1);
-    assert!(stub.reported("spot").contains(&(PartState::Stopped, None)));
+    // Lost with SIGTERM's code (its VM goes away, its job did not end), and
+    // its log says why.
+    assert!(
+        stub.reported("spot")
+            .contains(&(PartState::Lost, Some(143)))
+    );
+    assert!(stub.logged(
+        "spot",
+        &format!("drover-agent: stopping the part: a scheduled Preempt (event {id}) not before")
+    ));
     // The node says `preempted` (its job is requeued at once), never `leaving`.
     let states: Vec<Option<NodeState>> =
         stub.beats.lock().unwrap().iter().map(|b| b.state).collect();
@@ -739,7 +765,36 @@ async fn an_unreadable_not_before_is_taken_as_the_documented_notice() {
     // SIGTERM's deadline comes first: the part is stopped for it.
     agent.shutdown.cancel();
     agent.task.await.unwrap().unwrap();
-    assert!(stub.reported("long").contains(&(PartState::Stopped, None)));
+    assert!(
+        stub.reported("long")
+            .contains(&(PartState::Stopped, Some(143)))
+    );
+}
+
+/// A part stopped for a Reboot is reported before the agent exits: `lost`
+/// with SIGTERM's exit code 143 (its job did not end; its VM goes away),
+/// after a line in its log that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_stopped_for_a_reboot_is_reported_lost_with_its_code_and_why() {
+    let (stub, mock, mut agent) = running_with_mock("j", LONG).await;
+    let id = mock.schedule("Reboot", iso_in(Duration::from_secs(1)));
+    exits(&mut agent, Duration::from_secs(10)).await;
+    assert_eq!(agent.runtime.record().stopped.len(), 1);
+    assert!(
+        stub.reported("j").contains(&(PartState::Lost, Some(143))),
+        "{:?}",
+        stub.reported("j")
+    );
+    assert!(stub.logged(
+        "j",
+        &format!("drover-agent: stopping the part: a scheduled Reboot (event {id}) not before 20")
+    ));
+    assert!(
+        !stub
+            .reported("j")
+            .contains(&(PartState::Running, Some(143)))
+    );
+    assert_eq!(mock.acknowledged(), vec![id]);
 }
 
 /// A Preempt during a Reboot drain stops the part at once and makes the
@@ -758,7 +813,14 @@ async fn a_preempt_during_a_reboot_drain_stops_parts_at_once() {
     exits(&mut agent, Duration::from_secs(10)).await;
     assert_eq!(agent.runtime.record().stopped.len(), 1);
     assert!(stub.states().contains(&Some(NodeState::Preempted)));
-    assert!(stub.reported("spot").contains(&(PartState::Stopped, None)));
+    assert!(
+        stub.reported("spot")
+            .contains(&(PartState::Lost, Some(143)))
+    );
+    assert!(stub.logged(
+        "spot",
+        &format!("drover-agent: stopping the part: a scheduled Preempt (event {preempt})")
+    ));
     let mut acked = mock.acknowledged();
     acked.sort();
     let mut want = vec![reboot, preempt];
@@ -820,7 +882,14 @@ async fn a_reboot_started_under_a_new_id_stops_parts_rather_than_ending_the_drai
     assert_ne!(started, reboot);
     exits(&mut agent, Duration::from_secs(10)).await;
     assert_eq!(agent.runtime.record().stopped.len(), 1);
-    assert!(stub.reported("long").contains(&(PartState::Stopped, None)));
+    assert!(
+        stub.reported("long")
+            .contains(&(PartState::Lost, Some(143)))
+    );
+    assert!(stub.logged(
+        "long",
+        &format!("drover-agent: stopping the part: a Reboot (event {started}) has started")
+    ));
     assert!(mock.posts().is_empty(), "nothing left to approve");
 }
 

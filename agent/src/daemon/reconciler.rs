@@ -10,9 +10,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use drover_api::wire::{Assignment, PartState};
+use drover_api::wire::{Assignment, LogStream, NewLogLine, PartState};
 use drover_runner::PartRunner;
 use drover_runner::runtime::{ContainerRuntime, ContainerState};
 use tokio::sync::{mpsc, oneshot};
@@ -340,7 +340,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 // For the events when theirs is the deadline that passed.
                 let for_events = events.as_ref().filter(|(_, at)| *at <= Instant::now());
                 stopped_for_events = for_events.is_some();
-                self.stop_parts(for_events.map(|(d, _)| d.reason.as_str()));
+                self.stop_parts(for_events.map(|(d, _)| d.reason.as_str()))
+                    .await;
                 stopped = true;
             }
             if beat_now {
@@ -367,6 +368,15 @@ impl<R: ContainerRuntime> Reconciler<R> {
                         return None;
                     }
                     Some(Input::Maintenance(None)) => events = None,
+                    Some(Input::Ended(part, ended)) => {
+                        let ended = if stopped {
+                            self.settle(&part, ended, stopped_for_events).await
+                        } else {
+                            ended
+                        };
+                        self.handle(Input::Ended(part, ended)).await;
+                        self.step().await;
+                    }
                     // Everything else still applies (a canceled job stops at
                     // once), except that draining starts nothing.
                     Some(i) => {
@@ -421,13 +431,64 @@ impl<R: ContainerRuntime> Reconciler<R> {
         }
     }
 
-    /// Stops every part.
-    fn stop_parts(&self, events: Option<&str>) {
-        let why = events.unwrap_or("the agent was told to stop and its drain deadline passed");
+    /// Stops every part, first telling its log why (the line is shipped
+    /// before the part's final flush, so it comes before its final state).
+    async fn stop_parts(&self, events: Option<&str>) {
+        let why = match events {
+            Some(reason) => format!("drover-agent: stopping the part: {reason}"),
+            None => "drover-agent: stopping the part: the agent was told to stop and its drain deadline passed".to_string(),
+        };
         tracing::info!(parts = self.supervisors.len(), reason = %why, "drain deadline passed; stopping parts");
-        for s in self.supervisors.values() {
+        let at = drover_api::cluster::Timestamp(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        );
+        for (part, s) in &self.supervisors {
+            if s.cancel.is_cancelled() {
+                continue;
+            }
+            let line = NewLogLine {
+                job: part.job.clone(),
+                attempt: part.attempt,
+                node_rank: part.node_rank,
+                stream: LogStream::Stderr,
+                at,
+                text: why.clone(),
+                // The agent's own line: it has no place in the container's log.
+                cursor: None,
+            };
+            let _ = self.ship.send(Ship::Line(line)).await;
             s.cancel.cancel();
         }
+    }
+
+    /// The final state of a part this drain stopped: its container's exit
+    /// code (143 after SIGTERM, 137 after SIGKILL), and `lost` when the
+    /// stop was for scheduled events — the part ended because its VM is
+    /// going away, not because its job did.
+    async fn settle(&self, part: &PartKey, mut ended: Ended, lost: bool) -> Ended {
+        if ended.state != PartState::Stopped {
+            return ended;
+        }
+        if ended.exit_code.is_none()
+            && let Some(id) = &ended.container
+        {
+            // The container has exited: this answers at once.
+            match tokio::time::timeout(Duration::from_secs(5), self.runner.runtime.wait(id)).await {
+                Ok(Ok(status)) => ended.exit_code = Some(status.code),
+                Ok(Err(e)) => {
+                    tracing::warn!(part = %part, error = %e, "reading the stopped part's exit code failed")
+                }
+                Err(_) => {
+                    tracing::warn!(part = %part, "reading the stopped part's exit code timed out")
+                }
+            }
+        }
+        if lost {
+            ended.state = PartState::Lost;
+        }
+        ended
     }
 }
 

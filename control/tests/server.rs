@@ -1283,7 +1283,10 @@ async fn delete_removes_idle_nodes_and_refuses_running_jobs_unless_forced() {
     api.wait_job("train", Duration::from_secs(5), |j| j.attempt == 1)
         .await;
     let (status, body) = api
-        .send(api.http.delete(api.url("/v1/clusters/cpu")), Some(&api.token))
+        .send(
+            api.http.delete(api.url("/v1/clusters/cpu")),
+            Some(&api.token),
+        )
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(
@@ -1305,7 +1308,9 @@ async fn delete_removes_idle_nodes_and_refuses_running_jobs_unless_forced() {
     let (_, body) = api.get("/v1/nodes").await;
     assert_eq!(body["nodes"], json!([]));
     // The removed node's credential opens nothing any more.
-    let (status, _) = api.agent_post(&cred, "/v1/agent/heartbeat", json!({})).await;
+    let (status, _) = api
+        .agent_post(&cred, "/v1/agent/heartbeat", json!({}))
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     stop(server).await;
 }
@@ -1316,10 +1321,16 @@ async fn a_cluster_without_a_provider_gets_the_control_planes() {
     let (server, token) = start(dir.path()).await;
     let api = Api::new(&server, &token);
     let (status, body) = api
-        .post("/v1/clusters", json!({"spec": {"name": "basic", "max_nodes": 1}}))
+        .post(
+            "/v1/clusters",
+            json!({"spec": {"name": "basic", "max_nodes": 1}}),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    assert_eq!(body["cluster"]["spec"]["provider"], "static", "no local provider here");
+    assert_eq!(
+        body["cluster"]["spec"]["provider"], "static",
+        "no local provider here"
+    );
     assert_eq!(body["cluster"]["spec"]["vm_size"], "STANDARD_DS3_V2");
     stop(server).await;
 }

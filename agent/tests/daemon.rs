@@ -360,7 +360,8 @@ async fn a_restarted_agent_adopts_collects_and_removes_only_after_confirmation()
     // Unassigned later (job canceled): stopped, reported, removed.
     stub.set(2, vec![]);
     eventually("the canceled part is stopped", || {
-        stub.reported("run").contains(&(PartState::Stopped, Some(143)))
+        stub.reported("run")
+            .contains(&(PartState::Stopped, Some(143)))
             && agent.runtime.record().removed.contains(&running)
     })
     .await;

@@ -100,6 +100,8 @@ impl JobSpec {
         {
             report_invalid(&mut r, &root, &invalid);
         }
+        // The reader's and the rules' problems, in the file's order.
+        r.errors.sort_by_key(|d| d.line);
         let (spec, warnings) = r.finish(spec)?;
         match spec {
             Some(spec) => Ok(ParsedJob { spec, warnings }),
@@ -1194,6 +1196,19 @@ drover:
         );
         assert!("resources.=1".parse::<SetOverride>().is_err());
         assert!("noequals".parse::<SetOverride>().is_err());
+    }
+
+    #[test]
+    fn errors_come_in_line_order() {
+        let err = parse(
+            "name: has space\ncommand: echo\nimage: x\nresources:\n  instance_count: -1\ndrover:\n  gpus_per_instance: 999\n",
+        )
+        .unwrap_err();
+        let lines: Vec<usize> = err.errors.iter().map(|d| d.line).collect();
+        let mut sorted = lines.clone();
+        sorted.sort();
+        assert_eq!(lines, sorted, "{err}");
+        assert_eq!(lines.len(), 3, "{err}");
     }
 
     #[test]

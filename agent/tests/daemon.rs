@@ -1,31 +1,36 @@
 //! The daemon against a stub control plane (axum on a free loopback port)
 //! and the in-memory `FakeRuntime`: adoption without duplicates, the
-//! two-phase removal, final states with logs, and the drain.
+//! two-phase removal, final states with logs, and the drain; scheduled
+//! events against the IMDS emulator and against `mock_imds`, a stand-in for
+//! Microsoft's scheduled-events mock server.
+
+mod mock_imds;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use drover_agent::daemon::{self, DaemonConfig, InventorySource};
-use drover_agent::inventory::{Inventory, InventoryCollector, NoGpus};
+use drover_agent::daemon::{self, DaemonConfig, InventorySource, NodeImds, VmFacts};
+use drover_agent::inventory::{Inventory, InventoryCollector, NoGpus, VmInfo};
 use drover_api::JobSpec;
 use drover_api::cluster::NodeState;
 use drover_api::wire::{
     Assignment, Assignments, HeartbeatRequest, HeartbeatResponse, LogBatch, LogBatchAccepted,
     LogCursor, NewLogLine, PartKey, PartState, RegisterRequest, RegisterResponse,
 };
-use drover_imds::{EventStatus, ImdsClient, ImdsConfig};
+use drover_imds::{EventStatus, ImdsClient, ImdsConfig, RetryPolicy};
 use drover_imds_emulator::{Emulator, EmulatorConfig, EventSpec, EventType, VmSpec};
 use drover_runner::fake::{ExitScript, FakeRuntime, PullScript};
 use drover_runner::runtime::{ContainerConfig, ContainerRuntime};
 use drover_runner::{HostFacts, PartRunner, PullLimits, RunOptions};
+use mock_imds::{MockImds, VM, VM_IP, iso, iso_in};
 use tokio_util::sync::CancellationToken;
 
 const NODE: &str = "n1";
@@ -54,6 +59,19 @@ impl Stub {
 impl Stub {
     fn set(&self, version: u64, parts: Vec<Assignment>) {
         *self.assignments.lock().unwrap() = Some(Assignments { version, parts });
+    }
+
+    /// Whether a stderr line of `job` starting with `prefix` was uploaded.
+    fn logged(&self, job: &str, prefix: &str) -> bool {
+        self.logs.lock().unwrap().iter().any(|l| {
+            l.job == job
+                && l.stream == drover_api::wire::LogStream::Stderr
+                && l.text.starts_with(prefix)
+        })
+    }
+
+    fn states(&self) -> Vec<Option<NodeState>> {
+        self.beats.lock().unwrap().iter().map(|b| b.state).collect()
     }
 
     fn reported(&self, job: &str) -> Vec<(PartState, Option<i64>)> {
@@ -220,7 +238,7 @@ fn start_with(
     server: String,
     runtime: Arc<FakeRuntime>,
     drain: Duration,
-    imds: Option<(ImdsClient, String)>,
+    imds: Option<NodeImds>,
 ) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let init = dir.path().join("drover-init");
@@ -342,7 +360,8 @@ async fn a_restarted_agent_adopts_collects_and_removes_only_after_confirmation()
     // Unassigned later (job canceled): stopped, reported, removed.
     stub.set(2, vec![]);
     eventually("the canceled part is stopped", || {
-        stub.reported("run").contains(&(PartState::Stopped, None))
+        stub.reported("run")
+            .contains(&(PartState::Stopped, Some(143)))
             && agent.runtime.record().removed.contains(&running)
     })
     .await;
@@ -539,8 +558,16 @@ async fn shutdown_drains_says_leaving_and_stops_parts_at_the_deadline() {
             .any(|b| b.state == Some(NodeState::Leaving)),
         "told the server it is leaving"
     );
-    assert!(stub.reported("long").contains(&(PartState::Stopped, None)));
+    // SIGTERM is no scheduled event: the part is stopped, with its code.
+    assert!(
+        stub.reported("long")
+            .contains(&(PartState::Stopped, Some(143)))
+    );
     assert_eq!(agent.runtime.record().stopped.len(), 1);
+    assert!(stub.logged(
+        "long",
+        "drover-agent: stopping the part: the agent was told to stop and its drain deadline passed"
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -647,7 +674,7 @@ async fn a_preemption_notice_stops_parts_then_acknowledges_the_event() {
         server,
         fake(ExitScript::UntilStopped),
         Duration::from_secs(600),
-        Some((imds.clone(), "vm-a".to_string())),
+        Some(known_vm(imds.clone(), "vm-a")),
     );
     eventually("the part runs", || {
         stub.reported("spot").contains(&(PartState::Running, None))
@@ -668,7 +695,16 @@ async fn a_preemption_notice_stops_parts_then_acknowledges_the_event() {
         .unwrap()
         .unwrap();
     assert_eq!(agent.runtime.record().stopped.len(), 1);
-    assert!(stub.reported("spot").contains(&(PartState::Stopped, None)));
+    // Lost with SIGTERM's code (its VM goes away, its job did not end), and
+    // its log says why.
+    assert!(
+        stub.reported("spot")
+            .contains(&(PartState::Lost, Some(143)))
+    );
+    assert!(stub.logged(
+        "spot",
+        &format!("drover-agent: stopping the part: a scheduled Preempt (event {id}) not before")
+    ));
     // The node says `preempted` (its job is requeued at once), never `leaving`.
     let states: Vec<Option<NodeState>> =
         stub.beats.lock().unwrap().iter().map(|b| b.state).collect();
@@ -677,4 +713,323 @@ async fn a_preemption_notice_stops_parts_then_acknowledges_the_event() {
     let doc = imds.scheduled_events().await.unwrap();
     let event = doc.events.iter().find(|e| e.event_id == id).expect("event");
     assert_eq!(event.event_status, EventStatus::Started, "acknowledged");
+}
+
+/// IMDS whose instance metadata was read before start: the VM `name`.
+fn known_vm(client: ImdsClient, name: &str) -> NodeImds {
+    NodeImds {
+        client,
+        vm: Some(VmFacts {
+            vm: VmInfo {
+                name: name.to_string(),
+                priority: "Spot".into(),
+                ..VmInfo::default()
+            },
+            dedicated: false,
+            ip: Some(VM_IP.into()),
+        }),
+        address_from_imds: true,
+    }
+}
+
+/// A client of `url` with Microsoft's retry schedule (2, 4, 8, 16 s).
+fn imds_client(url: String) -> ImdsClient {
+    ImdsClient::new(ImdsConfig {
+        base_url: url,
+        ..ImdsConfig::default()
+    })
+    .unwrap()
+}
+
+/// A control plane assigning one long part `job`, a mock IMDS, and an agent
+/// whose VM is known (SIGTERM gives parts `drain`), with the part running.
+async fn running_with_mock(job: &str, drain: Duration) -> (Arc<Stub>, MockImds, Agent) {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    stub.set(1, vec![assignment(job, PartState::Assigned)]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    let (mock, url) = MockImds::serve().await;
+    let agent = start_with(
+        server,
+        fake(ExitScript::UntilStopped),
+        drain,
+        Some(known_vm(imds_client(url), VM)),
+    );
+    eventually("the part runs", || {
+        stub.reported(job).contains(&(PartState::Running, None))
+    })
+    .await;
+    (stub, mock, agent)
+}
+
+/// Waits for the agent to exit on its own.
+async fn exits(agent: &mut Agent, within: Duration) {
+    let task = std::mem::replace(&mut agent.task, tokio::spawn(async { Ok(()) }));
+    tokio::time::timeout(within, task)
+        .await
+        .expect("the agent drains and exits in time")
+        .unwrap()
+        .unwrap();
+}
+
+const LONG: Duration = Duration::from_secs(600);
+
+/// A Reboot whose `NotBefore` is ISO 8601, as Microsoft's mock server
+/// writes it, lets the part run until shortly before it (not, as a misread
+/// date did, stop it at once, 15 minutes early).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_with_an_iso_not_before_drains_until_shortly_before_it() {
+    let (stub, mock, mut agent) = running_with_mock("long", LONG).await;
+    let scheduled = Instant::now();
+    let not_before = SystemTime::now() + Duration::from_secs(4);
+    // Whole seconds, as the mock writes them: 3 to 4 s from now.
+    let id = mock.schedule("Reboot", iso(not_before));
+    eventually("the node says it is leaving", || {
+        stub.states().contains(&Some(NodeState::Leaving))
+    })
+    .await;
+    tokio::time::sleep_until((scheduled + Duration::from_millis(2500)).into()).await;
+    assert!(
+        agent.runtime.record().stopped.is_empty(),
+        "still running well before NotBefore"
+    );
+    exits(&mut agent, Duration::from_secs(10)).await;
+    assert!(
+        scheduled.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        scheduled.elapsed()
+    );
+    assert_eq!(agent.runtime.record().stopped.len(), 1);
+    assert!(!stub.states().contains(&Some(NodeState::Preempted)));
+    assert_eq!(mock.acknowledged(), vec![id], "approved once drained");
+}
+
+/// A `NotBefore` that is no date is taken as the 15 minutes of notice
+/// Azure promises for a Reboot, not as "now".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_not_before_is_taken_as_the_documented_notice() {
+    let (stub, mock, agent) = running_with_mock("long", Duration::from_millis(300)).await;
+    mock.schedule("Reboot", "in a while".into());
+    eventually("the node says it is leaving", || {
+        stub.states().contains(&Some(NodeState::Leaving))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        agent.runtime.record().stopped.is_empty(),
+        "not stopped at once"
+    );
+    // SIGTERM's deadline comes first: the part is stopped for it.
+    agent.shutdown.cancel();
+    agent.task.await.unwrap().unwrap();
+    assert!(
+        stub.reported("long")
+            .contains(&(PartState::Stopped, Some(143)))
+    );
+}
+
+/// A part stopped for a Reboot is reported before the agent exits: `lost`
+/// with SIGTERM's exit code 143 (its job did not end; its VM goes away),
+/// after a line in its log that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_stopped_for_a_reboot_is_reported_lost_with_its_code_and_why() {
+    let (stub, mock, mut agent) = running_with_mock("j", LONG).await;
+    let id = mock.schedule("Reboot", iso_in(Duration::from_secs(1)));
+    exits(&mut agent, Duration::from_secs(10)).await;
+    assert_eq!(agent.runtime.record().stopped.len(), 1);
+    assert!(
+        stub.reported("j").contains(&(PartState::Lost, Some(143))),
+        "{:?}",
+        stub.reported("j")
+    );
+    assert!(stub.logged(
+        "j",
+        &format!("drover-agent: stopping the part: a scheduled Reboot (event {id}) not before 20")
+    ));
+    assert!(
+        !stub
+            .reported("j")
+            .contains(&(PartState::Running, Some(143)))
+    );
+    assert_eq!(mock.acknowledged(), vec![id]);
+}
+
+/// A Preempt during a Reboot drain stops the part at once and makes the
+/// node say `preempted`; both events are approved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preempt_during_a_reboot_drain_stops_parts_at_once() {
+    let (stub, mock, mut agent) = running_with_mock("spot", LONG).await;
+    let reboot = mock.schedule("Reboot", iso_in(Duration::from_secs(600)));
+    eventually("the node says it is leaving", || {
+        stub.states().contains(&Some(NodeState::Leaving))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(agent.runtime.record().stopped.is_empty());
+    let preempt = mock.schedule("Preempt", iso_in(Duration::from_secs(30)));
+    exits(&mut agent, Duration::from_secs(10)).await;
+    assert_eq!(agent.runtime.record().stopped.len(), 1);
+    assert!(stub.states().contains(&Some(NodeState::Preempted)));
+    assert!(
+        stub.reported("spot")
+            .contains(&(PartState::Lost, Some(143)))
+    );
+    assert!(stub.logged(
+        "spot",
+        &format!("drover-agent: stopping the part: a scheduled Preempt (event {preempt})")
+    ));
+    let mut acked = mock.acknowledged();
+    acked.sort();
+    let mut want = vec![reboot, preempt];
+    want.sort();
+    assert_eq!(acked, want);
+    assert_eq!(mock.posts().len(), 1, "one StartRequests for both");
+}
+
+/// A Reboot cancelled before its drain deadline ends the drain: the part
+/// goes on, the node takes new work, and the agent keeps watching, so a
+/// later event is acted on (and only that one approved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_reboot_ends_the_drain_and_later_events_are_still_seen() {
+    let (stub, mock, mut agent) = running_with_mock("first", LONG).await;
+    let reboot = mock.schedule("Reboot", iso_in(Duration::from_secs(600)));
+    eventually("the node says it is leaving", || {
+        stub.states().contains(&Some(NodeState::Leaving))
+    })
+    .await;
+    mock.cancel(&reboot);
+    let beats = stub.beats.lock().unwrap().len();
+    eventually("the node no longer says it is leaving", || {
+        let b = stub.beats.lock().unwrap();
+        b.len() > beats && b.last().is_some_and(|b| b.state.is_none())
+    })
+    .await;
+    stub.set(
+        2,
+        vec![
+            assignment("first", PartState::Running),
+            assignment("second", PartState::Assigned),
+        ],
+    );
+    eventually("new work starts", || {
+        stub.reported("second")
+            .contains(&(PartState::Running, None))
+    })
+    .await;
+    assert!(agent.runtime.record().stopped.is_empty(), "nothing stopped");
+    let preempt = mock.schedule("Preempt", iso_in(Duration::from_secs(30)));
+    exits(&mut agent, Duration::from_secs(10)).await;
+    assert_eq!(agent.runtime.record().stopped.len(), 2);
+    assert!(stub.states().contains(&Some(NodeState::Preempted)));
+    assert_eq!(mock.acknowledged(), vec![preempt]);
+}
+
+/// Microsoft's mock renames an event when it starts: that is the Reboot
+/// beginning (stop now), not a cancellation; a started event needs no
+/// approval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_started_under_a_new_id_stops_parts_rather_than_ending_the_drain() {
+    let (stub, mock, mut agent) = running_with_mock("long", LONG).await;
+    let reboot = mock.schedule("Reboot", iso_in(Duration::from_secs(600)));
+    eventually("the node says it is leaving", || {
+        stub.states().contains(&Some(NodeState::Leaving))
+    })
+    .await;
+    let started = mock.start(&reboot);
+    assert_ne!(started, reboot);
+    exits(&mut agent, Duration::from_secs(10)).await;
+    assert_eq!(agent.runtime.record().stopped.len(), 1);
+    assert!(
+        stub.reported("long")
+            .contains(&(PartState::Lost, Some(143)))
+    );
+    assert!(stub.logged(
+        "long",
+        &format!("drover-agent: stopping the part: a Reboot (event {started}) has started")
+    ));
+    assert!(mock.posts().is_empty(), "nothing left to approve");
+}
+
+/// IMDS answering 410 at start-up (it does while being updated) no longer
+/// leaves the node without metadata for good: the agent keeps asking, then
+/// reports the VM and its address, starts later parts as spot parts, and
+/// watches scheduled events, so a Preempt is acted on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imds_gone_at_start_up_is_retried_and_a_later_preempt_is_handled() {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    stub.set(1, vec![]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    let (mock, url) = MockImds::serve().await;
+    mock.gone_for(Duration::from_millis(1500));
+    // Microsoft's schedule scaled down 20x; 410 retried for 2 s a round.
+    let client = ImdsClient::new(ImdsConfig {
+        base_url: url,
+        retry: RetryPolicy {
+            delays: [100, 200, 400, 800]
+                .into_iter()
+                .map(Duration::from_millis)
+                .collect(),
+            gone_budget: Duration::from_secs(2),
+            max_retry_after: Duration::from_secs(1),
+        },
+        ..ImdsConfig::default()
+    })
+    .unwrap();
+    // What `drover-agent run` passes when IMDS did not answer in time.
+    let imds = NodeImds {
+        client,
+        vm: None,
+        address_from_imds: true,
+    };
+    let mut agent = start_with(server, fake(ExitScript::UntilStopped), LONG, Some(imds));
+    eventually("the node's vm and address reach the server", || {
+        stub.beats.lock().unwrap().iter().any(|b| {
+            b.ip.as_deref() == Some(VM_IP)
+                && b.inventory
+                    .as_ref()
+                    .and_then(|i| i.vm.as_ref())
+                    .is_some_and(|vm| vm.name == VM && vm.priority == "Spot")
+        })
+    })
+    .await;
+    assert!(mock.instance_gets() > 1, "asked again after the 410s");
+    stub.set(2, vec![assignment("spot", PartState::Assigned)]);
+    eventually("the part runs", || {
+        stub.reported("spot").contains(&(PartState::Running, None))
+    })
+    .await;
+    let env = agent.runtime.record().created[0].env.clone();
+    assert!(
+        env.contains(&"AZ_BATCH_NODE_IS_DEDICATED=false".to_string()),
+        "{env:?}"
+    );
+    assert!(mock.event_gets() > 0, "scheduled events are watched");
+    let preempt = mock.schedule("Preempt", iso_in(Duration::from_secs(30)));
+    exits(&mut agent, Duration::from_secs(10)).await;
+    assert_eq!(agent.runtime.record().stopped.len(), 1);
+    assert!(stub.states().contains(&Some(NodeState::Preempted)));
+    assert_eq!(mock.acknowledged(), vec![preempt]);
+}
+
+/// After an IMDS outage the agent sees a Preempt within about a second of
+/// IMDS answering again, not at the end of the client's backoff step
+/// (Microsoft's schedule retries at 2, 6, 14 and 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_imds_outage_a_preempt_is_seen_within_a_second() {
+    let (stub, mock, mut agent) = running_with_mock("spot", LONG).await;
+    let outage = Duration::from_secs(3);
+    mock.failing_for(outage);
+    let began = Instant::now();
+    mock.schedule("Preempt", iso_in(Duration::from_secs(30)));
+    eventually("the node says preempted", || {
+        stub.states().contains(&Some(NodeState::Preempted))
+    })
+    .await;
+    let late = began.elapsed().saturating_sub(outage);
+    assert!(
+        late < Duration::from_millis(1800),
+        "seen {late:?} after IMDS recovered"
+    );
+    exits(&mut agent, Duration::from_secs(10)).await;
 }

@@ -20,14 +20,20 @@ use serde::{Deserialize, Serialize};
 pub use crate::error::FieldError;
 use crate::error::write_lines;
 use crate::units::parse_duration;
-use crate::yaml::{Diagnostic, InvalidDefinition, Reader, is_null, join, line_of, parse_mapping};
+use crate::yaml::{Diagnostic, InvalidDefinition, Reader, is_null, join, line_of};
 
 /// Azure ML's default idle time before a node is released (seconds).
 pub const DEFAULT_IDLE_SECONDS: u64 = 120;
-/// Azure ML v2's default `size` when the YAML names none.
+/// Azure ML v2's default `size` when neither the YAML nor a flag names one
+/// (the compute YAML reference: `Standard_DS3_v2`).
 pub const DEFAULT_VM_SIZE: &str = "STANDARD_DS3_V2";
-/// Azure ML v2's default `max_instances` when the YAML names none.
+/// Azure ML v2's default `max_instances` when the YAML names none (the
+/// compute YAML reference, `reference-yaml-compute-aml`: 1).
 pub const DEFAULT_MAX_NODES: u32 = 1;
+/// The default `--max-instances`/`--max-nodes` of the CLI flags: the
+/// `azure-ai-ml` `AmlCompute` entity's default, which `az ml compute create`
+/// builds from its flags (4).
+pub const DEFAULT_FLAG_MAX_NODES: u32 = 4;
 /// The largest `max_instances`: Azure ML clusters scale to hundreds of
 /// nodes, thousands on request; a bound keeps counts far from overflow.
 pub const MAX_NODES: u32 = 10_000;
@@ -64,9 +70,11 @@ pub struct ComputeSpec {
     /// Free-form tags.
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
-    /// What creates and removes the cluster's nodes.
+    /// What creates and removes the cluster's nodes; `None` in a definition
+    /// leaves it to the control plane (`local` under `drover up`, else
+    /// `static`), which stores its choice.
     #[serde(default)]
-    pub provider: ProviderKind,
+    pub provider: Option<ProviderKind>,
     /// Host folders under which the cluster's jobs may bind host paths
     /// (`drover.mounts`, path inputs, …); none by default. See
     /// [`crate::host_paths`] for what is refused whatever this says.
@@ -315,8 +323,10 @@ enum Field {
 /// How messages name the fields of a spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Naming {
-    /// v1 CLI flags: `--max-nodes`.
+    /// v1 CLI flags (`az ml computetarget create amlcompute`): `--max-nodes`.
     Flags,
+    /// v2 CLI flags (`az ml compute create`): `--max-instances`.
+    FlagsV2,
     /// JSON/Rust field names: `max_nodes`.
     Fields,
     /// Azure ML v2 YAML keys: `max_instances` (used by [`ComputeSpec::from_yaml`]).
@@ -335,6 +345,19 @@ impl Naming {
                 F::Idle => "--idle-seconds-before-scaledown",
                 F::VmPriority => "--vm-priority",
                 F::Identity => "--assign-identity",
+                F::Location => "--location",
+                F::Tags => "--tags",
+                F::Provider => "--provider",
+                F::AllowedHostPaths => "--allow-host-path",
+            },
+            Naming::FlagsV2 => match field {
+                F::Name => "--name",
+                F::VmSize => "--size",
+                F::MinNodes => "--min-instances",
+                F::MaxNodes => "--max-instances",
+                F::Idle => "--idle-time-before-scale-down",
+                F::VmPriority => "--tier",
+                F::Identity => "--identity-type",
                 F::Location => "--location",
                 F::Tags => "--tags",
                 F::Provider => "--provider",
@@ -498,7 +521,7 @@ fn check_identity(identity: &Identity, p: &mut Problems) {
 
 impl ComputeSpec {
     /// A spec with Azure ML's defaults: `min_nodes` 0, idle time 120 s,
-    /// dedicated, no identity, static provider.
+    /// dedicated, no identity, the control plane's provider.
     pub fn new(name: &str, vm_size: &str, max_nodes: u32) -> Self {
         ComputeSpec {
             name: name.to_string(),
@@ -511,7 +534,7 @@ impl ComputeSpec {
             identity: Identity::None,
             location: None,
             tags: BTreeMap::new(),
-            provider: ProviderKind::Static,
+            provider: None,
             allowed_host_paths: Vec::new(),
         }
     }
@@ -564,7 +587,17 @@ impl ComputeSpec {
     /// Parses Azure ML v2 compute YAML (`type: amlcompute`); `file` names the
     /// file in messages. Drover's own settings go under `drover:`.
     pub fn from_yaml(file: &str, text: &str) -> Result<ParsedCompute, InvalidDefinition> {
-        let root = parse_mapping(file, text)?;
+        ComputeSpec::from_yaml_with(file, text, &[])
+    }
+
+    /// [`ComputeSpec::from_yaml`] with `--set KEY=VALUE` overrides applied
+    /// to the YAML first (`az ml compute create -f c.yml --set max_instances=4`).
+    pub fn from_yaml_with(
+        file: &str,
+        text: &str,
+        sets: &[crate::yaml::SetOverride],
+    ) -> Result<ParsedCompute, InvalidDefinition> {
+        let root = crate::yaml::parse_mapping_with(file, text, sets)?;
         let mut r = Reader::new(file);
         let spec = read_compute(&mut r, &root);
         // Checks that span fields run last; show every message in file order.
@@ -610,37 +643,103 @@ impl ComputeUpdate {
     }
 }
 
-/// The v1 CLI's `computetarget create amlcompute` flags, as given.
+/// The CLI flags of a cluster, as given: the v1 `az ml computetarget create
+/// amlcompute` spellings or the v2 `az ml compute create` ones (`naming`
+/// says which, for messages); both end in the same spec.
 ///
 /// API Boundary: plain data; the `drover` CLI derives its argument parser into
 /// this and [`ComputeFlags::to_spec`] owns every check, so the CLI and any
 /// other client agree on what is valid.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComputeFlags {
+    /// Which CLI generation's spellings were used: [`Naming::Flags`] (v1,
+    /// the default) or [`Naming::FlagsV2`].
+    #[serde(skip)]
+    pub generation: FlagGeneration,
     /// `--name` (required).
     pub name: Option<String>,
-    /// `--vm-size` (required, as in the v1 CLI).
+    /// `--vm-size` / `--size` (default `STANDARD_DS3_V2`).
     pub vm_size: Option<String>,
-    /// `--min-nodes` (default 0).
+    /// `--min-nodes` / `--min-instances` (default 0).
     pub min_nodes: Option<u32>,
-    /// `--max-nodes` (required, as in the v1 CLI).
+    /// `--max-nodes` / `--max-instances` (default 4).
     pub max_nodes: Option<u32>,
-    /// `--idle-seconds-before-scaledown` (default 120).
+    /// `--idle-seconds-before-scaledown` / `--idle-time-before-scale-down`
+    /// (default 120).
     pub idle_seconds_before_scaledown: Option<u64>,
-    /// `--vm-priority dedicated|lowpriority` (default dedicated).
+    /// `--vm-priority dedicated|lowpriority` / `--tier dedicated|low_priority`
+    /// (default dedicated; either spelling is read).
     pub vm_priority: Option<String>,
-    /// `--assign-identity '[system]'` or resource ids separated by `,`.
+    /// v1 `--assign-identity '[system]'` or resource ids separated by `,`.
     pub assign_identity: Option<String>,
+    /// v2 `--identity-type SystemAssigned|UserAssigned|None`.
+    pub identity_type: Option<String>,
+    /// v2 `--user-assigned-identities ID…` (with `--identity-type UserAssigned`).
+    pub user_assigned_identities: Vec<String>,
     /// `--location`.
     pub location: Option<String>,
     /// `--tags KEY=VALUE`, repeatable.
     pub tags: Vec<String>,
     /// `--description`.
     pub description: Option<String>,
-    /// `--provider local|static|azure-vmss` (default static); a Drover addition.
+    /// `--provider local|static|azure-vmss` (default: the control plane's);
+    /// a Drover addition.
     pub provider: Option<String>,
     /// `--allow-host-path DIR`, repeatable; a Drover addition.
     pub allowed_host_paths: Vec<String>,
+}
+
+/// Which CLI generation's flag spellings a [`ComputeFlags`] came with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FlagGeneration {
+    /// `az ml computetarget create amlcompute --vm-size … --max-nodes …`.
+    #[default]
+    V1,
+    /// `az ml compute create --type amlcompute --size … --max-instances …`.
+    V2,
+}
+
+impl FlagGeneration {
+    fn naming(self) -> Naming {
+        match self {
+            FlagGeneration::V1 => Naming::Flags,
+            FlagGeneration::V2 => Naming::FlagsV2,
+        }
+    }
+}
+
+/// Reads v2's `--identity-type` (Azure's `SystemAssigned`, `UserAssigned`,
+/// `None`, case and `_`/`-` aside) with `--user-assigned-identities`.
+fn parse_identity_type(kind: &str, ids: &[String]) -> Result<Identity, String> {
+    let normalized = kind
+        .trim()
+        .to_ascii_lowercase()
+        .replace(['_', '-', ' '], "");
+    match normalized.as_str() {
+        "none" | "systemassigned" if !ids.is_empty() => Err(format!(
+            "--user-assigned-identities needs --identity-type UserAssigned, not {kind}"
+        )),
+        "none" => Ok(Identity::None),
+        "systemassigned" => Ok(Identity::SystemAssigned),
+        "userassigned" if ids.is_empty() => {
+            Err("UserAssigned needs --user-assigned-identities ID…".to_string())
+        }
+        "userassigned" => Ok(Identity::UserAssigned {
+            resource_ids: ids
+                .iter()
+                .flat_map(|i| i.split(','))
+                .map(|i| i.trim().to_string())
+                .filter(|i| !i.is_empty())
+                .collect(),
+        }),
+        "systemassigned,userassigned" => Err(
+            "a cluster has one system-assigned identity or user-assigned ones, not both"
+                .to_string(),
+        ),
+        _ => Err(format!(
+            "expected SystemAssigned, UserAssigned or None, got {kind}"
+        )),
+    }
 }
 
 /// Reads `--assign-identity`: `[system]`, or user-assigned ids separated by `,`.
@@ -669,15 +768,18 @@ fn parse_assign_identity(text: &str) -> Result<Identity, String> {
 fn parse_priority_flag(text: &str) -> Option<VmPriority> {
     match text.trim().to_ascii_lowercase().as_str() {
         "dedicated" => Some(VmPriority::Dedicated),
-        "lowpriority" => Some(VmPriority::LowPriority),
+        // v1 spells it `lowpriority`, v2 `low_priority`: read both.
+        "lowpriority" | "low_priority" | "low-priority" => Some(VmPriority::LowPriority),
         _ => None,
     }
 }
 
 impl ComputeFlags {
-    /// Checks the flags and builds the spec, reporting every problem at once.
+    /// Checks the flags and builds the spec, reporting every problem at
+    /// once, with the spellings of the generation that was used.
     pub fn to_spec(&self) -> Result<ComputeSpec, InvalidCompute> {
-        let mut p = Problems::new(Naming::Flags);
+        let naming = self.generation.naming();
+        let mut p = Problems::new(naming);
         let name = match &self.name {
             Some(n) => n.trim().to_string(),
             None => {
@@ -685,79 +787,15 @@ impl ComputeFlags {
                 String::new()
             }
         };
-        let vm_size = match &self.vm_size {
-            Some(s) => s.trim().to_string(),
-            None => {
-                p.push(Field::VmSize, "is required (like STANDARD_D3_V2)");
-                String::new()
-            }
-        };
-        let max_nodes = match self.max_nodes {
-            Some(m) => m,
-            None => {
-                p.push(Field::MaxNodes, "is required");
-                0
-            }
-        };
-        let vm_priority = match self.vm_priority.as_deref() {
-            None => VmPriority::Dedicated,
-            Some(v) => parse_priority_flag(v).unwrap_or_else(|| {
-                p.push(
-                    Field::VmPriority,
-                    format!("expected dedicated or lowpriority, got {v}"),
-                );
-                VmPriority::Dedicated
-            }),
-        };
-        let identity = match self.assign_identity.as_deref() {
-            None => Identity::None,
-            Some(v) => parse_assign_identity(v).unwrap_or_else(|e| {
-                p.push(Field::Identity, e);
-                Identity::None
-            }),
-        };
-        let provider = match self.provider.as_deref() {
-            None => ProviderKind::Static,
-            Some(v) => ProviderKind::parse(v).unwrap_or_else(|| {
-                p.push(
-                    Field::Provider,
-                    format!("expected local, static or azure-vmss, got {v}"),
-                );
-                ProviderKind::Static
-            }),
-        };
-        let mut tags = BTreeMap::new();
-        for t in &self.tags {
-            match t.split_once('=') {
-                Some((k, v)) => {
-                    tags.insert(k.trim().to_string(), v.to_string());
-                }
-                None => p.push(Field::Tags, format!("expected KEY=VALUE, got {t}")),
-            }
-        }
-        let spec = ComputeSpec {
-            name,
-            description: self.description.clone(),
-            vm_size,
-            min_nodes: self.min_nodes.unwrap_or(0),
-            max_nodes,
-            idle_seconds_before_scaledown: self
-                .idle_seconds_before_scaledown
-                .unwrap_or(DEFAULT_IDLE_SECONDS),
-            vm_priority,
-            identity,
-            location: self.location.clone(),
-            tags,
-            provider,
-            allowed_host_paths: self
-                .allowed_host_paths
-                .iter()
-                .map(|p| crate::host_paths::normalized_prefix(p))
-                .collect(),
-        };
+        let mut spec = ComputeSpec::new(
+            &name,
+            DEFAULT_VM_SIZE,
+            self.max_nodes.unwrap_or(DEFAULT_FLAG_MAX_NODES),
+        );
+        self.apply(&mut spec, &mut p);
         // A missing required flag already said so; don't add "is not valid" about its placeholder.
         let missing: Vec<Field> = p.errors.iter().map(|(f, _)| *f).collect();
-        let mut rest = Problems::new(Naming::Flags);
+        let mut rest = Problems::new(naming);
         check_spec(&spec, &mut rest);
         p.errors.extend(
             rest.errors
@@ -767,6 +805,99 @@ impl ComputeFlags {
         p.errors.sort_by_key(|(f, _)| field_order(*f));
         p.into_result()?;
         Ok(spec)
+    }
+
+    /// `spec` (read from compute YAML) with the flags given beside it
+    /// applied over it, checked as a whole; the YAML's own problems were
+    /// reported when it was read.
+    pub fn override_spec(&self, mut spec: ComputeSpec) -> Result<ComputeSpec, InvalidCompute> {
+        let naming = self.generation.naming();
+        let mut p = Problems::new(naming);
+        if let Some(n) = &self.name {
+            spec.name = n.trim().to_string();
+        }
+        if let Some(m) = self.max_nodes {
+            spec.max_nodes = m;
+        }
+        self.apply(&mut spec, &mut p);
+        check_spec(&spec, &mut p);
+        p.errors.sort_by_key(|(f, _)| field_order(*f));
+        p.into_result()?;
+        Ok(spec)
+    }
+
+    /// Sets what the flags name (beside name and max nodes) on `spec`.
+    fn apply(&self, spec: &mut ComputeSpec, p: &mut Problems) {
+        if let Some(s) = &self.vm_size {
+            spec.vm_size = s.trim().to_string();
+        }
+        if let Some(m) = self.min_nodes {
+            spec.min_nodes = m;
+        }
+        if let Some(i) = self.idle_seconds_before_scaledown {
+            spec.idle_seconds_before_scaledown = i;
+        }
+        if let Some(v) = self.vm_priority.as_deref() {
+            match parse_priority_flag(v) {
+                Some(pr) => spec.vm_priority = pr,
+                None => p.push(
+                    Field::VmPriority,
+                    match self.generation {
+                        FlagGeneration::V1 => format!("expected dedicated or lowpriority, got {v}"),
+                        FlagGeneration::V2 => {
+                            format!("expected dedicated or low_priority, got {v}")
+                        }
+                    },
+                ),
+            }
+        }
+        match (&self.assign_identity, &self.identity_type) {
+            (Some(_), Some(_)) => p.push(
+                Field::Identity,
+                "give --assign-identity (v1) or --identity-type (v2), not both",
+            ),
+            (Some(v), None) => match parse_assign_identity(v) {
+                Ok(i) => spec.identity = i,
+                Err(e) => p.push(Field::Identity, e),
+            },
+            (None, Some(kind)) => match parse_identity_type(kind, &self.user_assigned_identities) {
+                Ok(i) => spec.identity = i,
+                Err(e) => p.push(Field::Identity, e),
+            },
+            (None, None) if !self.user_assigned_identities.is_empty() => p.push(
+                Field::Identity,
+                "--user-assigned-identities needs --identity-type UserAssigned",
+            ),
+            (None, None) => {}
+        }
+        if let Some(l) = &self.location {
+            spec.location = Some(l.clone());
+        }
+        if let Some(d) = &self.description {
+            spec.description = Some(d.clone());
+        }
+        if let Some(v) = self.provider.as_deref() {
+            match ProviderKind::parse(v) {
+                Some(k) => spec.provider = Some(k),
+                None => p.push(
+                    Field::Provider,
+                    format!("expected local, static or azure-vmss, got {v}"),
+                ),
+            }
+        }
+        for t in &self.tags {
+            match t.split_once('=') {
+                Some((k, v)) => {
+                    spec.tags.insert(k.trim().to_string(), v.to_string());
+                }
+                None => p.push(Field::Tags, format!("expected KEY=VALUE, got {t}")),
+            }
+        }
+        spec.allowed_host_paths.extend(
+            self.allowed_host_paths
+                .iter()
+                .map(|p| crate::host_paths::normalized_prefix(p)),
+        );
     }
 }
 
@@ -900,8 +1031,10 @@ fn read_compute(r: &mut Reader, root: &Node) -> Option<ComputeSpec> {
         .get_node("tags")
         .map(|n| r.string_map(n, "tags"))
         .unwrap_or_default();
+    // `Some(None)`: no provider named (the control plane's); `None`: a
+    // mistake already reported.
     let (provider, allowed_host_paths) = match get("drover") {
-        None => (Some(ProviderKind::Static), Vec::new()),
+        None => (Some(None), Vec::new()),
         Some(n) => match read_drover(r, n) {
             Some((p, allowed)) => (Some(p), allowed),
             None => (None, Vec::new()),
@@ -934,7 +1067,7 @@ fn read_compute(r: &mut Reader, root: &Node) -> Option<ComputeSpec> {
         identity: identity.unwrap_or_default(),
         location,
         tags,
-        provider: provider.unwrap_or_default(),
+        provider: provider.flatten(),
         allowed_host_paths,
     };
     let mut p = Problems::new(Naming::Yaml);
@@ -1114,7 +1247,7 @@ fn read_user_assigned(r: &mut Reader, n: &Node) -> Option<Identity> {
 
 /// The `drover:` section of compute YAML: the provider and the host paths
 /// jobs may bind.
-fn read_drover(r: &mut Reader, n: &Node) -> Option<(ProviderKind, Vec<String>)> {
+fn read_drover(r: &mut Reader, n: &Node) -> Option<(Option<ProviderKind>, Vec<String>)> {
     let m = r.mapping(n, "drover", &["provider", "allowed_host_paths"])?;
     let mut allowed = Vec::new();
     if let Some(list) = m.get_node("allowed_host_paths").filter(|l| !is_null(l)) {
@@ -1134,7 +1267,7 @@ fn read_drover(r: &mut Reader, n: &Node) -> Option<(ProviderKind, Vec<String>)> 
         }
     }
     let Some(p) = m.get_node("provider").filter(|p| !is_null(p)) else {
-        return Some((ProviderKind::Static, allowed));
+        return Some((None, allowed));
     };
     let v = r.string(p, "drover.provider")?;
     let kind = ProviderKind::parse(&v);
@@ -1145,7 +1278,7 @@ fn read_drover(r: &mut Reader, n: &Node) -> Option<(ProviderKind, Vec<String>)> 
             format!("expected local, static or azure-vmss, got {v}"),
         );
     }
-    kind.map(|k| (k, allowed))
+    kind.map(|k| (Some(k), allowed))
 }
 
 #[cfg(test)]
@@ -1281,7 +1414,96 @@ mod tests {
         assert_eq!(spec.idle_seconds_before_scaledown, 120);
         assert_eq!(spec.vm_priority, VmPriority::Dedicated);
         assert_eq!(spec.identity, Identity::None);
-        assert_eq!(spec.provider, ProviderKind::Static);
+        assert_eq!(spec.provider, None, "the control plane picks");
+    }
+
+    #[test]
+    fn flags_default_what_azure_defaults() {
+        let spec = ComputeFlags {
+            name: Some("cpu".into()),
+            ..ComputeFlags::default()
+        }
+        .to_spec()
+        .expect("valid");
+        assert_eq!(spec.vm_size, "STANDARD_DS3_V2");
+        assert_eq!((spec.min_nodes, spec.max_nodes), (0, 4));
+        assert_eq!(spec.idle_seconds_before_scaledown, 120);
+        assert_eq!(spec.vm_priority, VmPriority::Dedicated);
+    }
+
+    #[test]
+    fn v2_flags_read_as_v1_flags_and_their_messages_use_v2_names() {
+        // az ml compute create -n cpu --type amlcompute --size STANDARD_NC6 --min-instances 0
+        //   --max-instances 2 --tier low_priority --identity-type SystemAssigned
+        let v2 = ComputeFlags {
+            generation: FlagGeneration::V2,
+            name: Some("cpu".into()),
+            vm_size: Some("STANDARD_NC6".into()),
+            min_nodes: Some(0),
+            max_nodes: Some(2),
+            idle_seconds_before_scaledown: Some(300),
+            vm_priority: Some("low_priority".into()),
+            identity_type: Some("SystemAssigned".into()),
+            ..ComputeFlags::default()
+        };
+        let spec = v2.to_spec().expect("valid");
+        assert_eq!(spec.vm_priority, VmPriority::LowPriority);
+        assert_eq!(spec.identity, Identity::SystemAssigned);
+        assert_eq!(spec.max_nodes, 2);
+        let uai_spec = ComputeFlags {
+            identity_type: Some("UserAssigned".into()),
+            user_assigned_identities: vec![uai("one"), uai("two")],
+            ..v2.clone()
+        }
+        .to_spec()
+        .expect("valid");
+        assert_eq!(
+            uai_spec.identity,
+            Identity::UserAssigned {
+                resource_ids: vec![uai("one"), uai("two")]
+            }
+        );
+        let err = ComputeFlags {
+            max_nodes: Some(0),
+            vm_priority: Some("spot".into()),
+            identity_type: Some("UserAssigned".into()),
+            ..v2.clone()
+        }
+        .to_spec()
+        .expect_err("invalid");
+        assert_eq!(
+            err.to_string(),
+            "--max-instances: must be at least 1, got 0\n\
+             --tier: expected dedicated or low_priority, got spot\n\
+             --identity-type: UserAssigned needs --user-assigned-identities ID…"
+        );
+        let err = ComputeFlags {
+            assign_identity: Some("[system]".into()),
+            ..v2
+        }
+        .to_spec()
+        .expect_err("both generations");
+        assert!(err.to_string().contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_a_yaml_definition() {
+        let spec =
+            ComputeSpec::from_yaml("c.yml", "type: amlcompute\nname: basic\nmax_instances: 2\n")
+                .expect("yaml")
+                .spec;
+        let out = ComputeFlags {
+            name: Some("renamed".into()),
+            provider: Some("local".into()),
+            allowed_host_paths: vec!["/data/".into()],
+            ..ComputeFlags::default()
+        }
+        .override_spec(spec)
+        .expect("valid");
+        assert_eq!(out.name, "renamed");
+        assert_eq!(out.max_nodes, 2, "what the flags leave alone stays");
+        assert_eq!(out.provider, Some(ProviderKind::Local));
+        assert_eq!(out.allowed_host_paths, ["/data"]);
     }
 
     #[test]
@@ -1306,7 +1528,7 @@ mod tests {
         assert_eq!(spec.location.as_deref(), Some("eastus"));
         assert_eq!(spec.tags.get("team").map(String::as_str), Some("ml"));
         assert_eq!(spec.tags.get("cost").map(String::as_str), Some("a=b"));
-        assert_eq!(spec.provider, ProviderKind::Local);
+        assert_eq!(spec.provider, Some(ProviderKind::Local));
         assert_eq!(spec.description.as_deref(), Some("training"));
     }
 
@@ -1379,10 +1601,7 @@ mod tests {
             let err = f.to_spec().expect_err(expect);
             assert_eq!(err.to_string(), expect);
         };
-        check(
-            ComputeFlags::default(),
-            "--name: is required\n--vm-size: is required (like STANDARD_D3_V2)\n--max-nodes: is required",
-        );
+        check(ComputeFlags::default(), "--name: is required");
         check(
             ComputeFlags {
                 name: Some("1cpu".into()),
@@ -1540,7 +1759,7 @@ mod tests {
         spec.identity = Identity::UserAssigned {
             resource_ids: vec![uai("one")],
         };
-        spec.provider = ProviderKind::AzureVmss;
+        spec.provider = Some(ProviderKind::AzureVmss);
         let json = serde_json::to_value(&spec).expect("serializes");
         assert_eq!(json["vm_priority"], "lowpriority");
         assert_eq!(json["identity"]["type"], "user-assigned");
@@ -1607,7 +1826,7 @@ drover:
             }
         );
         assert_eq!(s.tags.get("team").map(String::as_str), Some("vision"));
-        assert_eq!(s.provider, ProviderKind::Local);
+        assert_eq!(s.provider, Some(ProviderKind::Local));
     }
 
     #[test]
@@ -1647,9 +1866,9 @@ drover:
             s.identity == Identity::None
         });
         check("drover:\n  provider: azure_vmss\n", &|s| {
-            s.provider == ProviderKind::AzureVmss
+            s.provider == Some(ProviderKind::AzureVmss)
         });
-        check("drover: {}\n", &|s| s.provider == ProviderKind::Static);
+        check("drover: {}\n", &|s| s.provider.is_none());
         check("min_instances: 4\n", &|s| s.min_nodes == 4);
     }
 

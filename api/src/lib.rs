@@ -18,4 +18,4 @@ pub mod wire;
 pub mod yaml;
 
 pub use job::{CommandJob, InvalidJob, JobSpec, ParsedJob};
-pub use yaml::{Diagnostic, InvalidDefinition};
+pub use yaml::{Diagnostic, InvalidDefinition, SetOverride};

@@ -15,7 +15,7 @@
 //! | `GET /v1/clusters` | → [`ClusterList`] |
 //! | `GET /v1/clusters/{name}` | → [`ClusterInfo`] |
 //! | `PATCH /v1/clusters/{name}` | [`ComputeUpdate`] → [`ClusterInfo`] |
-//! | `DELETE /v1/clusters/{name}` | → 204 |
+//! | `DELETE /v1/clusters/{name}[?force=true]` | → [`ClusterDeleted`] (idle nodes removed first; refused while jobs are unfinished unless `force` cancels them) |
 //! | `POST /v1/jobs` | [`JobSubmit`] → [`JobInfo`] (201) |
 //! | `GET /v1/jobs?compute=NAME` | → [`JobList`] |
 //! | `GET /v1/jobs/{id}` | → [`JobInfo`] |
@@ -208,6 +208,19 @@ pub struct ClusterCreated {
     pub cluster: ClusterInfo,
     /// The secret agents join this cluster with; shown only now.
     pub join_token: String,
+}
+
+/// Answer to `DELETE /v1/clusters/{name}[?force=true]`: what went with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterDeleted {
+    /// The cluster.
+    pub cluster: String,
+    /// Its nodes, removed first.
+    #[serde(default)]
+    pub removed_nodes: Vec<String>,
+    /// Its unfinished jobs, canceled first (with `force`).
+    #[serde(default)]
+    pub canceled_jobs: Vec<String>,
 }
 
 /// A cluster: its definition and where it stands.

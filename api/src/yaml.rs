@@ -54,9 +54,112 @@ impl fmt::Display for InvalidDefinition {
     }
 }
 
-/// 1-based line on which `node` starts.
+/// 1-based line on which `node` starts; 0 for a node that came from a
+/// `--set` override rather than from the file.
 pub(crate) fn line_of(node: &Node) -> usize {
-    node.span().start().map(|m| m.line()).unwrap_or(0)
+    node.span()
+        .start()
+        .filter(|m| m.source() == FILE_SOURCE)
+        .map(|m| m.line())
+        .unwrap_or(0)
+}
+
+/// Whether `node` came from a `--set` override.
+fn from_set(node: &Node) -> bool {
+    node.span()
+        .start()
+        .is_some_and(|m| m.source() != FILE_SOURCE)
+}
+
+/// The source number of the definition file's own nodes; `--set` values
+/// are parsed as sources 1, 2, ….
+const FILE_SOURCE: usize = 0;
+
+/// One `--set KEY=VALUE` override of a definition file, as the Azure CLI
+/// takes it (`az ml job create -f job.yml --set resources.instance_count=2`):
+/// a dotted key path into the YAML and a YAML value (`2`, `azureml:cpu`,
+/// `{type: uri_folder, path: ./data}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetOverride {
+    /// Dotted key path (`resources.instance_count`).
+    pub path: String,
+    /// The value, as YAML.
+    pub value: String,
+}
+
+impl std::str::FromStr for SetOverride {
+    type Err = String;
+
+    fn from_str(arg: &str) -> Result<Self, String> {
+        let (path, value) = arg
+            .split_once('=')
+            .ok_or_else(|| format!("expected KEY=VALUE, got {arg}"))?;
+        let path = path.trim();
+        if path.is_empty() || path.split('.').any(|k| k.trim().is_empty()) {
+            return Err(format!(
+                "expected a dotted key like resources.instance_count, got {path}"
+            ));
+        }
+        Ok(SetOverride {
+            path: path.to_string(),
+            value: value.to_string(),
+        })
+    }
+}
+
+/// Parses `text` and applies `sets` over it: each key path is created as
+/// needed, its value replaced. Problems with a value are later reported as
+/// the key's, marked as coming from `--set`.
+pub(crate) fn parse_mapping_with(
+    file: &str,
+    text: &str,
+    sets: &[SetOverride],
+) -> Result<Node, InvalidDefinition> {
+    let mut root = parse_mapping(file, text)?;
+    for (i, set) in sets.iter().enumerate() {
+        let value = set_value(i + 1, &set.value);
+        let mut node = &mut root;
+        let keys: Vec<&str> = set.path.split('.').map(str::trim).collect();
+        for (depth, key) in keys.iter().enumerate() {
+            let Some(map) = node.as_mapping_mut() else {
+                return Err(InvalidDefinition {
+                    errors: vec![Diagnostic {
+                        file: file.to_string(),
+                        line: 0,
+                        path: keys[..depth].join("."),
+                        message: format!(
+                            "--set {}: is not a mapping, so it has no key {key}",
+                            set.path
+                        ),
+                    }],
+                });
+            };
+            let k = marked_yaml::types::MarkedScalarNode::new(marked_yaml::Span::new_blank(), *key);
+            if depth + 1 == keys.len() {
+                map.insert(k, value);
+                break;
+            }
+            node = map.entry(k).or_insert_with(|| {
+                Node::Mapping(marked_yaml::types::MarkedMappingNode::new_empty(
+                    marked_yaml::Span::new_blank(),
+                ))
+            });
+        }
+    }
+    Ok(root)
+}
+
+/// A `--set` value as YAML (so numbers, lists and `{…}` mean what they
+/// mean in the file); a value that is not YAML is taken as a string.
+fn set_value(source: usize, value: &str) -> Node {
+    marked_yaml::parse_yaml(source, format!("v: {value}"))
+        .ok()
+        .and_then(|n| n.as_mapping().and_then(|m| m.get_node("v")).cloned())
+        .unwrap_or_else(|| {
+            let mut span = marked_yaml::Span::new_blank();
+            span.set_start(Some(marked_yaml::Marker::new(source, 0, 1, 1)));
+            Node::Scalar(marked_yaml::types::MarkedScalarNode::new(span, value))
+        })
 }
 
 /// Parses `text` into a top-level mapping, or one diagnostic saying why not.
@@ -206,7 +309,12 @@ impl Reader {
 
     /// Records an error about `node` at `path`.
     pub(crate) fn error(&mut self, node: &Node, path: &str, message: impl Into<String>) {
-        let d = self.diag(line_of(node), path, message.into());
+        let path = if from_set(node) {
+            format!("{path} (--set)")
+        } else {
+            path.to_string()
+        };
+        let d = self.diag(line_of(node), &path, message.into());
         self.errors.push(d);
     }
 

@@ -709,3 +709,246 @@ async fn completion_scripts_for_bash_zsh_and_fish() {
     assert_eq!(err.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&err.stderr).contains("invalid value"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_azure_cli_v2_spellings_round_trip_through_show() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, cli) = start(dir.path()).await;
+    let uai = "/subscriptions/00000000-1111-2222-3333-444444444444/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/trainer";
+    // az ml compute create -n gpu --type amlcompute --size … --min-instances …
+    cli.ok(&[
+        "compute",
+        "create",
+        "-n",
+        "gpu",
+        "--type",
+        "amlcompute",
+        "--size",
+        "STANDARD_NC6",
+        "--min-instances",
+        "1",
+        "--max-instances",
+        "3",
+        "--tier",
+        "low_priority",
+        "--idle-time-before-scale-down",
+        "300",
+        "--identity-type",
+        "UserAssigned",
+        "--user-assigned-identities",
+        uai,
+        "--location",
+        "westeurope",
+        "--tags",
+        "team=ml",
+        "stage=dev",
+        "--description",
+        "v2 flags",
+    ])
+    .await;
+    let show: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["compute", "show", "-n", "gpu", "--json"]).await)
+            .expect("json");
+    let spec = &show["spec"];
+    assert_eq!(spec["vm_size"], "STANDARD_NC6");
+    assert_eq!(
+        (spec["min_nodes"].as_u64(), spec["max_nodes"].as_u64()),
+        (Some(1), Some(3))
+    );
+    assert_eq!(spec["vm_priority"], "lowpriority");
+    assert_eq!(spec["idle_seconds_before_scaledown"], 300);
+    assert_eq!(spec["identity"]["type"], "user-assigned");
+    assert_eq!(spec["identity"]["resource_ids"][0], uai);
+    assert_eq!(spec["location"], "westeurope");
+    assert_eq!(spec["tags"]["team"], "ml");
+    assert_eq!(spec["tags"]["stage"], "dev");
+    assert_eq!(spec["description"], "v2 flags");
+    assert_eq!(spec["provider"], "static", "the control plane's default");
+
+    // Azure's defaults where Azure has them.
+    cli.ok(&["compute", "create", "-n", "plain", "--type", "amlcompute"])
+        .await;
+    let plain: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["compute", "show", "plain", "--json"]).await).expect("json");
+    assert_eq!(plain["spec"]["vm_size"], "STANDARD_DS3_V2");
+    assert_eq!(
+        (
+            plain["spec"]["min_nodes"].as_u64(),
+            plain["spec"]["max_nodes"].as_u64()
+        ),
+        (Some(0), Some(4))
+    );
+    assert_eq!(plain["spec"]["idle_seconds_before_scaledown"], 120);
+
+    // Microsoft's YAML unchanged, with --set and flags as overrides.
+    let yml = dir.path().join("cluster-basic.yml");
+    std::fs::write(
+        &yml,
+        "$schema: https://azuremlschemas.azureedge.net/latest/amlCompute.schema.json\nname: basic-example\ntype: amlcompute\nsize: STANDARD_DS3_v2\nmin_instances: 0\nmax_instances: 2\nidle_time_before_scale_down: 120\n",
+    )
+    .expect("write");
+    let file = yml.to_str().expect("path");
+    cli.ok(&[
+        "compute",
+        "create",
+        "-f",
+        file,
+        "--set",
+        "max_instances=5",
+        "--provider",
+        "static",
+    ])
+    .await;
+    let basic: serde_json::Value = serde_json::from_str(
+        &cli.ok(&["compute", "show", "-n", "basic-example", "--json"])
+            .await,
+    )
+    .expect("json");
+    assert_eq!(basic["spec"]["max_nodes"], 5);
+    let err = cli
+        .fails(&[
+            "compute",
+            "create",
+            "-f",
+            file,
+            "-n",
+            "other",
+            "--set",
+            "max_instances=zero",
+        ])
+        .await;
+    assert!(
+        err.contains("max_instances (--set): expected a positive integer, got zero"),
+        "{err}"
+    );
+    let err = cli
+        .fails(&[
+            "compute",
+            "create",
+            "-n",
+            "x",
+            "--max-instances",
+            "0",
+            "--tier",
+            "spot",
+        ])
+        .await;
+    assert!(
+        err.contains("--max-instances: must be at least 1, got 0")
+            && err.contains("--tier: expected dedicated or low_priority, got spot"),
+        "v2 names in v2 messages: {err}"
+    );
+
+    // update and delete with -n, v2 spellings.
+    let up = cli
+        .ok(&[
+            "compute",
+            "update",
+            "-n",
+            "gpu",
+            "--max-instances",
+            "6",
+            "--idle-time-before-scale-down",
+            "60",
+        ])
+        .await;
+    assert!(up.contains("min 1, max 6"), "{up}");
+    let gone = cli.ok(&["compute", "delete", "-n", "plain", "--yes"]).await;
+    assert!(gone.ends_with("deleted cluster plain\n"), "{gone}");
+
+    // Jobs: -f with --set and -n; show, cancel with -n; --web refused.
+    let job = dir.path().join("job.yml");
+    std::fs::write(
+        &job,
+        "command: echo hi\nenvironment:\n  image: busybox:latest\n",
+    )
+    .expect("write");
+    let jf = job.to_str().expect("path");
+    cli.ok(&[
+        "job",
+        "create",
+        "-f",
+        jf,
+        "-n",
+        "mine",
+        "--set",
+        "compute=azureml:gpu",
+        "--set",
+        "resources.instance_count=2",
+    ])
+    .await;
+    let info: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["job", "show", "-n", "mine", "--json"]).await)
+            .expect("json");
+    assert_eq!(info["cluster"], "gpu");
+    assert_eq!(info["instance_count"], 2);
+    let out = cli.ok(&["job", "cancel", "-n", "mine"]).await;
+    assert_eq!(out, "job mine is canceled\n");
+    let err = cli
+        .fails(&["job", "create", "-f", jf, "--compute", "gpu", "--web"])
+        .await;
+    assert!(
+        err.contains("--web opens Azure ML studio, which Drover does not have"),
+        "{err}"
+    );
+    let err = cli.fails(&["job", "show", "-n", "mine", "--web"]).await;
+    assert!(err.contains("--web"), "{err}");
+    server.shutdown();
+    server.wait().await.expect("server stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_jobs_stream_says_why_within_two_seconds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, cli) = start(dir.path()).await;
+    cli.ok(&["compute", "create", "-n", "cpu", "--max-instances", "1"])
+        .await;
+    let job = dir.path().join("job.yml");
+    std::fs::write(
+        &job,
+        "command: echo hi\nenvironment:\n  image: busybox:latest\ncompute: cpu\n",
+    )
+    .expect("write");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_drover"));
+    cmd.args([
+        "job",
+        "create",
+        "-f",
+        job.to_str().expect("path"),
+        "--stream",
+    ])
+    .env("DROVER_SERVER", &cli.server)
+    .env("DROVER_TOKEN", &cli.token)
+    .env("DROVER_DATA_DIR", cli.home.path())
+    .env_remove("DROVER_LOG")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    let started = std::time::Instant::now();
+    let mut child = cmd.spawn().expect("drover runs");
+    let stderr = child.stderr.take().expect("stderr");
+    let first = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("queued:"))
+    });
+    let line = tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("a reason in time")
+        .expect("join")
+        .expect("a queued: line");
+    let took = started.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        took < Duration::from_secs(2),
+        "the reason came after {took:?}"
+    );
+    assert!(
+        line.contains("cluster cpu cannot reach 1 node: the static provider cannot create nodes: start drover-agent with the join token of cluster cpu on 1 more machine(s): drover-agent run --server http://127.0.0.1:"),
+        "{line}"
+    );
+    server.shutdown();
+    server.wait().await.expect("server stops");
+}

@@ -139,7 +139,7 @@ async fn setup(config: CoreConfig, min: u32, max: u32, idle: u64) -> Setup {
     let mut spec = ComputeSpec::new("loc", "Standard_D4s_v3", max);
     spec.min_nodes = min;
     spec.idle_seconds_before_scaledown = idle;
-    spec.provider = ProviderKind::Local;
+    spec.provider = Some(ProviderKind::Local);
     core.create_cluster(spec).await.expect("cluster");
     Setup {
         core,

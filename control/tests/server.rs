@@ -342,10 +342,14 @@ async fn clusters_are_created_shown_updated_and_deleted_with_clear_errors() {
     let list: wire::ClusterList = serde_json::from_value(body).expect("list");
     assert_eq!(list.clusters.len(), 1);
 
-    let (status, _) = api
+    let (status, body) = api
         .send(api.http.delete(api.url("/v1/clusters/cpu")), Some(&token))
         .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"cluster": "cpu", "removed_nodes": [], "canceled_jobs": []})
+    );
     let (status, body) = api.get("/v1/clusters/cpu").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(error_of(&body).message, "cluster `cpu` not found");
@@ -1269,5 +1273,64 @@ async fn a_heartbeat_carries_only_what_a_node_can_hold() {
             .starts_with("inventory: the inventory is"),
         "{body}"
     );
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_removes_idle_nodes_and_refuses_running_jobs_unless_forced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, api, cred) = one_node_one_job(dir.path(), Duration::from_secs(40)).await;
+    api.wait_job("train", Duration::from_secs(5), |j| j.attempt == 1)
+        .await;
+    let (status, body) = api
+        .send(
+            api.http.delete(api.url("/v1/clusters/cpu")),
+            Some(&api.token),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(
+        error_of(&body).message,
+        "cluster `cpu` has 1 unfinished job(s): train (preparing); cancel them, or delete with --force to cancel them first"
+    );
+    // --force: the job is canceled, the node removed, then the cluster.
+    let (status, body) = api
+        .send(
+            api.http.delete(api.url("/v1/clusters/cpu?force=true")),
+            Some(&api.token),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"cluster": "cpu", "removed_nodes": ["n1"], "canceled_jobs": ["train"]})
+    );
+    let (_, body) = api.get("/v1/nodes").await;
+    assert_eq!(body["nodes"], json!([]));
+    // The removed node's credential opens nothing any more.
+    let (status, _) = api
+        .agent_post(&cred, "/v1/agent/heartbeat", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_without_a_provider_gets_the_control_planes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, token) = start(dir.path()).await;
+    let api = Api::new(&server, &token);
+    let (status, body) = api
+        .post(
+            "/v1/clusters",
+            json!({"spec": {"name": "basic", "max_nodes": 1}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(
+        body["cluster"]["spec"]["provider"], "static",
+        "no local provider here"
+    );
+    assert_eq!(body["cluster"]["spec"]["vm_size"], "STANDARD_DS3_V2");
     stop(server).await;
 }

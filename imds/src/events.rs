@@ -12,7 +12,8 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{ImdsClient, ImdsError, wire};
+use super::date::{InvalidDate, parse_event_time};
+use super::{ImdsClient, ImdsError, RetryPolicy, wire};
 
 /// The api-version used for scheduled events.
 pub const EVENTS_API_VERSION: &str = "2020-07-01";
@@ -50,6 +51,25 @@ pub enum EventType {
     Unknown,
 }
 
+impl EventType {
+    /// The least notice Azure documents for this type, from when the event
+    /// appears to when it may start: Freeze and Reboot 15 minutes, Redeploy
+    /// 10, Preempt 30 seconds, Terminate 5 (it is configurable from 5 to 15).
+    /// `None` for a type this agent does not know.
+    ///
+    /// <https://learn.microsoft.com/azure/virtual-machines/linux/scheduled-events#event-scheduling>.
+    pub fn minimum_notice(&self) -> Option<Duration> {
+        let minutes = |m: u64| Some(Duration::from_secs(m * 60));
+        match self {
+            EventType::Freeze | EventType::Reboot => minutes(15),
+            EventType::Redeploy => minutes(10),
+            EventType::Preempt => Some(Duration::from_secs(30)),
+            EventType::Terminate => minutes(5),
+            EventType::Unknown => None,
+        }
+    }
+}
+
 /// Where an event is in its life.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub enum EventStatus {
@@ -79,7 +99,9 @@ pub struct ScheduledEvent {
     pub resources: Vec<String>,
     /// Scheduled or started.
     pub event_status: EventStatus,
-    /// RFC 1123 time before which the event will not start; `""` once started.
+    /// The time before which the event will not start, in RFC 1123 (what
+    /// Azure documents) or RFC 3339 (what Microsoft's mock server sends);
+    /// `""` once started. See [`ScheduledEvent::not_before_time`].
     #[serde(default, deserialize_with = "wire::string")]
     pub not_before: String,
     /// Human-readable description.
@@ -101,9 +123,14 @@ impl ScheduledEvent {
             .any(|r| r.eq_ignore_ascii_case(vm_name))
     }
 
-    /// `NotBefore` parsed; `None` when blank (started) or malformed.
-    pub fn not_before_time(&self) -> Option<SystemTime> {
-        httpdate::parse_http_date(self.not_before.trim()).ok()
+    /// `NotBefore` read as RFC 1123 or RFC 3339: `Ok(None)` when blank (a
+    /// started event has none), an error when it is neither, so that a
+    /// caller never mistakes an unreadable date for "now".
+    pub fn not_before_time(&self) -> Result<Option<SystemTime>, InvalidDate> {
+        if self.not_before.trim().is_empty() {
+            return Ok(None);
+        }
+        parse_event_time(&self.not_before).map(Some)
     }
 }
 
@@ -117,26 +144,36 @@ pub struct EventsUpdate {
 }
 
 /// Polls scheduled events and reports each new incarnation.
+///
+/// Its requests are retried by the client's policy with every wait cut to
+/// the poll interval ([`RetryPolicy::capped`]): while IMDS fails the watcher
+/// still asks about once an interval (well under IMDS's 5 requests a
+/// second), so it sees the first good answer within an interval of IMDS
+/// recovering, not at the end of a 16 s backoff step. A preemption gives only
+/// 30 s of notice.
 pub struct ScheduledEventsWatcher {
     client: ImdsClient,
     vm_name: String,
     last_incarnation: Option<i64>,
+    retry: RetryPolicy,
 }
 
 impl ScheduledEventsWatcher {
     /// A watcher for the VM called `vm_name` (instance metadata `compute.name`).
     pub fn new(client: ImdsClient, vm_name: &str) -> Self {
+        let retry = client.retry_policy().capped(DEFAULT_POLL_INTERVAL);
         Self {
             client,
             vm_name: vm_name.to_owned(),
             last_incarnation: None,
+            retry,
         }
     }
 
     /// Fetches the document once; `Some` when its incarnation is new (the
     /// first poll always reports).
     pub async fn poll(&mut self) -> Result<Option<EventsUpdate>, ImdsError> {
-        let doc = self.client.scheduled_events().await?;
+        let doc = self.client.scheduled_events_with(&self.retry).await?;
         if self.last_incarnation == Some(doc.document_incarnation) {
             return Ok(None);
         }
@@ -160,13 +197,14 @@ impl ScheduledEventsWatcher {
 
     /// The `imds-scheduled-events` task: polls every `interval` and sends each
     /// update to `updates` until `shutdown` is cancelled or the receiver is
-    /// gone. Failures are logged and polling goes on.
+    /// gone. Failures are logged and polling goes on at the same cadence.
     pub async fn run(
         mut self,
         interval: Duration,
         updates: mpsc::Sender<EventsUpdate>,
         shutdown: CancellationToken,
     ) {
+        self.retry = self.client.retry_policy().capped(interval);
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

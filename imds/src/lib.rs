@@ -12,6 +12,7 @@
 //! metadata and scheduled events, and the control plane can use it for
 //! tokens of its own managed identity.
 
+mod date;
 mod events;
 mod instance;
 mod limiter;
@@ -25,6 +26,7 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use tokio::time::Instant;
 
+pub use date::{InvalidDate, parse_event_time};
 pub use events::{
     DEFAULT_POLL_INTERVAL, EVENTS_API_VERSION, EventStatus, EventType, EventsUpdate,
     ScheduledEvent, ScheduledEvents, ScheduledEventsWatcher,
@@ -332,12 +334,21 @@ impl ImdsClient {
 
     /// The scheduled-events document.
     pub async fn scheduled_events(&self) -> Result<ScheduledEvents, ImdsError> {
+        self.scheduled_events_with(&self.inner.retry).await
+    }
+
+    /// The scheduled-events document, retried by `retry` instead of the
+    /// client's policy (the watcher's, whose waits are cut to its interval).
+    pub(crate) async fn scheduled_events_with(
+        &self,
+        retry: &RetryPolicy,
+    ) -> Result<ScheduledEvents, ImdsError> {
         let url = self.url(
             "/metadata/scheduledevents",
             &[("api-version", EVENTS_API_VERSION)],
         );
         let body = self
-            .send(Class::General, Method::GET, url, None)
+            .send_with(retry, Class::General, Method::GET, url, None)
             .await
             .map_err(ImdsError::GetScheduledEvents)?;
         serde_json::from_slice(&body)
@@ -362,6 +373,11 @@ impl ImdsClient {
             })
     }
 
+    /// The retry policy this client was made with.
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.inner.retry
+    }
+
     /// A watcher of scheduled events for the VM called `vm_name`.
     pub fn scheduled_events_watcher(&self, vm_name: &str) -> ScheduledEventsWatcher {
         ScheduledEventsWatcher::new(self.clone(), vm_name)
@@ -375,10 +391,23 @@ impl ImdsClient {
         url
     }
 
-    /// Sends one request with retries, rate limiting and the `Metadata` header;
-    /// returns the body of the 2xx answer.
+    /// Sends one request with the client's retries, rate limiting and the
+    /// `Metadata` header; returns the body of the 2xx answer.
     async fn send(
         &self,
+        class: Class,
+        method: Method,
+        url: reqwest::Url,
+        body: Option<String>,
+    ) -> Result<Vec<u8>, RequestError> {
+        self.send_with(&self.inner.retry, class, method, url, body)
+            .await
+    }
+
+    /// [`ImdsClient::send`] with the retries of `retry`.
+    async fn send_with(
+        &self,
+        retry: &RetryPolicy,
         class: Class,
         method: Method,
         url: reqwest::Url,
@@ -430,11 +459,7 @@ impl ImdsClient {
             failures += 1;
             let gone = matches!(failure, AttemptError::Status { status: 410, .. });
             let elapsed = start.elapsed();
-            let Some(delay) = self
-                .inner
-                .retry
-                .next_delay(failures, elapsed, gone, retry_after)
-            else {
+            let Some(delay) = retry.next_delay(failures, elapsed, gone, retry_after) else {
                 return Err(RequestError::RetriesExhausted {
                     attempts: u32::try_from(failures).unwrap_or(u32::MAX),
                     elapsed,

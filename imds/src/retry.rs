@@ -33,6 +33,18 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The same policy with every scheduled wait cut to `max`. A poller that
+    /// asks every `max` anyway must not sleep longer between tries than
+    /// between polls: after an outage it would see IMDS's first good answer
+    /// only at the end of its longest backoff step. `Retry-After` is still
+    /// honoured, and 410 is still retried for the whole `gone_budget`.
+    pub fn capped(&self, max: Duration) -> RetryPolicy {
+        RetryPolicy {
+            delays: self.delays.iter().map(|d| (*d).min(max)).collect(),
+            ..self.clone()
+        }
+    }
+
     /// The wait before the next try, or `None` to give up.
     ///
     /// `failures` counts the failed tries so far (at least 1), `elapsed` is the
@@ -131,6 +143,22 @@ mod tests {
                 secs(46),
                 secs(62)
             ]
+        );
+    }
+
+    /// Capped at 1 s: tries every second, 410 still for 70 s, and a
+    /// server's `Retry-After` still wins.
+    #[test]
+    fn a_capped_policy_tries_every_second() {
+        let policy = RetryPolicy::default().capped(secs(1));
+        assert_eq!(policy.delays, vec![secs(1); 4]);
+        assert_eq!(policy.next_delay(5, secs(4), false, None), None);
+        assert_eq!(policy.next_delay(5, secs(4), true, None), Some(secs(1)));
+        assert_eq!(policy.next_delay(70, secs(69), true, None), Some(secs(1)));
+        assert_eq!(policy.next_delay(71, secs(70), true, None), None);
+        assert_eq!(
+            policy.next_delay(1, Duration::ZERO, false, Some(secs(5))),
+            Some(secs(5))
         );
     }
 

@@ -440,6 +440,7 @@ async fn scheduled_events_incarnations_and_acknowledgement() {
     let notice = event
         .not_before_time()
         .expect("NotBefore")
+        .expect("scheduled: has one")
         .duration_since(SystemTime::now())
         .expect("future");
     assert!(
@@ -458,7 +459,7 @@ async fn scheduled_events_incarnations_and_acknowledgement() {
         .expect("acknowledged: new incarnation");
     assert_eq!(update.events.len(), 1, "{update:?}");
     assert_eq!(update.events[0].event_status, EventStatus::Started);
-    assert_eq!(update.events[0].not_before_time(), None);
+    assert_eq!(update.events[0].not_before_time(), Ok(None));
 
     tokio::time::sleep(Duration::from_millis(1050)).await;
     let update = watcher

@@ -101,7 +101,10 @@ async fn documented_scheduled_events_sequence() {
                 assert_eq!(e.event_source, "Platform");
                 if n == 2 {
                     assert_eq!(e.event_status, EventStatus::Scheduled);
-                    let at = e.not_before_time().expect("RFC 1123 NotBefore");
+                    let at = e
+                        .not_before_time()
+                        .expect("RFC 1123 NotBefore")
+                        .expect("scheduled: has one");
                     assert_eq!(
                         at.duration_since(UNIX_EPOCH)
                             .expect("after epoch")
@@ -110,13 +113,67 @@ async fn documented_scheduled_events_sequence() {
                     );
                 } else {
                     assert_eq!(e.event_status, EventStatus::Started);
-                    assert_eq!(e.not_before_time(), None);
+                    assert_eq!(e.not_before_time(), Ok(None));
                 }
             }
             _ => assert!(doc.events.is_empty()),
         }
     }
     assert_eq!(incarnations, [1, 2, 3, 4]);
+}
+
+/// Microsoft's mock server writes `NotBefore` in ISO 8601 and gives the
+/// event a new `EventId` when it starts.
+#[tokio::test]
+async fn mock_server_scheduled_events() {
+    let scheduled = client_for(200, "scheduledevents-mock-scheduled.json")
+        .await
+        .scheduled_events()
+        .await
+        .expect("parse");
+    let started = client_for(200, "scheduledevents-mock-started.json")
+        .await
+        .scheduled_events()
+        .await
+        .expect("parse");
+    let (before, after) = (&scheduled.events[0], &started.events[0]);
+    assert_eq!(before.event_type, EventType::Reboot);
+    assert_eq!(before.event_status, EventStatus::Scheduled);
+    assert!(before.affects("vmss_vm1"));
+    assert_eq!(before.duration_in_seconds, Some(-1));
+    let at = before
+        .not_before_time()
+        .expect("ISO 8601 NotBefore")
+        .expect("scheduled: has one");
+    assert_eq!(
+        at.duration_since(UNIX_EPOCH)
+            .expect("after epoch")
+            .as_secs(),
+        1_796_155_461,
+        "2026-12-01T20:04:21Z"
+    );
+    assert_eq!(after.event_status, EventStatus::Started);
+    assert_eq!(after.not_before_time(), Ok(None));
+    assert_ne!(before.event_id, after.event_id, "the mock renames it");
+    assert_eq!(
+        (scheduled.document_incarnation, started.document_incarnation),
+        (2, 3)
+    );
+}
+
+/// A `NotBefore` that is no date is an error, never "now".
+#[tokio::test]
+async fn an_unreadable_not_before_is_an_error() {
+    let body = fixture("scheduledevents-mock-scheduled.json")
+        .replace("2026-12-01T20:04:21Z", "in a while");
+    let client = ImdsClient::new(ImdsConfig {
+        base_url: serve(200, body).await,
+        ..ImdsConfig::default()
+    })
+    .expect("client");
+    let doc = client.scheduled_events().await.expect("parse");
+    let err = doc.events[0].not_before_time().expect_err("not a date");
+    assert_eq!(err.text, "in a while");
 }
 
 #[tokio::test]

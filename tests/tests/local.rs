@@ -233,20 +233,12 @@ fn scale_from_zero_and_back_node_loss_isolation_and_down() {
         assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
     }
 
-    // Deleting a local cluster: refused while it has a node, with what to
-    // do; with min nodes 0 its idle node goes, and with the cluster its network.
-    let out = up.cli(&["compute", "delete", &b]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("min nodes is 0"), "{err}");
-    up.cli_ok(&["compute", "update", &b, "--min-nodes", "0"]);
-    assert!(
-        wait_until(Duration::from_secs(40), || up.nodes(&b).is_empty()
-            && containers_labelled("drover.cluster", &b).is_empty()),
-        "{}",
-        up.log_text()
-    );
-    up.cli_ok(&["compute", "delete", &b]);
+    // Deleting a local cluster with an idle node, as Azure does: the node
+    // goes first (its container), then the cluster and its network.
+    assert!(!containers_labelled("drover.cluster", &b).is_empty());
+    let said = up.cli_ok(&["compute", "delete", "-n", &b]);
+    assert!(said.contains("removed node"), "{said}");
+    assert!(containers_labelled("drover.cluster", &b).is_empty());
     assert!(networks_labelled("drover.cluster", &b).is_empty());
 
     // drover down: no server, no container, no network of either cluster.
@@ -313,6 +305,39 @@ fn a_preempted_low_priority_node_restarts_its_job_on_a_new_node() {
     assert_restarted_elsewhere(&up.job(&job), &victim);
     // The preempted node's container is reclaimed, its record too.
     assert_node_gone(&up, &spot, &victim);
+}
+
+/// Microsoft's `cluster-basic.yml`, unedited, on a `drover up` control
+/// plane: it gets the local provider (the control plane's), so a job on it
+/// runs; deleting the cluster afterwards removes its idle node.
+#[test]
+fn microsofts_cluster_yaml_runs_a_job_under_drover_up_without_edits() {
+    let up = LocalUp::up(&["--max-nodes", "1"]);
+    let dir = JobDir::new(
+        "command: echo hello from basic-example\nenvironment:\n  image: drover/base:bookworm\ncompute: azureml:basic-example\n",
+    );
+    let compute = dir.path("cluster-basic.yml");
+    std::fs::write(
+        &compute,
+        "$schema: https://azuremlschemas.azureedge.net/latest/amlCompute.schema.json\n\
+         name: basic-example\ntype: amlcompute\nsize: STANDARD_DS3_v2\nmin_instances: 0\n\
+         max_instances: 2\nidle_time_before_scale_down: 120\n",
+    )
+    .expect("write");
+    up.cli_ok(&["compute", "create", "-f", &compute.display().to_string()]);
+    let show = up.cli_ok(&["compute", "show", "-n", "basic-example"]);
+    assert!(show.contains("provider:               local"), "{show}");
+    let job = up.cli_ok(&[
+        "job",
+        "create",
+        "-f",
+        &dir.job_file().display().to_string(),
+        "--stream",
+    ]);
+    assert!(job.contains("hello from basic-example"), "{job}");
+    let said = up.cli_ok(&["compute", "delete", "-n", "basic-example"]);
+    assert!(said.contains("removed node"), "{said}");
+    assert!(containers_labelled("drover.cluster", "basic-example").is_empty());
 }
 
 /// A copy of the agent binary with `marker` appended: the same program, as

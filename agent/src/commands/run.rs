@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use drover_agent::daemon::{self, DaemonConfig};
-use drover_agent::inventory::{DEFAULT_NVML_LIB, InventoryCollector, InventoryConfig, VmInfo};
+use drover_agent::daemon::{self, DaemonConfig, NodeImds, VmFacts};
+use drover_agent::inventory::{DEFAULT_NVML_LIB, InventoryCollector, InventoryConfig};
 use drover_imds::{ImdsClient, ImdsConfig};
 use drover_runner::{DockerRuntime, HostFacts, PartRunner, PullLimits, RunOptions};
 use serde::Deserialize;
@@ -141,54 +141,45 @@ fn route_ip(server: &str) -> Option<String> {
     Some(socket.local_addr().ok()?.ip().to_string())
 }
 
-/// Instance metadata when an IMDS answers quickly, else nothing: the facts
-/// to register, whether the VM is dedicated, and its private IP.
-async fn instance_metadata(
-    url: &str,
-) -> (
-    Option<VmInfo>,
-    bool,
-    Option<String>,
-    Option<(ImdsClient, String)>,
-) {
+/// The node's IMDS at `url`: a client, and its instance metadata when IMDS
+/// answers quickly. When it does not (IMDS answers 410 for a while when it
+/// is being updated), the daemon registers without it and keeps asking in
+/// the background. `address_from_imds`: no `--ip` was given.
+async fn node_imds(url: &str, address_from_imds: bool) -> Option<NodeImds> {
     let config = ImdsConfig {
         base_url: url.to_string(),
         connect_timeout: Duration::from_millis(500),
         request_timeout: Duration::from_secs(2),
         ..ImdsConfig::default()
     };
-    let Ok(client) = ImdsClient::new(config) else {
-        return (None, true, None, None);
-    };
-    match tokio::time::timeout(Duration::from_secs(3), client.instance_metadata()).await {
-        Ok(Ok(m)) => {
-            let c = &m.compute;
-            let dedicated = !matches!(c.priority_raw.as_str(), "Low" | "Spot");
-            (
-                Some(VmInfo {
-                    vm_id: c.vm_id.clone(),
-                    name: c.name.clone(),
-                    vm_size: c.vm_size.clone(),
-                    location: c.location.clone(),
-                    priority: c.priority_raw.clone(),
-                    vm_scale_set_name: c.vm_scale_set_name.clone(),
-                    resource_id: c.resource_id.clone(),
-                }),
-                dedicated,
-                m.private_ipv4().first().map(|ip| ip.to_string()),
-                // Scheduled events name the VM by `compute.name`.
-                (!c.name.is_empty()).then(|| (client.clone(), c.name.clone())),
-            )
+    let client = match ImdsClient::new(config) {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::warn!(url, error = %drover_api::error::chain(&e), "no imds client; running without imds");
+            return None;
         }
+    };
+    let vm = match tokio::time::timeout(Duration::from_secs(3), client.instance_metadata()).await {
+        Ok(Ok(m)) => Some(VmFacts::from_metadata(&m)),
         Ok(Err(e)) => {
-            tracing::info!(error = %e, "no instance metadata; registering without it");
-            (None, true, None, None)
+            tracing::info!(
+                error = %drover_api::error::chain(&e),
+                "no instance metadata yet; registering without it and asking again in the background"
+            );
+            None
         }
         Err(_) => {
-            tracing::info!("imds did not answer in time; registering without instance metadata");
-            (None, true, None, None)
+            tracing::info!(
+                "imds did not answer in time; registering without instance metadata and asking again in the background"
+            );
+            None
         }
-    }
+    };
+    Some(NodeImds {
+        client,
+        vm,
+        address_from_imds,
+    })
 }
 
 /// Runs the daemon until SIGTERM/SIGINT and the drain end.
@@ -269,13 +260,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let mut vm = None;
         if let Some(url) = imds_url {
-            let (instance, dedicated, ip, imds) = instance_metadata(&url).await;
-            vm = instance;
-            config.dedicated = dedicated;
-            config.imds = imds;
-            if config.ip.is_none() {
-                config.ip = ip;
+            let imds = node_imds(&url, config.ip.is_none()).await;
+            if let Some(facts) = imds.as_ref().and_then(|i| i.vm.clone()) {
+                vm = Some(facts.vm);
+                config.dedicated = facts.dedicated;
+                if config.ip.is_none() {
+                    config.ip = facts.ip;
+                }
             }
+            config.imds = imds;
         }
         if config.ip.is_none() {
             config.ip = route_ip(&config.server);

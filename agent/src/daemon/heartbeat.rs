@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use drover_api::cluster::NodeState;
 use drover_api::wire::{HeartbeatRequest, PartStatus};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -17,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::credentials::{RegisterError, register};
 use super::state::{Contact, HealthyGpus, SharedReports, healthy_uuids, lock};
 use super::{DaemonConfig, Input, InventorySource, gpu_counts};
-use crate::control_client::ControlClient;
+use crate::control_client::{ClientError, ControlClient};
 use crate::metrics::Metrics;
 use drover_api::wire::PartKey;
 
@@ -37,6 +38,21 @@ pub(super) struct HeartbeatCtx {
     pub(super) io: CancellationToken,
 }
 
+/// The node state a beat asks for: `preempted` once the VM is going away,
+/// `leaving` while draining, `idle` to come back after a drain that ended
+/// without the agent exiting, else none (the server's own view stands).
+fn requested_state(preempted: bool, draining: bool, back: bool) -> Option<NodeState> {
+    if preempted {
+        Some(NodeState::Preempted)
+    } else if draining {
+        Some(NodeState::Leaving)
+    } else if back {
+        Some(NodeState::Idle)
+    } else {
+        None
+    }
+}
+
 /// The `heartbeat` task: every interval (or at once when asked) sends GPU
 /// health, the drain state and every part state; accepted final states go
 /// back to the reconciler so their containers can be removed.
@@ -45,6 +61,10 @@ pub(super) async fn heartbeat_task(mut ctx: HeartbeatCtx) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let changed = Arc::clone(&lock(&ctx.reports).changed);
     let mut last_gpus = None;
+    // Whether the last beat said `leaving`, and whether the node must say it
+    // is back (a drain that ended without the agent exiting: the events it
+    // drained for were cancelled).
+    let (mut said_leaving, mut back) = (false, false);
     loop {
         let done = tokio::select! {
             _ = tick.tick() => None,
@@ -85,14 +105,12 @@ pub(super) async fn heartbeat_task(mut ctx: HeartbeatCtx) {
             (parts, ended)
         };
         ctx.metrics.observe_parts(&parts);
-        let req = HeartbeatRequest {
-            state: if ctx.preempted.load(Ordering::Relaxed) {
-                Some(drover_api::cluster::NodeState::Preempted)
-            } else {
-                ctx.draining
-                    .load(Ordering::Relaxed)
-                    .then_some(drover_api::cluster::NodeState::Leaving)
-            },
+        let draining = ctx.draining.load(Ordering::Relaxed);
+        back |= said_leaving && !draining;
+        said_leaving = draining;
+        let state = requested_state(ctx.preempted.load(Ordering::Relaxed), draining, back);
+        let mut req = HeartbeatRequest {
+            state,
             ip: None,
             gpus: if gpus != last_gpus { gpus } else { None },
             // The whole document only when what scheduling reads changed.
@@ -104,10 +122,26 @@ pub(super) async fn heartbeat_task(mut ctx: HeartbeatCtx) {
             parts,
         };
         let started = Instant::now();
-        let answer = tokio::select! {
+        let mut answer = tokio::select! {
             r = ctx.client.heartbeat(&req) => r,
             _ = ctx.io.cancelled() => return,
         };
+        if back {
+            match &answer {
+                // Back in service.
+                Ok(_) => back = false,
+                // Refused while the node still holds a job: send the beat
+                // without the state now, ask again next time.
+                Err(ClientError::Rejected { status: 400, .. }) => {
+                    req.state = None;
+                    answer = tokio::select! {
+                        r = ctx.client.heartbeat(&req) => r,
+                        _ = ctx.io.cancelled() => return,
+                    };
+                }
+                Err(_) => {}
+            }
+        }
         ctx.metrics
             .heartbeat_latency
             .observe(started.elapsed().as_secs_f64());
@@ -160,5 +194,24 @@ pub(super) async fn heartbeat_task(mut ctx: HeartbeatCtx) {
         if let Some(ack) = done {
             let _ = ack.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_a_beat_asks_for() {
+        assert_eq!(
+            requested_state(true, true, false),
+            Some(NodeState::Preempted)
+        );
+        assert_eq!(
+            requested_state(false, true, false),
+            Some(NodeState::Leaving)
+        );
+        assert_eq!(requested_state(false, false, true), Some(NodeState::Idle));
+        assert_eq!(requested_state(false, false, false), None);
     }
 }

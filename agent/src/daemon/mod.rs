@@ -16,7 +16,10 @@
 //! ```
 //!
 //! With IMDS: `[imds-scheduled-events]` ──EventsUpdate (8)──► `[maintenance]`
-//! ──Input::Maintenance──► reconciler (drain now, acknowledge after).
+//! ──Input::Maintenance──► reconciler (drain, shorten or end a drain;
+//! acknowledge after). When IMDS did not answer before start,
+//! `[imds-instance]` keeps asking, then reports the VM (a heartbeat with its
+//! address and inventory, `Input::Vm`) and hands its name to `[maintenance]`.
 //!
 //! With `--metrics-listen`: `[metrics]` (`crate::http::serve` with
 //! `crate::http::metrics::router`) answers `GET /metrics` from the
@@ -39,7 +42,8 @@
 //!
 //! One module per task, each saying what it reads and writes:
 //! `credentials` (the saved credential, `connect`, `register`), `watch`,
-//! `heartbeat`, `maintenance`, `logs` (`log-shipper`), `reconciler`,
+//! `heartbeat`, `maintenance`, `instance` (`imds-instance`), `logs`
+//! (`log-shipper`), `reconciler`,
 //! `supervisor` (one task per part); `state` holds what they share behind
 //! mutexes (`Reports`, `HealthyGpus`). This module wires them: it makes the
 //! channels and tokens, spawns the tasks and joins them.
@@ -47,6 +51,7 @@
 mod credentials;
 mod fence;
 mod heartbeat;
+mod instance;
 mod logs;
 mod maintenance;
 mod reconciler;
@@ -62,8 +67,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drover_api::wire::{Assignments, GpuCounts, NewLogLine};
-use drover_imds::ImdsClient;
-use drover_imds::{DEFAULT_POLL_INTERVAL, EventsUpdate};
 use drover_runner::PartRunner;
 use drover_runner::runtime::ContainerRuntime;
 use tokio::sync::{mpsc, oneshot};
@@ -76,9 +79,9 @@ use crate::reconcile::Known;
 use credentials::connect;
 use drover_api::wire::PartKey;
 use heartbeat::{HeartbeatCtx, heartbeat_task};
+pub use instance::{NodeImds, VmFacts};
 use logs::ship_task;
 pub use logs::{MAX_BATCH, MAX_BATCH_BYTES, MAX_LINE_BYTES};
-use maintenance::maintenance_task;
 use reconciler::Reconciler;
 use state::{Contact, Ended, HealthyGpus, SharedReports, healthy_uuids};
 use watch::watch_task;
@@ -112,8 +115,9 @@ pub struct DaemonConfig {
     pub dedicated: bool,
     /// Where `/metrics` listens, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
-    /// IMDS and this VM's name there: scheduled events are watched when set.
-    pub imds: Option<(ImdsClient, String)>,
+    /// The node's IMDS: scheduled events are watched once the VM's name is
+    /// known.
+    pub imds: Option<NodeImds>,
     /// Docker network mode of job containers (`host` lets the ranks of a
     /// multi-node job reach each other at the node IPs); engine default when
     /// `None`.
@@ -194,16 +198,16 @@ enum Input {
     CutOff,
     /// The control plane answers again after a cut-off.
     Reconnected,
-    /// IMDS announced an event that ends this VM's containers: drain with
-    /// this deadline, then acknowledge the events.
-    Maintenance {
-        /// Events to acknowledge once the parts are stopped.
-        event_ids: Vec<String>,
-        /// How long parts may still run.
-        deadline: Duration,
-        /// The VM is being preempted or deleted: the node says `preempted`
-        /// at once, so its job is requeued without waiting for silence.
-        preempted: bool,
+    /// What IMDS's scheduled events now ask for (sent at each change): a
+    /// drain that ends this VM's containers (a Preempt or Terminate also
+    /// makes the node say `preempted`, so its job is requeued without
+    /// waiting for silence), or `None` when no event needs one any more.
+    Maintenance(Option<maintenance::Drain>),
+    /// The instance metadata came after start: parts started from now on
+    /// are told whether the VM is dedicated.
+    Vm {
+        /// False on spot and low-priority VMs.
+        dedicated: bool,
     },
 }
 
@@ -267,6 +271,9 @@ pub async fn run<R: ContainerRuntime>(
     let client = joined.client;
     tracing::info!(node = %config.node_id, cluster = %config.cluster, "agent joined");
 
+    // A VM learnt after start joins the inventories from then on.
+    let late_vm = instance::LateVm::default();
+    let inventory = late_vm.overlay(inventory);
     let reports: SharedReports = Arc::default();
     let draining = Arc::new(AtomicBool::new(false));
     let preempted = Arc::new(AtomicBool::new(false));
@@ -290,7 +297,7 @@ pub async fn run<R: ContainerRuntime>(
         reports: reports.clone(),
         draining: draining.clone(),
         preempted: preempted.clone(),
-        inventory,
+        inventory: inventory.clone(),
         input: input_tx.clone(),
         now: beat_rx,
         metrics: metrics.clone(),
@@ -307,21 +314,36 @@ pub async fn run<R: ContainerRuntime>(
         ))
     });
     let shipper = tokio::spawn(ship_task(client.clone(), ship_rx, io.clone()));
-    let mut maintenance = Vec::new();
-    if let Some((imds, vm)) = &config.imds {
-        let (tx, rx) = mpsc::channel::<EventsUpdate>(8);
-        let watcher = imds.scheduled_events_watcher(vm);
-        maintenance.push(tokio::spawn(watcher.run(
-            DEFAULT_POLL_INTERVAL,
-            tx,
-            io.clone(),
-        )));
-        maintenance.push(tokio::spawn(maintenance_task(
-            rx,
+    let mut instance_task = None;
+    let mut maintenance = config.imds.clone().map(|imds| {
+        let vm = match &imds.vm {
+            Some(facts) => maintenance::VmName::Known(facts.vm.name.clone()),
+            None => {
+                let (vm_name, later) = oneshot::channel();
+                instance_task = Some(tokio::spawn(instance::instance_task(
+                    instance::InstanceCtx {
+                        imds: imds.client.clone(),
+                        address_from_imds: imds.address_from_imds,
+                        control: client.clone(),
+                        inventory: inventory.clone(),
+                        late: late_vm.clone(),
+                        input: input_tx.clone(),
+                        vm_name,
+                        io: io.clone(),
+                    },
+                )));
+                maintenance::VmName::Later(later)
+            }
+        };
+        // Parts are stopped twice their grace before an event may start.
+        maintenance::spawn(
+            imds.client,
+            vm,
             input_tx.clone(),
-            config.stop_grace,
-        )));
-    }
+            config.stop_grace * 2,
+            io.clone(),
+        )
+    });
     let reconciler = Reconciler {
         config: config.clone(),
         runner,
@@ -337,17 +359,21 @@ pub async fn run<R: ContainerRuntime>(
         desired: None,
         collecting: Default::default(),
     };
-    let ack = reconciler.run(input_rx, beat_tx, shutdown.clone()).await;
-    if let (Some((imds, _)), false) = (&config.imds, ack.is_empty()) {
+    let drained_for_events = reconciler.run(input_rx, beat_tx, shutdown.clone()).await;
+    if let Some(m) = &mut maintenance {
         // The parts are stopped: the platform may go ahead now.
-        match tokio::time::timeout(Duration::from_secs(10), imds.acknowledge_events(&ack)).await {
-            Ok(Ok(())) => tracing::info!(events = ?ack, "scheduled events acknowledged"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "acknowledging scheduled events failed"),
-            Err(_) => tracing::warn!("acknowledging scheduled events timed out"),
-        }
+        m.finish(drained_for_events).await;
     }
     io.cancel();
-    for task in maintenance.into_iter().chain(fence) {
+    if let Some(m) = maintenance {
+        m.join().await;
+    }
+    if let Some(t) = instance_task
+        && let Err(e) = t.await
+    {
+        tracing::error!(task = "imds-instance", error = %e, "task panicked");
+    }
+    if let Some(task) = fence {
         let _ = task.await;
     }
     for (name, task) in [

@@ -10,15 +10,17 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use drover_api::wire::{Assignment, PartState};
+use drover_api::wire::{Assignment, LogStream, NewLogLine, PartState};
 use drover_runner::PartRunner;
 use drover_runner::runtime::{ContainerRuntime, ContainerState};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::maintenance::Drain;
 use super::state::{Ended, HealthyGpus, SharedReports, lock};
 use super::supervisor::{PartCtx, SupervisorKind, supervise};
 use super::{DaemonConfig, Input, Ship};
@@ -54,39 +56,38 @@ pub(super) struct Reconciler<R: ContainerRuntime> {
 const RESYNC: Duration = Duration::from_secs(5);
 
 impl<R: ContainerRuntime> Reconciler<R> {
-    /// Reconciles until shutdown or a maintenance event, then drains;
-    /// returns the scheduled events to acknowledge.
+    /// Reconciles until shutdown or until scheduled events ask for a
+    /// drain, then drains. A drain for events that are cancelled before
+    /// its deadline ends, and reconciling goes on. Returns whether the
+    /// final drain was for scheduled events (they are then acknowledged).
     pub(super) async fn run(
         mut self,
         mut rx: mpsc::Receiver<Input>,
         beat: mpsc::Sender<oneshot::Sender<()>>,
         shutdown: CancellationToken,
-    ) -> Vec<String> {
+    ) -> bool {
         let mut resync = tokio::time::interval(RESYNC);
-        let mut deadline = self.config.drain_deadline;
-        let mut ack = Vec::new();
-        // First pass before any desired state: adopt and collect only.
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = resync.tick() => {}
-                Some(input) = rx.recv() => {
-                    if let Input::Maintenance { event_ids, deadline: d, preempted } = input {
-                        tracing::info!(events = ?event_ids, deadline_s = d.as_secs(), preempted, "scheduled maintenance; draining");
-                        if preempted {
-                            self.preempted.store(true, Ordering::Relaxed);
+            let mut events = None;
+            // First pass before any desired state: adopt and collect only.
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = resync.tick() => {}
+                    Some(input) = rx.recv() => {
+                        if let Input::Maintenance(Some(drain)) = input {
+                            events = Some(drain);
+                            break;
                         }
-                        ack = event_ids;
-                        deadline = d.min(deadline);
-                        break;
+                        self.handle(input).await;
                     }
-                    self.handle(input).await;
                 }
+                self.step().await;
             }
-            self.step().await;
+            if let Some(for_events) = self.drain(&mut rx, &beat, &shutdown, events).await {
+                return for_events;
+            }
         }
-        self.drain(&mut rx, &beat, deadline).await;
-        ack
     }
 
     async fn handle(&mut self, input: Input) {
@@ -130,8 +131,9 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     self.collecting.remove(&part);
                 }
             }
-            // Already draining: nothing more to do.
-            Input::Maintenance { .. } => {}
+            // Drains are `run`'s and `drain`'s.
+            Input::Maintenance(_) => {}
+            Input::Vm { dedicated } => self.config.dedicated = dedicated,
             Input::CutOff => self.fence().await,
             Input::Reconnected => self.known.fenced = false,
             Input::Rejected(parts) => {
@@ -303,44 +305,79 @@ impl<R: ContainerRuntime> Reconciler<R> {
         self.supervisors.insert(part, Supervisor { cancel, task });
     }
 
-    /// SIGTERM: take no new parts, tell the server the node is leaving, let
-    /// running parts go on up to the drain deadline, then stop them, report
-    /// their final states and return.
+    /// Drains: takes no new parts, tells the server the node is leaving (or
+    /// preempted), lets running parts go on until the deadline — the drain
+    /// deadline after SIGTERM or what the scheduled events ask for,
+    /// whichever comes first — then stops them, reports their final states
+    /// and returns whether it drained for scheduled events. Events keep
+    /// coming meanwhile: a Preempt shortens the drain to now; when the
+    /// events disappear before the deadline (cancelled) and no SIGTERM came,
+    /// the drain ends (`None`) and the node takes work again.
     async fn drain(
         &mut self,
         rx: &mut mpsc::Receiver<Input>,
         beat: &mpsc::Sender<oneshot::Sender<()>>,
-        deadline: Duration,
-    ) {
+        shutdown: &CancellationToken,
+        events: Option<Drain>,
+    ) -> Option<bool> {
         self.draining.store(true, Ordering::Relaxed);
         self.known.draining = true;
+        let mut signalled = shutdown.is_cancelled().then(Instant::now);
+        let mut events = events.map(|d| self.note_events(d));
+        let mut deadline = self.drain_deadline(signalled, events.as_ref());
         tracing::info!(
             parts = self.supervisors.len(),
-            deadline_s = deadline.as_secs(),
+            deadline_s = deadline.saturating_duration_since(Instant::now()).as_secs(),
             "draining"
         );
-        // No time left (a preemption): SIGTERM now, while the heartbeat
-        // tells the server, rather than after it.
-        let mut stopped = deadline.is_zero();
-        if stopped {
-            for s in self.supervisors.values() {
-                s.cancel.cancel();
+        let mut stopped = false;
+        let mut stopped_for_events = false;
+        let mut beat_now = true;
+        loop {
+            // No time left (a preemption): SIGTERM now, while the heartbeat
+            // tells the server, rather than after it.
+            if !stopped && deadline <= Instant::now() {
+                // For the events when theirs is the deadline that passed.
+                let for_events = events.as_ref().filter(|(_, at)| *at <= Instant::now());
+                stopped_for_events = for_events.is_some();
+                self.stop_parts(for_events.map(|(d, _)| d.reason.as_str()))
+                    .await;
+                stopped = true;
             }
-        }
-        ask_beat(beat).await;
-        let deadline = tokio::time::sleep(deadline);
-        tokio::pin!(deadline);
-        while !self.supervisors.is_empty() {
+            if beat_now {
+                ask_beat(beat).await;
+                beat_now = false;
+            }
+            if self.supervisors.is_empty() {
+                break;
+            }
             tokio::select! {
-                _ = &mut deadline, if !stopped => {
-                    tracing::info!(parts = self.supervisors.len(), "drain deadline passed; stopping parts");
-                    for s in self.supervisors.values() {
-                        s.cancel.cancel();
-                    }
-                    stopped = true;
-                }
+                _ = tokio::time::sleep_until(deadline), if !stopped => {}
+                _ = shutdown.cancelled(), if signalled.is_none() => signalled = Some(Instant::now()),
                 input = rx.recv() => match input {
-                    // Everything still applies (a canceled job stops at
+                    Some(Input::Maintenance(Some(next))) => {
+                        // A Preempt now: the server hears of it at once.
+                        beat_now |= next.preempted && !self.preempted.load(Ordering::Relaxed);
+                        events = Some(self.note_events(next));
+                    }
+                    Some(Input::Maintenance(None)) if !stopped && signalled.is_none() => {
+                        tracing::info!(parts = self.supervisors.len(), "the scheduled events are gone (cancelled); taking work again");
+                        self.draining.store(false, Ordering::Relaxed);
+                        self.known.draining = false;
+                        ask_beat(beat).await;
+                        return None;
+                    }
+                    Some(Input::Maintenance(None)) => events = None,
+                    Some(Input::Ended(part, ended)) => {
+                        let ended = if stopped {
+                            self.settle(&part, ended, stopped_for_events).await
+                        } else {
+                            ended
+                        };
+                        self.handle(Input::Ended(part, ended)).await;
+                        self.step().await;
+                    }
+                    // Everything else still applies (a canceled job stops at
                     // once), except that draining starts nothing.
                     Some(i) => {
                         self.handle(i).await;
@@ -349,6 +386,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     None => break,
                 },
             }
+            deadline = self.drain_deadline(signalled, events.as_ref());
         }
         // Report the final states, then remove what the server accepted.
         ask_beat(beat).await;
@@ -357,6 +395,101 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 self.handle(i).await;
             }
         }
+        Some(stopped_for_events || events.is_some())
+    }
+
+    /// Logs what the events ask for, marks the node preempted when they say
+    /// so, and pins their stop time to this process's clock.
+    fn note_events(&self, d: Drain) -> (Drain, Instant) {
+        let left = d
+            .stop_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tracing::info!(
+            reason = %d.reason, stop_in_s = left.as_secs(), preempted = d.preempted,
+            events = ?d.acknowledge, "scheduled events ask for a drain"
+        );
+        if d.preempted {
+            self.preempted.store(true, Ordering::Relaxed);
+        }
+        (d, Instant::now() + left)
+    }
+
+    /// When running parts must be stopped: the earlier of the drain
+    /// deadline after SIGTERM and the events' stop time.
+    fn drain_deadline(
+        &self,
+        signalled: Option<Instant>,
+        events: Option<&(Drain, Instant)>,
+    ) -> Instant {
+        let by_signal = signalled.map(|t| t + self.config.drain_deadline);
+        match (by_signal, events.map(|(_, at)| *at)) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(at), None) | (None, Some(at)) => at,
+            // Neither: the events went away after the parts were stopped.
+            (None, None) => Instant::now(),
+        }
+    }
+
+    /// Stops every part, first telling its log why (the line is shipped
+    /// before the part's final flush, so it comes before its final state).
+    async fn stop_parts(&self, events: Option<&str>) {
+        let why = match events {
+            Some(reason) => format!("drover-agent: stopping the part: {reason}"),
+            None => "drover-agent: stopping the part: the agent was told to stop and its drain deadline passed".to_string(),
+        };
+        tracing::info!(parts = self.supervisors.len(), reason = %why, "drain deadline passed; stopping parts");
+        let at = drover_api::cluster::Timestamp(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        );
+        for (part, s) in &self.supervisors {
+            if s.cancel.is_cancelled() {
+                continue;
+            }
+            let line = NewLogLine {
+                job: part.job.clone(),
+                attempt: part.attempt,
+                node_rank: part.node_rank,
+                stream: LogStream::Stderr,
+                at,
+                text: why.clone(),
+                // The agent's own line: it has no place in the container's log.
+                cursor: None,
+                rank: None,
+            };
+            let _ = self.ship.send(Ship::Line(line)).await;
+            s.cancel.cancel();
+        }
+    }
+
+    /// The final state of a part this drain stopped: its container's exit
+    /// code (143 after SIGTERM, 137 after SIGKILL), and `lost` when the
+    /// stop was for scheduled events — the part ended because its VM is
+    /// going away, not because its job did.
+    async fn settle(&self, part: &PartKey, mut ended: Ended, lost: bool) -> Ended {
+        if ended.state != PartState::Stopped {
+            return ended;
+        }
+        if ended.exit_code.is_none()
+            && let Some(id) = &ended.container
+        {
+            // The container has exited: this answers at once.
+            match tokio::time::timeout(Duration::from_secs(5), self.runner.runtime.wait(id)).await {
+                Ok(Ok(status)) => ended.exit_code = Some(status.code),
+                Ok(Err(e)) => {
+                    tracing::warn!(part = %part, error = %e, "reading the stopped part's exit code failed")
+                }
+                Err(_) => {
+                    tracing::warn!(part = %part, "reading the stopped part's exit code timed out")
+                }
+            }
+        }
+        if lost {
+            ended.state = PartState::Lost;
+        }
+        ended
     }
 }
 

@@ -322,7 +322,21 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
             (PartState::Failed, Some(exit_code))
         }
         Ok(PartOutcome::TimedOut) => (PartState::Failed, Some(124)),
-        Ok(PartOutcome::Canceled) => (PartState::Stopped, None),
+        Ok(PartOutcome::Canceled) => {
+            // The stopped container's own code (143 after SIGTERM, 137 after
+            // SIGKILL), when it got as far as a container.
+            let code = match &container {
+                Some(id) => {
+                    tokio::time::timeout(Duration::from_secs(5), ctx.runner.runtime.wait(id))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .map(|s| s.code)
+                }
+                None => None,
+            };
+            (PartState::Stopped, code)
+        }
         Err(e) => {
             let why = format!("running the part failed: {}", drover_api::error::chain(&e));
             let ended = refuse(ctx, why).await;
@@ -392,7 +406,7 @@ async fn run_adopted<R: ContainerRuntime>(
         let _ = tokio::time::timeout(Duration::from_secs(5), logs).await;
     }
     let (state, exit_code) = match status {
-        Ok(_) if stopped => (PartState::Stopped, None),
+        Ok(s) if stopped => (PartState::Stopped, Some(s.code)),
         Ok(s) if s.code == 0 => (PartState::Succeeded, Some(0)),
         Ok(s) => (PartState::Failed, Some(s.code)),
         Err(e) => {

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::docker_args::{parse_docker_args, split_words};
 use crate::units::{parse_bytes, parse_duration};
-use crate::yaml::{InvalidDefinition, Reader, is_null, join, parse_mapping};
+use crate::yaml::{InvalidDefinition, Reader, SetOverride, is_null, join, parse_mapping_with};
 
 const TOP_KEYS: &[&str] = &[
     "$schema",
@@ -81,7 +81,18 @@ impl JobSpec {
         text: &str,
         base_dir: &Path,
     ) -> Result<ParsedJob, InvalidDefinition> {
-        let root = parse_mapping(file, text)?;
+        JobSpec::from_yaml_with(file, text, base_dir, &[])
+    }
+
+    /// [`JobSpec::from_yaml`] with `--set KEY=VALUE` overrides applied to
+    /// the YAML first (`az ml job create -f job.yml --set …`).
+    pub fn from_yaml_with(
+        file: &str,
+        text: &str,
+        base_dir: &Path,
+        sets: &[SetOverride],
+    ) -> Result<ParsedJob, InvalidDefinition> {
+        let root = parse_mapping_with(file, text, sets)?;
         let mut r = Reader::new(file);
         let spec = read_job(&mut r, &root, base_dir).map(JobSpec::Command);
         if let Some(spec) = &spec
@@ -89,6 +100,8 @@ impl JobSpec {
         {
             report_invalid(&mut r, &root, &invalid);
         }
+        // The reader's and the rules' problems, in the file's order.
+        r.errors.sort_by_key(|d| d.line);
         let (spec, warnings) = r.finish(spec)?;
         match spec {
             Some(spec) => Ok(ParsedJob { spec, warnings }),
@@ -743,6 +756,7 @@ fn read_credentials(r: &mut Reader, n: &Node, base_dir: &Path) -> Option<Registr
 mod tests {
     use super::*;
     use crate::job::MAX_COMMAND_BYTES;
+    use crate::yaml::SetOverride;
 
     fn parse(yaml: &str) -> Result<ParsedJob, InvalidDefinition> {
         JobSpec::from_yaml("job.yml", yaml, Path::new("/jobs/demo"))
@@ -1130,6 +1144,71 @@ drover:
         // `---` inside a block scalar is indented: content, not a marker.
         let j = command("command: |\n  echo a\n  ---\n  echo b\nimage: x\n");
         assert!(j.command.contains("---"));
+    }
+
+    #[test]
+    fn set_overrides_apply_to_the_yaml_as_the_azure_cli_does() {
+        let sets: Vec<SetOverride> = [
+            "resources.instance_count=2",
+            "compute=azureml:gpu",
+            "environment_variables.MODE=fast",
+            "inputs.data={type: uri_folder, path: ./other}",
+            "display_name=run: with a colon",
+        ]
+        .iter()
+        .map(|s| s.parse().expect("set"))
+        .collect();
+        let j = JobSpec::from_yaml_with(
+            "job.yml",
+            "command: echo ${{inputs.data}}\nimage: x\ninputs:\n  data: {type: uri_folder, path: ./d}\n",
+            Path::new("/jobs"),
+            &sets,
+        )
+        .expect("valid")
+        .spec
+        .into_command()
+        .expect("command");
+        assert_eq!(j.resources.instance_count, 2);
+        assert_eq!(j.compute.as_deref(), Some("gpu"));
+        assert_eq!(
+            j.environment_variables.get("MODE").map(String::as_str),
+            Some("fast")
+        );
+        assert_eq!(
+            j.inputs.get("data"),
+            Some(&Input::Path {
+                path_kind: PathKind::UriFolder,
+                path: "/jobs/other".into()
+            })
+        );
+        assert_eq!(j.display_name.as_deref(), Some("run: with a colon"));
+        // A bad value is the key's problem, marked as from --set.
+        let err = JobSpec::from_yaml_with(
+            "job.yml",
+            "command: echo\nimage: x\n",
+            Path::new("/jobs"),
+            &["resources.instance_count=two".parse().expect("set")],
+        )
+        .expect_err("invalid");
+        assert_eq!(
+            err.to_string(),
+            "job.yml: resources.instance_count (--set): expected a positive integer, got two"
+        );
+        assert!("resources.=1".parse::<SetOverride>().is_err());
+        assert!("noequals".parse::<SetOverride>().is_err());
+    }
+
+    #[test]
+    fn errors_come_in_line_order() {
+        let err = parse(
+            "name: has space\ncommand: echo\nimage: x\nresources:\n  instance_count: -1\ndrover:\n  gpus_per_instance: 999\n",
+        )
+        .unwrap_err();
+        let lines: Vec<usize> = err.errors.iter().map(|d| d.line).collect();
+        let mut sorted = lines.clone();
+        sorted.sort();
+        assert_eq!(lines, sorted, "{err}");
+        assert_eq!(lines.len(), 3, "{err}");
     }
 
     #[test]

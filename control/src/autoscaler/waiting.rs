@@ -20,6 +20,11 @@ pub struct ClusterProgress<'a> {
     /// Machines being created that have not registered yet (they count in
     /// `decision.current` as preparing nodes).
     pub creating: u32,
+    /// Queued jobs of the cluster submitted before this one, oldest first:
+    /// the queue is FIFO, so the job waits for them.
+    pub ahead: &'a [String],
+    /// The cluster's `max_nodes`.
+    pub max_nodes: u32,
 }
 
 /// Why a job in `state` needing `instance_count` nodes still waits, or
@@ -29,8 +34,11 @@ pub struct ClusterProgress<'a> {
 ///   provider error: a missing node image, a quota) gets that reason;
 /// - otherwise a queued job whose cluster is growing (machines being
 ///   created, or a target above its size) waits for those nodes;
-/// - any other job gets `None` (not queued, or queued behind other work on
-///   a cluster at its size).
+/// - otherwise a queued job with older queued jobs ahead of it waits
+///   behind them (the queue is FIFO: a job never overtakes an older one);
+/// - otherwise it waits for nodes held by running work on a cluster at
+///   its maximum size;
+/// - a job that is not queued gets `None`.
 pub fn waiting_reason(
     state: JobState,
     instance_count: u32,
@@ -55,6 +63,22 @@ pub fn waiting_reason(
             "waiting for {}: cluster {name} is resizing {ready} → {}",
             nodes(instance_count.max(1)),
             d.target
+        ));
+    }
+    if let Some(head) = cluster.ahead.first() {
+        let more = cluster.ahead.len() - 1;
+        return Some(if more == 0 {
+            format!("queued behind {head} (FIFO)")
+        } else {
+            format!("queued behind {head} and {more} more (FIFO)")
+        });
+    }
+    if d.current >= cluster.max_nodes {
+        return Some(format!(
+            "waiting for {}: all {} of cluster {name} are busy (max_nodes {})",
+            nodes(instance_count.max(1)),
+            nodes(d.current),
+            cluster.max_nodes
         ));
     }
     None
@@ -96,6 +120,8 @@ mod tests {
                 name: "cpu",
                 decision: d,
                 creating,
+                ahead: &[],
+                max_nodes: 4,
             },
         )
     }
@@ -131,6 +157,36 @@ mod tests {
         assert_eq!(
             reason(JobState::Queued, 2, &decision(2, 2, None), 1).as_deref(),
             Some("waiting for 2 nodes: cluster cpu is resizing 1 → 2")
+        );
+    }
+
+    #[test]
+    fn a_job_behind_older_ones_or_busy_nodes_says_so() {
+        let ahead = ["job-1".to_string(), "job-2".to_string()];
+        let with = |ahead: &[String], d: &ScaleDecision, max_nodes: u32| {
+            waiting_reason(
+                JobState::Queued,
+                1,
+                &ClusterProgress {
+                    name: "cpu",
+                    decision: d,
+                    creating: 0,
+                    ahead,
+                    max_nodes,
+                },
+            )
+        };
+        assert_eq!(
+            with(&ahead[..1], &decision(2, 2, None), 4).as_deref(),
+            Some("queued behind job-1 (FIFO)")
+        );
+        assert_eq!(
+            with(&ahead, &decision(2, 2, None), 4).as_deref(),
+            Some("queued behind job-1 and 1 more (FIFO)")
+        );
+        assert_eq!(
+            with(&[], &decision(2, 2, None), 2).as_deref(),
+            Some("waiting for 1 node: all 2 nodes of cluster cpu are busy (max_nodes 2)")
         );
     }
 

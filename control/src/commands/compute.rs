@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use drover_api::compute::{ComputeFlags, ComputeSpec, ComputeUpdate, Identity, Naming};
-use drover_api::host_paths::normalized_prefix;
+use drover_api::SetOverride;
+use drover_api::compute::{ComputeFlags, ComputeSpec, ComputeUpdate, FlagGeneration, Identity};
 use drover_api::wire;
 use reqwest::Method;
 
@@ -23,60 +23,120 @@ pub struct ComputeArgs {
 
 #[derive(clap::Subcommand)]
 enum ComputeCommand {
-    /// Create a cluster from v1 flags or Azure ML v2 compute YAML.
+    /// Create a cluster: Azure ML v2 compute YAML (-f, with --set and
+    /// flags as overrides), v2 flags (`az ml compute create --type
+    /// amlcompute --size … --max-instances …`) or v1 flags (`az ml
+    /// computetarget create amlcompute --vm-size … --max-nodes …`).
     Create(Box<CreateArgs>),
-    /// Change a cluster's node counts or idle time.
+    /// Change a cluster's node counts or idle time (v1 or v2 flags).
     Update(UpdateArgs),
     /// Show a cluster: definition, allocation state, nodes, scaling errors.
-    Show {
-        /// The cluster.
-        name: String,
-    },
+    Show(NameArg),
     /// List clusters.
     List,
-    /// Delete a cluster without nodes or unfinished jobs.
-    Delete {
-        /// The cluster.
-        name: String,
-    },
+    /// Delete a cluster, removing its idle nodes first (as Azure does);
+    /// refused while jobs run on it unless --force cancels them.
+    Delete(DeleteArgs),
+}
+
+/// The cluster a command is about: positional (`show cpu`) or `-n cpu`.
+#[derive(clap::Args)]
+struct NameArg {
+    /// The cluster.
+    #[arg(required_unless_present = "name")]
+    cluster: Option<String>,
+    /// The cluster (the Azure CLI's spelling).
+    #[arg(long, short = 'n', conflicts_with = "cluster")]
+    name: Option<String>,
+}
+
+impl NameArg {
+    fn get(&self) -> String {
+        self.name
+            .clone()
+            .or_else(|| self.cluster.clone())
+            .unwrap_or_default()
+    }
+}
+
+#[derive(clap::Args)]
+struct DeleteArgs {
+    #[command(flatten)]
+    name: NameArg,
+    /// Cancel the cluster's unfinished jobs first.
+    #[arg(long)]
+    force: bool,
+    /// Do not ask (accepted for the Azure CLI's sake; nothing is asked).
+    #[arg(long, short = 'y')]
+    yes: bool,
 }
 
 #[derive(clap::Args)]
 struct CreateArgs {
-    /// Azure ML v2 compute YAML (`type: amlcompute`).
-    #[arg(short = 'f', long = "file", conflicts_with_all = ["vm_size", "min_nodes", "max_nodes", "vm_priority", "idle_seconds_before_scaledown", "assign_identity", "location", "tags", "description", "provider"])]
+    /// Azure ML v2 compute YAML (`type: amlcompute`); flags given beside it
+    /// override its keys.
+    #[arg(short = 'f', long = "file")]
     file: Option<PathBuf>,
+    /// Override a key of the YAML: `--set max_instances=4` (repeatable;
+    /// needs --file).
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "file")]
+    set: Vec<String>,
     /// Cluster name (overrides the YAML's with -f).
     #[arg(long, short = 'n')]
     name: Option<String>,
-    /// VM size, e.g. STANDARD_D3_V2.
-    #[arg(long, short = 's')]
+    /// The compute type (v2); only amlcompute.
+    #[arg(long = "type", short = 't', value_name = "TYPE")]
+    compute_type: Option<String>,
+    /// VM size (default STANDARD_DS3_V2).
+    #[arg(long, short = 's', conflicts_with = "size")]
     vm_size: Option<String>,
+    /// VM size (v2 spelling of --vm-size).
+    #[arg(long)]
+    size: Option<String>,
     /// Fewest nodes (default 0).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "min_instances")]
     min_nodes: Option<u32>,
-    /// Most nodes.
+    /// Fewest nodes (v2 spelling of --min-nodes).
     #[arg(long)]
+    min_instances: Option<u32>,
+    /// Most nodes (default 4).
+    #[arg(long, conflicts_with = "max_instances")]
     max_nodes: Option<u32>,
+    /// Most nodes (v2 spelling of --max-nodes).
+    #[arg(long)]
+    max_instances: Option<u32>,
     /// dedicated or lowpriority.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tier")]
     vm_priority: Option<String>,
-    /// Seconds a node stays idle before it leaves (default 120).
+    /// dedicated or low_priority (v2 spelling of --vm-priority).
     #[arg(long)]
+    tier: Option<String>,
+    /// Seconds a node stays idle before it leaves (default 120).
+    #[arg(long, conflicts_with = "idle_time_before_scale_down")]
     idle_seconds_before_scaledown: Option<u64>,
-    /// '[system]' or user-assigned identity resource ids separated by `,`.
+    /// Seconds a node stays idle before it leaves (v2 spelling).
+    #[arg(long)]
+    idle_time_before_scale_down: Option<u64>,
+    /// '[system]' or user-assigned identity resource ids separated by `,` (v1).
     #[arg(long)]
     assign_identity: Option<String>,
+    /// SystemAssigned, UserAssigned or None (v2).
+    #[arg(long)]
+    identity_type: Option<String>,
+    /// Resource ids of user-assigned identities (v2, with --identity-type UserAssigned).
+    #[arg(long, num_args = 1..)]
+    user_assigned_identities: Vec<String>,
     /// Location (region).
     #[arg(long)]
     location: Option<String>,
-    /// KEY=VALUE, repeatable.
-    #[arg(long)]
+    /// KEY=VALUE, repeatable (`--tags a=1 b=2` as v2 writes it, or `--tags a=1 --tags b=2`).
+    #[arg(long, num_args = 1..)]
     tags: Vec<String>,
     /// Free text.
     #[arg(long)]
     description: Option<String>,
-    /// static (default), local or azure-vmss.
+    /// static, local or azure-vmss (default: the control plane's: local
+    /// under `drover up`, else static).
     #[arg(long)]
     provider: Option<String>,
     /// A host folder under which the cluster's jobs may bind host paths
@@ -87,16 +147,16 @@ struct CreateArgs {
 
 #[derive(clap::Args)]
 struct UpdateArgs {
-    /// The cluster.
-    name: String,
+    #[command(flatten)]
+    name: NameArg,
     /// Fewest nodes.
-    #[arg(long)]
+    #[arg(long, visible_alias = "min-instances")]
     min_nodes: Option<u32>,
     /// Most nodes.
-    #[arg(long)]
+    #[arg(long, visible_alias = "max-instances")]
     max_nodes: Option<u32>,
     /// Seconds a node stays idle before it leaves.
-    #[arg(long)]
+    #[arg(long, visible_alias = "idle-time-before-scale-down")]
     idle_seconds_before_scaledown: Option<u64>,
 }
 
@@ -107,7 +167,8 @@ pub async fn run(args: ComputeArgs) -> anyhow::Result<i32> {
     match args.command {
         ComputeCommand::Create(c) => create(&client, *c, json).await,
         ComputeCommand::Update(u) => update(&client, u, json).await,
-        ComputeCommand::Show { name } => {
+        ComputeCommand::Show(n) => {
+            let name = n.get();
             let info: wire::ClusterInfo = client
                 .call(
                     Method::GET,
@@ -158,16 +219,27 @@ pub async fn run(args: ComputeArgs) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        ComputeCommand::Delete { name } => {
-            client
-                .call_text(
+        ComputeCommand::Delete(d) => {
+            let name = d.name.get();
+            let _ = d.yes;
+            let query = if d.force { "?force=true" } else { "" };
+            let gone: wire::ClusterDeleted = client
+                .call(
                     Method::DELETE,
-                    &format!("/v1/clusters/{}", encode(&name)),
+                    &format!("/v1/clusters/{}{query}", encode(&name)),
                     None::<&()>,
                 )
                 .await
                 .with_context(|| format!("cannot delete cluster {name}"))?;
-            if !json {
+            if json {
+                print_json(&gone)?;
+            } else {
+                for job in &gone.canceled_jobs {
+                    println!("canceled job {job}");
+                }
+                for node in &gone.removed_nodes {
+                    println!("removed node {node}");
+                }
                 println!("deleted cluster {name}");
             }
             Ok(0)
@@ -175,43 +247,70 @@ pub async fn run(args: ComputeArgs) -> anyhow::Result<i32> {
     }
 }
 
-fn spec_of(c: &CreateArgs) -> anyhow::Result<ComputeSpec> {
-    if let Some(file) = &c.file {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        let parsed = ComputeSpec::from_yaml(&file.display().to_string(), &text)
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .context("invalid compute definition")?;
-        for w in &parsed.warnings {
-            eprintln!("warning: {w}");
-        }
-        let mut spec = parsed.spec;
-        if let Some(name) = &c.name {
-            spec.name = name.clone();
-        }
-        spec.allowed_host_paths
-            .extend(c.allow_host_path.iter().map(|p| normalized_prefix(p)));
-        spec.validate(Naming::Flags)
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .context("invalid cluster definition")?;
-        return Ok(spec);
-    }
-    let flags = ComputeFlags {
+/// The flags of `compute create`, in the generation their spellings say.
+fn flags_of(c: &CreateArgs) -> ComputeFlags {
+    let v2 = c.compute_type.is_some()
+        || c.size.is_some()
+        || c.min_instances.is_some()
+        || c.max_instances.is_some()
+        || c.tier.is_some()
+        || c.idle_time_before_scale_down.is_some()
+        || c.identity_type.is_some()
+        || !c.user_assigned_identities.is_empty();
+    ComputeFlags {
+        generation: if v2 {
+            FlagGeneration::V2
+        } else {
+            FlagGeneration::V1
+        },
         name: c.name.clone(),
-        vm_size: c.vm_size.clone(),
-        min_nodes: c.min_nodes,
-        max_nodes: c.max_nodes,
-        idle_seconds_before_scaledown: c.idle_seconds_before_scaledown,
-        vm_priority: c.vm_priority.clone(),
+        vm_size: c.vm_size.clone().or_else(|| c.size.clone()),
+        min_nodes: c.min_nodes.or(c.min_instances),
+        max_nodes: c.max_nodes.or(c.max_instances),
+        idle_seconds_before_scaledown: c
+            .idle_seconds_before_scaledown
+            .or(c.idle_time_before_scale_down),
+        vm_priority: c.vm_priority.clone().or_else(|| c.tier.clone()),
         assign_identity: c.assign_identity.clone(),
+        identity_type: c.identity_type.clone(),
+        user_assigned_identities: c.user_assigned_identities.clone(),
         location: c.location.clone(),
         tags: c.tags.clone(),
         description: c.description.clone(),
         provider: c.provider.clone(),
         allowed_host_paths: c.allow_host_path.clone(),
+    }
+}
+
+fn spec_of(c: &CreateArgs) -> anyhow::Result<ComputeSpec> {
+    if let Some(t) = &c.compute_type
+        && !t.eq_ignore_ascii_case("amlcompute")
+    {
+        bail!("--type: only amlcompute clusters are supported, got {t}");
+    }
+    let flags = flags_of(c);
+    let Some(file) = &c.file else {
+        return flags
+            .to_spec()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("invalid cluster definition");
     };
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let sets = c
+        .set
+        .iter()
+        .map(|s| s.parse::<SetOverride>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--set: {e}"))?;
+    let parsed = ComputeSpec::from_yaml_with(&file.display().to_string(), &text, &sets)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("invalid compute definition")?;
+    for w in &parsed.warnings {
+        eprintln!("warning: {w}");
+    }
     flags
-        .to_spec()
+        .override_spec(parsed.spec)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("invalid cluster definition")
 }
@@ -238,6 +337,7 @@ async fn create(client: &Client, c: CreateArgs, json: bool) -> anyhow::Result<i3
 }
 
 async fn update(client: &Client, u: UpdateArgs, json: bool) -> anyhow::Result<i32> {
+    let name = u.name.get();
     let update = ComputeUpdate {
         min_nodes: u.min_nodes,
         max_nodes: u.max_nodes,
@@ -245,18 +345,17 @@ async fn update(client: &Client, u: UpdateArgs, json: bool) -> anyhow::Result<i3
     };
     if update.is_empty() {
         bail!(
-            "cannot update cluster {}: give at least one of --min-nodes, --max-nodes and --idle-seconds-before-scaledown",
-            u.name
+            "cannot update cluster {name}: give at least one of --min-nodes, --max-nodes and --idle-seconds-before-scaledown (or --min-instances, --max-instances and --idle-time-before-scale-down)"
         );
     }
     let info: wire::ClusterInfo = client
         .call(
             Method::PATCH,
-            &format!("/v1/clusters/{}", encode(&u.name)),
+            &format!("/v1/clusters/{}", encode(&name)),
             Some(&update),
         )
         .await
-        .with_context(|| format!("cannot update cluster {}", u.name))?;
+        .with_context(|| format!("cannot update cluster {name}"))?;
     if json {
         print_json(&info)?;
     } else {
@@ -294,7 +393,14 @@ fn show(info: &wire::ClusterInfo) -> String {
         format!("{}s", s.idle_seconds_before_scaledown),
     );
     kv("identity:", identity(&s.identity));
-    kv("provider:", s.provider.to_string());
+    kv(
+        "provider:",
+        s.provider
+            .map_or_else(|| "the control plane's".to_string(), |p| p.to_string()),
+    );
+    if !s.allowed_host_paths.is_empty() {
+        kv("allowed host paths:", s.allowed_host_paths.join(", "));
+    }
     if let Some(l) = &s.location {
         kv("location:", l.clone());
     }

@@ -3,10 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context;
-use drover_api::JobSpec;
+use anyhow::{Context, bail};
 use drover_api::cluster::JobState;
 use drover_api::wire;
+use drover_api::{JobSpec, SetOverride};
 use reqwest::Method;
 
 use super::client::{Client, ClientArgs, encode, print_json};
@@ -25,7 +25,7 @@ pub struct JobArgs {
 
 #[derive(clap::Subcommand)]
 enum JobCommand {
-    /// Submit a command job (Azure ML YAML) to a cluster's queue.
+    /// Submit a job (Azure ML YAML) to a cluster's queue.
     Create {
         /// The job file.
         #[arg(short = 'f', long = "file")]
@@ -36,10 +36,17 @@ enum JobCommand {
         /// The job's name (overrides `name:`; generated when neither is given).
         #[arg(long, short = 'n')]
         name: Option<String>,
+        /// Override a key of the YAML: `--set resources.instance_count=2`
+        /// (repeatable), as `az ml job create --set`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
         /// Follow the job's logs until it ends; exit 0 only if it completed
         /// (as `az ml job create --stream`).
-        #[arg(long)]
+        #[arg(long, short = 's')]
         stream: bool,
+        /// Azure ML's studio link; Drover has none (refused with what to do).
+        #[arg(long, short = 'w')]
+        web: bool,
     },
     /// List jobs.
     List {
@@ -48,19 +55,15 @@ enum JobCommand {
         compute: Option<String>,
     },
     /// Show a job and its parts.
-    Show {
-        /// The job.
-        name: String,
-    },
+    Show(JobName),
+    /// Follow a job's logs until it ends (`az ml job stream`).
+    Stream(JobName),
     /// Cancel a job.
-    Cancel {
-        /// The job.
-        name: String,
-    },
+    Cancel(JobName),
     /// Print a job's logs.
     Logs {
-        /// The job.
-        name: String,
+        #[command(flatten)]
+        job: JobName,
         /// Keep printing new lines until the job ends.
         #[arg(long, short = 'f')]
         follow: bool,
@@ -69,6 +72,41 @@ enum JobCommand {
         #[arg(long)]
         attempt: Option<u32>,
     },
+}
+
+/// The job a command is about: positional (`show job-1`) or `-n job-1`.
+#[derive(clap::Args)]
+struct JobName {
+    /// The job.
+    #[arg(required_unless_present = "name")]
+    job: Option<String>,
+    /// The job (the Azure CLI's spelling).
+    #[arg(long, short = 'n', conflicts_with = "job")]
+    name: Option<String>,
+    /// Azure ML's studio link; Drover has none (refused with what to do).
+    #[arg(long, short = 'w')]
+    web: bool,
+}
+
+impl JobName {
+    fn get(&self) -> anyhow::Result<String> {
+        refuse_web(self.web)?;
+        Ok(self
+            .name
+            .clone()
+            .or_else(|| self.job.clone())
+            .unwrap_or_default())
+    }
+}
+
+/// `--web` opens Azure ML studio in a browser; there is no studio here.
+fn refuse_web(web: bool) -> anyhow::Result<()> {
+    if web {
+        bail!(
+            "--web opens Azure ML studio, which Drover does not have: follow the job with --stream or `drover job stream -n NAME`, and see it with `drover job show -n NAME`"
+        );
+    }
+    Ok(())
 }
 
 /// Runs a `drover job` command.
@@ -80,21 +118,18 @@ pub async fn run(args: JobArgs) -> anyhow::Result<i32> {
             file,
             compute,
             name,
+            set,
             stream,
+            web,
         } => {
-            let job = create(&client, &file, compute, name, json).await?;
+            refuse_web(web)?;
+            let job = create(&client, &file, compute, name, &set, json).await?;
             if !stream {
                 return Ok(0);
             }
-            logs(&client, &job, true, None, json).await?;
-            let end = get_job(&client, &job).await?;
-            eprintln!("job {job} {}", end.state);
-            Ok(if end.state == JobState::Completed {
-                0
-            } else {
-                1
-            })
+            stream_job(&client, &job, json).await
         }
+        JobCommand::Stream(j) => stream_job(&client, &j.get()?, json).await,
         JobCommand::List { compute } => {
             let path = match &compute {
                 Some(c) => format!("/v1/jobs?compute={}", encode(c)),
@@ -139,7 +174,8 @@ pub async fn run(args: JobArgs) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        JobCommand::Show { name } => {
+        JobCommand::Show(j) => {
+            let name = j.get()?;
             let job = get_job(&client, &name).await?;
             if json {
                 print_json(&job)?;
@@ -148,7 +184,8 @@ pub async fn run(args: JobArgs) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        JobCommand::Cancel { name } => {
+        JobCommand::Cancel(j) => {
+            let name = j.get()?;
             let job: wire::JobInfo = client
                 .call(
                     Method::POST,
@@ -165,11 +202,24 @@ pub async fn run(args: JobArgs) -> anyhow::Result<i32> {
             Ok(0)
         }
         JobCommand::Logs {
-            name,
+            job,
             follow,
             attempt,
-        } => logs(&client, &name, follow, attempt, json).await,
+        } => logs(&client, &job.get()?, follow, attempt, json).await,
     }
+}
+
+/// Follows `job`'s logs until it ends; exit status 0 only if it completed
+/// (`az ml job create --stream`, `az ml job stream`).
+async fn stream_job(client: &Client, job: &str, json: bool) -> anyhow::Result<i32> {
+    logs(client, job, true, None, json).await?;
+    let end = get_job(client, job).await?;
+    eprintln!("job {job} {}", end.state);
+    Ok(if end.state == JobState::Completed {
+        0
+    } else {
+        1
+    })
 }
 
 async fn get_job(client: &Client, name: &str) -> anyhow::Result<wire::JobInfo> {
@@ -188,6 +238,7 @@ async fn create(
     file: &Path,
     compute: Option<String>,
     name: Option<String>,
+    set: &[String],
     json: bool,
 ) -> anyhow::Result<String> {
     let text =
@@ -197,7 +248,12 @@ async fn create(
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("."));
-    let parsed = JobSpec::from_yaml(&file.display().to_string(), &text, &base)
+    let sets = set
+        .iter()
+        .map(|s| s.parse::<SetOverride>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--set: {e}"))?;
+    let parsed = JobSpec::from_yaml_with(&file.display().to_string(), &text, &base, &sets)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("invalid job definition")?;
     for w in &parsed.warnings {
@@ -270,7 +326,7 @@ fn show(j: &wire::JobInfo) -> String {
 }
 
 /// How often a follower asks a queued job why it waits.
-const WAITING_POLL: Duration = Duration::from_secs(2);
+const WAITING_POLL: Duration = Duration::from_secs(1);
 
 /// Prints, on stderr, why a followed job waits: when a reason first appears
 /// and whenever it changes, so a job that cannot start is not silence.

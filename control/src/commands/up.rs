@@ -310,7 +310,7 @@ async fn ensure_cluster(client: &Client, args: &UpArgs) -> anyhow::Result<()> {
     let mut spec = ComputeSpec::new(&args.cluster, "Standard_D4s_v3", args.max_nodes);
     spec.min_nodes = 0;
     spec.idle_seconds_before_scaledown = args.idle_seconds_before_scaledown;
-    spec.provider = ProviderKind::Local;
+    spec.provider = Some(ProviderKind::Local);
     spec.vm_priority = match args.vm_priority.as_str() {
         "dedicated" => VmPriority::Dedicated,
         "lowpriority" | "low_priority" => VmPriority::LowPriority,

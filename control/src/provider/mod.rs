@@ -290,7 +290,7 @@ impl Providers {
     /// [`local::LocalProvider`], or a stand-in in tests).
     pub fn new(local: Option<Arc<dyn Provider>>) -> Self {
         Providers {
-            static_: StaticProvider,
+            static_: StaticProvider::default(),
             local,
             no_local: Unavailable {
                 kind: ProviderKind::Local,
@@ -303,9 +303,26 @@ impl Providers {
         }
     }
 
-    /// The provider of `cluster`.
+    /// Names the URL agents reach this control plane at, for the command
+    /// the static provider suggests.
+    pub fn with_server_url(mut self, url: String) -> Self {
+        self.static_.server_url = Some(url);
+        self
+    }
+
+    /// The provider a cluster that names none gets: the local one when this
+    /// control plane runs it (`drover up`), else the static one.
+    pub fn default_kind(&self) -> ProviderKind {
+        if self.local.is_some() {
+            ProviderKind::Local
+        } else {
+            ProviderKind::Static
+        }
+    }
+
+    /// The provider of `cluster` (the default one when it names none).
     pub fn for_cluster(&self, cluster: &ComputeSpec) -> &dyn Provider {
-        match cluster.provider {
+        match cluster.provider.unwrap_or_else(|| self.default_kind()) {
             ProviderKind::Static => &self.static_,
             ProviderKind::Local => match &self.local {
                 Some(p) => p.as_ref(),
@@ -323,8 +340,12 @@ impl Providers {
 /// [`ProviderError::NotSupported`] with the manual step instead: the
 /// autoscaler still computes the target it would want, and `drover compute
 /// show` says what would reach it.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StaticProvider;
+#[derive(Debug, Clone, Default)]
+pub struct StaticProvider {
+    /// The URL agents reach this control plane at, for the command it
+    /// suggests; a placeholder when unknown.
+    pub server_url: Option<String>,
+}
 
 impl Provider for StaticProvider {
     fn kind(&self) -> ProviderKind {
@@ -337,8 +358,11 @@ impl Provider for StaticProvider {
         count: u32,
         _join_token: &'a str,
     ) -> ProviderFuture<'a, Vec<ProvisionedNode>> {
+        let server = self.server_url.as_deref().unwrap_or("URL-OF-THIS-SERVER");
         let hint = format!(
-            "start drover-agent with the join token of cluster {} on {count} more machine(s)",
+            "start drover-agent with the join token of cluster {0} on {count} more machine(s): \
+             drover-agent run --server {server} --cluster {0} --join-token-file FILE \
+             (FILE holds the token `drover compute create` printed)",
             cluster.name
         );
         Box::pin(std::future::ready(Err(ProviderError::NotSupported {
@@ -385,14 +409,14 @@ mod tests {
 
     #[test]
     fn static_provider_creates_and_removes_nothing_and_says_what_to_do() {
-        let p: Box<dyn Provider> = Box::new(StaticProvider);
+        let p: Box<dyn Provider> = Box::new(StaticProvider::default());
         let cluster = ComputeSpec::new("cpu", "STANDARD_D3_V2", 4);
         assert_eq!(p.kind(), ProviderKind::Static);
 
         let err = ready(p.create_nodes(&cluster, 2, "t")).expect_err("creates nothing");
         assert_eq!(
             err.to_string(),
-            "the static provider cannot create nodes: start drover-agent with the join token of cluster cpu on 2 more machine(s)"
+            "the static provider cannot create nodes: start drover-agent with the join token of cluster cpu on 2 more machine(s): drover-agent run --server URL-OF-THIS-SERVER --cluster cpu --join-token-file FILE (FILE holds the token `drover compute create` printed)"
         );
         assert_eq!(err.error_type(), "not_supported");
 

@@ -315,14 +315,22 @@ async fn update_cluster(
     Ok(Json(core.update_cluster(name, update).await?))
 }
 
+/// `?force=true`.
+#[derive(Debug, Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
 async fn delete_cluster(
     State(core): State<AppState>,
     User(user): User,
     Path(name): Path<String>,
-) -> Result<StatusCode, ApiError> {
-    tracing::info!(user = %user, cluster = %name, "delete cluster");
-    core.delete_cluster(name).await?;
-    Ok(StatusCode::NO_CONTENT)
+    query: Result<Query<DeleteQuery>, QueryRejection>,
+) -> Answer<wire::ClusterDeleted> {
+    let Query(q) = query?;
+    tracing::info!(user = %user, cluster = %name, force = q.force, "delete cluster");
+    Ok(Json(core.delete_cluster(name, q.force).await?))
 }
 
 async fn submit_job(

@@ -292,7 +292,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
     core_config.refused_host_paths.push(data_dir);
     let core = Arc::new(
-        ControlPlane::new(store, core_config).with_providers(Arc::new(Providers::new(local))),
+        ControlPlane::new(store, core_config).with_providers(Arc::new(
+            Providers::new(local).with_server_url(agent_url(addr)),
+        )),
     );
 
     let new_admin_token = setup_tokens(&core, &config).await?;
@@ -331,6 +333,19 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         shutdown,
         tasks,
     })
+}
+
+/// The URL agents on other machines reach this server at: the listen
+/// address, or this host's name when it listens on every address.
+fn agent_url(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "THIS-HOST".to_string());
+        format!("http://{host}:{}", addr.port())
+    } else {
+        format!("http://{addr}")
+    }
 }
 
 /// First start: creates the `admin` token and writes it to the data dir.

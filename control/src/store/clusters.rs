@@ -68,7 +68,7 @@ impl Store {
             params![
                 spec.name,
                 json,
-                spec.provider.as_str(),
+                spec.provider.unwrap_or_default().as_str(),
                 spec.min_nodes,
                 spec.max_nodes,
                 hash_secret(join_token).as_slice(),
@@ -126,7 +126,7 @@ impl Store {
             params![
                 spec.name,
                 json,
-                spec.provider.as_str(),
+                spec.provider.unwrap_or_default().as_str(),
                 spec.min_nodes,
                 spec.max_nodes,
                 ms(now)

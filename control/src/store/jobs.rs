@@ -740,7 +740,24 @@ impl Store {
         }
         let current = load_job(&tx, job)?;
         let mut change = None;
-        if current.attempt == attempt && current.state.holds_nodes() {
+        if current.attempt == attempt
+            && current.state.holds_nodes()
+            && part.state == PartState::Lost
+        {
+            // The agent says its part is lost: its VM is going away (a
+            // scheduled Reboot or Redeploy). The job goes back in the queue
+            // now, not a grace period later.
+            let why = format!(
+                "part {node_rank} on node `{}` was lost: its VM is going away (scheduled event)",
+                part.node
+            );
+            let bumped = requeue_in(&tx, job, &why, now)?;
+            tracing::info!(job = %job, reason = %why, "job requeued by its part");
+            change = Some(Transition {
+                job: load_job(&tx, job)?,
+                bumped,
+            });
+        } else if current.attempt == attempt && current.state.holds_nodes() {
             let states: Vec<PartState> = {
                 let mut stmt = tx.prepare_cached(
                     "SELECT state FROM job_parts WHERE job = ?1 AND attempt = ?2",

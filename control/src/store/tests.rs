@@ -1352,6 +1352,31 @@ fn a_failed_part_stops_the_others_and_says_why() {
 }
 
 #[test]
+fn a_part_its_agent_reports_lost_requeues_its_job_at_once() {
+    let mut s = placed_pair();
+    s.report_part("j", 1, 0, PartState::Running, None, t(6))
+        .expect("running");
+    let r = s
+        .report_part("j", 1, 1, PartState::Lost, Some(143), t(7))
+        .expect("lost");
+    assert!(r.accepted);
+    let change = r.job.expect("the job changed");
+    assert_eq!(change.job.state, JobState::Queued);
+    assert_eq!(
+        change.job.failure_reason.as_deref(),
+        Some("part 1 on node `b` was lost: its VM is going away (scheduled event)")
+    );
+    let states: Vec<PartState> = s
+        .job_parts("j")
+        .expect("parts")
+        .into_iter()
+        .map(|p| p.state)
+        .collect();
+    assert_eq!(states, [PartState::Lost, PartState::Lost]);
+    assert_eq!(s.node("b").expect("b").current_job, None);
+}
+
+#[test]
 fn reports_about_an_earlier_attempt_are_ignored() {
     let mut s = placed_pair();
     s.mark_node_lost("a", NodeState::Preempted, "evicted", t(6))

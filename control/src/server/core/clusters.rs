@@ -1,7 +1,7 @@
 //! Clusters: create, update, show, list and delete, with the status the
 //! autoscaler would report for each (allocation state, node counts, errors).
 
-use drover_api::cluster::{ClusterStatus, NodeStateCounts, NodeSummary};
+use drover_api::cluster::{ClusterStatus, JobState, JobSummary, NodeStateCounts, NodeSummary};
 use drover_api::compute::{ComputeSpec, ComputeUpdate, Naming};
 use drover_api::wire;
 
@@ -68,9 +68,15 @@ impl ControlPlane {
     /// Creates a cluster and its join token.
     pub async fn create_cluster(
         &self,
-        spec: ComputeSpec,
+        mut spec: ComputeSpec,
     ) -> Result<wire::ClusterCreated, ControlError> {
         spec.validate(Naming::Fields)?;
+        // A definition that names no provider gets this control plane's
+        // (local under `drover up`), stored so that it never changes.
+        spec.provider = Some(
+            spec.provider
+                .unwrap_or_else(|| self.providers.default_kind()),
+        );
         let join_token = new_secret()?;
         let token = join_token.clone();
         let view = self
@@ -125,28 +131,94 @@ impl ControlPlane {
         })
     }
 
-    /// Deletes a cluster without nodes or unfinished jobs.
-    pub async fn delete_cluster(&self, name: String) -> Result<(), ControlError> {
+    /// Deletes a cluster as Azure does: its nodes are removed first (the
+    /// provider's machines, or for a static cluster the node records; the
+    /// machines' agents are then refused). While jobs are unfinished it is
+    /// refused, naming them, unless `force` cancels them first.
+    pub async fn delete_cluster(
+        &self,
+        name: String,
+        force: bool,
+    ) -> Result<wire::ClusterDeleted, ControlError> {
         let key = name.clone();
-        let spec = self
+        let (spec, unfinished, nodes) = self
             .with_store(move |s| {
                 let spec = s.cluster(&name)?.spec;
-                s.delete_cluster(&name)?;
-                Ok(spec)
+                let jobs = s.job_summaries(
+                    &name,
+                    &[JobState::Queued, JobState::Preparing, JobState::Running],
+                )?;
+                Ok((spec, jobs, s.node_summaries(&name)?))
             })
             .await?;
-        if let Ok(mut m) = self.scaling.lock() {
-            m.remove(&key);
+        if !unfinished.is_empty() && !force {
+            let listed: Vec<String> = unfinished
+                .iter()
+                .map(|j| format!("{} ({})", j.id, j.state))
+                .collect();
+            return Err(ControlError::Store(StoreError::Conflict(format!(
+                "cluster `{key}` has {} unfinished job(s): {}; cancel them, or delete with --force to cancel them first",
+                unfinished.len(),
+                listed.join(", ")
+            ))));
         }
+        // No scaling pass acts on the cluster from here on.
+        self.scaling
+            .lock()
+            .map_err(|_| ControlError::Poisoned)?
+            .entry(key.clone())
+            .or_default()
+            .deleting = true;
+        let result = self.tear_down_cluster(&spec, &unfinished, &nodes).await;
+        let mut memo = self.scaling.lock().map_err(|_| ControlError::Poisoned)?;
+        match result {
+            Ok(gone) => {
+                memo.remove(&key);
+                Ok(gone)
+            }
+            Err(e) => {
+                if let Some(m) = memo.get_mut(&key) {
+                    m.deleting = false;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn tear_down_cluster(
+        &self,
+        spec: &ComputeSpec,
+        unfinished: &[JobSummary],
+        nodes: &[NodeSummary],
+    ) -> Result<wire::ClusterDeleted, ControlError> {
+        let mut canceled = Vec::new();
+        for j in unfinished {
+            let id = j.id.clone();
+            let t = self.with_store(move |s| s.cancel_job(&id, now())).await?;
+            self.wake(&t.bumped);
+            canceled.push(j.id.clone());
+        }
+        let provider = self.providers.for_cluster(spec);
+        let mut removed = Vec::new();
+        for n in nodes {
+            if provider.creates_nodes() {
+                provider.remove_node(spec, &n.id).await?;
+            }
+            let id = n.id.clone();
+            self.with_store(move |s| s.remove_node(&id)).await?;
+            removed.push(n.id.clone());
+        }
+        let name = spec.name.clone();
+        self.with_store(move |s| s.delete_cluster(&name)).await?;
         // The cluster is gone either way; a leftover network is only logged.
-        if let Err(e) = self
-            .providers
-            .for_cluster(&spec)
-            .cluster_deleted(&spec)
-            .await
-        {
-            tracing::warn!(cluster = %key, error = %e, "releasing the cluster's provider resources failed");
+        if let Err(e) = provider.cluster_deleted(spec).await {
+            tracing::warn!(cluster = %spec.name, error = %e, "releasing the cluster's provider resources failed");
         }
-        Ok(())
+        tracing::info!(cluster = %spec.name, nodes = removed.len(), jobs_canceled = canceled.len(), "cluster deleted");
+        Ok(wire::ClusterDeleted {
+            cluster: spec.name.clone(),
+            removed_nodes: removed,
+            canceled_jobs: canceled,
+        })
     }
 }

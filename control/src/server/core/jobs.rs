@@ -23,6 +23,18 @@ impl ControlPlane {
     /// Fills in why `info`, a queued job, waits, from its cluster's status.
     fn with_waiting_reason(&self, mut info: wire::JobInfo, view: &ClusterView) -> wire::JobInfo {
         let status = self.cluster_status(view);
+        let mine = view
+            .jobs
+            .iter()
+            .find(|j| j.id == info.id)
+            .map(|j| j.submitted);
+        let mut ahead: Vec<&drover_api::cluster::JobSummary> = view
+            .jobs
+            .iter()
+            .filter(|j| j.state == JobState::Queued && mine.is_some_and(|m| j.submitted < m))
+            .collect();
+        ahead.sort_by_key(|j| j.submitted);
+        let ahead: Vec<String> = ahead.into_iter().map(|j| j.id.clone()).collect();
         info.waiting_reason = autoscaler::waiting_reason(
             info.state,
             info.instance_count,
@@ -30,6 +42,8 @@ impl ControlPlane {
                 name: &view.cluster.spec.name,
                 decision: &status.decision,
                 creating: status.creating,
+                ahead: &ahead,
+                max_nodes: view.cluster.spec.max_nodes,
             },
         );
         info

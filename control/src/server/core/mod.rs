@@ -83,6 +83,8 @@ struct ScalingMemo {
     /// The join token handed to machines the provider creates; only its
     /// hash is stored, so a restarted server makes a new one.
     join_token: Option<String>,
+    /// The cluster is being deleted: no scaling pass acts on it.
+    deleting: bool,
 }
 
 impl ScalingMemo {

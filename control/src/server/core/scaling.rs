@@ -89,6 +89,9 @@ impl ControlPlane {
             }
         };
         let memo = self.memo(&spec.name);
+        if memo.deleting {
+            return Ok(());
+        }
         let reason = memo.reason();
         let plan = autoscaler::plan(
             &ScalingInput {

@@ -10,6 +10,7 @@ use reqwest::Method;
 
 use super::client::{Client, ClientArgs, encode, print_json};
 use super::output::{ago, table};
+use drover_control::output;
 use drover_control::server::now;
 
 /// `drover compute …`.
@@ -180,7 +181,7 @@ pub async fn run(args: ComputeArgs) -> anyhow::Result<i32> {
             if json {
                 print_json(&info)?;
             } else {
-                print!("{}", show(&info));
+                output::print(&show(&info))?;
             }
             Ok(0)
         }
@@ -207,15 +208,12 @@ pub async fn run(args: ComputeArgs) -> anyhow::Result<i32> {
                         ]
                     })
                     .collect();
-                print!(
-                    "{}",
-                    table(
-                        &[
-                            "NAME", "VM SIZE", "PRIORITY", "NODES", "STATE", "CURRENT", "TARGET"
-                        ],
-                        &rows
-                    )
-                );
+                output::print(&table(
+                    &[
+                        "NAME", "VM SIZE", "PRIORITY", "NODES", "STATE", "CURRENT", "TARGET",
+                    ],
+                    &rows,
+                ))?;
             }
             Ok(0)
         }
@@ -235,12 +233,12 @@ pub async fn run(args: ComputeArgs) -> anyhow::Result<i32> {
                 print_json(&gone)?;
             } else {
                 for job in &gone.canceled_jobs {
-                    println!("canceled job {job}");
+                    output::println(format_args!("canceled job {job}"))?;
                 }
                 for node in &gone.removed_nodes {
-                    println!("removed node {node}");
+                    output::println(format_args!("removed node {node}"))?;
                 }
-                println!("deleted cluster {name}");
+                output::println(format_args!("deleted cluster {name}"))?;
             }
             Ok(0)
         }
@@ -307,7 +305,7 @@ fn spec_of(c: &CreateArgs) -> anyhow::Result<ComputeSpec> {
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("invalid compute definition")?;
     for w in &parsed.warnings {
-        eprintln!("warning: {w}");
+        output::note(format_args!("warning: {w}"));
     }
     flags
         .override_spec(parsed.spec)
@@ -329,9 +327,11 @@ async fn create(client: &Client, c: CreateArgs, json: bool) -> anyhow::Result<i3
     if json {
         print_json(&created)?;
     } else {
-        println!("created cluster {name}");
-        println!("join token (shown once; start drover-agent on each node with it):");
-        println!("  {}", created.join_token);
+        output::println(format_args!("created cluster {name}"))?;
+        output::println(format_args!(
+            "join token (shown once; start drover-agent on each node with it):"
+        ))?;
+        output::println(format_args!("  {}", created.join_token))?;
     }
     Ok(0)
 }
@@ -359,7 +359,7 @@ async fn update(client: &Client, u: UpdateArgs, json: bool) -> anyhow::Result<i3
     if json {
         print_json(&info)?;
     } else {
-        print!("{}", show(&info));
+        output::print(&show(&info))?;
     }
     Ok(0)
 }

@@ -123,7 +123,7 @@ pub async fn run(args: JobArgs) -> anyhow::Result<i32> {
             web,
         } => {
             refuse_web(web)?;
-            let job = create(&client, &file, compute, name, &set, json).await?;
+            let job = create(&client, &file, compute, name, &set, json, stream).await?;
             if !stream {
                 return Ok(0);
             }
@@ -157,20 +157,17 @@ pub async fn run(args: JobArgs) -> anyhow::Result<i32> {
                         ]
                     })
                     .collect();
-                print!(
-                    "{}",
-                    table(
-                        &[
-                            "NAME",
-                            "COMPUTE",
-                            "STATE",
-                            "INSTANCES",
-                            "ATTEMPT",
-                            "SUBMITTED"
-                        ],
-                        &rows
-                    )
-                );
+                output::print(&table(
+                    &[
+                        "NAME",
+                        "COMPUTE",
+                        "STATE",
+                        "INSTANCES",
+                        "ATTEMPT",
+                        "SUBMITTED",
+                    ],
+                    &rows,
+                ))?;
             }
             Ok(0)
         }
@@ -197,7 +194,7 @@ pub async fn run(args: JobArgs) -> anyhow::Result<i32> {
             if json {
                 print_json(&job)?;
             } else {
-                println!("job {name} is {}", job.state);
+                output::println(format_args!("job {name} is {}", job.state))?;
             }
             Ok(0)
         }
@@ -214,7 +211,7 @@ pub async fn run(args: JobArgs) -> anyhow::Result<i32> {
 async fn stream_job(client: &Client, job: &str, json: bool) -> anyhow::Result<i32> {
     logs(client, job, true, None, json).await?;
     let end = get_job(client, job).await?;
-    eprintln!("job {job} {}", end.state);
+    output::note(format_args!("job {job} {}", end.state));
     Ok(if end.state == JobState::Completed {
         0
     } else {
@@ -240,6 +237,7 @@ async fn create(
     name: Option<String>,
     set: &[String],
     json: bool,
+    stream: bool,
 ) -> anyhow::Result<String> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -257,7 +255,7 @@ async fn create(
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("invalid job definition")?;
     for w in &parsed.warnings {
-        eprintln!("warning: {w}");
+        output::note(format_args!("warning: {w}"));
     }
     let mut spec = parsed.spec;
     if let Some(name) = name {
@@ -274,10 +272,16 @@ async fn create(
         )
         .await
         .with_context(|| format!("cannot submit {}", file.display()))?;
-    if json {
+    if json && stream {
+        // The log lines that follow are JSON lines: the job is one line too.
+        output::println(serde_json::to_string(&job).context("cannot encode the answer as json")?)?;
+    } else if json {
         print_json(&job)?;
     } else {
-        println!("job {} queued on cluster {}", job.id, job.cluster);
+        output::println(format_args!(
+            "job {} queued on cluster {}",
+            job.id, job.cluster
+        ))?;
     }
     Ok(job.id)
 }

@@ -18,7 +18,7 @@
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::FieldError;
-use crate::job::{CommandJob, Input, JobSpec, RegistryCredentials, SecretSource};
+use crate::job::{Code, CommandJob, Input, JobSpec, RegistryCredentials, SecretSource};
 
 /// Host folders no job may bind, whatever the cluster allows: the kernel's
 /// views (`/proc`, `/sys`, `/dev`), the node's configuration and secrets
@@ -255,7 +255,7 @@ impl HostPathPolicy {
 /// The host paths a command job names, with the field that names each.
 pub fn host_paths(job: &CommandJob) -> Vec<(String, &Path)> {
     let mut out: Vec<(String, &Path)> = Vec::new();
-    if let Some(code) = &job.code {
+    if let Some(code) = job.code.as_ref().and_then(Code::local) {
         out.push(("code".to_string(), code));
     }
     for (name, input) in &job.inputs {

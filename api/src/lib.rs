@@ -6,8 +6,10 @@
 
 pub mod cluster;
 pub mod compute;
+pub mod datastore;
 pub mod docker_args;
 pub mod error;
+pub mod files;
 pub mod host_paths;
 pub mod inventory;
 pub mod job;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use drover_api::job::JobSpec;
 use drover_api::wire::{LogStream, PartKey};
 use drover_runner::init_output::split_marker;
-use drover_runner::part::{PartEvent, StopReason};
+use drover_runner::part::{PartEvent, PartFiles, StopReason};
 use drover_runner::runtime::{LogLine, PullProgress};
 use drover_runner::{
     DockerRuntime, HostFacts, PartOutcome, PartRunner, Placement, PullLimits, RunOptions,
@@ -317,7 +317,14 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
             PartKey::new(&name, 1, 0),
             "run",
             init_binary,
-            outputs_root.clone(),
+            PartFiles::local(
+                &job,
+                job.code
+                    .as_ref()
+                    .and_then(|c| c.local())
+                    .map(Path::to_path_buf),
+                &outputs_root,
+            ),
         )
     };
     let host = HostFacts::probe();
@@ -422,7 +429,12 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
         for out in job.outputs.keys() {
             note(format_args!(
                 "drover: output {out}: {}",
-                drover_runner::part::output_host_path(&job, &placement, out).display()
+                placement
+                    .files
+                    .outputs
+                    .get(out)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
             ));
         }
     }

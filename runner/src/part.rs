@@ -47,8 +47,9 @@ pub struct Placement {
     pub gpu_uuids: Vec<String>,
     /// Network mode for the container; engine default when `None`.
     pub network_mode: Option<String>,
-    /// Host folder under which outputs without a `path` are kept (`<root>/<output>`).
-    pub outputs_root: PathBuf,
+    /// The host side of the job's files: its working directory, inputs
+    /// and outputs, made ready by whoever runs the part.
+    pub files: PartFiles,
     /// Host path of the static drover-init binary.
     pub init_binary: PathBuf,
     /// Seconds drover-init waits between SIGTERM and SIGKILL when one rank fails.
@@ -72,7 +73,7 @@ impl Placement {
         part: PartKey,
         owner: impl Into<String>,
         init_binary: PathBuf,
-        outputs_root: PathBuf,
+        files: PartFiles,
     ) -> Self {
         Placement {
             part,
@@ -81,7 +82,7 @@ impl Placement {
             dedicated: true,
             gpu_uuids: Vec::new(),
             network_mode: None,
-            outputs_root,
+            files,
             init_binary,
             rank_grace: DEFAULT_RANK_GRACE,
             extra_env: BTreeMap::new(),
@@ -104,12 +105,48 @@ impl Placement {
     }
 }
 
-/// Host folder of an output.
-pub fn output_host_path(job: &CommandJob, placement: &Placement, name: &str) -> PathBuf {
-    job.outputs
-        .get(name)
-        .and_then(|o| o.path.clone())
-        .unwrap_or_else(|| placement.outputs_root.join(name))
+/// The host side of a part's files, bound into its container by
+/// [`plan_container`]. Whoever runs the part makes them ready first: `drover
+/// run` from the job's local paths, an agent from the snapshots, uploads,
+/// URLs and datastores it fetches into its cache.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartFiles {
+    /// Host folder bound at [`CODE_DIR`], the working directory: the part's
+    /// own copy of its code (or an empty folder), holding `outputs/` and
+    /// `logs/` as on Azure ML. `None` keeps the image's working directory.
+    pub work_dir: Option<PathBuf>,
+    /// Host path of each path input (a file, or a folder), bound read-only
+    /// at [`input_container_path`].
+    pub inputs: BTreeMap<String, PathBuf>,
+    /// Host folder of each output, bound read-write at `/drover/outputs/NAME`.
+    pub outputs: BTreeMap<String, PathBuf>,
+}
+
+impl PartFiles {
+    /// The files of a job run on this machine from its own paths (`drover
+    /// run`): code and inputs where they are, outputs in their `path:` or
+    /// under `outputs_root`, the working directory `work_dir`.
+    pub fn local(job: &CommandJob, work_dir: Option<PathBuf>, outputs_root: &Path) -> PartFiles {
+        PartFiles {
+            work_dir,
+            inputs: job
+                .inputs
+                .iter()
+                .filter_map(|(name, input)| match input {
+                    Input::Path { path, .. } => Some((name.clone(), path.clone())),
+                    _ => None,
+                })
+                .collect(),
+            outputs: job
+                .outputs
+                .iter()
+                .map(|(name, o)| {
+                    let path = o.path.clone().unwrap_or_else(|| outputs_root.join(name));
+                    (name.clone(), path)
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Container name of a part: `drover-<job>-<rank>-a<attempt>`.
@@ -275,29 +312,30 @@ pub fn plan_container(job: &CommandJob, p: &Placement, host: &HostFacts) -> Cont
         target: INIT_PATH.into(),
         read_only: true,
     }];
-    if let Some(code) = &job.code {
+    if let Some(work_dir) = &p.files.work_dir {
         binds.push(Bind {
-            source: path_string(code),
+            source: path_string(work_dir),
             target: CODE_DIR.into(),
             read_only: false,
         });
     }
     for (name, input) in &job.inputs {
-        if let Input::Path { path, .. } = input {
-            let target = input_container_path(name, input);
+        if let Some(path) = p.files.inputs.get(name) {
             binds.push(Bind {
                 source: path_string(path),
-                target,
+                target: input_container_path(name, input),
                 read_only: true,
             });
         }
     }
     for name in job.outputs.keys() {
-        binds.push(Bind {
-            source: path_string(&output_host_path(job, p, name)),
-            target: format!("{OUTPUTS_DIR}/{name}"),
-            read_only: false,
-        });
+        if let Some(path) = p.files.outputs.get(name) {
+            binds.push(Bind {
+                source: path_string(path),
+                target: format!("{OUTPUTS_DIR}/{name}"),
+                read_only: false,
+            });
+        }
     }
     for m in &job.drover.mounts {
         binds.push(Bind {
@@ -357,7 +395,7 @@ pub fn plan_container(job: &CommandJob, p: &Placement, host: &HostFacts) -> Cont
         cmd,
         env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
         labels: labels_map,
-        working_dir: if job.code.is_some() {
+        working_dir: if p.files.work_dir.is_some() {
             Some(CODE_DIR.to_string())
         } else {
             args.workdir.clone()
@@ -500,6 +538,12 @@ pub enum PartError {
         /// The path.
         path: PathBuf,
     },
+    /// A path input has no host path: whoever runs the part did not fetch it.
+    #[error("input {name} was not made ready on this machine")]
+    InputNotReady {
+        /// The input.
+        name: String,
+    },
     /// An output folder could not be created.
     #[error("cannot create output folder {path}")]
     CreateOutput {
@@ -573,16 +617,20 @@ pub fn prepare_host_paths(job: &CommandJob, p: &Placement) -> Result<(), PartErr
     if !p.init_binary.is_file() {
         return Err(missing("drover-init binary".into(), &p.init_binary));
     }
-    if let Some(code) = &job.code
-        && !code.is_dir()
+    if let Some(work_dir) = &p.files.work_dir
+        && !work_dir.is_dir()
     {
-        return Err(missing("code folder".into(), code));
+        return Err(missing("working directory".into(), work_dir));
     }
     for (name, input) in &job.inputs {
-        if let Input::Path { path, .. } = input
-            && !path.exists()
-        {
-            return Err(missing(format!("input {name}:"), path));
+        match p.files.inputs.get(name) {
+            Some(path) if !path.exists() => {
+                return Err(missing(format!("input {name}:"), path));
+            }
+            None if input.path_kind().is_some() => {
+                return Err(PartError::InputNotReady { name: name.clone() });
+            }
+            _ => {}
         }
     }
     for (i, m) in job.drover.mounts.iter().enumerate() {
@@ -590,9 +638,8 @@ pub fn prepare_host_paths(job: &CommandJob, p: &Placement) -> Result<(), PartErr
             return Err(missing(format!("drover.mounts[{i}] source"), &m.source));
         }
     }
-    for name in job.outputs.keys() {
-        let path = output_host_path(job, p, name);
-        std::fs::create_dir_all(&path).map_err(|source| PartError::CreateOutput {
+    for path in p.files.outputs.values() {
+        std::fs::create_dir_all(path).map_err(|source| PartError::CreateOutput {
             path: path.clone(),
             source,
         })?;
@@ -809,8 +856,13 @@ mod tests {
             gpu_uuids: vec!["GPU-aaaa".into(), "GPU-bbbb".into()],
             network_mode: Some("container:node-a".into()),
             extra_env: BTreeMap::from([("MSI_ENDPOINT".into(), "http://x".into())]),
-            ..Placement::new(PartKey::new("j1", 2, 1), "node-a", init, dir.join("out"))
-                .with_nodes([Some("10.0.0.4".into()), Some("10.0.0.5".into())])
+            ..Placement::new(
+                PartKey::new("j1", 2, 1),
+                "node-a",
+                init,
+                PartFiles::default(),
+            )
+            .with_nodes([Some("10.0.0.4".into()), Some("10.0.0.5".into())])
         }
     }
 
@@ -894,12 +946,61 @@ mod tests {
     }
 
     #[test]
+    fn the_parts_files_are_bound_where_the_job_sees_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = job(
+            "command: x\nimage: i\ncode: src\ninputs:\n  d: {type: uri_folder, path: data}\n  f: {type: uri_file, path: https://example.com/a/iris.csv}\n  lr: 0.1\noutputs:\n  model: {type: uri_folder}\n",
+        );
+        let files = PartFiles {
+            work_dir: Some("/node/parts/p/wd".into()),
+            inputs: BTreeMap::from([
+                ("d".to_string(), PathBuf::from("/node/cache/trees/1")),
+                ("f".to_string(), PathBuf::from("/node/cache/urls/2/data")),
+            ]),
+            outputs: BTreeMap::from([(
+                "model".to_string(),
+                PathBuf::from("/node/parts/p/out/model"),
+            )]),
+        };
+        let p = Placement {
+            files,
+            ..placement(dir.path())
+        };
+        let c = plan_container(&j, &p, &HostFacts::default());
+        let binds: Vec<(&str, &str, bool)> = c
+            .binds
+            .iter()
+            .skip(1)
+            .map(|b| (b.source.as_str(), b.target.as_str(), b.read_only))
+            .collect();
+        assert_eq!(
+            binds,
+            [
+                ("/node/parts/p/wd", CODE_DIR, false),
+                ("/node/cache/trees/1", "/drover/inputs/d", true),
+                ("/node/cache/urls/2/data", "/drover/inputs/f/iris.csv", true),
+                ("/node/parts/p/out/model", "/drover/outputs/model", false),
+            ]
+        );
+        assert_eq!(c.working_dir.as_deref(), Some(CODE_DIR));
+        // An input nobody fetched is the runner's caller's mistake, said so.
+        let p = Placement {
+            files: PartFiles::default(),
+            ..placement(dir.path())
+        };
+        assert!(matches!(
+            prepare_host_paths(&j, &p),
+            Err(PartError::InputNotReady { name }) if name == "d"
+        ));
+    }
+
+    #[test]
     fn a_placement_with_unknown_addresses_falls_back_in_one_place() {
         let p = Placement::new(
             PartKey::new("j", 1, 0),
             "run",
             "/init".into(),
-            "/out".into(),
+            PartFiles::default(),
         );
         assert_eq!(p.node_ips, ["127.0.0.1"]);
         assert_eq!(p.rank_grace, DEFAULT_RANK_GRACE);

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use drover_api::host_paths::HostPathPolicy;
 use drover_api::job::InvalidJob;
 use drover_api::wire::{Assignment, LogCursor, NewLogLine, PartState};
-use drover_runner::part::{PartEvent, PartOutcome, Placement};
+use drover_runner::part::{PartEvent, PartFiles, PartOutcome, Placement};
 use drover_runner::runtime::{ContainerRuntime, LogLine, LogStream};
 use drover_runner::{PartRunner, init_output};
 use futures_util::StreamExt;
@@ -272,7 +272,11 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
             a.part.clone(),
             &ctx.config.node_id,
             ctx.config.init_binary.clone(),
-            outputs_root,
+            PartFiles::local(
+                job,
+                job.code.as_ref().and_then(|c| c.local()).map(PathBuf::from),
+                &outputs_root,
+            ),
         )
         .with_nodes(a.nodes.iter().map(|n| n.ip.clone()))
     };

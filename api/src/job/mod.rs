@@ -22,7 +22,7 @@ mod wire;
 mod yaml;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +33,8 @@ pub use self::validate::{
 };
 pub use self::wire::JOB_FORMAT;
 use crate::docker_args::DockerArgs;
+pub use crate::files::WORKSPACE_DATASTORE;
+use crate::files::{BlobInfo, Digest, check_relative_path};
 use crate::yaml::Diagnostic;
 
 /// Where a job's `code` folder appears inside its container (also the working directory).
@@ -162,8 +164,8 @@ pub struct CommandJob {
     /// Extra environment variables for every process of the job.
     pub environment_variables: BTreeMap<String, String>,
     #[serde(default)]
-    /// Local folder mounted at [`CODE_DIR`] and used as the working directory.
-    pub code: Option<PathBuf>,
+    /// The job's code, copied to [`CODE_DIR`], its working directory.
+    pub code: Option<Code>,
     #[serde(default)]
     /// Target cluster (`compute: azureml:NAME` is read as `NAME`).
     pub compute: Option<String>,
@@ -177,10 +179,10 @@ pub struct CommandJob {
     /// `limits.timeout`, in seconds: the job is stopped and reported as timed out after it.
     pub timeout_seconds: Option<u64>,
     #[serde(default)]
-    /// Named inputs: literal values or local paths mounted read-only.
+    /// Named inputs: literal values, or files and folders the job reads.
     pub inputs: BTreeMap<String, Input>,
     #[serde(default)]
-    /// Named output folders, kept after the job.
+    /// Named outputs: folders (or files) the job writes, kept after it.
     pub outputs: BTreeMap<String, Output>,
     #[serde(default)]
     /// Drover's own settings (the `drover:` section).
@@ -232,14 +234,173 @@ pub struct Distribution {
     pub process_count_per_instance: u32,
 }
 
-/// Kind of a path input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a job's code comes from.
+///
+/// Its JSON is a string for [`Code::Local`] (as every job stored before
+/// snapshots) and `{"snapshot": "sha256:…", "size": N}` for [`Code::Snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Code {
+    /// A folder on the machine that runs the job: `drover run`'s, or, in a
+    /// job sent to a cluster without the CLI, a folder every node has
+    /// (checked against the cluster's host path policy).
+    Local(PathBuf),
+    /// A snapshot the CLI uploaded to the control plane (see
+    /// [`crate::files`]); each node unpacks its own copy.
+    Snapshot(BlobInfo),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum CodeJson {
+    Local(PathBuf),
+    Snapshot { snapshot: Digest, size: u64 },
+}
+
+impl Serialize for Code {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Code::Local(p) => CodeJson::Local(p.clone()),
+            Code::Snapshot(b) => CodeJson::Snapshot {
+                snapshot: b.digest,
+                size: b.size,
+            },
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Code {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(d)?;
+        match value {
+            serde_json::Value::String(p) => Ok(Code::Local(PathBuf::from(p))),
+            serde_json::Value::Object(_) => match serde_json::from_value(value) {
+                Ok(CodeJson::Snapshot { snapshot, size }) => Ok(Code::Snapshot(BlobInfo {
+                    digest: snapshot,
+                    size,
+                })),
+                Ok(CodeJson::Local(p)) => Ok(Code::Local(p)),
+                Err(e) => Err(serde::de::Error::custom(format!(
+                    "expected {{\"snapshot\": \"sha256:…\", \"size\": N}}: {e}"
+                ))),
+            },
+            other => Err(serde::de::Error::custom(format!(
+                "expected a folder path or a snapshot, got {other}"
+            ))),
+        }
+    }
+}
+
+impl Code {
+    /// The local folder, for code that is one.
+    pub fn local(&self) -> Option<&Path> {
+        match self {
+            Code::Local(p) => Some(p),
+            Code::Snapshot(_) => None,
+        }
+    }
+}
+
+/// Kind of a path input or output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PathKind {
     /// A single file.
     UriFile,
     /// A folder.
+    #[default]
     UriFolder,
+}
+
+impl PathKind {
+    /// As in YAML's `type:`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathKind::UriFile => "uri_file",
+            PathKind::UriFolder => "uri_folder",
+        }
+    }
+}
+
+/// How an input reaches the job (`mode:`). Both give the job a read-only
+/// local path: the node fetches the data into its cache and binds it
+/// read-only; nothing is mounted over the network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputMode {
+    /// Azure ML's default: read in place.
+    #[default]
+    RoMount,
+    /// Copied to the node before the job starts.
+    Download,
+}
+
+/// How an output leaves the job (`mode:`). Both write to a local folder
+/// that the node uploads when the part ends, success or failure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputMode {
+    /// Azure ML's default: written in place.
+    #[default]
+    RwMount,
+    /// Uploaded at the end.
+    Upload,
+}
+
+/// A path on a registered datastore: `azureml://datastores/NAME/paths/PATH`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatastorePath {
+    /// The datastore's name ([`WORKSPACE_DATASTORE`] is the artifact store).
+    pub datastore: String,
+    /// The path inside it, `/`-separated, without a leading or trailing
+    /// `/`; empty for the whole datastore.
+    pub path: String,
+}
+
+impl DatastorePath {
+    /// The URI prefix of a datastore path.
+    pub const PREFIX: &'static str = "azureml://datastores/";
+
+    /// Reads `azureml://datastores/NAME/paths/PATH` (a trailing `/` is dropped).
+    pub fn parse(uri: &str) -> Result<DatastorePath, String> {
+        let shape = || {
+            format!(
+                "`{uri}` is not a datastore path: expected azureml://datastores/NAME/paths/PATH"
+            )
+        };
+        let rest = uri.strip_prefix(Self::PREFIX).ok_or_else(shape)?;
+        let (datastore, path) = match rest.split_once("/paths") {
+            Some((d, p)) if p.is_empty() || p.starts_with('/') => (d, p.trim_start_matches('/')),
+            _ => return Err(shape()),
+        };
+        if !is_valid_datastore_name(datastore) {
+            return Err(format!(
+                "`{datastore}` is not a datastore name (letters, digits and `_`, starting with a letter)"
+            ));
+        }
+        let path = path.trim_end_matches('/');
+        if !path.is_empty() {
+            check_relative_path(path)?;
+        }
+        Ok(DatastorePath {
+            datastore: datastore.to_string(),
+            path: path.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for DatastorePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}/paths/{}", Self::PREFIX, self.datastore, self.path)
+    }
+}
+
+/// Whether `name` can name a datastore: Azure ML's rule, letters, digits
+/// and `_`, starting with a letter, at most 255 characters.
+pub fn is_valid_datastore_name(name: &str) -> bool {
+    name.len() <= 255
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// One entry of `inputs:`.
@@ -251,21 +412,114 @@ pub enum Input {
         /// The value as written.
         value: String,
     },
-    /// A local file or folder, mounted read-only.
+    /// A file or folder on the machine that runs the job (`drover run`),
+    /// bound read-only; the CLI uploads it instead for a cluster (a job
+    /// sent without the CLI may name one every node has, under the
+    /// cluster's host path policy).
     Path {
         /// File or folder.
         path_kind: PathKind,
-        /// Absolute path on the machine that runs the job.
+        /// Absolute path.
         path: PathBuf,
+        /// As written.
+        #[serde(default)]
+        mode: InputMode,
     },
+    /// A file or folder the CLI uploaded: a file's bytes, or a folder's
+    /// snapshot (see [`crate::files`]).
+    Blob {
+        /// File or folder.
+        path_kind: PathKind,
+        /// The uploaded blob.
+        blob: BlobInfo,
+        /// A file's name, kept so the job sees it under its own name.
+        #[serde(default)]
+        file_name: Option<String>,
+        /// As written.
+        #[serde(default)]
+        mode: InputMode,
+    },
+    /// A file at an `http://` or `https://` URL, downloaded by the node
+    /// (and cached there by URL and version).
+    Url {
+        /// Always a file.
+        path_kind: PathKind,
+        /// The URL.
+        url: String,
+        /// As written.
+        #[serde(default)]
+        mode: InputMode,
+    },
+    /// A file or folder on a registered datastore, fetched by the node
+    /// through the control plane (which holds the credentials).
+    Datastore {
+        /// File or folder.
+        path_kind: PathKind,
+        /// Where it is.
+        #[serde(flatten)]
+        at: DatastorePath,
+        /// As written.
+        #[serde(default)]
+        mode: InputMode,
+    },
+}
+
+impl Input {
+    /// File or folder; `None` for a literal.
+    pub fn path_kind(&self) -> Option<PathKind> {
+        match self {
+            Input::Literal { .. } => None,
+            Input::Path { path_kind, .. }
+            | Input::Blob { path_kind, .. }
+            | Input::Url { path_kind, .. }
+            | Input::Datastore { path_kind, .. } => Some(*path_kind),
+        }
+    }
+
+    /// The name of the file a `uri_file` input is seen under in the container.
+    pub fn file_name(&self, input_name: &str) -> String {
+        let name = match self {
+            Input::Path { path, .. } => path.file_name().map(|f| f.to_string_lossy().into_owned()),
+            Input::Blob { file_name, .. } => file_name.clone(),
+            Input::Url { url, .. } => url
+                .split(['?', '#'])
+                .next()
+                .and_then(|u| u.rsplit('/').next())
+                .filter(|n| !n.is_empty() && !n.contains("://"))
+                .map(str::to_string),
+            Input::Datastore { at, .. } => at.path.rsplit('/').next().map(str::to_string),
+            Input::Literal { .. } => None,
+        };
+        name.filter(|n| is_plain_file_name(n))
+            .unwrap_or_else(|| input_name.to_string())
+    }
+}
+
+/// A single path component a file can be named in a container folder.
+pub fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\0'])
 }
 
 /// One entry of `outputs:`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Output {
-    /// Where the folder is kept on the host; chosen by the runner when `None`.
+    /// A folder on the machine that runs the job where it is written
+    /// (`drover run`; on a cluster, a folder on every node under its host
+    /// path policy). When `None`, `drover run` picks one and a cluster
+    /// keeps the output in its artifact store.
     pub path: Option<PathBuf>,
+    /// Where a cluster also writes it: a path on a datastore.
+    pub datastore: Option<DatastorePath>,
+    /// Folder (the default) or file.
+    #[serde(rename = "type")]
+    pub path_kind: PathKind,
+    /// As written.
+    pub mode: OutputMode,
 }
 
 /// When to pull the job's image.
@@ -345,6 +599,10 @@ pub struct ParsedJob {
     pub spec: JobSpec,
     /// Non-fatal findings, each with file and line.
     pub warnings: Vec<Diagnostic>,
+    /// The line of each path-valued key (`code`, `inputs.x.path`,
+    /// `outputs.x.path`), for messages about what the path names (a folder
+    /// that does not exist is found by whoever reads it, not by parsing).
+    pub lines: BTreeMap<String, usize>,
 }
 
 impl CommandJob {
@@ -362,12 +620,12 @@ impl CommandJob {
         match kind {
             "inputs" => self.inputs.get(name).map(|i| match i {
                 Input::Literal { value } => value.clone(),
-                Input::Path { .. } => input_container_path(name, i),
+                _ => input_container_path(name, i),
             }),
             "outputs" => self
                 .outputs
                 .get(name)
-                .map(|_| format!("{OUTPUTS_DIR}/{name}")),
+                .map(|o| output_container_path(name, o)),
             _ => None,
         }
     }
@@ -395,17 +653,33 @@ impl CommandJob {
 /// Container path of a path input: the folder itself, or the file inside
 /// `/drover/inputs/NAME/` under its own name.
 pub fn input_container_path(name: &str, input: &Input) -> String {
-    match input {
-        Input::Path {
-            path_kind: PathKind::UriFile,
-            path,
-        } => {
-            let file = path
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_else(|| name.to_string());
-            format!("{INPUTS_DIR}/{name}/{file}")
-        }
+    match input.path_kind() {
+        Some(PathKind::UriFile) => format!("{INPUTS_DIR}/{name}/{}", input.file_name(name)),
         _ => format!("{INPUTS_DIR}/{name}"),
+    }
+}
+
+/// Container path of an output: its folder `/drover/outputs/NAME`, or for a
+/// `uri_file` output the file inside it, named as the last component of its
+/// datastore path or local path, else as the output.
+pub fn output_container_path(name: &str, output: &Output) -> String {
+    match output.path_kind {
+        PathKind::UriFolder => format!("{OUTPUTS_DIR}/{name}"),
+        PathKind::UriFile => {
+            let file = output
+                .datastore
+                .as_ref()
+                .and_then(|d| d.path.rsplit('/').next().map(str::to_string))
+                .or_else(|| {
+                    output
+                        .path
+                        .as_ref()
+                        .and_then(|p| p.file_name())
+                        .map(|f| f.to_string_lossy().into_owned())
+                })
+                .filter(|f| is_plain_file_name(f))
+                .unwrap_or_else(|| name.to_string());
+            format!("{OUTPUTS_DIR}/{name}/{file}")
+        }
     }
 }

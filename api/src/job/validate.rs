@@ -13,10 +13,14 @@ use std::fmt;
 use std::path::Path;
 
 use super::placeholders::substitute;
-use super::{CommandJob, Input, JobSpec, RESERVED_DIR, RegistryCredentials, SecretSource};
+use super::{
+    Code, CommandJob, DatastorePath, Input, JobSpec, PathKind, RESERVED_DIR, RegistryCredentials,
+    SecretSource, is_plain_file_name, is_valid_datastore_name,
+};
 use crate::compute::{is_valid_compute_name, is_valid_vm_size};
 use crate::docker_args::{MAX_ENTRIES, check_bytes, is_valid_env_name};
 use crate::error::{FieldError, write_lines};
+use crate::files::{DEFAULT_OUTPUT, MAX_CODE_BYTES, check_relative_path};
 
 /// The most nodes one job may span (also the largest `max_instances`).
 pub const MAX_INSTANCES: u32 = crate::compute::MAX_NODES;
@@ -71,6 +75,46 @@ fn is_valid_port_name(name: &str) -> bool {
 
 /// A host path that becomes the source of a bind: absolute, and without the
 /// `:` and `,` that separate the parts of Docker's bind syntax.
+/// The longest URL an input may have.
+pub const MAX_URL_BYTES: usize = 8 * 1024;
+
+/// An input URL: `http://` or `https://`, a host, at most [`MAX_URL_BYTES`],
+/// no whitespace or control characters.
+fn check_url(url: &str) -> Result<(), String> {
+    if url.len() > MAX_URL_BYTES {
+        return Err(format!(
+            "the URL is {} bytes long, at most {MAX_URL_BYTES}",
+            url.len()
+        ));
+    }
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("`{url}` is not an http:// or https:// URL"))?;
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("the URL holds whitespace or control characters".to_string());
+    }
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = host.rsplit('@').next().unwrap_or("");
+    if host.is_empty() || host.starts_with(':') {
+        return Err(format!("`{url}` has no host"));
+    }
+    Ok(())
+}
+
+fn check_datastore_path(at: &DatastorePath) -> Result<(), String> {
+    if !is_valid_datastore_name(&at.datastore) {
+        return Err(format!(
+            "`{}` is not a datastore name (letters, digits and `_`, starting with a letter)",
+            at.datastore
+        ));
+    }
+    if !at.path.is_empty() {
+        check_relative_path(&at.path)?;
+    }
+    Ok(())
+}
+
 fn check_bind_source(path: &Path) -> Result<(), String> {
     let text = path.to_string_lossy();
     if !path.is_absolute() {
@@ -228,10 +272,20 @@ impl CommandJob {
         if self.tags.keys().any(|k| k.trim().is_empty()) {
             push("tags", "tag names must not be empty".to_string());
         }
-        if let Some(code) = &self.code
-            && let Err(e) = check_bind_source(code)
-        {
-            push("code", e);
+        match &self.code {
+            Some(Code::Local(code)) => {
+                if let Err(e) = check_bind_source(code) {
+                    push("code", e);
+                }
+            }
+            Some(Code::Snapshot(blob)) if blob.size > MAX_CODE_BYTES => push(
+                "code",
+                format!(
+                    "the snapshot is {} bytes; code may be at most {MAX_CODE_BYTES} bytes (300 MB, as on Azure ML): list large files in .amlignore and pass data as inputs",
+                    blob.size
+                ),
+            ),
+            _ => {}
         }
 
         let res = &self.resources;
@@ -304,6 +358,38 @@ impl CommandJob {
                         push(&format!("{field}.path"), e);
                     }
                 }
+                Input::Blob {
+                    path_kind,
+                    file_name,
+                    ..
+                } => match (path_kind, file_name) {
+                    (_, Some(f)) if !is_plain_file_name(f) => push(
+                        &format!("{field}.file_name"),
+                        format!("`{f}` is not a file name (one path component)"),
+                    ),
+                    (PathKind::UriFolder, Some(_)) => push(
+                        &format!("{field}.file_name"),
+                        "a folder input has no file name".to_string(),
+                    ),
+                    _ => {}
+                },
+                Input::Url { path_kind, url, .. } => {
+                    if let Err(e) = check_url(url) {
+                        push(&format!("{field}.path"), e);
+                    } else if *path_kind == PathKind::UriFolder {
+                        push(
+                            &format!("{field}.type"),
+                            format!(
+                                "`{url}` is a URL: a URL input is a file (type: uri_file); folders come from local paths or datastores"
+                            ),
+                        );
+                    }
+                }
+                Input::Datastore { at, .. } => {
+                    if let Err(e) = check_datastore_path(at) {
+                        push(&format!("{field}.path"), e);
+                    }
+                }
             }
         }
         for (name, output) in &self.outputs {
@@ -312,10 +398,41 @@ impl CommandJob {
                 push(&field, "names are letters, digits, `_` and `-`".to_string());
                 continue;
             }
-            if let Some(path) = &output.path
-                && let Err(e) = check_bind_source(path)
-            {
-                push(&format!("{field}.path"), e);
+            if name == DEFAULT_OUTPUT {
+                push(
+                    &field,
+                    format!(
+                        "`{DEFAULT_OUTPUT}` is the name of the job's artifacts (./outputs and ./logs); pick another"
+                    ),
+                );
+            }
+            if let Some(path) = &output.path {
+                if let Err(e) = check_bind_source(path) {
+                    push(&format!("{field}.path"), e);
+                }
+                if output.path_kind == PathKind::UriFile {
+                    push(
+                        &format!("{field}.path"),
+                        "a uri_file output is written to the artifact store or a datastore path; give a local folder to a uri_folder output".to_string(),
+                    );
+                }
+                if output.datastore.is_some() {
+                    push(
+                        &format!("{field}.path"),
+                        "an output has one path: a local folder or a datastore path".to_string(),
+                    );
+                }
+            }
+            if let Some(d) = &output.datastore {
+                if let Err(e) = check_datastore_path(d) {
+                    push(&format!("{field}.path"), e);
+                }
+                if output.path_kind == PathKind::UriFile && d.path.is_empty() {
+                    push(
+                        &format!("{field}.path"),
+                        "a uri_file output's datastore path names the file".to_string(),
+                    );
+                }
             }
         }
 

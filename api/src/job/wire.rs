@@ -15,9 +15,10 @@ use crate::json::{from_value_at, nul_strings, unknown_fields};
 
 /// The format of the job JSON this build writes. 1 is the format of jobs
 /// stored before kinds and formats were recorded (no `type`, no `format`);
-/// 2 adds both. A reader refuses a newer format than its own rather than
+/// 2 adds both; 3 adds code snapshots, URL, datastore and uploaded inputs,
+/// and output types. A reader refuses a newer format than its own rather than
 /// guess at it.
-pub const JOB_FORMAT: u32 = 2;
+pub const JOB_FORMAT: u32 = 3;
 
 impl Serialize for JobSpec {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

@@ -9,13 +9,15 @@ use std::path::{Path, PathBuf};
 use marked_yaml::Node;
 
 use super::{
-    CommandJob, Distribution, DistributionKind, DroverOptions, Input, InvalidJob, JobSpec,
-    MountSpec, Output, ParsedJob, PathKind, PullPolicy, RegistryCredentials, Resources,
-    SecretSource, check_image_reference,
+    Code, CommandJob, DatastorePath, Distribution, DistributionKind, DroverOptions, Input,
+    InputMode, InvalidJob, JobSpec, MountSpec, Output, OutputMode, ParsedJob, PathKind, PullPolicy,
+    RegistryCredentials, Resources, SecretSource, check_image_reference,
 };
 use crate::docker_args::{parse_docker_args, split_words};
 use crate::units::{parse_bytes, parse_duration};
-use crate::yaml::{InvalidDefinition, Reader, SetOverride, is_null, join, parse_mapping_with};
+use crate::yaml::{
+    InvalidDefinition, Reader, SetOverride, is_null, join, line_of, parse_mapping_with,
+};
 
 const TOP_KEYS: &[&str] = &[
     "$schema",
@@ -56,20 +58,6 @@ fn resolve(base_dir: &Path, p: &str) -> PathBuf {
     }
 }
 
-/// Rejects remote data references, which a local run cannot mount.
-fn local_path(r: &mut Reader, node: &Node, path: &str, base_dir: &Path) -> Option<PathBuf> {
-    let s = r.non_empty(node, path)?;
-    if s.contains("://") || s.starts_with("azureml:") {
-        r.error(
-            node,
-            path,
-            format!("only local paths are supported, got {s} (remote datastores are not)"),
-        );
-        return None;
-    }
-    Some(resolve(base_dir, s.strip_prefix("file:").unwrap_or(&s)))
-}
-
 impl JobSpec {
     /// Parses Azure ML v2 job YAML (`type: command`, or no `type`), then
     /// checks the job with [`JobSpec::validate`], reporting its problems at
@@ -94,7 +82,8 @@ impl JobSpec {
     ) -> Result<ParsedJob, InvalidDefinition> {
         let root = parse_mapping_with(file, text, sets)?;
         let mut r = Reader::new(file);
-        let spec = read_job(&mut r, &root, base_dir).map(JobSpec::Command);
+        let mut lines = BTreeMap::new();
+        let spec = read_job(&mut r, &root, base_dir, &mut lines).map(JobSpec::Command);
         if let Some(spec) = &spec
             && let Err(invalid) = spec.validate()
         {
@@ -104,7 +93,11 @@ impl JobSpec {
         r.errors.sort_by_key(|d| d.line);
         let (spec, warnings) = r.finish(spec)?;
         match spec {
-            Some(spec) => Ok(ParsedJob { spec, warnings }),
+            Some(spec) => Ok(ParsedJob {
+                spec,
+                warnings,
+                lines,
+            }),
             // read_job returns None only after recording an error.
             None => Err(InvalidDefinition { errors: vec![] }),
         }
@@ -178,7 +171,12 @@ fn report_invalid(r: &mut Reader, root: &Node, invalid: &InvalidJob) {
     }
 }
 
-fn read_job(r: &mut Reader, root: &Node, base_dir: &Path) -> Option<CommandJob> {
+fn read_job(
+    r: &mut Reader,
+    root: &Node,
+    base_dir: &Path,
+    lines: &mut BTreeMap<String, usize>,
+) -> Option<CommandJob> {
     let top = r.mapping(root, "", TOP_KEYS)?;
     let get = |k: &str| top.get_node(k);
 
@@ -226,9 +224,20 @@ fn read_job(r: &mut Reader, root: &Node, base_dir: &Path) -> Option<CommandJob> 
         .map(|n| r.string_map(n, "environment_variables"))
         .unwrap_or_default();
 
-    let code = get("code")
-        .filter(|n| !is_null(n))
-        .and_then(|n| local_path(r, n, "code", base_dir));
+    let code = get("code").filter(|n| !is_null(n)).and_then(|n| {
+        lines.insert("code".to_string(), line_of(n));
+        match read_path_value(r, n, "code", base_dir)? {
+            PathValue::Local(p) => Some(Code::Local(p)),
+            PathValue::Url(_) | PathValue::Datastore(_) => {
+                r.error(
+                    n,
+                    "code",
+                    "must be a local folder (the CLI uploads it as a snapshot)",
+                );
+                None
+            }
+        }
+    });
 
     let compute = get("compute").filter(|n| !is_null(n)).and_then(|n| {
         let c = r.non_empty(n, "compute")?;
@@ -262,11 +271,11 @@ fn read_job(r: &mut Reader, root: &Node, base_dir: &Path) -> Option<CommandJob> 
 
     let inputs = get("inputs")
         .filter(|n| !is_null(n))
-        .map(|n| read_inputs(r, n, base_dir))
+        .map(|n| read_inputs(r, n, base_dir, lines))
         .unwrap_or_default();
     let outputs = get("outputs")
         .filter(|n| !is_null(n))
-        .map(|n| read_outputs(r, n, base_dir))
+        .map(|n| read_outputs(r, n, base_dir, lines))
         .unwrap_or_default();
     let drover = get("drover")
         .filter(|n| !is_null(n))
@@ -489,7 +498,88 @@ fn read_distribution(r: &mut Reader, n: &Node) -> Option<Distribution> {
     })
 }
 
-fn read_inputs(r: &mut Reader, n: &Node, base_dir: &Path) -> BTreeMap<String, Input> {
+/// Where a path input's or output's `path:` points.
+enum PathValue {
+    Local(PathBuf),
+    Url(String),
+    Datastore(DatastorePath),
+}
+
+/// Reads a `path:`: a local path (relative to the YAML's folder; `file:`
+/// allowed), an `http(s)://` URL, or `azureml://datastores/NAME/paths/PATH`.
+fn read_path_value(r: &mut Reader, node: &Node, path: &str, base_dir: &Path) -> Option<PathValue> {
+    let s = r.non_empty(node, path)?;
+    let s = s.trim();
+    if s.starts_with("http://") || s.starts_with("https://") {
+        return Some(PathValue::Url(s.to_string()));
+    }
+    if s.starts_with(DatastorePath::PREFIX) {
+        return match DatastorePath::parse(s) {
+            Ok(d) => Some(PathValue::Datastore(d)),
+            Err(e) => {
+                r.error(node, path, e);
+                None
+            }
+        };
+    }
+    if s.starts_with("azureml:") {
+        r.error(
+            node,
+            path,
+            format!(
+                "`{s}` is not supported: use a local path, an https:// URL or azureml://datastores/NAME/paths/PATH (registered data assets and job outputs by URI are not supported yet)"
+            ),
+        );
+        return None;
+    }
+    if let Some((scheme, _)) = s.split_once("://") {
+        r.error(
+            node,
+            path,
+            format!(
+                "`{scheme}://` paths are not supported: use a local path, an https:// URL, or register the storage as a datastore (`drover datastore create`) and use azureml://datastores/NAME/paths/PATH"
+            ),
+        );
+        return None;
+    }
+    Some(PathValue::Local(resolve(
+        base_dir,
+        s.strip_prefix("file:").unwrap_or(s),
+    )))
+}
+
+/// Reads `type:` of a path input or output: `uri_file`, `uri_folder`, and
+/// Azure ML's model types, which are folders (or files) to a job.
+fn read_path_kind(r: &mut Reader, node: &Node, path: &str, what: &str) -> Option<PathKind> {
+    let t = r.string(node, path)?;
+    match t.as_str() {
+        "uri_file" => Some(PathKind::UriFile),
+        "uri_folder" => Some(PathKind::UriFolder),
+        "custom_model" | "mlflow_model" | "triton_model" => {
+            r.warn(
+                node,
+                path,
+                format!("{t} is read as uri_folder (a folder of files)"),
+            );
+            Some(PathKind::UriFolder)
+        }
+        other => {
+            r.error(
+                node,
+                path,
+                format!("expected uri_file or uri_folder{what}, got {other}"),
+            );
+            None
+        }
+    }
+}
+
+fn read_inputs(
+    r: &mut Reader,
+    n: &Node,
+    base_dir: &Path,
+    lines: &mut BTreeMap<String, usize>,
+) -> BTreeMap<String, Input> {
     let mut out = BTreeMap::new();
     let Some(m) = r.mapping(n, "inputs", &[]) else {
         return out;
@@ -518,45 +608,89 @@ fn read_inputs(r: &mut Reader, n: &Node, base_dir: &Path) -> BTreeMap<String, In
                         "optional",
                     ],
                 );
-                let kind = im
-                    .get_node("type")
-                    .and_then(|t| r.string(t, &join(&path, "type")));
-                match kind.as_deref() {
-                    Some("uri_file") | Some("uri_folder") => {
-                        let path_kind = if kind.as_deref() == Some("uri_file") {
-                            PathKind::UriFile
-                        } else {
-                            PathKind::UriFolder
-                        };
-                        match im.get_node("path") {
-                            Some(p) => local_path(r, p, &join(&path, "path"), base_dir)
-                                .map(|p| Input::Path { path_kind, path: p }),
-                            None => {
-                                r.error(v, &join(&path, "path"), "is required");
-                                None
-                            }
+                let type_node = im.get_node("type");
+                let is_literal = match type_node {
+                    None => im.get_node("path").is_none(),
+                    Some(t) => matches!(
+                        t.as_scalar().map(|s| s.as_str()),
+                        Some("string" | "number" | "integer" | "boolean")
+                    ),
+                };
+                if is_literal {
+                    match im.get_node("value").or_else(|| im.get_node("default")) {
+                        Some(val) => r
+                            .string(val, &join(&path, "value"))
+                            .map(|value| Input::Literal { value }),
+                        None => {
+                            r.error(v, &path, "a literal input needs value or default");
+                            None
                         }
                     }
-                    Some("string" | "number" | "integer" | "boolean") | None => {
-                        match im.get_node("value").or_else(|| im.get_node("default")) {
-                            Some(val) => r
-                                .string(val, &join(&path, "value"))
-                                .map(|value| Input::Literal { value }),
-                            None => {
-                                r.error(v, &path, "a literal input needs value or default");
-                                None
-                            }
-                        }
-                    }
-                    Some(other) => {
-                        r.error(
-                            v,
+                } else {
+                    let path_kind = match type_node {
+                        Some(t) => read_path_kind(
+                            r,
+                            t,
                             &join(&path, "type"),
-                            format!(
-                                "expected uri_file, uri_folder, string, number, integer or boolean, got {other}"
-                            ),
-                        );
-                        None
+                            ", string, number, integer or boolean",
+                        ),
+                        None => Some(PathKind::UriFolder),
+                    };
+                    let mode = match im.get_node("mode").filter(|n| !is_null(n)) {
+                        None => Some(InputMode::RoMount),
+                        Some(mn) => match r.string(mn, &join(&path, "mode")).as_deref() {
+                            Some("ro_mount") => Some(InputMode::RoMount),
+                            Some("download") => Some(InputMode::Download),
+                            Some(
+                                other @ ("direct" | "eval_mount" | "eval_download" | "rw_mount"),
+                            ) => {
+                                r.error(
+                                    mn,
+                                    &join(&path, "mode"),
+                                    format!("{other} is not supported for inputs; use ro_mount or download"),
+                                );
+                                None
+                            }
+                            Some(other) => {
+                                r.error(
+                                    mn,
+                                    &join(&path, "mode"),
+                                    format!("expected ro_mount or download, got {other}"),
+                                );
+                                None
+                            }
+                            None => None,
+                        },
+                    };
+                    let value = match im.get_node("path") {
+                        Some(p) => {
+                            lines.insert(join(&path, "path"), line_of(p));
+                            read_path_value(r, p, &join(&path, "path"), base_dir)
+                        }
+                        None => {
+                            r.error(v, &join(&path, "path"), "is required");
+                            None
+                        }
+                    };
+                    match (path_kind, mode, value) {
+                        (Some(path_kind), Some(mode), Some(value)) => Some(match value {
+                            PathValue::Local(p) => Input::Path {
+                                path_kind,
+                                path: p,
+                                mode,
+                            },
+                            PathValue::Url(url) => Input::Url {
+                                path_kind,
+                                url,
+                                mode,
+                            },
+                            PathValue::Datastore(at) => Input::Datastore {
+                                path_kind,
+                                at,
+                                mode,
+                            },
+                        }),
+                        _ => None,
                     }
                 }
             }
@@ -568,7 +702,12 @@ fn read_inputs(r: &mut Reader, n: &Node, base_dir: &Path) -> BTreeMap<String, In
     out
 }
 
-fn read_outputs(r: &mut Reader, n: &Node, base_dir: &Path) -> BTreeMap<String, Output> {
+fn read_outputs(
+    r: &mut Reader,
+    n: &Node,
+    base_dir: &Path,
+    lines: &mut BTreeMap<String, usize>,
+) -> BTreeMap<String, Output> {
     let mut out = BTreeMap::new();
     let Some(m) = r.mapping(n, "outputs", &[]) else {
         return out;
@@ -576,23 +715,42 @@ fn read_outputs(r: &mut Reader, n: &Node, base_dir: &Path) -> BTreeMap<String, O
     for (k, v) in m.iter() {
         let path = join("outputs", k.as_str());
         let output = if is_null(v) {
-            Output { path: None }
+            Output::default()
         } else if let Some(om) = r.mapping(v, &path, &["type", "path", "mode", "description"]) {
+            let mut output = Output::default();
             if let Some(t) = om.get_node("type")
-                && let Some(t_str) = r.string(t, &join(&path, "type"))
-                && t_str != "uri_folder"
+                && let Some(kind) = read_path_kind(r, t, &join(&path, "type"), "")
             {
-                r.error(
-                    t,
-                    &join(&path, "type"),
-                    format!("only uri_folder outputs are supported, got {t_str}"),
-                );
+                output.path_kind = kind;
             }
-            Output {
-                path: om
-                    .get_node("path")
-                    .and_then(|p| local_path(r, p, &join(&path, "path"), base_dir)),
+            if let Some(mn) = om.get_node("mode").filter(|n| !is_null(n)) {
+                match r.string(mn, &join(&path, "mode")).as_deref() {
+                    Some("rw_mount") => output.mode = OutputMode::RwMount,
+                    Some("upload") => output.mode = OutputMode::Upload,
+                    Some(other) => r.error(
+                        mn,
+                        &join(&path, "mode"),
+                        format!("expected rw_mount or upload, got {other}"),
+                    ),
+                    None => {}
+                }
             }
+            if let Some(p) = om.get_node("path").filter(|n| !is_null(n)) {
+                lines.insert(join(&path, "path"), line_of(p));
+                match read_path_value(r, p, &join(&path, "path"), base_dir) {
+                    Some(PathValue::Local(local)) => output.path = Some(local),
+                    Some(PathValue::Datastore(d)) => output.datastore = Some(d),
+                    Some(PathValue::Url(u)) => r.error(
+                        p,
+                        &join(&path, "path"),
+                        format!(
+                            "`{u}`: outputs cannot be written to a URL; register the storage as a datastore and use azureml://datastores/NAME/paths/PATH"
+                        ),
+                    ),
+                    None => {}
+                }
+            }
+            output
         } else {
             continue;
         };
@@ -841,7 +999,7 @@ drover:
         assert_eq!(j.display_name.as_deref(), Some("Train"));
         assert_eq!(j.experiment_name.as_deref(), Some("mnist"));
         assert_eq!(j.tags.get("team").map(String::as_str), Some("ml"));
-        assert_eq!(j.code, Some(PathBuf::from("/jobs/demo/src")));
+        assert_eq!(j.code, Some(Code::Local(PathBuf::from("/jobs/demo/src"))));
         assert_eq!(
             j.image,
             "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
@@ -863,7 +1021,8 @@ drover:
             j.inputs.get("data"),
             Some(&Input::Path {
                 path_kind: PathKind::UriFolder,
-                path: PathBuf::from("/jobs/demo/data")
+                path: PathBuf::from("/jobs/demo/data"),
+                mode: InputMode::RoMount,
             })
         );
         assert_eq!(
@@ -998,8 +1157,44 @@ drover:
                 "job.yml:1: command: `${{jobs.x}}` is not supported (use ${{inputs.NAME}} or ${{outputs.NAME}})",
             ),
             (
-                "command: echo\nimage: x\ninputs:\n  d: {type: uri_folder, path: azureml://datastores/x/paths/y}\n",
-                "job.yml:4: inputs.d.path: only local paths are supported, got azureml://datastores/x/paths/y (remote datastores are not)",
+                "command: echo\nimage: x\ninputs:\n  d: {type: uri_folder, path: wasbs://c@a.blob.core.windows.net/y}\n",
+                "job.yml:4: inputs.d.path: `wasbs://` paths are not supported: use a local path, an https:// URL, or register the storage as a datastore (`drover datastore create`) and use azureml://datastores/NAME/paths/PATH",
+            ),
+            (
+                "command: echo\nimage: x\ninputs:\n  d: {type: uri_folder, path: azureml://datastores/x-y/paths/y}\n",
+                "job.yml:4: inputs.d.path: `x-y` is not a datastore name (letters, digits and `_`, starting with a letter)",
+            ),
+            (
+                "command: echo\nimage: x\ninputs:\n  d: {type: uri_folder, path: azureml://datastores/x/paths/../etc}\n",
+                "job.yml:4: inputs.d.path: `../etc` has an empty, `.` or `..` component; paths stay inside their folder",
+            ),
+            (
+                "command: echo\nimage: x\ninputs:\n  d: {type: uri_folder, path: 'https://example.com/data'}\n",
+                "job.yml:4: inputs.d.type: `https://example.com/data` is a URL: a URL input is a file (type: uri_file); folders come from local paths or datastores",
+            ),
+            (
+                "command: echo\nimage: x\ninputs:\n  d: {type: uri_file, path: 'https://example.com/d.csv', mode: direct}\n",
+                "job.yml:4: inputs.d.mode: direct is not supported for inputs; use ro_mount or download",
+            ),
+            (
+                "command: echo\nimage: x\ninputs:\n  d: {type: uri_file, path: azureml:my-data:1}\n",
+                "job.yml:4: inputs.d.path: `azureml:my-data:1` is not supported: use a local path, an https:// URL or azureml://datastores/NAME/paths/PATH (registered data assets and job outputs by URI are not supported yet)",
+            ),
+            (
+                "command: echo\nimage: x\noutputs:\n  default: {type: uri_folder}\n",
+                "job.yml:4: outputs.default: `default` is the name of the job's artifacts (./outputs and ./logs); pick another",
+            ),
+            (
+                "command: echo\nimage: x\noutputs:\n  o: {type: uri_file, path: ./model.pkl}\n",
+                "job.yml:4: outputs.o.path: a uri_file output is written to the artifact store or a datastore path; give a local folder to a uri_folder output",
+            ),
+            (
+                "command: echo\nimage: x\noutputs:\n  o: {type: mltable}\n",
+                "job.yml:4: outputs.o.type: expected uri_file or uri_folder, got mltable",
+            ),
+            (
+                "command: echo\nimage: x\ncode: azureml://datastores/x/paths/src\n",
+                "job.yml:3: code: must be a local folder (the CLI uploads it as a snapshot)",
             ),
             (
                 "command: echo\nimage: x\ntype: sweep\n",
@@ -1178,7 +1373,8 @@ drover:
             j.inputs.get("data"),
             Some(&Input::Path {
                 path_kind: PathKind::UriFolder,
-                path: "/jobs/other".into()
+                path: "/jobs/other".into(),
+                mode: InputMode::RoMount,
             })
         );
         assert_eq!(j.display_name.as_deref(), Some("run: with a colon"));
@@ -1234,5 +1430,56 @@ drover:
         let back: JobSpec = serde_json::from_str(&json).unwrap();
         assert_eq!(j, back);
         assert!(!json.contains("hunter2"));
+    }
+
+    #[test]
+    fn remote_inputs_and_datastore_outputs_read_as_azure_ml_writes_them() {
+        let j = command(
+            "command: python train.py --data ${{inputs.data}} --csv ${{inputs.csv}} --model ${{outputs.model}} --score ${{outputs.score}}\nimage: x\ninputs:\n  data:\n    type: uri_folder\n    path: azureml://datastores/workspaceblobstore/paths/datasets/iris/\n    mode: download\n  csv:\n    type: uri_file\n    path: https://azuremlexamples.blob.core.windows.net/datasets/iris.csv\noutputs:\n  model:\n    type: custom_model\n  score:\n    type: uri_file\n    path: azureml://datastores/results/paths/run1/score.json\n    mode: upload\n",
+        );
+        assert_eq!(
+            j.inputs["data"],
+            Input::Datastore {
+                path_kind: PathKind::UriFolder,
+                at: DatastorePath {
+                    datastore: "workspaceblobstore".into(),
+                    path: "datasets/iris".into()
+                },
+                mode: InputMode::Download,
+            }
+        );
+        assert_eq!(
+            j.inputs["csv"],
+            Input::Url {
+                path_kind: PathKind::UriFile,
+                url: "https://azuremlexamples.blob.core.windows.net/datasets/iris.csv".into(),
+                mode: InputMode::RoMount,
+            }
+        );
+        assert_eq!(j.outputs["model"].path_kind, PathKind::UriFolder);
+        assert_eq!(j.outputs["score"].mode, OutputMode::Upload);
+        assert_eq!(
+            j.resolved_command(),
+            "python train.py --data /drover/inputs/data --csv /drover/inputs/csv/iris.csv --model /drover/outputs/model --score /drover/outputs/score/score.json"
+        );
+        // The JSON round-trips, and a stored job of format 2 (code as a
+        // string) still reads.
+        let spec = JobSpec::Command(CommandJob {
+            code: Some(Code::Snapshot(crate::files::BlobInfo {
+                digest: "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+                    .parse()
+                    .unwrap(),
+                size: 10240,
+            })),
+            ..j
+        });
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["code"]["size"], 10240);
+        assert_eq!(JobSpec::from_value_strict(json).unwrap(), spec);
+        let old = serde_json::json!({"type": "command", "format": 2, "command": "x", "image": "y", "code": "/srv/code",
+            "inputs": {"d": {"kind": "path", "path_kind": "uri_folder", "path": "/srv/d"}}, "outputs": {"o": {"path": null}}});
+        let old = JobSpec::from_value(old).unwrap().into_command().unwrap();
+        assert_eq!(old.code, Some(Code::Local("/srv/code".into())));
+        assert_eq!(old.outputs["o"], Output::default());
     }
 }

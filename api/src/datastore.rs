@@ -18,7 +18,9 @@ use crate::cluster::Timestamp;
 use crate::error::FieldError;
 use crate::files::WORKSPACE_DATASTORE;
 use crate::job::is_valid_datastore_name;
-use crate::yaml::{Diagnostic, InvalidDefinition, Reader, is_null, join, parse_mapping};
+use crate::yaml::{
+    Diagnostic, InvalidDefinition, Reader, SetOverride, is_null, join, parse_mapping_with,
+};
 
 /// A secret value (an account key, a SAS token, a secret access key). Sent
 /// once, from the CLI to the control plane, which stores it encrypted.
@@ -407,7 +409,16 @@ impl DatastoreSpec {
     /// Reads a datastore's YAML (Azure ML's `azure_blob` schema, or Drover's
     /// `s3` and `local`), then checks it with [`DatastoreSpec::validate`].
     pub fn from_yaml(file: &str, text: &str) -> Result<ParsedDatastore, InvalidDefinition> {
-        let root = parse_mapping(file, text)?;
+        DatastoreSpec::from_yaml_with(file, text, &[])
+    }
+
+    /// [`DatastoreSpec::from_yaml`] with `--set KEY=VALUE` overrides applied first.
+    pub fn from_yaml_with(
+        file: &str,
+        text: &str,
+        sets: &[SetOverride],
+    ) -> Result<ParsedDatastore, InvalidDefinition> {
+        let root = parse_mapping_with(file, text, sets)?;
         let mut r = Reader::new(file);
         let spec = read_datastore(&mut r, &root);
         if let Some(spec) = &spec

@@ -2,6 +2,21 @@
 
 use std::time::Duration;
 
+/// A size as people read it, in binary units: `512 B`, `1.5 GiB`.
+pub fn format_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 /// Parses a byte size the way `docker run --memory`/`--shm-size` do: a number
 /// with an optional binary unit `b k m g t` (case-insensitive, optional
 /// trailing `b`/`ib`): `16g`, `512MiB`, `1.5g`, `1048576`.

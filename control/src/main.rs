@@ -33,6 +33,8 @@ enum Command {
     Server(commands::server::ServerArgs),
     /// Manage clusters (Azure ML compute).
     Compute(commands::compute::ComputeArgs),
+    /// Datastores: named storage jobs read from and write to (`az ml datastore`).
+    Datastore(commands::datastore::DatastoreArgs),
     /// Submit and inspect jobs.
     Job(commands::job::JobArgs),
     /// Inspect nodes.
@@ -180,6 +182,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Server(args) => commands::server::run(args).await,
             Command::Compute(args) => commands::compute::run(args).await,
+            Command::Datastore(args) => commands::datastore::run(args).await,
             Command::Job(args) => commands::job::run(args).await,
             Command::Node(args) => commands::node::run(args).await,
             Command::Up(args) => commands::up::up(args).await,

@@ -11,8 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_api::job::JobSpec;
+use std::collections::BTreeMap;
+
+use drover_api::ParsedJob;
+use drover_api::files::MAX_CODE_BYTES;
+use drover_api::job::{Code, CommandJob, Input, JobSpec};
 use drover_api::wire::{LogStream, PartKey};
+use drover_files::snapshot::{IgnoreRules, Scan, SnapshotError};
+use drover_files::unpack_atomic;
 use drover_runner::init_output::split_marker;
 use drover_runner::part::{PartEvent, PartFiles, StopReason};
 use drover_runner::runtime::{LogLine, PullProgress};
@@ -117,7 +123,7 @@ fn default_name(path: &Path) -> String {
 }
 
 /// Reads and validates a job file, printing its warnings to stderr.
-pub fn load_job(path: &Path) -> Result<JobSpec, RunError> {
+pub fn load_job(path: &Path) -> Result<ParsedJob, RunError> {
     let text = std::fs::read_to_string(path).map_err(|source| RunError::ReadJob {
         path: path.to_path_buf(),
         source,
@@ -137,7 +143,137 @@ pub fn load_job(path: &Path) -> Result<JobSpec, RunError> {
     for w in &parsed.warnings {
         tracing::warn!("{w}");
     }
-    Ok(parsed.spec)
+    Ok(parsed)
+}
+
+/// Where a key of the job file is, for messages (`job.yml:3: code`).
+fn at(file: &Path, lines: &BTreeMap<String, usize>, key: &str) -> String {
+    match lines.get(key) {
+        Some(&line) if line > 0 => format!("{}:{line}: {key}", file.display()),
+        _ => format!("{}: {key}", file.display()),
+    }
+}
+
+/// The part's working directory under the run's folder: a copy of its code
+/// made as a cluster node makes it (`.amlignore`d files left out, the same
+/// size limit), with `outputs/` and `logs/` in it, so that a job that runs
+/// here runs unchanged on a cluster.
+fn prepare_work_dir(
+    job: &CommandJob,
+    run_dir: &Path,
+    file: &Path,
+    lines: &BTreeMap<String, usize>,
+) -> Result<PathBuf, RunError> {
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        RunError::Unsupported(format!("cannot {what} {}: {e}", p.display()))
+    };
+    let work = run_dir.join(WORK_DIR);
+    if work.exists() {
+        std::fs::remove_dir_all(&work).map_err(|e| io("remove", &work, e))?;
+    }
+    match &job.code {
+        Some(Code::Local(dir)) => {
+            let code_at = at(file, lines, "code");
+            let scan = Scan::of(dir, IgnoreRules::AmlOrGit).map_err(|e| match e {
+                SnapshotError::Missing(p) => RunError::Unsupported(format!(
+                    "{code_at}: code folder {} does not exist",
+                    p.display()
+                )),
+                other => RunError::Unsupported(format!(
+                    "{code_at}: {}",
+                    drover_api::error::chain(&other)
+                )),
+            })?;
+            if scan.bytes > MAX_CODE_BYTES {
+                return Err(RunError::Unsupported(
+                    scan.over_limit_message(&code_at, MAX_CODE_BYTES),
+                ));
+            }
+            std::fs::create_dir_all(run_dir).map_err(|e| io("create", run_dir, e))?;
+            let tar = run_dir.join(format!("{WORK_DIR}.tar"));
+            let copied = scan
+                .write_to_file(&tar)
+                .map_err(|e| {
+                    RunError::Unsupported(format!("{code_at}: {}", drover_api::error::chain(&e)))
+                })
+                .and_then(|_| {
+                    let f = std::fs::File::open(&tar).map_err(|e| io("read", &tar, e))?;
+                    unpack_atomic(std::io::BufReader::new(f), &work)
+                        .map_err(|e| RunError::Unsupported(drover_api::error::chain(&e)))
+                });
+            let _ = std::fs::remove_file(&tar);
+            copied?;
+        }
+        Some(Code::Snapshot(_)) => {
+            return Err(RunError::Unsupported(format!(
+                "{}: an uploaded snapshot is a cluster's; drover run takes a local folder",
+                at(file, lines, "code")
+            )));
+        }
+        None => std::fs::create_dir_all(&work).map_err(|e| io("create", &work, e))?,
+    }
+    for sub in ["outputs", "logs"] {
+        let d = work.join(sub);
+        std::fs::create_dir_all(&d).map_err(|e| io("create", &d, e))?;
+    }
+    Ok(work)
+}
+
+/// The part's working directory, under the run's folder, while it runs.
+const WORK_DIR: &str = ".work";
+
+/// Moves the working directory's `outputs/` and `logs/` to the run's
+/// `artifacts/` (where `drover job download` puts a cluster job's) and
+/// removes the rest.
+fn keep_artifacts(work: &Path, run_dir: &Path) -> std::io::Result<PathBuf> {
+    let artifacts = run_dir.join("artifacts");
+    std::fs::create_dir_all(&artifacts)?;
+    for sub in ["outputs", "logs"] {
+        let from = work.join(sub);
+        let to = artifacts.join(sub);
+        if from.is_dir() {
+            if to.exists() {
+                std::fs::remove_dir_all(&to)?;
+            }
+            std::fs::rename(&from, &to)?;
+        }
+    }
+    std::fs::remove_dir_all(work)?;
+    Ok(artifacts)
+}
+
+/// Refuses inputs `drover run` cannot fetch; outputs bound for a datastore
+/// are kept on this machine, with a note.
+fn check_local(
+    job: &CommandJob,
+    file: &Path,
+    lines: &BTreeMap<String, usize>,
+) -> Result<(), RunError> {
+    for (name, input) in &job.inputs {
+        let key = format!("inputs.{name}.path");
+        let why = match input {
+            Input::Url { url, .. } => format!(
+                "`{url}`: drover run does not download inputs; download it and give its local path, or submit the job to a cluster (its nodes download it)"
+            ),
+            Input::Datastore { at: d, .. } => format!(
+                "`{d}`: datastores are a control plane's; give a local path, or submit the job to a cluster"
+            ),
+            Input::Blob { .. } => "an uploaded input is a cluster's; give a local path".to_string(),
+            Input::Literal { .. } | Input::Path { .. } => continue,
+        };
+        return Err(RunError::Unsupported(format!(
+            "{}: {why}",
+            at(file, lines, &key)
+        )));
+    }
+    for (name, output) in &job.outputs {
+        if let Some(d) = &output.datastore {
+            note(format_args!(
+                "drover: output {name} goes to {d} on a cluster; drover run keeps it on this machine"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Renders pull progress: one bar per layer on a terminal, a few lines
@@ -257,7 +393,9 @@ impl JobOutput {
 
 /// Runs the job in `path` and returns the exit code `drover run` should end with.
 pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
-    let spec = load_job(path)?;
+    let parsed = load_job(path)?;
+    let lines = parsed.lines;
+    let spec = parsed.spec;
     let kind = spec.kind();
     let Some(mut job) = spec.into_command() else {
         return Err(RunError::Unsupported(format!(
@@ -309,6 +447,8 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
             .join(outputs_root)
     };
 
+    check_local(&job, path, &lines)?;
+    let work = prepare_work_dir(&job, &outputs_root, path, &lines)?;
     let runtime = Arc::new(DockerRuntime::connect().await?);
     let placement = Placement {
         gpu_uuids: config.gpu_uuids.clone(),
@@ -317,14 +457,7 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
             PartKey::new(&name, 1, 0),
             "run",
             init_binary,
-            PartFiles::local(
-                &job,
-                job.code
-                    .as_ref()
-                    .and_then(|c| c.local())
-                    .map(Path::to_path_buf),
-                &outputs_root,
-            ),
+            PartFiles::local(&job, Some(work.clone()), &outputs_root),
         )
     };
     let host = HostFacts::probe();
@@ -423,6 +556,16 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
         )),
         PartOutcome::Canceled => note(format_args!(
             "drover: job {name} canceled; its container was removed"
+        )),
+    }
+    match keep_artifacts(&work, &outputs_root) {
+        Ok(dir) => note(format_args!(
+            "drover: artifacts (./outputs and ./logs): {}",
+            dir.display()
+        )),
+        Err(e) => note(format_args!(
+            "drover: cannot keep ./outputs and ./logs of {}: {e}",
+            work.display()
         )),
     }
     if !job.outputs.is_empty() {

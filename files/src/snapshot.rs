@@ -217,6 +217,30 @@ impl Scan {
         files
     }
 
+    /// What to tell a user whose folder at `at` (`job.yml:3: code`) is
+    /// over `limit` bytes: its size, its largest files, and what to do.
+    pub fn over_limit_message(&self, at: &str, limit: u64) -> String {
+        use drover_api::units::format_bytes;
+        let mut msg = format!(
+            "{at}: {} is {} in {} files; code may be at most {} (as on Azure ML). Its largest files:",
+            self.root.display(),
+            format_bytes(self.bytes),
+            self.files,
+            format_bytes(limit)
+        );
+        for (path, size) in self.largest(5) {
+            msg.push_str(&format!("\n  {:>10}  {path}", format_bytes(size)));
+        }
+        let file = match self.ignore_file {
+            Some(f) => format!("add them to its {f}"),
+            None => "list them in a .amlignore file in the folder (gitignore syntax)".to_string(),
+        };
+        msg.push_str(&format!(
+            "\n{file}, and pass data as inputs (type: uri_folder) instead of code"
+        ));
+        msg
+    }
+
     /// A digest of the tree as the file system describes it (paths, kinds,
     /// sizes, modes, times, inodes), not of its bytes: equal signatures
     /// mean an unchanged folder, and so the same snapshot.
@@ -438,6 +462,10 @@ mod tests {
         assert_ne!(changed.signature(), sa.signature());
         assert_ne!(changed.write_tar(Vec::new()).unwrap().1, ia);
         assert_eq!(changed.largest(2), [("run.sh", 9), ("z.py", 2)]);
+        let msg = changed.over_limit_message("job.yml:3: code", 10);
+        assert!(msg.starts_with("job.yml:3: code: "), "{msg}");
+        assert!(msg.contains("9 B  run.sh"), "{msg}");
+        assert!(msg.contains("list them in a .amlignore file"), "{msg}");
     }
 
     #[test]

@@ -395,11 +395,12 @@ pub fn plan_container(job: &CommandJob, p: &Placement, host: &HostFacts) -> Cont
         cmd,
         env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
         labels: labels_map,
-        working_dir: if p.files.work_dir.is_some() {
-            Some(CODE_DIR.to_string())
-        } else {
-            args.workdir.clone()
-        },
+        // `--workdir` in docker_args is the user's word; else the part's
+        // working directory, as on Azure ML.
+        working_dir: args
+            .workdir
+            .clone()
+            .or_else(|| p.files.work_dir.as_ref().map(|_| CODE_DIR.to_string())),
         user: args.user.clone(),
         binds,
         shm_size: job.shm_size(),

@@ -178,6 +178,70 @@ drover:
 }
 
 #[test]
+fn the_working_directory_is_a_copy_of_the_code_with_outputs_and_logs_as_on_azure_ml() {
+    // Azure ML's hello-world-output, with code whose .amlignore leaves a file out.
+    let j = job(
+        r#"'ls; test -e secret.txt && echo secret-visible; echo "hello world" > ./outputs/helloworld.txt; echo step1 > ./logs/train.log; echo scratch > scratch.txt'"#,
+        "code: src\n",
+    );
+    j.write("src/train.py", "print('hi')\n");
+    j.write("src/secret.txt", "keep out\n");
+    j.write("src/.amlignore", "secret.txt\n");
+    let name = unique_name("artifacts");
+    let r = drover_run(&j, &name, &[]);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        r.stdout,
+        r.stderr
+    );
+    assert!(r.stdout.contains("train.py"), "{}", r.stdout);
+    assert!(!r.stdout.contains("secret-visible"), "{}", r.stdout);
+    let artifacts = j.path(&format!("outputs/{name}/artifacts"));
+    assert_eq!(
+        std::fs::read_to_string(artifacts.join("outputs/helloworld.txt")).unwrap_or_default(),
+        "hello world\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(artifacts.join("logs/train.log")).unwrap_or_default(),
+        "step1\n"
+    );
+    assert!(
+        r.stderr.contains("artifacts (./outputs and ./logs)"),
+        "{}",
+        r.stderr
+    );
+    // The user's folder is as it was; the copy is gone.
+    assert!(!j.path("src/scratch.txt").exists());
+    assert!(!j.path("src/outputs").exists());
+    assert!(!j.path(&format!("outputs/{name}/.work")).exists());
+
+    // Without code the job still has ./outputs, as on Azure ML.
+    let j = job(r#"'echo "hello world" > ./outputs/helloworld.txt'"#, "");
+    let name = unique_name("nocode");
+    let r = drover_run(&j, &name, &[]);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert!(
+        j.path(&format!("outputs/{name}/artifacts/outputs/helloworld.txt"))
+            .is_file()
+    );
+}
+
+#[test]
+fn a_missing_code_folder_names_its_line() {
+    let j = job("echo", "code: ./nope\n");
+    let r = drover_run(&j, &unique_name("nocode"), &[]);
+    assert_eq!(r.code, Some(125), "stderr: {}", r.stderr);
+    assert!(
+        r.stderr.contains("job.yml:4: code: code folder")
+            && r.stderr.contains("nope does not exist"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
 fn three_local_ranks_get_rank_variables() {
     let j = job(
         r#"'echo "rank=$RANK local=$LOCAL_RANK world=$WORLD_SIZE"'"#,

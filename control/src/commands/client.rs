@@ -68,6 +68,16 @@ impl Client {
         })
     }
 
+    /// A client of the server's blob routes, with this client's token.
+    pub fn blobs(&self) -> drover_files::BlobClient {
+        drover_files::BlobClient::new(
+            self.http.clone(),
+            &self.base,
+            drover_files::BlobRoutes::User,
+            self.token.clone().unwrap_or_default(),
+        )
+    }
+
     /// Sends a request and decodes the answer; API errors become messages.
     pub async fn call<B: Serialize, T: DeserializeOwned>(
         &self,

@@ -10,6 +10,7 @@ use drover_api::{JobSpec, SetOverride};
 use reqwest::Method;
 
 use super::client::{Client, ClientArgs, encode, print_json};
+use super::files;
 use super::output::{ago, or_dash, table};
 use drover_control::output;
 use drover_control::server::now;
@@ -54,8 +55,27 @@ enum JobCommand {
         #[arg(long, short = 'c')]
         compute: Option<String>,
     },
-    /// Show a job and its parts.
+    /// Show a job, its parts and its outputs.
     Show(JobName),
+    /// Download a job's outputs (`az ml job download`): the default output
+    /// (the working directory's ./outputs and ./logs) to DIR/artifacts, named
+    /// outputs to DIR/named-outputs/NAME.
+    Download {
+        #[command(flatten)]
+        job: JobName,
+        /// One named output (`default` for the artifacts).
+        #[arg(long)]
+        output_name: Option<String>,
+        /// Every output: the artifacts and each named output.
+        #[arg(long, conflicts_with = "output_name")]
+        all: bool,
+        /// Where to put them (default: the current directory).
+        #[arg(long, short = 'p')]
+        download_path: Option<PathBuf>,
+        /// The attempt whose outputs to fetch (default: the latest).
+        #[arg(long)]
+        attempt: Option<u32>,
+    },
     /// Follow a job's logs until it ends (`az ml job stream`).
     Stream(JobName),
     /// Cancel a job.
@@ -177,7 +197,53 @@ pub async fn run(args: JobArgs) -> anyhow::Result<i32> {
             if json {
                 print_json(&job)?;
             } else {
-                output::print(&show(&job))?;
+                // A job whose outputs cannot be read is still shown.
+                let outputs = get_outputs(&client, &name, None).await.ok();
+                output::print(&show(&job, outputs.as_ref()))?;
+            }
+            Ok(0)
+        }
+        JobCommand::Download {
+            job,
+            output_name,
+            all,
+            download_path,
+            attempt,
+        } => {
+            let name = job.get()?;
+            let wanted = match (all, output_name) {
+                (true, _) => files::Wanted::All,
+                (false, Some(o)) if o == drover_api::files::DEFAULT_OUTPUT => {
+                    files::Wanted::Default
+                }
+                (false, Some(o)) => files::Wanted::Named(o),
+                (false, None) => files::Wanted::Default,
+            };
+            let info = get_job(&client, &name).await?;
+            let outputs = get_outputs(&client, &name, attempt).await?;
+            let dir = download_path.unwrap_or_else(|| PathBuf::from("."));
+            let (count, bytes) =
+                files::download_outputs(&outputs, &wanted, &dir, &client.blobs()).await?;
+            if !info.state.is_terminal() {
+                output::note(format_args!(
+                    "drover: job {name} is {}; a part's outputs arrive when it ends",
+                    info.state
+                ));
+            }
+            if json {
+                print_json(&serde_json::json!({
+                    "job": name,
+                    "attempt": outputs.attempt,
+                    "files": count,
+                    "bytes": bytes,
+                    "download_path": dir,
+                }))?;
+            } else {
+                output::println(format_args!(
+                    "downloaded {count} files ({}) of job {name} to {}",
+                    super::output::bytes(bytes),
+                    dir.display()
+                ))?;
             }
             Ok(0)
         }
@@ -217,6 +283,22 @@ async fn stream_job(client: &Client, job: &str, json: bool) -> anyhow::Result<i3
     } else {
         1
     })
+}
+
+async fn get_outputs(
+    client: &Client,
+    name: &str,
+    attempt: Option<u32>,
+) -> anyhow::Result<drover_api::files::JobOutputs> {
+    let query = attempt.map(|a| format!("?attempt={a}")).unwrap_or_default();
+    client
+        .call(
+            Method::GET,
+            &format!("/v1/jobs/{}/outputs{query}", encode(name)),
+            None::<&()>,
+        )
+        .await
+        .with_context(|| format!("cannot list the outputs of job {name}"))
 }
 
 async fn get_job(client: &Client, name: &str) -> anyhow::Result<wire::JobInfo> {
@@ -264,6 +346,12 @@ async fn create(
             .map_err(|e| anyhow::anyhow!("{e}"))
             .context("invalid --name")?;
     }
+    let JobSpec::Command(job) = &mut spec;
+    let origin = files::Origin {
+        file: &file.display().to_string(),
+        lines: &parsed.lines,
+    };
+    files::upload_job_files(job, &client.blobs(), &origin).await?;
     let job: wire::JobInfo = client
         .call(
             Method::POST,
@@ -287,7 +375,7 @@ async fn create(
 }
 
 /// `job show` as text.
-fn show(j: &wire::JobInfo) -> String {
+fn show(j: &wire::JobInfo, outputs: Option<&drover_api::files::JobOutputs>) -> String {
     let t = now();
     let mut out = String::new();
     let mut kv = |k: &str, v: String| out.push_str(&format!("{k:<16}{v}\n"));
@@ -325,6 +413,36 @@ fn show(j: &wire::JobInfo) -> String {
             })
             .collect();
         out.push_str(&table(&["ATTEMPT", "RANK", "NODE", "STATE", "EXIT"], &rows));
+    }
+    if let Some(o) = outputs.filter(|o| !o.outputs.is_empty()) {
+        out.push('\n');
+        let rows: Vec<Vec<String>> = o
+            .outputs
+            .iter()
+            .map(|x| {
+                let mut notes = Vec::new();
+                if !x.conflicts.is_empty() {
+                    notes.push(format!("{} paths written by two nodes", x.conflicts.len()));
+                }
+                if !x.skipped.is_empty() {
+                    notes.push(format!(
+                        "{} not uploaded (links or unreadable)",
+                        x.skipped.len()
+                    ));
+                }
+                if let Some(d) = &x.destination {
+                    notes.push(format!("also at {d}"));
+                }
+                vec![
+                    x.name.clone(),
+                    x.files.len().to_string(),
+                    super::output::bytes(x.bytes),
+                    or_dash((!notes.is_empty()).then(|| notes.join("; "))),
+                ]
+            })
+            .collect();
+        out.push_str(&format!("outputs of attempt {}:\n", o.attempt));
+        out.push_str(&table(&["OUTPUT", "FILES", "SIZE", "NOTES"], &rows));
     }
     out
 }

@@ -4,6 +4,8 @@
 
 pub mod client;
 pub mod compute;
+pub mod datastore;
+pub mod files;
 pub mod job;
 pub mod node;
 pub mod output;

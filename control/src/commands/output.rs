@@ -43,20 +43,8 @@ pub fn ago(t: Timestamp, now: Timestamp) -> String {
     }
 }
 
-/// `512 B`, `1.5 KiB`, `80.0 GiB`, `2.0 TiB`.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
+/// Sizes as people read them (`1.5 GiB`).
+pub use drover_api::units::format_bytes as bytes;
 
 /// `-` for nothing.
 pub fn or_dash(v: Option<impl ToString>) -> String {

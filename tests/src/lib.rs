@@ -5,6 +5,7 @@
 //! (`images/build-offline.sh base`); they fail with a message that says so
 //! when either is missing, rather than skipping.
 
+pub mod cluster;
 pub mod kill_loop;
 
 use std::io::{BufRead, BufReader, Read};

@@ -678,16 +678,22 @@ impl ServerProc {
         }
     }
 
-    /// Runs `drover ARGS` against this server.
-    pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(self.drover())
-            .args(args)
+    /// `drover ARGS` against this server, to be run (with its own data and
+    /// cache folders).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(self.drover());
+        cmd.args(args)
             .env("DROVER_SERVER", self.url())
             .env("DROVER_TOKEN", &self.token)
             .env("DROVER_DATA_DIR", self.data.path().join("cli"))
-            .env_remove("DROVER_LOG")
-            .output()
-            .expect("drover runs")
+            .env("XDG_CACHE_HOME", self.data.path().join("cli-cache"))
+            .env_remove("DROVER_LOG");
+        cmd
+    }
+
+    /// Runs `drover ARGS` against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("drover runs")
     }
 
     /// Runs `drover ARGS`, asserts success and returns stdout.

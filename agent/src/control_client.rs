@@ -1,5 +1,7 @@
 //! The agent's only door to the control plane: register, heartbeat, watch
-//! assignments and upload logs over the `/v1/agent/*` routes, plus the capped,
+//! assignments, upload logs, post outputs and fetch datastore files over the
+//! `/v1/agent/*` routes (blobs through `drover_files`'s `BlobClient`, built
+//! here with the agent's credential), plus the capped,
 //! jittered exponential backoff the daemon retries with.
 //!
 //! Architecture Invariant: nothing else in the agent speaks HTTP to the
@@ -12,6 +14,8 @@ use drover_api::wire::{
     Assignments, ErrorBody, HeartbeatRequest, HeartbeatResponse, LogBatch, LogBatchAccepted,
     RegisterRequest, RegisterResponse,
 };
+use drover_api::files::{DataListing, PartOutputs, PartOutputsAccepted};
+use drover_files::transfer::{BlobClient, BlobRoutes};
 use reqwest::StatusCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -176,6 +180,100 @@ impl ControlClient {
             .await
     }
 
+    /// `POST /v1/agent/outputs`: the part's uploaded outputs, before its final state.
+    pub async fn post_outputs(
+        &self,
+        outputs: &PartOutputs,
+    ) -> Result<PartOutputsAccepted, ClientError> {
+        self.post("/v1/agent/outputs", outputs, Duration::from_secs(60))
+            .await
+    }
+
+    /// `GET /v1/agent/datastores/{name}/list?path=P`: the files under `path`.
+    pub async fn datastore_list(
+        &self,
+        datastore: &str,
+        path: &str,
+    ) -> Result<DataListing, ClientError> {
+        let url = format!(
+            "{}/v1/agent/datastores/{datastore}/list?path={}",
+            self.base,
+            query_value(path)
+        );
+        let req = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(60));
+        self.send(url, req).await
+    }
+
+    /// `GET /v1/agent/datastores/{name}/file?path=P`, its bytes written to
+    /// `dest` (replaced). Returns the bytes written.
+    pub async fn datastore_file(
+        &self,
+        datastore: &str,
+        path: &str,
+        dest: &std::path::Path,
+    ) -> Result<u64, DatastoreFileError> {
+        use tokio::io::AsyncWriteExt;
+        let url = format!(
+            "{}/v1/agent/datastores/{datastore}/file?path={}",
+            self.base,
+            query_value(path)
+        );
+        let mut req = self.http.get(&url);
+        if let Some(c) = self.current_credential() {
+            req = req.bearer_auth(c);
+        }
+        let unreachable = |source| ClientError::Unreachable {
+            url: url.clone(),
+            source,
+        };
+        let mut resp = req.send().await.map_err(unreachable)?;
+        if resp.status() != StatusCode::OK {
+            let status = resp.status().as_u16();
+            let bytes = resp.bytes().await.unwrap_or_default();
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| b.error.message)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ClientError::Rejected {
+                url,
+                status,
+                message,
+            }
+            .into());
+        }
+        let local = |source| DatastoreFileError::Local {
+            path: dest.to_path_buf(),
+            source,
+        };
+        let mut file = tokio::fs::File::create(dest).await.map_err(local)?;
+        let mut written = 0u64;
+        while let Some(chunk) = resp.chunk().await.map_err(unreachable)? {
+            file.write_all(&chunk).await.map_err(local)?;
+            written += chunk.len() as u64;
+        }
+        file.flush().await.map_err(local)?;
+        file.sync_all().await.map_err(local)?;
+        Ok(written)
+    }
+
+    /// A blob client over the agent's routes, with the current credential
+    /// (built per use: the credential may be rotated).
+    pub fn blob_client(&self) -> BlobClient {
+        BlobClient::new(
+            self.http.clone(),
+            &self.base,
+            BlobRoutes::Agent,
+            self.current_credential().unwrap_or_default(),
+        )
+    }
+
+    /// The control plane's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
@@ -223,6 +321,43 @@ impl ControlClient {
             });
         }
         serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode { url, source })
+    }
+}
+
+/// `value` percent-encoded for a query string (`/` kept).
+fn query_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A datastore file that could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum DatastoreFileError {
+    /// The control plane did not give it.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Writing it failed.
+    #[error("cannot write {path}")]
+    Local {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DatastoreFileError {
+    /// True when trying again later may work.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, DatastoreFileError::Client(c) if c.is_transient())
     }
 }
 
@@ -285,6 +420,11 @@ mod tests {
         assert!(late >= Duration::from_secs(1), "{late:?}");
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(query_value("datasets/iris a&b=c"), "datasets/iris%20a%26b%3Dc");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod control_client;
 pub mod daemon;
+pub mod files;
 pub mod http;
 pub mod inventory;
 pub mod metrics;

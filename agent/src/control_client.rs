@@ -10,11 +10,11 @@
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
+use drover_api::files::{DataListing, PartOutputs, PartOutputsAccepted};
 use drover_api::wire::{
     Assignments, ErrorBody, HeartbeatRequest, HeartbeatResponse, LogBatch, LogBatchAccepted,
     RegisterRequest, RegisterResponse,
 };
-use drover_api::files::{DataListing, PartOutputs, PartOutputsAccepted};
 use drover_files::transfer::{BlobClient, BlobRoutes};
 use reqwest::StatusCode;
 use serde::Serialize;
@@ -200,10 +200,7 @@ impl ControlClient {
             self.base,
             query_value(path)
         );
-        let req = self
-            .http
-            .get(&url)
-            .timeout(Duration::from_secs(60));
+        let req = self.http.get(&url).timeout(Duration::from_secs(60));
         self.send(url, req).await
     }
 
@@ -424,7 +421,10 @@ mod tests {
 
     #[test]
     fn query_values_are_percent_encoded() {
-        assert_eq!(query_value("datasets/iris a&b=c"), "datasets/iris%20a%26b%3Dc");
+        assert_eq!(
+            query_value("datasets/iris a&b=c"),
+            "datasets/iris%20a%26b%3Dc"
+        );
     }
 
     #[test]

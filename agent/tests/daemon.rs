@@ -260,6 +260,7 @@ fn start_with(
         job_network: None,
         imds,
         self_fence: true,
+        cache_max_bytes: 1 << 30,
     };
     let runner = Arc::new(PartRunner::new(
         runtime.clone(),

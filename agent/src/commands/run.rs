@@ -72,6 +72,10 @@ pub struct RunArgs {
     /// long (default true; `false` for clusters that prefer running on).
     #[arg(long, env = "DROVER_SELF_FENCE", action = clap::ArgAction::Set)]
     self_fence: Option<bool>,
+    /// The most bytes the node cache of code snapshots and inputs keeps
+    /// (least recently used entries are evicted; default 20 GiB).
+    #[arg(long, env = "DROVER_CACHE_MAX_BYTES")]
+    cache_max_bytes: Option<u64>,
 }
 
 /// The config file: the same settings as the flags.
@@ -94,6 +98,7 @@ struct FileConfig {
     metrics_listen: Option<SocketAddr>,
     job_network: Option<String>,
     self_fence: Option<bool>,
+    cache_max_bytes: Option<u64>,
 }
 
 fn seconds(v: Option<f64>, default: f64, what: &str) -> anyhow::Result<Duration> {
@@ -250,6 +255,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         job_network: args.job_network.or(file.job_network),
         imds: None,
         self_fence: args.self_fence.or(file.self_fence).unwrap_or(true),
+        cache_max_bytes: args
+            .cache_max_bytes
+            .or(file.cache_max_bytes)
+            .unwrap_or(drover_agent::files::cache::DEFAULT_CACHE_MAX_BYTES),
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()

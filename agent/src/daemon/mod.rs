@@ -126,6 +126,9 @@ pub struct DaemonConfig {
     /// its grace period (see `fence`); off for clusters that prefer their
     /// jobs to run on through a partition.
     pub self_fence: bool,
+    /// The most bytes the node cache (code snapshots and inputs) keeps
+    /// after evicting its least recently used entries.
+    pub cache_max_bytes: u64,
 }
 
 impl std::fmt::Debug for DaemonConfig {
@@ -270,6 +273,14 @@ pub async fn run<R: ContainerRuntime>(
     };
     let client = joined.client;
     tracing::info!(node = %config.node_id, cluster = %config.cluster, "agent joined");
+    let materializer = crate::files::materialize::Materializer {
+        client: client.clone(),
+        cache: crate::files::cache::Cache::new(
+            config.data_dir.join(crate::files::CACHE_DIR),
+            config.cache_max_bytes,
+        ),
+        urls: crate::files::url::UrlClient::new().map_err(ClientError::Build)?,
+    };
 
     // A VM learnt after start joins the inventories from then on.
     let late_vm = instance::LateVm::default();
@@ -354,6 +365,8 @@ pub async fn run<R: ContainerRuntime>(
         ship: ship_tx,
         metrics,
         gpus,
+        materializer,
+        fenced: Arc::new(AtomicBool::new(false)),
         supervisors: BTreeMap::new(),
         known: Known::default(),
         desired: None,

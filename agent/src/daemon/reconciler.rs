@@ -24,6 +24,8 @@ use super::maintenance::Drain;
 use super::state::{Ended, HealthyGpus, SharedReports, lock};
 use super::supervisor::{PartCtx, SupervisorKind, supervise};
 use super::{DaemonConfig, Input, Ship};
+use crate::files::materialize::Materializer;
+use crate::files::{PartDir, remove_stale_part_dirs};
 use crate::metrics::Metrics;
 use crate::reconcile::{Action, Known, reconcile};
 use drover_api::wire::PartKey;
@@ -45,6 +47,10 @@ pub(super) struct Reconciler<R: ContainerRuntime> {
     pub(super) ship: mpsc::Sender<Ship>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) gpus: HealthyGpus,
+    /// Fetches parts' code and inputs, and their outputs' control plane.
+    pub(super) materializer: Materializer,
+    /// Cut off past the grace: parts that end now do not upload.
+    pub(super) fenced: Arc<AtomicBool>,
     pub(super) supervisors: BTreeMap<PartKey, Supervisor>,
     pub(super) known: Known,
     pub(super) desired: Option<Vec<Assignment>>,
@@ -67,6 +73,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         shutdown: CancellationToken,
     ) -> bool {
         let mut resync = tokio::time::interval(RESYNC);
+        self.remove_stale_part_dirs().await;
         loop {
             let mut events = None;
             // First pass before any desired state: adopt and collect only.
@@ -86,6 +93,21 @@ impl<R: ContainerRuntime> Reconciler<R> {
             }
             if let Some(for_events) = self.drain(&mut rx, &beat, &shutdown, events).await {
                 return for_events;
+            }
+        }
+    }
+
+    /// At start: part directories whose part has no container here are
+    /// left from parts whose end the control plane has (or that never got
+    /// as far as a container, and start again from nothing).
+    async fn remove_stale_part_dirs(&self) {
+        match self.runner.list_parts(Some(&self.config.node_id)).await {
+            Ok(parts) => {
+                let keep = parts.into_iter().map(|c| c.part).collect();
+                remove_stale_part_dirs(&self.config.data_dir, &keep);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "listing part containers to clean part directories failed")
             }
         }
     }
@@ -129,13 +151,19 @@ impl<R: ContainerRuntime> Reconciler<R> {
                         tracing::warn!(part = %part, container = %id, error = %e, "removing container failed");
                     }
                     self.collecting.remove(&part);
+                    if let Err(e) = PartDir::new(&self.config.data_dir, &part).remove() {
+                        tracing::warn!(part = %part, error = %e, "removing the part directory failed");
+                    }
                 }
             }
             // Drains are `run`'s and `drain`'s.
             Input::Maintenance(_) => {}
             Input::Vm { dedicated } => self.config.dedicated = dedicated,
             Input::CutOff => self.fence().await,
-            Input::Reconnected => self.known.fenced = false,
+            Input::Reconnected => {
+                self.known.fenced = false;
+                self.fenced.store(false, Ordering::Relaxed);
+            }
             Input::Rejected(parts) => {
                 for part in parts {
                     if let Some(s) = self.supervisors.get(&part) {
@@ -154,6 +182,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
     /// control plane answers again.
     async fn fence(&mut self) {
         self.known.fenced = true;
+        self.fenced.store(true, Ordering::Relaxed);
         match self.runner.list_parts(Some(&self.config.node_id)).await {
             Ok(parts) => {
                 for c in parts.iter().filter(|c| c.state != ContainerState::Exited) {
@@ -298,6 +327,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
             input: self.input.clone(),
             metrics: self.metrics.clone(),
             gpus: self.gpus.clone(),
+            materializer: self.materializer.clone(),
+            fenced: self.fenced.clone(),
             cancel: cancel.clone(),
         };
         let task = tokio::spawn(supervise(ctx, kind));

@@ -7,15 +7,21 @@
 //! states to `Reports`, log lines and then one flush to the `log-shipper`
 //! (mpsc 4096), and, once that flush is answered, `Input::Ended` to the
 //! reconciler (mpsc 64).
+//!
+//! Before a new part's container starts its code and inputs are made
+//! ready (`files::materialize`); after its container ends (a new part's or
+//! an adopted one's, whose upload a restart cut) its outputs are uploaded
+//! and posted (`files::upload`) before its end is reported.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drover_api::host_paths::HostPathPolicy;
 use drover_api::job::InvalidJob;
 use drover_api::wire::{Assignment, LogCursor, NewLogLine, PartState};
-use drover_runner::part::{PartEvent, PartFiles, PartOutcome, Placement};
+use drover_runner::part::{PartEvent, PartOutcome, Placement};
 use drover_runner::runtime::{ContainerRuntime, LogLine, LogStream};
 use drover_runner::{PartRunner, init_output};
 use futures_util::StreamExt;
@@ -25,8 +31,15 @@ use tokio_util::sync::CancellationToken;
 use super::logs::MAX_LINE_BYTES;
 use super::state::{Ended, HealthyGpus, SharedReports, lock};
 use super::{DaemonConfig, Input, Ship};
+use crate::control_client::Backoff;
+use crate::files::materialize::Materializer;
+use crate::files::upload::upload_outputs;
+use crate::files::{PartDir, Phase};
 use crate::metrics::Metrics;
 use drover_api::wire::PartKey;
+
+/// How many times a part's outputs are tried before the part fails.
+const UPLOAD_ATTEMPTS: u32 = 6;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -103,6 +116,8 @@ pub(super) struct PartCtx<R: ContainerRuntime> {
     pub(super) input: mpsc::Sender<Input>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) gpus: HealthyGpus,
+    pub(super) materializer: Materializer,
+    pub(super) fenced: Arc<AtomicBool>,
     pub(super) cancel: CancellationToken,
 }
 
@@ -117,6 +132,8 @@ impl<R: ContainerRuntime> Clone for PartCtx<R> {
             input: self.input.clone(),
             metrics: self.metrics.clone(),
             gpus: self.gpus.clone(),
+            materializer: self.materializer.clone(),
+            fenced: self.fenced.clone(),
             cancel: self.cancel.clone(),
         }
     }
@@ -170,13 +187,23 @@ impl<R: ContainerRuntime> PartCtx<R> {
 /// One part's supervisor task: runs (or adopts) it, ships its logs, and
 /// reports its end once its logs are uploaded.
 pub(super) async fn supervise<R: ContainerRuntime>(ctx: PartCtx<R>, kind: SupervisorKind) {
-    let ended = match kind {
-        SupervisorKind::Start(a) => run_new(&ctx, &a).await,
+    let (ended, upload) = match kind {
+        SupervisorKind::Start(a) => (run_new(&ctx, &a).await, true),
         SupervisorKind::Adopt {
             container,
             log_from,
             ship_logs,
-        } => run_adopted(&ctx, &container, ship_logs.then_some(log_from)).await,
+        } => (
+            run_adopted(&ctx, &container, ship_logs.then_some(log_from)).await,
+            ship_logs,
+        ),
+    };
+    // Outputs are posted before the final state (a part no longer
+    // assigned here has no outputs to post).
+    let ended = if upload {
+        finish_outputs(&ctx, ended).await
+    } else {
+        ended
     };
     // Final state only after the logs before it are stored.
     let (tx, rx) = oneshot::channel();
@@ -184,6 +211,60 @@ pub(super) async fn supervise<R: ContainerRuntime>(ctx: PartCtx<R>, kind: Superv
         let _ = rx.await;
     }
     let _ = ctx.input.send(Input::Ended(ctx.part.clone(), ended)).await;
+}
+
+/// Uploads and posts the outputs of a part whose container ran, unless
+/// they are posted already (before a restart) or the node is fenced (the
+/// part is another node's by now). Transient failures are tried again with
+/// backoff; a part whose outputs cannot be uploaded fails, saying which.
+async fn finish_outputs<R: ContainerRuntime>(ctx: &PartCtx<R>, ended: Ended) -> Ended {
+    if ended.container.is_none() {
+        return ended;
+    }
+    let dir = PartDir::new(&ctx.config.data_dir, &ctx.part);
+    let Some(mut record) = dir.record() else {
+        return ended;
+    };
+    match record.phase {
+        Phase::Posted => return ended,
+        Phase::Materializing => return ended,
+        Phase::Running | Phase::Uploading => {}
+    }
+    record.phase = Phase::Uploading;
+    if let Err(e) = dir.set_record(&record) {
+        tracing::warn!(part = %ctx.part, error = %e, "recording the upload phase failed");
+    }
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    for attempt in 1..=UPLOAD_ATTEMPTS {
+        if ctx.fenced.load(Ordering::Relaxed) {
+            tracing::warn!(part = %ctx.part, "self-fenced: the part's outputs are not uploaded");
+            return ended;
+        }
+        match upload_outputs(&ctx.materializer.client, &ctx.part, &record).await {
+            Ok(_) => {
+                record.phase = Phase::Posted;
+                if let Err(e) = dir.set_record(&record) {
+                    tracing::warn!(part = %ctx.part, error = %e, "recording the posted phase failed");
+                }
+                return ended;
+            }
+            Err(e) if e.transient && attempt < UPLOAD_ATTEMPTS => {
+                let wait = backoff.next_delay();
+                tracing::warn!(part = %ctx.part, error = %e, attempt, wait_ms = wait.as_millis() as u64, "uploading outputs failed; trying again");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => {
+                let why = format!("the part's outputs could not be uploaded: {e}");
+                let failed = refuse(ctx, why).await;
+                return Ended {
+                    state: failed.state,
+                    exit_code: ended.exit_code,
+                    container: ended.container,
+                };
+            }
+        }
+    }
+    ended
 }
 
 /// `path` with every symbolic link resolved: its deepest existing ancestor
@@ -258,12 +339,20 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
         return refuse(ctx, why).await;
     }
     let gpu_uuids: Vec<String> = healthy.into_iter().take(want).collect();
-    let outputs_root = ctx
-        .config
-        .data_dir
-        .join("outputs")
-        .join(&a.part.job)
-        .join(a.part.attempt.to_string());
+    // Code and inputs before any container: one that cannot be fetched
+    // fails the part, naming it.
+    let dir = PartDir::new(&ctx.config.data_dir, &a.part);
+    let mut pins = ctx.materializer.cache.pins();
+    let files = tokio::select! {
+        r = ctx.materializer.materialize(&a.part, job, &dir, &mut pins) => r,
+        _ = ctx.cancel.cancelled() => {
+            return Ended { state: PartState::Stopped, exit_code: None, container: None };
+        }
+    };
+    let files = match files {
+        Ok(f) => f,
+        Err(e) => return refuse(ctx, e.to_string()).await,
+    };
     let placement = Placement {
         dedicated: ctx.config.dedicated,
         gpu_uuids,
@@ -272,11 +361,7 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
             a.part.clone(),
             &ctx.config.node_id,
             ctx.config.init_binary.clone(),
-            PartFiles::local(
-                job,
-                job.code.as_ref().and_then(|c| c.local()).map(PathBuf::from),
-                &outputs_root,
-            ),
+            files,
         )
         .with_nodes(a.nodes.iter().map(|n| n.ip.clone()))
     };

@@ -246,7 +246,11 @@ mod tests {
 
     #[test]
     fn the_least_recently_used_go_first_until_under_the_cap() {
-        let e = [entry("new", 10, 1), entry("old", 10, 9), entry("mid", 10, 5)];
+        let e = [
+            entry("new", 10, 1),
+            entry("old", 10, 9),
+            entry("mid", 10, 5),
+        ];
         assert_eq!(
             choose_evictions(&e, &BTreeSet::new(), 15),
             [PathBuf::from("old"), PathBuf::from("mid")]

@@ -12,7 +12,7 @@ use drover_runner::part::PartFiles;
 
 use super::cache::{Cache, Pins, key_of};
 use super::url::{Fetched, UrlClient};
-use super::{PartDir, Phase, PartRecord};
+use super::{PartDir, PartRecord, Phase};
 use crate::control_client::ControlClient;
 use drover_api::wire::PartKey;
 
@@ -70,21 +70,16 @@ impl Materializer {
         dir.set_record(&record).map_err(io("the part directory"))?;
         match &job.code {
             Some(Code::Snapshot(blob)) => {
-                let tar = self
-                    .blob(*blob)
-                    .await
-                    .map_err(|m| MaterializeError {
-                        what: "code".into(),
-                        message: m,
-                    })?;
+                let tar = self.blob(*blob).await.map_err(|m| MaterializeError {
+                    what: "code".into(),
+                    message: m,
+                })?;
                 pins.add(tar.clone());
                 let work = dir.work();
-                unpack_into(tar, work)
-                    .await
-                    .map_err(|m| MaterializeError {
-                        what: "code".into(),
-                        message: m,
-                    })?;
+                unpack_into(tar, work).await.map_err(|m| MaterializeError {
+                    what: "code".into(),
+                    message: m,
+                })?;
             }
             // A node folder (checked against the host path policy).
             Some(Code::Local(p)) => record.work = p.clone(),
@@ -236,10 +231,10 @@ impl Materializer {
             Cache::touch(&folder);
             return Ok(target(&folder));
         }
-        let staging = self
-            .cache
-            .staging()
-            .join(format!("{}-{}", key_of(&refs), std::process::id()));
+        let staging =
+            self.cache
+                .staging()
+                .join(format!("{}-{}", key_of(&refs), std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging)
             .map_err(|e| format!("cannot write {}: {e}", staging.display()))?;
@@ -286,7 +281,8 @@ impl Materializer {
 /// Unpacks the snapshot `tar` into the folder `dest` (whole or not at all).
 async fn unpack_into(tar: PathBuf, dest: PathBuf) -> Result<u64, String> {
     tokio::task::spawn_blocking(move || {
-        let f = std::fs::File::open(&tar).map_err(|e| format!("cannot read {}: {e}", tar.display()))?;
+        let f =
+            std::fs::File::open(&tar).map_err(|e| format!("cannot read {}: {e}", tar.display()))?;
         drover_files::unpack::unpack_atomic(std::io::BufReader::new(f), &dest)
             .map_err(|e| drover_api::error::chain(&e))
     })

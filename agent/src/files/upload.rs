@@ -174,9 +174,10 @@ pub async fn upload_outputs(
         let mut skipped = w.skipped;
         for f in w.files {
             let local = f.local.clone();
-            let hashed = tokio::task::spawn_blocking(move || drover_files::digest::sha256_file(&local))
-                .await
-                .map_err(|e| err(format!("hashing stopped: {e}"), false))?;
+            let hashed =
+                tokio::task::spawn_blocking(move || drover_files::digest::sha256_file(&local))
+                    .await
+                    .map_err(|e| err(format!("hashing stopped: {e}"), false))?;
             let blob = match hashed {
                 Ok(b) => b,
                 Err(e) => {
@@ -237,8 +238,11 @@ mod tests {
         std::fs::create_dir_all(root.join("sub")).unwrap();
         std::fs::write(root.join("a.txt"), b"a").unwrap();
         std::fs::write(root.join("sub/b.bin"), b"bb").unwrap();
-        std::fs::set_permissions(root.join("sub/b.bin"), std::fs::Permissions::from_mode(0o755))
-            .unwrap();
+        std::fs::set_permissions(
+            root.join("sub/b.bin"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
         let outside = tmp.path().join("secret");
         std::fs::create_dir_all(&outside).unwrap();
         std::fs::write(outside.join("key"), b"k").unwrap();
@@ -288,9 +292,8 @@ mod tests {
             outputs: [("model".to_string(), model)].into(),
         };
         let got = walk_outputs(&rec);
-        let names = |n: &str| -> Vec<String> {
-            got[n].files.iter().map(|f| f.path.clone()).collect()
-        };
+        let names =
+            |n: &str| -> Vec<String> { got[n].files.iter().map(|f| f.path.clone()).collect() };
         assert_eq!(names("default"), ["logs/train.log", "outputs/x.txt"]);
         assert_eq!(names("model"), ["sub/w.bin"]);
     }

@@ -184,7 +184,8 @@ impl UrlClient {
             last_modified,
             size,
         };
-        let bytes = serde_json::to_vec(&meta).map_err(|e| local(&meta_path)(std::io::Error::other(e)))?;
+        let bytes =
+            serde_json::to_vec(&meta).map_err(|e| local(&meta_path)(std::io::Error::other(e)))?;
         std::fs::write(&meta_path, bytes).map_err(local(&meta_path))?;
         Ok((body, Fetched::Downloaded(size)))
     }

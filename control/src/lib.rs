@@ -5,6 +5,7 @@
 //! `output` is what every command's output shares (closed pipes, escape
 //! codes, log line prefixes).
 
+pub mod artifacts;
 pub mod autoscaler;
 pub mod output;
 pub mod provider;

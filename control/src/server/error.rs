@@ -5,6 +5,7 @@ use drover_api::job::InvalidJob;
 use drover_api::wire::ErrorCode;
 use drover_api::wire::InvalidBody;
 
+use crate::artifacts::ArtifactError;
 use crate::autoscaler::SubmissionError;
 use crate::provider::ProviderError;
 use crate::store::StoreError;
@@ -32,6 +33,9 @@ pub enum ControlError {
     /// A provider refused or failed (e.g. `drover node evict`).
     #[error(transparent)]
     Provider(#[from] ProviderError),
+    /// The artifact store refused or failed.
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
     /// The request is malformed; the message says what.
     #[error("{0}")]
     Invalid(String),
@@ -85,6 +89,18 @@ impl ControlError {
                 ProviderError::NodeNotFound { .. } => ErrorCode::NotFound,
                 ProviderError::QuotaExceeded { .. } => ErrorCode::Conflict,
                 ProviderError::Backend { .. } => ErrorCode::Internal,
+            },
+            ControlError::Artifact(e) => match e {
+                ArtifactError::NotFound(_) => ErrorCode::NotFound,
+                ArtifactError::WrongOffset { .. } | ArtifactError::WrongTotal { .. } => {
+                    ErrorCode::Conflict
+                }
+                ArtifactError::TooLarge(_) => ErrorCode::TooLarge,
+                ArtifactError::TooMany { .. }
+                | ArtifactError::Mismatch { .. }
+                | ArtifactError::BadRange { .. }
+                | ArtifactError::BrokenBody { .. } => ErrorCode::Invalid,
+                ArtifactError::Io { .. } | ArtifactError::BadUrl(_) => ErrorCode::Internal,
             },
             ControlError::TooLarge(_) => ErrorCode::TooLarge,
             ControlError::Unauthorized(_) => ErrorCode::Unauthorized,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body as HttpBody, Bytes};
 use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
@@ -14,11 +14,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use drover_api::compute::ComputeUpdate;
+use drover_api::files::{self as api_files, Digest};
 use drover_api::wire::{self, ErrorBody, ErrorCode, ErrorDetail, InvalidBody};
 use serde::Deserialize;
 
 use super::core::ControlPlane;
 use super::error::ControlError;
+use crate::artifacts::PutOutcome;
 use crate::store::Node;
 
 /// Shared state of the handlers.
@@ -38,6 +40,20 @@ pub fn router(core: AppState) -> Router {
         .route("/v1/jobs/{id}", get(show_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/logs", get(job_logs))
+        .route("/v1/jobs/{id}/outputs", get(job_outputs))
+        .route(
+            "/v1/blobs/{digest}",
+            get(user_get_blob).head(user_head_blob).put(user_put_blob),
+        )
+        .route("/v1/uploads/{digest}", get(user_upload_status))
+        .route(
+            "/v1/agent/blobs/{digest}",
+            get(agent_get_blob)
+                .head(agent_head_blob)
+                .put(agent_put_blob),
+        )
+        .route("/v1/agent/uploads/{digest}", get(agent_upload_status))
+        .route("/v1/agent/outputs", post(post_outputs))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(show_node))
         .route("/metrics", get(metrics))
@@ -490,4 +506,257 @@ async fn upload_logs(
 ) -> Answer<wire::LogBatchAccepted> {
     let Json(batch) = body?;
     Ok(Json(core.upload_logs(node.id, batch).await?))
+}
+
+/// `?attempt=N`.
+#[derive(Debug, Deserialize)]
+struct AttemptQuery {
+    attempt: Option<u32>,
+}
+
+async fn job_outputs(
+    State(core): State<AppState>,
+    _user: User,
+    Path(id): Path<String>,
+    query: Result<Query<AttemptQuery>, QueryRejection>,
+) -> Answer<api_files::JobOutputs> {
+    let Query(q) = query?;
+    Ok(Json(core.job_outputs(id, q.attempt).await?))
+}
+
+async fn post_outputs(
+    State(core): State<AppState>,
+    Agent(node): Agent,
+    body: Body<api_files::PartOutputs>,
+) -> Answer<api_files::PartOutputsAccepted> {
+    let Json(posted) = body?;
+    Ok(Json(core.post_outputs(node, posted).await?))
+}
+
+fn parse_digest(text: &str) -> Result<Digest, ApiError> {
+    text.parse::<Digest>()
+        .map_err(|e| ApiError(ControlError::Invalid(e.to_string())))
+}
+
+/// `Range: bytes=N-`: the start, or `None` without a range.
+fn range_start(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(header::RANGE) else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError(ControlError::Invalid(
+            "only `Range: bytes=N-` is supported".to_string(),
+        ))
+    };
+    let text = value.to_str().map_err(|_| bad())?;
+    let start = text
+        .strip_prefix("bytes=")
+        .and_then(|r| r.strip_suffix('-'))
+        .ok_or_else(bad)?;
+    start.parse::<u64>().map(Some).map_err(|_| bad())
+}
+
+async fn head_blob(core: &ControlPlane, digest: &str) -> Result<Response, ApiError> {
+    let d = parse_digest(digest)?;
+    match core
+        .artifacts()?
+        .stat(&d)
+        .await
+        .map_err(ControlError::from)?
+    {
+        Some(size) => Ok((
+            StatusCode::OK,
+            [
+                (header::CONTENT_LENGTH, size.to_string()),
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            ],
+        )
+            .into_response()),
+        None => Ok(StatusCode::NOT_FOUND.into_response()),
+    }
+}
+
+async fn get_blob(
+    core: &ControlPlane,
+    digest: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let d = parse_digest(digest)?;
+    let from = range_start(headers)?;
+    let (size, stream) = core
+        .artifacts()?
+        .read(&d, from.unwrap_or(0))
+        .await
+        .map_err(ControlError::from)?;
+    let body = HttpBody::from_stream(stream);
+    let mut response = Response::new(body);
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let from = from.unwrap_or(0);
+    if let Ok(v) = HeaderValue::from_str(&(size - from).to_string()) {
+        h.insert(header::CONTENT_LENGTH, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", d.hex())) {
+        h.insert(header::ETAG, v);
+    }
+    if headers.contains_key(header::RANGE) {
+        let end = size.saturating_sub(1);
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {from}-{end}/{size}")) {
+            h.insert(header::CONTENT_RANGE, v);
+        }
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+    }
+    Ok(response)
+}
+
+/// `?size=TOTAL&offset=N`.
+#[derive(Debug, Deserialize)]
+struct PutQuery {
+    size: u64,
+    offset: u64,
+}
+
+async fn put_blob(
+    core: &ControlPlane,
+    digest: &str,
+    query: Result<Query<PutQuery>, QueryRejection>,
+    headers: &HeaderMap,
+    body: HttpBody,
+) -> Result<Response, ApiError> {
+    let d = parse_digest(digest)?;
+    let Query(q) = query?;
+    if q.size > api_files::MAX_BLOB_BYTES {
+        return Err(ControlError::TooLarge(format!(
+            "a blob may be at most {} bytes; this one is {}",
+            api_files::MAX_BLOB_BYTES,
+            q.size
+        ))
+        .into());
+    }
+    if q.offset > q.size {
+        return Err(ControlError::Invalid(format!(
+            "offset {} is past the blob's size {}",
+            q.offset, q.size
+        ))
+        .into());
+    }
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(length) = length
+        && length > q.size - q.offset
+    {
+        return Err(ControlError::Invalid(format!(
+            "the body is {length} bytes, more than the {} left of the blob's {} from offset {}",
+            q.size - q.offset,
+            q.size,
+            q.offset
+        ))
+        .into());
+    }
+    let outcome = core
+        .artifacts()?
+        .put(d, q.size, q.offset, body.into_data_stream())
+        .await
+        .map_err(ControlError::from)?;
+    Ok(match outcome {
+        PutOutcome::AlreadyStored(info) => (StatusCode::OK, Json(info)).into_response(),
+        PutOutcome::Stored(info) => (StatusCode::CREATED, Json(info)).into_response(),
+        PutOutcome::Staged(offset) => (
+            StatusCode::ACCEPTED,
+            Json(api_files::UploadStatus {
+                digest: d,
+                offset,
+                complete: false,
+            }),
+        )
+            .into_response(),
+    })
+}
+
+async fn upload_status(core: &ControlPlane, digest: &str) -> Answer<api_files::UploadStatus> {
+    let d = parse_digest(digest)?;
+    Ok(Json(
+        core.artifacts()?
+            .upload_status(&d)
+            .await
+            .map_err(ControlError::from)?,
+    ))
+}
+
+async fn user_head_blob(
+    State(core): State<AppState>,
+    _user: User,
+    Path(digest): Path<String>,
+) -> Result<Response, ApiError> {
+    head_blob(&core, &digest).await
+}
+
+async fn agent_head_blob(
+    State(core): State<AppState>,
+    _agent: Agent,
+    Path(digest): Path<String>,
+) -> Result<Response, ApiError> {
+    head_blob(&core, &digest).await
+}
+
+async fn user_get_blob(
+    State(core): State<AppState>,
+    _user: User,
+    Path(digest): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    get_blob(&core, &digest, &headers).await
+}
+
+async fn agent_get_blob(
+    State(core): State<AppState>,
+    _agent: Agent,
+    Path(digest): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    get_blob(&core, &digest, &headers).await
+}
+
+async fn user_put_blob(
+    State(core): State<AppState>,
+    _user: User,
+    Path(digest): Path<String>,
+    query: Result<Query<PutQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: HttpBody,
+) -> Result<Response, ApiError> {
+    put_blob(&core, &digest, query, &headers, body).await
+}
+
+async fn agent_put_blob(
+    State(core): State<AppState>,
+    _agent: Agent,
+    Path(digest): Path<String>,
+    query: Result<Query<PutQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: HttpBody,
+) -> Result<Response, ApiError> {
+    put_blob(&core, &digest, query, &headers, body).await
+}
+
+async fn user_upload_status(
+    State(core): State<AppState>,
+    _user: User,
+    Path(digest): Path<String>,
+) -> Answer<api_files::UploadStatus> {
+    upload_status(&core, &digest).await
+}
+
+async fn agent_upload_status(
+    State(core): State<AppState>,
+    _agent: Agent,
+    Path(digest): Path<String>,
+) -> Answer<api_files::UploadStatus> {
+    upload_status(&core, &digest).await
 }

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 pub use self::core::{ControlPlane, CoreConfig, new_secret, now};
 pub use self::error::ControlError;
 pub use self::http::router;
+use crate::artifacts::ArtifactStore;
 use crate::provider::local::{LocalConfig, LocalProvider, LocalStartError};
 use crate::provider::{Provider, Providers};
 use crate::store::{Store, StoreConfig, StoreError};
@@ -65,6 +66,8 @@ pub struct ServerConfig {
     /// Run the local provider (nodes as containers) with these settings;
     /// its `server_port` is set to the bound port.
     pub local: Option<LocalConfig>,
+    /// The artifact store (a folder; `<data dir>/artifacts` when `None`).
+    pub artifacts: Option<String>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -79,6 +82,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("store", &self.store)
             .field("core", &self.core)
             .field("local", &self.local)
+            .field("artifacts", &self.artifacts)
             .finish()
     }
 }
@@ -96,6 +100,7 @@ impl ServerConfig {
             store: StoreConfig::default(),
             core: CoreConfig::default(),
             local: None,
+            artifacts: None,
         }
     }
 }
@@ -139,6 +144,9 @@ pub enum ServerError {
         "the local provider needs the server to listen where node containers reach it, not {0}; use e.g. --listen 0.0.0.0:7340"
     )]
     LocalOnLoopback(SocketAddr),
+    /// The artifact store could not be opened.
+    #[error("cannot open the artifact store")]
+    Artifacts(#[source] crate::artifacts::ArtifactError),
     /// The local provider could not start.
     #[error("cannot start the local provider")]
     Local(#[source] LocalStartError),
@@ -291,15 +299,22 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let data_dir =
         std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
     core_config.refused_host_paths.push(data_dir);
+    let artifacts_url = config
+        .artifacts
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("artifacts").display().to_string());
+    let artifacts = Arc::new(ArtifactStore::open(&artifacts_url).map_err(ServerError::Artifacts)?);
     let core = Arc::new(
-        ControlPlane::new(store, core_config).with_providers(Arc::new(
-            Providers::new(local).with_server_url(agent_url(addr)),
-        )),
+        ControlPlane::new(store, core_config)
+            .with_providers(Arc::new(
+                Providers::new(local).with_server_url(agent_url(addr)),
+            ))
+            .with_artifacts(Arc::clone(&artifacts)),
     );
 
     let new_admin_token = setup_tokens(&core, &config).await?;
 
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "drover server listening");
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), artifacts = %artifacts.location(), "drover server listening");
 
     let shutdown = core.shutdown_token();
     let mut tasks = Tasks::default();

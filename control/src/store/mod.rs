@@ -26,6 +26,7 @@ mod error;
 mod jobs;
 mod logs;
 mod nodes;
+mod outputs;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -47,6 +48,7 @@ pub use logs::{Appended, LogPage, NewLogLine, StoredLogLine};
 pub use nodes::{
     AssignedNode, Assignment, Assignments, Heartbeat, NewNode, Node, NodeInventory, NodeLost,
 };
+pub use outputs::StoredPartOutputs;
 pub use schema::SCHEMA_VERSION;
 
 /// The database file's name inside the data directory.

@@ -11,7 +11,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StoreError;
 
 /// The migrations, oldest first.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -138,6 +138,21 @@ CREATE INDEX job_logs_by_attempt ON job_logs (job, attempt, seq);
 /// drover-init or the agent wrote, and for every line stored before.
 const V3: &str = r#"
 ALTER TABLE job_logs ADD COLUMN rank INTEGER;
+"#;
+
+/// Version 4: the outputs each part's agent posted (`POST
+/// /v1/agent/outputs`), one row per part, replaced when posted again: the
+/// [`drover_api::files::PartOutputs`] document as serde writes it.
+const V4: &str = r#"
+CREATE TABLE part_outputs (
+    job       TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    attempt   INTEGER NOT NULL,
+    node_rank INTEGER NOT NULL,
+    node      TEXT NOT NULL,
+    outputs   TEXT NOT NULL,
+    posted_at INTEGER NOT NULL,
+    PRIMARY KEY (job, attempt, node_rank)
+) STRICT, WITHOUT ROWID;
 "#;
 
 /// Brings `conn` to the newest of `scripts`, one transaction per script.

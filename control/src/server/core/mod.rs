@@ -12,6 +12,7 @@
 
 mod agents;
 mod clusters;
+mod files;
 mod jobs;
 mod reaping;
 mod scaling;
@@ -121,6 +122,8 @@ pub struct ControlPlane {
     /// grace period has passed since.
     started: Timestamp,
     config: CoreConfig,
+    /// Where blobs are kept.
+    artifacts: Option<Arc<crate::artifacts::ArtifactStore>>,
 }
 
 /// The current time.
@@ -194,7 +197,14 @@ impl ControlPlane {
             shutdown: CancellationToken::new(),
             started: now(),
             config,
+            artifacts: None,
         }
+    }
+
+    /// Keeps blobs in `artifacts`.
+    pub fn with_artifacts(mut self, artifacts: Arc<crate::artifacts::ArtifactStore>) -> Self {
+        self.artifacts = Some(artifacts);
+        self
     }
 
     /// Uses `providers` for scaling (the default has only the static one).

@@ -218,18 +218,11 @@ pub(super) async fn supervise<R: ContainerRuntime>(ctx: PartCtx<R>, kind: Superv
 /// part is another node's by now). Transient failures are tried again with
 /// backoff; a part whose outputs cannot be uploaded fails, saying which.
 async fn finish_outputs<R: ContainerRuntime>(ctx: &PartCtx<R>, ended: Ended) -> Ended {
-    if ended.container.is_none() {
-        return ended;
-    }
     let dir = PartDir::new(&ctx.config.data_dir, &ctx.part);
-    let Some(mut record) = dir.record() else {
-        return ended;
+    let mut record = match dir.record() {
+        Some(r) if needs_upload(ended.container.is_some(), Some(r.phase)) => r,
+        _ => return ended,
     };
-    match record.phase {
-        Phase::Posted => return ended,
-        Phase::Materializing => return ended,
-        Phase::Running | Phase::Uploading => {}
-    }
     record.phase = Phase::Uploading;
     if let Err(e) = dir.set_record(&record) {
         tracing::warn!(part = %ctx.part, error = %e, "recording the upload phase failed");
@@ -265,6 +258,14 @@ async fn finish_outputs<R: ContainerRuntime>(ctx: &PartCtx<R>, ended: Ended) -> 
         }
     }
     ended
+}
+
+/// Whether a part that ended uploads its outputs: only when a container
+/// ran (it may have written some) and the part directory says they are not
+/// posted yet. No record: the directory is gone (its end was acked) or was
+/// never made by this agent.
+fn needs_upload(container_ran: bool, phase: Option<Phase>) -> bool {
+    container_ran && matches!(phase, Some(Phase::Running | Phase::Uploading))
 }
 
 /// `path` with every symbolic link resolved: its deepest existing ancestor
@@ -524,6 +525,22 @@ mod tests {
                     .unwrap()
             })
             .collect()
+    }
+
+    #[test]
+    fn only_a_part_whose_container_ran_and_whose_outputs_are_not_posted_uploads() {
+        assert!(needs_upload(true, Some(Phase::Running)));
+        assert!(
+            needs_upload(true, Some(Phase::Uploading)),
+            "a restart resumes"
+        );
+        assert!(!needs_upload(true, Some(Phase::Posted)), "never twice");
+        assert!(!needs_upload(true, Some(Phase::Materializing)));
+        assert!(!needs_upload(true, None), "no part directory");
+        assert!(
+            !needs_upload(false, Some(Phase::Running)),
+            "no container ran"
+        );
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub use self::http::router;
 use crate::artifacts::ArtifactStore;
 use crate::provider::local::{LocalConfig, LocalProvider, LocalStartError};
 use crate::provider::{Provider, Providers};
+use crate::secrets::Secrets;
 use crate::store::{Store, StoreConfig, StoreError};
 
 /// The file in the data directory holding the first admin token.
@@ -147,6 +148,9 @@ pub enum ServerError {
     /// The artifact store could not be opened.
     #[error("cannot open the artifact store")]
     Artifacts(#[source] crate::artifacts::ArtifactError),
+    /// The datastore key could not be set up.
+    #[error("cannot set up the datastore key")]
+    Secrets(#[source] crate::secrets::SecretsError),
     /// The local provider could not start.
     #[error("cannot start the local provider")]
     Local(#[source] LocalStartError),
@@ -309,7 +313,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             .with_providers(Arc::new(
                 Providers::new(local).with_server_url(agent_url(addr)),
             ))
-            .with_artifacts(Arc::clone(&artifacts)),
+            .with_artifacts(Arc::clone(&artifacts))
+            .with_secrets(Arc::new(
+                Secrets::open(&config.data_dir).map_err(ServerError::Secrets)?,
+            )),
     );
 
     let new_admin_token = setup_tokens(&core, &config).await?;

@@ -348,6 +348,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         Ok(())
     });
 
+    let (c, stop) = (Arc::clone(&core), shutdown.clone());
+    tasks.spawn("exporter", async move {
+        exporter_loop(&c, &stop).await;
+        Ok(())
+    });
+
     Ok(RunningServer {
         addr,
         new_admin_token,
@@ -443,6 +449,21 @@ async fn reaper_loop(
         }
         if let Err(e) = core.enforce_timeouts().await {
             tracing::error!(error = %e.message(), "checking job timeouts failed");
+        }
+    }
+}
+
+/// Copies datastore outputs into their datastores: what the store says is
+/// pending at start (a restart resumes), then whenever a post asks.
+async fn exporter_loop(core: &ControlPlane, stop: &CancellationToken) {
+    loop {
+        if let Err(e) = core.export_pass().await {
+            tracing::error!(error = %e.message(), "copying outputs to datastores failed");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = core.exports_changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
 }

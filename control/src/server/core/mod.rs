@@ -13,6 +13,7 @@
 mod agents;
 mod clusters;
 mod datastores;
+mod exports;
 mod files;
 mod jobs;
 mod reaping;
@@ -127,6 +128,8 @@ pub struct ControlPlane {
     artifacts: Option<Arc<crate::artifacts::ArtifactStore>>,
     /// Seals datastore secrets.
     secrets: Option<Arc<crate::secrets::Secrets>>,
+    /// Wakes the exporter of datastore outputs.
+    exports_wake: Notify,
 }
 
 /// The current time.
@@ -202,6 +205,7 @@ impl ControlPlane {
             config,
             artifacts: None,
             secrets: None,
+            exports_wake: Notify::new(),
         }
     }
 

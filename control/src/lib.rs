@@ -7,9 +7,11 @@
 
 pub mod artifacts;
 pub mod autoscaler;
+pub mod datastores;
 pub mod output;
 pub mod provider;
 pub mod run;
 pub mod scheduler;
+pub mod secrets;
 pub mod server;
 pub mod store;

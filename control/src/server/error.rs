@@ -36,6 +36,15 @@ pub enum ControlError {
     /// The artifact store refused or failed.
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
+    /// Datastore secrets could not be sealed or opened.
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
+    /// Something named does not exist; the message says what.
+    #[error("{0}")]
+    NotFound(String),
+    /// The server failed; the message says how.
+    #[error("{0}")]
+    Internal(String),
     /// The request is malformed; the message says what.
     #[error("{0}")]
     Invalid(String),
@@ -102,6 +111,8 @@ impl ControlError {
                 | ArtifactError::BrokenBody { .. } => ErrorCode::Invalid,
                 ArtifactError::Io { .. } | ArtifactError::BadUrl(_) => ErrorCode::Internal,
             },
+            ControlError::NotFound(_) => ErrorCode::NotFound,
+            ControlError::Secrets(_) | ControlError::Internal(_) => ErrorCode::Internal,
             ControlError::TooLarge(_) => ErrorCode::TooLarge,
             ControlError::Unauthorized(_) => ErrorCode::Unauthorized,
             ControlError::Forbidden(_) => ErrorCode::Forbidden,

@@ -54,6 +54,22 @@ pub fn router(core: AppState) -> Router {
         )
         .route("/v1/agent/uploads/{digest}", get(agent_upload_status))
         .route("/v1/agent/outputs", post(post_outputs))
+        .route(
+            "/v1/datastores",
+            post(create_datastore).get(list_datastores),
+        )
+        .route(
+            "/v1/datastores/{name}",
+            get(show_datastore).delete(delete_datastore),
+        )
+        .route(
+            "/v1/agent/datastores/{name}/list",
+            get(agent_list_datastore),
+        )
+        .route(
+            "/v1/agent/datastores/{name}/file",
+            get(agent_datastore_file),
+        )
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(show_node))
         .route("/metrics", get(metrics))
@@ -119,6 +135,12 @@ impl StrictBody for wire::ClusterCreate {
 }
 
 impl StrictBody for ComputeUpdate {
+    fn decode(body: &[u8]) -> Result<Self, InvalidBody> {
+        wire::decode_strict(body)
+    }
+}
+
+impl StrictBody for drover_api::datastore::DatastoreCreate {
     fn decode(body: &[u8]) -> Result<Self, InvalidBody> {
         wire::decode_strict(body)
     }
@@ -759,4 +781,83 @@ async fn agent_upload_status(
     Path(digest): Path<String>,
 ) -> Answer<api_files::UploadStatus> {
     upload_status(&core, &digest).await
+}
+
+async fn create_datastore(
+    State(core): State<AppState>,
+    User(user): User,
+    Strict(req): Strict<drover_api::datastore::DatastoreCreate>,
+) -> Result<(StatusCode, Json<drover_api::datastore::DatastoreInfo>), ApiError> {
+    tracing::info!(user = %user, datastore = %req.spec.name, "create datastore");
+    Ok((
+        StatusCode::CREATED,
+        Json(core.create_datastore(req.spec).await?),
+    ))
+}
+
+async fn list_datastores(
+    State(core): State<AppState>,
+    _user: User,
+) -> Answer<drover_api::datastore::DatastoreList> {
+    Ok(Json(core.datastores().await?))
+}
+
+async fn show_datastore(
+    State(core): State<AppState>,
+    _user: User,
+    Path(name): Path<String>,
+) -> Answer<drover_api::datastore::DatastoreInfo> {
+    Ok(Json(core.datastore(name).await?))
+}
+
+async fn delete_datastore(
+    State(core): State<AppState>,
+    User(user): User,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    tracing::info!(user = %user, datastore = %name, "delete datastore");
+    core.delete_datastore(name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `?path=P`.
+#[derive(Debug, Deserialize)]
+struct PathQuery {
+    #[serde(default)]
+    path: String,
+}
+
+async fn agent_list_datastore(
+    State(core): State<AppState>,
+    _agent: Agent,
+    Path(name): Path<String>,
+    query: Result<Query<PathQuery>, QueryRejection>,
+) -> Answer<api_files::DataListing> {
+    let Query(q) = query?;
+    Ok(Json(core.list_datastore(name, q.path).await?))
+}
+
+async fn agent_datastore_file(
+    State(core): State<AppState>,
+    _agent: Agent,
+    Path(name): Path<String>,
+    query: Result<Query<PathQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query?;
+    let (size, version, file) = core.datastore_file(name, q.path).await?;
+    let mut response = Response::new(HttpBody::from_stream(
+        tokio_util::io::ReaderStream::with_capacity(file, 1 << 20),
+    ));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&size.to_string()) {
+        h.insert(header::CONTENT_LENGTH, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        h.insert(header::ETAG, v);
+    }
+    Ok(response)
 }

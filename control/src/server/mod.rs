@@ -38,6 +38,7 @@ pub use self::http::router;
 use crate::artifacts::ArtifactStore;
 use crate::provider::local::{LocalConfig, LocalProvider, LocalStartError};
 use crate::provider::{Provider, Providers};
+use crate::secrets::Secrets;
 use crate::store::{Store, StoreConfig, StoreError};
 
 /// The file in the data directory holding the first admin token.
@@ -147,6 +148,9 @@ pub enum ServerError {
     /// The artifact store could not be opened.
     #[error("cannot open the artifact store")]
     Artifacts(#[source] crate::artifacts::ArtifactError),
+    /// The datastore key could not be set up.
+    #[error("cannot set up the datastore key")]
+    Secrets(#[source] crate::secrets::SecretsError),
     /// The local provider could not start.
     #[error("cannot start the local provider")]
     Local(#[source] LocalStartError),
@@ -309,7 +313,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             .with_providers(Arc::new(
                 Providers::new(local).with_server_url(agent_url(addr)),
             ))
-            .with_artifacts(Arc::clone(&artifacts)),
+            .with_artifacts(Arc::clone(&artifacts))
+            .with_secrets(Arc::new(
+                Secrets::open(&config.data_dir).map_err(ServerError::Secrets)?,
+            )),
     );
 
     let new_admin_token = setup_tokens(&core, &config).await?;
@@ -338,6 +345,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let (grace, every) = (config.grace, config.check_interval);
     tasks.spawn("reaper", async move {
         reaper_loop(&c, &stop, grace, every).await;
+        Ok(())
+    });
+
+    let (c, stop) = (Arc::clone(&core), shutdown.clone());
+    tasks.spawn("exporter", async move {
+        exporter_loop(&c, &stop).await;
         Ok(())
     });
 
@@ -436,6 +449,21 @@ async fn reaper_loop(
         }
         if let Err(e) = core.enforce_timeouts().await {
             tracing::error!(error = %e.message(), "checking job timeouts failed");
+        }
+    }
+}
+
+/// Copies datastore outputs into their datastores: what the store says is
+/// pending at start (a restart resumes), then whenever a post asks.
+async fn exporter_loop(core: &ControlPlane, stop: &CancellationToken) {
+    loop {
+        if let Err(e) = core.export_pass().await {
+            tracing::error!(error = %e.message(), "copying outputs to datastores failed");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = core.exports_changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
 }

@@ -22,7 +22,9 @@
 //! ([`VersionBump`]) so the server can wake exactly those watchers.
 
 mod clusters;
+mod datastores;
 mod error;
+mod exports;
 mod jobs;
 mod logs;
 mod nodes;
@@ -40,7 +42,9 @@ use drover_api::cluster::Timestamp;
 use rusqlite::{Connection, OpenFlags, Row};
 
 pub use clusters::Cluster;
+pub use datastores::StoredDatastore;
 pub use error::StoreError;
+pub use exports::{Export, ExportState};
 pub use jobs::{
     Job, JobFilter, JobPart, NewJob, PartReport, PartState, Placed, Transition, UnknownPartState,
 };

@@ -11,7 +11,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StoreError;
 
 /// The migrations, oldest first.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -153,6 +153,36 @@ CREATE TABLE part_outputs (
     posted_at INTEGER NOT NULL,
     PRIMARY KEY (job, attempt, node_rank)
 ) STRICT, WITHOUT ROWID;
+"#;
+
+/// Version 5: registered datastores (the definition without secrets, and
+/// the whole definition sealed by `control::secrets`), and the copies of
+/// datastore outputs into their datastores, so a restarted server resumes
+/// them.
+const V5: &str = r#"
+CREATE TABLE datastores (
+    name       TEXT PRIMARY KEY,
+    spec       TEXT NOT NULL,
+    sealed     BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE output_exports (
+    job        TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    attempt    INTEGER NOT NULL,
+    output     TEXT NOT NULL,
+    datastore  TEXT NOT NULL,
+    path       TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    files_done INTEGER NOT NULL DEFAULT 0,
+    -- Bumped by every post that changes what is to be copied; a copy
+    -- marks the export done only when it copied the latest generation.
+    generation INTEGER NOT NULL DEFAULT 0,
+    error      TEXT,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (job, attempt, output)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX output_exports_by_state ON output_exports (state);
 "#;
 
 /// Brings `conn` to the newest of `scripts`, one transaction per script.

@@ -13,7 +13,7 @@ use drover_api::job::DatastorePath;
 use super::{ControlPlane, now};
 use crate::artifacts::ArtifactStore;
 use crate::server::error::ControlError;
-use crate::store::{Node, StoreError};
+use crate::store::{ExportState, Node, StoreError};
 
 /// Checks a posted [`PartOutputs`]: output names, every path, and no path
 /// twice in one output. Returns the digests it names, in order.
@@ -174,13 +174,16 @@ impl ControlPlane {
         };
         let node_id = node.id.clone();
         let key = posted.part.clone();
-        self.with_store(
-            move |s| match s.record_part_outputs(&node_id, &posted, now()) {
-                Err(StoreError::Conflict(m)) => Ok(Err(ControlError::Forbidden(m))),
-                r => r.map(Ok),
-            },
-        )
+        self.with_store(move |s| {
+            match s.record_part_outputs(&node_id, &posted, now()) {
+                Err(StoreError::Conflict(m)) => return Ok(Err(ControlError::Forbidden(m))),
+                r => r?,
+            }
+            super::exports::request_exports(s, &posted.part.job, posted.part.attempt)?;
+            Ok(Ok(()))
+        })
         .await??;
+        self.wake_exporter();
         tracing::info!(
             node = %node.id,
             job = %key.job,
@@ -230,7 +233,21 @@ impl ControlPlane {
                         .collect()
                 })
                 .unwrap_or_default();
-            Ok(Ok(merge_outputs(&id, attempt, &declared, &posted)))
+            let mut merged = merge_outputs(&id, attempt, &declared, &posted);
+            for e in s.exports(&id, attempt)? {
+                if let Some(o) = merged.outputs.iter_mut().find(|o| o.name == e.output)
+                    && let Some(d) = &mut o.destination
+                {
+                    match e.state {
+                        ExportState::Done => {}
+                        ExportState::Pending => d.push_str(" (copying)"),
+                        ExportState::Failed => {
+                            d.push_str(&format!(" (copy failed: {})", e.error.unwrap_or_default()))
+                        }
+                    }
+                }
+            }
+            Ok(Ok(merged))
         })
         .await?
     }

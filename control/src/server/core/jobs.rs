@@ -69,6 +69,7 @@ impl ControlPlane {
         };
         spec.set_name(id.clone());
         spec.validate()?;
+        self.check_job_blobs(&spec).await?;
         let max_attempts = self.config.max_attempts;
         let refused = self.config.refused_host_paths.clone();
         let job = self
@@ -88,6 +89,11 @@ impl ControlPlane {
                 let errors = policy.check_job(&spec);
                 if !errors.is_empty() {
                     return Ok(Err(InvalidJob { errors }.into()));
+                }
+                let known = super::datastores::known_datastores(s)?;
+                let unknown = super::datastores::unknown_job_datastores(&spec, &known);
+                if !unknown.is_empty() {
+                    return Ok(Err(ControlError::Invalid(unknown.join("; "))));
                 }
                 let nodes = s.node_summaries(&cluster)?;
                 if let Err(e) = autoscaler::check_submission(

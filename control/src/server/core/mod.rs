@@ -12,6 +12,8 @@
 
 mod agents;
 mod clusters;
+mod datastores;
+mod exports;
 mod files;
 mod jobs;
 mod reaping;
@@ -124,6 +126,10 @@ pub struct ControlPlane {
     config: CoreConfig,
     /// Where blobs are kept.
     artifacts: Option<Arc<crate::artifacts::ArtifactStore>>,
+    /// Seals datastore secrets.
+    secrets: Option<Arc<crate::secrets::Secrets>>,
+    /// Wakes the exporter of datastore outputs.
+    exports_wake: Notify,
 }
 
 /// The current time.
@@ -198,12 +204,20 @@ impl ControlPlane {
             started: now(),
             config,
             artifacts: None,
+            secrets: None,
+            exports_wake: Notify::new(),
         }
     }
 
     /// Keeps blobs in `artifacts`.
     pub fn with_artifacts(mut self, artifacts: Arc<crate::artifacts::ArtifactStore>) -> Self {
         self.artifacts = Some(artifacts);
+        self
+    }
+
+    /// Seals datastore secrets with `secrets`.
+    pub fn with_secrets(mut self, secrets: Arc<crate::secrets::Secrets>) -> Self {
+        self.secrets = Some(secrets);
         self
     }
 

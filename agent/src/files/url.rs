@@ -194,6 +194,94 @@ impl UrlClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    /// Serves `body` with ETag "v1"; counts full answers and 304s.
+    async fn serve(body: &'static [u8]) -> (u16, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let full = Arc::new(AtomicUsize::new(0));
+        let not_modified = Arc::new(AtomicUsize::new(0));
+        let (f, n) = (full.clone(), not_modified.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else { return };
+                let (f, n) = (f.clone(), n.clone());
+                tokio::spawn(async move {
+                    let (r, mut w) = s.into_split();
+                    let mut r = BufReader::new(r);
+                    loop {
+                        let mut req = String::new();
+                        loop {
+                            let mut line = String::new();
+                            if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                            req.push_str(&line.to_ascii_lowercase());
+                        }
+                        let answer = if req.contains("if-none-match: \"v1\"") {
+                            n.fetch_add(1, Ordering::SeqCst);
+                            b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nContent-Length: 0\r\n\r\n".to_vec()
+                        } else {
+                            f.fetch_add(1, Ordering::SeqCst);
+                            let mut a = format!(
+                                "HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nContent-Length: {}\r\n\r\n",
+                                body.len()
+                            )
+                            .into_bytes();
+                            a.extend_from_slice(body);
+                            a
+                        };
+                        if w.write_all(&answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, full, not_modified)
+    }
+
+    #[tokio::test]
+    async fn a_url_is_downloaded_once_then_revalidated() {
+        let (port, full, not_modified) = serve(b"a,b\n1,2\n").await;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("u");
+        let url = format!("http://127.0.0.1:{port}/d/iris.csv");
+        let c = UrlClient::new().unwrap();
+        let (file, how) = c.fetch(&url, &dir).await.unwrap();
+        assert_eq!(how, Fetched::Downloaded(8));
+        assert_eq!(std::fs::read(&file).unwrap(), b"a,b\n1,2\n");
+        let (again, how) = c.fetch(&url, &dir).await.unwrap();
+        assert_eq!((again, how), (file.clone(), Fetched::Revalidated));
+        assert_eq!(full.load(Ordering::SeqCst), 1);
+        assert_eq!(not_modified.load(Ordering::SeqCst), 1);
+        // A cached body that lost its bytes is fetched again in full.
+        std::fs::write(&file, b"x").unwrap();
+        assert_eq!(c.fetch(&url, &dir).await.unwrap().1, Fetched::Downloaded(8));
+    }
+
+    #[tokio::test]
+    async fn a_url_nobody_answers_is_an_error_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = "http://127.0.0.1:9/x.csv";
+        let err = UrlClient::new()
+            .unwrap()
+            .fetch(url, &tmp.path().join("u"))
+            .await
+            .unwrap_err();
+        let text = drover_api::error::chain(&err);
+        assert!(
+            text.starts_with("cannot download http://127.0.0.1:9/x.csv"),
+            "{text}"
+        );
+        assert!(text.to_lowercase().contains("refused"), "{text}");
+    }
 
     #[test]
     fn a_cached_copy_is_revalidated_by_its_etag_and_date() {

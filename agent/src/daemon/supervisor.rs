@@ -241,6 +241,10 @@ async fn finish_outputs<R: ContainerRuntime>(ctx: &PartCtx<R>, ended: Ended) -> 
                 }
                 return ended;
             }
+            Err(e) if e.not_ours => {
+                tracing::warn!(part = %ctx.part, error = %e, "the control plane does not take the part's outputs: it is no longer this node's");
+                return ended;
+            }
             Err(e) if e.transient && attempt < UPLOAD_ATTEMPTS => {
                 let wait = backoff.next_delay();
                 tracing::warn!(part = %ctx.part, error = %e, attempt, wait_ms = wait.as_millis() as u64, "uploading outputs failed; trying again");

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use drover_api::files::{BlobInfo, check_relative_path};
 use drover_api::job::{Code, CommandJob, DatastorePath, Input, PathKind};
@@ -13,7 +14,7 @@ use drover_runner::part::PartFiles;
 use super::cache::{Cache, Pins, key_of};
 use super::url::{Fetched, UrlClient};
 use super::{PartDir, PartRecord, Phase};
-use crate::control_client::ControlClient;
+use crate::control_client::{Backoff, ControlClient};
 use drover_api::wire::PartKey;
 
 /// Something a part needs that could not be made ready; the part fails
@@ -189,11 +190,12 @@ impl Materializer {
         kind: PathKind,
         pins: &mut Pins,
     ) -> Result<PathBuf, String> {
-        let listing = self
-            .client
-            .datastore_list(&at.datastore, &at.path)
-            .await
-            .map_err(|e| format!("cannot list {at}: {}", drover_api::error::chain(&e)))?;
+        let listing = retrying(
+            || self.client.datastore_list(&at.datastore, &at.path),
+            |e| e.is_transient(),
+        )
+        .await
+        .map_err(|e| format!("cannot list {at}: {}", drover_api::error::chain(&e)))?;
         let single = listing.entries.len() == 1 && listing.entries[0].path.is_empty();
         if kind == PathKind::UriFile && !single {
             return Err(format!("{at} is a folder, not a file"));
@@ -256,17 +258,19 @@ impl Materializer {
                 std::fs::create_dir_all(parent)
                     .map_err(|e| format!("cannot write {}: {e}", parent.display()))?;
             }
-            self.client
-                .datastore_file(&at.datastore, &full, &dest)
-                .await
-                .map_err(|err| {
-                    format!(
-                        "cannot fetch {}{}/paths/{full}: {}",
-                        DatastorePath::PREFIX,
-                        at.datastore,
-                        drover_api::error::chain(&err)
-                    )
-                })?;
+            retrying(
+                || self.client.datastore_file(&at.datastore, &full, &dest),
+                |e| e.is_transient(),
+            )
+            .await
+            .map_err(|err| {
+                format!(
+                    "cannot fetch {}{}/paths/{full}: {}",
+                    DatastorePath::PREFIX,
+                    at.datastore,
+                    drover_api::error::chain(&err)
+                )
+            })?;
         }
         if let Some(parent) = folder.parent() {
             std::fs::create_dir_all(parent)
@@ -275,6 +279,29 @@ impl Materializer {
         std::fs::rename(&staging, &folder)
             .map_err(|e| format!("cannot write {}: {e}", folder.display()))?;
         Ok(target(&folder))
+    }
+}
+
+/// How often a datastore call cut by the network is tried.
+const DATASTORE_ATTEMPTS: u32 = 4;
+
+/// `call` until it succeeds, fails for good, or has been tried
+/// [`DATASTORE_ATTEMPTS`] times, waiting with backoff between tries.
+async fn retrying<T, E, F, Fut>(mut call: F, transient: impl Fn(&E) -> bool) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Err(e) if transient(&e) && attempt < DATASTORE_ATTEMPTS => {
+                attempt += 1;
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            r => return r,
+        }
     }
 }
 
@@ -288,4 +315,49 @@ async fn unpack_into(tar: PathBuf, dest: PathBuf) -> Result<u64, String> {
     })
     .await
     .map_err(|e| format!("unpacking stopped: {e}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_are_tried_again_and_others_are_not() {
+        let calls = AtomicU32::new(0);
+        let r: Result<u32, &str> = retrying(
+            || async {
+                match calls.fetch_add(1, Ordering::SeqCst) {
+                    0 | 1 => Err("busy"),
+                    n => Ok(n),
+                }
+            },
+            |e| *e == "busy",
+        )
+        .await;
+        assert_eq!(r, Ok(2));
+        calls.store(0, Ordering::SeqCst);
+        let r: Result<u32, &str> = retrying(
+            || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err("missing")
+            },
+            |e| *e == "busy",
+        )
+        .await;
+        assert_eq!((r, calls.load(Ordering::SeqCst)), (Err("missing"), 1));
+        calls.store(0, Ordering::SeqCst);
+        let r: Result<u32, &str> = retrying(
+            || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err("busy")
+            },
+            |e| *e == "busy",
+        )
+        .await;
+        assert_eq!(
+            (r, calls.load(Ordering::SeqCst)),
+            (Err("busy"), DATASTORE_ATTEMPTS)
+        );
+    }
 }

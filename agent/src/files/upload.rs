@@ -126,6 +126,9 @@ pub struct UploadError {
     pub message: String,
     /// Trying again later may work.
     pub transient: bool,
+    /// The control plane said the part is not (or no longer) this node's
+    /// (403, 409): its outputs are not wanted.
+    pub not_ours: bool,
 }
 
 /// Uploads every output file the control plane lacks and posts the part's
@@ -143,6 +146,7 @@ pub async fn upload_outputs(
                 output: DEFAULT_OUTPUT.into(),
                 message: format!("walking the outputs stopped: {e}"),
                 transient: false,
+                not_ours: false,
             })?
     };
     let files: usize = walked.values().map(|w| w.files.len()).sum();
@@ -169,6 +173,7 @@ pub async fn upload_outputs(
             output: name.clone(),
             message,
             transient,
+            not_ours: false,
         };
         let mut list = Vec::with_capacity(w.files.len());
         let mut skipped = w.skipped;
@@ -222,6 +227,13 @@ pub async fn upload_outputs(
         output: "all".into(),
         message: format!("posting them failed: {}", drover_api::error::chain(&e)),
         transient: e.is_transient(),
+        not_ours: matches!(
+            e,
+            crate::control_client::ClientError::Rejected {
+                status: 403 | 409,
+                ..
+            }
+        ),
     })?;
     tracing::info!(part = %part, files = accepted.files, bytes = accepted.bytes, sent, "outputs posted");
     Ok(Some(accepted))

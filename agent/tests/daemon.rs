@@ -21,6 +21,7 @@ use drover_agent::daemon::{self, DaemonConfig, InventorySource, NodeImds, VmFact
 use drover_agent::inventory::{Inventory, InventoryCollector, NoGpus, VmInfo};
 use drover_api::JobSpec;
 use drover_api::cluster::NodeState;
+use drover_api::files::{BlobInfo, Digest, PartOutputs, PartOutputsAccepted, UploadStatus};
 use drover_api::wire::{
     Assignment, Assignments, HeartbeatRequest, HeartbeatResponse, LogBatch, LogBatchAccepted,
     LogCursor, NewLogLine, PartKey, PartState, RegisterRequest, RegisterResponse,
@@ -47,6 +48,11 @@ struct Stub {
     log_bodies: Mutex<Vec<usize>>,
     /// Registrations so far; the credential handed out is `cred-N`.
     registrations: AtomicU32,
+    /// Blobs uploaded (hex → bytes).
+    blobs: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Outputs posted, each with whether a final state of its part had
+    /// been reported before it.
+    outputs: Mutex<Vec<(PartOutputs, bool)>>,
 }
 
 impl Stub {
@@ -153,8 +159,63 @@ async fn logs(State(stub): State<Arc<Stub>>, body: axum::body::Bytes) -> Json<Lo
     })
 }
 
+async fn blob_head(
+    State(stub): State<Arc<Stub>>,
+    axum::extract::Path(hex): axum::extract::Path<String>,
+) -> Response {
+    match stub.blobs.lock().unwrap().get(&hex) {
+        Some(b) => (StatusCode::OK, [("content-length", b.len().to_string())]).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn upload_status(
+    State(stub): State<Arc<Stub>>,
+    axum::extract::Path(hex): axum::extract::Path<String>,
+) -> Json<UploadStatus> {
+    Json(UploadStatus {
+        digest: hex.parse().unwrap(),
+        offset: 0,
+        complete: stub.blobs.lock().unwrap().contains_key(&hex),
+    })
+}
+
+async fn blob_put(
+    State(stub): State<Arc<Stub>>,
+    axum::extract::Path(hex): axum::extract::Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let digest: Digest = hex.parse().unwrap();
+    let size = body.len() as u64;
+    stub.blobs.lock().unwrap().insert(hex, body.to_vec());
+    (StatusCode::CREATED, Json(BlobInfo { digest, size })).into_response()
+}
+
+async fn outputs(
+    State(stub): State<Arc<Stub>>,
+    headers: HeaderMap,
+    Json(post): Json<PartOutputs>,
+) -> Response {
+    if !stub.accepts(&headers) {
+        return (StatusCode::UNAUTHORIZED, "{}").into_response();
+    }
+    let ended = stub
+        .reported(&post.part.job)
+        .iter()
+        .any(|(s, _)| matches!(s, PartState::Succeeded | PartState::Failed));
+    let files = post.outputs.values().map(|f| f.len() as u64).sum();
+    stub.outputs.lock().unwrap().push((post, ended));
+    Json(PartOutputsAccepted { files, bytes: 0 }).into_response()
+}
+
 async fn serve(stub: Arc<Stub>) -> String {
     let app = axum::Router::new()
+        .route(
+            "/v1/agent/blobs/{hex}",
+            axum::routing::head(blob_head).put(blob_put),
+        )
+        .route("/v1/agent/uploads/{hex}", get(upload_status))
+        .route("/v1/agent/outputs", post(outputs))
         .route("/v1/agent/register", post(register))
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/assignments", get(assignments))
@@ -437,6 +498,99 @@ async fn an_adopted_part_ships_from_where_the_control_planes_log_ends() {
     sorted.sort();
     sorted.dedup();
     assert_eq!(sorted, live, "cursors grow line by line");
+    agent.shutdown.cancel();
+    agent.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parts_outputs_are_uploaded_and_posted_before_its_end_and_links_are_skipped() {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    stub.set(1, vec![assignment("out", PartState::Assigned)]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    let rt = fake(ExitScript::After {
+        delay: Duration::from_millis(1500),
+        code: 0,
+        oom: false,
+    });
+    let agent = start(server, rt, Duration::from_secs(5));
+    let part_dir = agent._dir.path().join("data/parts/out-1-0");
+    eventually("the part's working directory is made", || {
+        !agent.runtime.record().created.is_empty()
+    })
+    .await;
+    // What the job writes while its container runs.
+    let work = part_dir.join("work");
+    std::fs::write(work.join("outputs/x.txt"), b"hello world\n").unwrap();
+    std::fs::write(work.join("logs/train.log"), b"step\n").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", work.join("outputs/pw")).unwrap();
+    eventually("the part succeeds", || {
+        stub.reported("out")
+            .contains(&(PartState::Succeeded, Some(0)))
+    })
+    .await;
+    let posts = stub.outputs.lock().unwrap().clone();
+    assert_eq!(posts.len(), 1, "{posts:?}");
+    let (post, after_end) = &posts[0];
+    assert!(!after_end, "outputs are posted before the final state");
+    let files: Vec<&str> = post.outputs["default"]
+        .iter()
+        .map(|f| f.path.as_str())
+        .collect();
+    assert_eq!(files, ["logs/train.log", "outputs/x.txt"]);
+    assert_eq!(post.skipped["default"][0].path, "outputs/pw");
+    assert_eq!(post.skipped["default"][0].reason, "a symbolic link");
+    let blobs = stub.blobs.lock().unwrap().clone();
+    assert!(blobs.values().any(|b| b == b"hello world\n"));
+    assert!(
+        !blobs.values().any(|b| b.starts_with(b"root:")),
+        "no link followed"
+    );
+    eventually("the part directory goes once the end is acked", || {
+        !part_dir.exists()
+    })
+    .await;
+    agent.shutdown.cancel();
+    agent.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_that_cannot_be_fetched_fails_the_part_before_any_container_naming_it() {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    let mut a = assignment("url", PartState::Assigned);
+    a.spec = JobSpec::from_yaml(
+        "job.yml",
+        &format!(
+            "command: cat ${{{{inputs.csv}}}}\nenvironment:\n  image: {IMAGE}\ninputs:\n  csv:\n    type: uri_file\n    path: http://127.0.0.1:9/x.csv\n"
+        ),
+        Path::new("/tmp"),
+    )
+    .unwrap()
+    .spec;
+    stub.set(1, vec![a]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    let agent = start(
+        server,
+        fake(ExitScript::UntilStopped),
+        Duration::from_secs(5),
+    );
+    eventually("the part fails", || {
+        stub.reported("url")
+            .iter()
+            .any(|(s, _)| *s == PartState::Failed)
+    })
+    .await;
+    assert!(
+        stub.logged(
+            "url",
+            "drover-agent: input csv: cannot download http://127.0.0.1:9/x.csv"
+        ),
+        "{:?}",
+        stub.logs.lock().unwrap()
+    );
+    assert!(agent.runtime.record().created.is_empty(), "no container");
+    assert!(stub.outputs.lock().unwrap().is_empty(), "nothing posted");
     agent.shutdown.cancel();
     agent.task.await.unwrap().unwrap();
 }

@@ -10,9 +10,9 @@
 //!     Input::Acked/Rejected ──────► [reconciler] ─┘ Reports (Mutex)  │      │
 //!             (mpsc 64)              │  reconcile() → Start/Adopt/Collect/Cancel/Stop
 //!                                    ▼ spawns, one per part, own CancellationToken
-//!                           [part supervisor] ── PartRunner::run / adopted wait+logs
+//!                           [part supervisor] ── materialize, PartRunner::run / adopted wait+logs, upload
 //!                               │ PartEvent (256) → lines to log-shipper, states to Reports
-//!                               └── Input::Ended (after its lines are flushed) ──► reconciler
+//!                               └── Input::Ended (after outputs are posted, lines flushed) ──► reconciler
 //! ```
 //!
 //! With IMDS: `[imds-scheduled-events]` ──EventsUpdate (8)──► `[maintenance]`

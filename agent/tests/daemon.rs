@@ -53,6 +53,8 @@ struct Stub {
     /// Outputs posted, each with whether a final state of its part had
     /// been reported before it.
     outputs: Mutex<Vec<(PartOutputs, bool)>>,
+    /// Blob bodies received.
+    puts: AtomicU32,
 }
 
 impl Stub {
@@ -187,6 +189,7 @@ async fn blob_put(
 ) -> Response {
     let digest: Digest = hex.parse().unwrap();
     let size = body.len() as u64;
+    stub.puts.fetch_add(1, Ordering::SeqCst);
     stub.blobs.lock().unwrap().insert(hex, body.to_vec());
     (StatusCode::CREATED, Json(BlobInfo { digest, size })).into_response()
 }
@@ -301,7 +304,17 @@ fn start_with(
     drain: Duration,
     imds: Option<NodeImds>,
 ) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
+    start_in(tempfile::tempdir().unwrap(), server, runtime, drain, imds)
+}
+
+/// An agent whose data dir is `dir`/data (what a killed agent left there).
+fn start_in(
+    dir: tempfile::TempDir,
+    server: String,
+    runtime: Arc<FakeRuntime>,
+    drain: Duration,
+    imds: Option<NodeImds>,
+) -> Agent {
     let init = dir.path().join("drover-init");
     std::fs::write(&init, b"not run by the fake").unwrap();
     let config = DaemonConfig {
@@ -550,6 +563,67 @@ async fn a_parts_outputs_are_uploaded_and_posted_before_its_end_and_links_are_sk
         !part_dir.exists()
     })
     .await;
+    agent.shutdown.cancel();
+    agent.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_by_a_restart_resumes_and_sends_only_what_the_control_plane_lacks() {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    // A part whose container exited and whose upload a kill -9 cut: one
+    // file's blob reached the control plane, the other did not.
+    let dir = tempfile::tempdir().unwrap();
+    let part = PartKey::new("res", 1, 0);
+    let part_dir = dir.path().join("data/parts/res-1-0");
+    let work = part_dir.join("work");
+    std::fs::create_dir_all(work.join("outputs")).unwrap();
+    std::fs::create_dir_all(work.join("logs")).unwrap();
+    std::fs::write(work.join("outputs/a.txt"), b"already there\n").unwrap();
+    std::fs::write(work.join("outputs/b.txt"), b"not yet\n").unwrap();
+    let record =
+        serde_json::json!({"part": part, "phase": "uploading", "work": work, "outputs": {}});
+    std::fs::write(part_dir.join("part.json"), record.to_string()).unwrap();
+    let stored = drover_files::digest::sha256_bytes(b"already there\n");
+    stub.blobs
+        .lock()
+        .unwrap()
+        .insert(stored.hex(), b"already there\n".to_vec());
+    // A part directory nothing refers to any more.
+    std::fs::create_dir_all(dir.path().join("data/parts/gone-1-0/work")).unwrap();
+
+    let rt = fake(ExitScript::After {
+        delay: Duration::ZERO,
+        code: 0,
+        oom: false,
+    });
+    leftover(&rt, "res").await;
+    stub.set(1, vec![assignment("res", PartState::Running)]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    let agent = start_in(dir, server, rt, Duration::from_secs(5), None);
+    eventually("the part succeeds", || {
+        stub.reported("res")
+            .contains(&(PartState::Succeeded, Some(0)))
+    })
+    .await;
+    let posts = stub.outputs.lock().unwrap().clone();
+    assert_eq!(posts.len(), 1);
+    assert!(!posts[0].1, "posted before the final state");
+    let files: Vec<&str> = posts[0].0.outputs["default"]
+        .iter()
+        .map(|f| f.path.as_str())
+        .collect();
+    assert_eq!(files, ["outputs/a.txt", "outputs/b.txt"]);
+    assert_eq!(
+        stub.puts.load(Ordering::SeqCst),
+        1,
+        "only the missing blob is sent"
+    );
+    assert!(
+        agent.runtime.record().created.len() == 1,
+        "nothing started again"
+    );
+    assert!(!agent._dir.path().join("data/parts/gone-1-0").exists());
     agent.shutdown.cancel();
     agent.task.await.unwrap().unwrap();
 }

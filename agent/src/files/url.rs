@@ -1,4 +1,5 @@
-//! The agent's door to URL inputs: a file at an `http://` URL, downloaded
+//! The agent's door to URL inputs: a file at an `http://` URL (`https://`
+//! is refused, naming the URL: the agent is built without TLS), downloaded
 //! into the node cache once and revalidated by every later part with a
 //! conditional GET (`If-None-Match` / `If-Modified-Since`): a 304 reuses
 //! the cached file.
@@ -32,6 +33,14 @@ pub enum UrlError {
         url: String,
         /// Its status.
         status: u16,
+    },
+    /// Not an `http://` URL (this agent is built without TLS).
+    #[error(
+        "cannot download {url}: this agent fetches http:// URLs only (it is built without TLS)"
+    )]
+    Unsupported {
+        /// The URL.
+        url: String,
     },
     /// Larger than [`MAX_URL_BYTES`].
     #[error("cannot download {url}: it is larger than {limit} bytes")]
@@ -108,6 +117,11 @@ impl UrlClient {
     /// Brings `url` into the cache folder `dir` (`dir/body`, `dir/meta.json`)
     /// and returns the file.
     pub async fn fetch(&self, url: &str, dir: &Path) -> Result<(PathBuf, Fetched), UrlError> {
+        if !url.starts_with("http://") {
+            return Err(UrlError::Unsupported {
+                url: url.to_string(),
+            });
+        }
         let body = dir.join("body");
         let meta_path = dir.join("meta.json");
         let local = |path: &Path| {
@@ -281,6 +295,12 @@ mod tests {
             "{text}"
         );
         assert!(text.to_lowercase().contains("refused"), "{text}");
+        let https = UrlClient::new()
+            .unwrap()
+            .fetch("https://example.com/x.csv", &tmp.path().join("h"))
+            .await
+            .unwrap_err();
+        assert!(https.to_string().contains("http:// URLs only"), "{https}");
     }
 
     #[test]

@@ -5,11 +5,22 @@
 //! artifact store's storage; the HTTP layer hands it a stream of bytes and
 //! gets back a blob or a reason.
 //!
-//! Uploads are staged to a local file under `<root>/staging/` (streamed,
-//! never whole in memory), resumable by offset, hashed when the last byte
-//! arrives and only then committed under `<root>/blobs/<hex>` (a rename on
-//! the same disk), so a blob is never half-written and nothing under
-//! `blobs/` is ever anything but a whole, verified blob.
+//! Backends: a local folder (the default, `<data dir>/artifacts`), S3
+//! (`s3://bucket/prefix`, configured by the usual `AWS_*` variables,
+//! `AWS_ENDPOINT_URL` and `AWS_ALLOW_HTTP` included) and Azure Blob
+//! (`az://container/prefix`, `AZURE_STORAGE_*` variables). Blobs live at
+//! `<root>/blobs/<hex>`.
+//!
+//! Uploads are staged to a local file on the server's disk (under
+//! `<root>/staging/` for a folder, `<data dir>/artifacts-staging/` for a
+//! remote store; streamed, never whole in memory), resumable by offset,
+//! hashed when the last byte arrives and only then committed (a rename on
+//! the same disk; a put or a multipart upload to a remote store), so a
+//! blob is never half-written and nothing under `blobs/` is ever anything
+//! but a whole, verified blob.
+//!
+//! Architecture Invariant: this is the only module that talks to
+//! `object_store`.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read};
@@ -18,7 +29,10 @@ use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use drover_api::files::{BlobInfo, Digest, MAX_BLOB_BYTES, UploadStatus};
-use futures_util::{Stream, StreamExt};
+use futures_util::stream::BoxStream;
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
@@ -103,8 +117,23 @@ pub enum ArtifactError {
         source: std::io::Error,
     },
     /// An artifact store URL that is not one this build knows.
-    #[error("`{0}` is not an artifact store this server can use (a local folder path)")]
+    #[error(
+        "`{0}` is not an artifact store this server can use (a folder, s3://bucket/prefix or az://container/prefix)"
+    )]
     BadUrl(String),
+    /// The remote store failed.
+    #[error("artifact store {location}: cannot {what} {key}")]
+    Remote {
+        /// The store.
+        location: String,
+        /// What was being done.
+        what: &'static str,
+        /// The object.
+        key: String,
+        /// The cause.
+        #[source]
+        source: Box<object_store::Error>,
+    },
 }
 
 /// The result of a PUT.
@@ -118,10 +147,38 @@ pub enum PutOutcome {
     Staged(u64),
 }
 
+/// Where blobs are committed.
+#[derive(Debug)]
+enum Backend {
+    /// A local folder: blobs are files under it.
+    Local(PathBuf),
+    /// An object store: blobs are objects under a prefix.
+    Remote {
+        store: Arc<dyn ObjectStore>,
+        prefix: String,
+    },
+}
+
+/// Bytes read from a blob.
+pub type BlobStream = BoxStream<'static, Result<Bytes, std::io::Error>>;
+
+/// Objects up to this size are committed in one put; larger ones by a
+/// multipart upload of parts this size, read from the staged file.
+const PART_BYTES: usize = 16 * 1024 * 1024;
+
+/// Splits `s3://bucket/prefix` (or `az://…`) into the bucket and the prefix.
+pub fn split_bucket_url(rest: &str) -> Option<(String, String)> {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return None;
+    }
+    Some((bucket.to_string(), prefix.trim_matches('/').to_string()))
+}
+
 /// The artifact store.
 #[derive(Debug)]
 pub struct ArtifactStore {
-    blobs: PathBuf,
+    backend: Backend,
     staging: PathBuf,
     /// One writer per digest at a time.
     locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
@@ -170,20 +227,78 @@ impl ArtifactStore {
         std::fs::create_dir_all(&blobs).map_err(io("cannot create", &blobs))?;
         std::fs::create_dir_all(&staging).map_err(io("cannot create", &staging))?;
         Ok(ArtifactStore {
-            blobs,
+            backend: Backend::Local(blobs),
             staging,
             locks: Mutex::new(HashMap::new()),
             location: root.display().to_string(),
         })
     }
 
-    /// Opens the store `url` names: a local path (or `file://` URL).
-    pub fn open(url: &str) -> Result<ArtifactStore, ArtifactError> {
+    /// Opens the store `url` names: a folder (or `file://` URL),
+    /// `s3://bucket/prefix` or `az://container/prefix`; remote uploads are
+    /// staged under `data_dir`.
+    pub fn open(url: &str, data_dir: &Path) -> Result<ArtifactStore, ArtifactError> {
+        let bad = || ArtifactError::BadUrl(url.to_string());
+        let remote = |store: Arc<dyn ObjectStore>, prefix: String| {
+            let staging = data_dir.join("artifacts-staging");
+            std::fs::create_dir_all(&staging).map_err(io("cannot create", &staging))?;
+            Ok(ArtifactStore {
+                backend: Backend::Remote { store, prefix },
+                staging,
+                locks: Mutex::new(HashMap::new()),
+                location: url.to_string(),
+            })
+        };
+        let built = |e: object_store::Error| ArtifactError::Remote {
+            location: url.to_string(),
+            what: "configure",
+            key: String::new(),
+            source: Box::new(e),
+        };
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = split_bucket_url(rest).ok_or_else(bad)?;
+            let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+            if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
+                b = b.with_endpoint(endpoint);
+            }
+            if std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v == "true" || v == "1") {
+                b = b.with_allow_http(true);
+            }
+            return remote(Arc::new(b.build().map_err(built)?), prefix);
+        }
+        if let Some(rest) = url.strip_prefix("az://") {
+            let (container, prefix) = split_bucket_url(rest).ok_or_else(bad)?;
+            let b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_container_name(container);
+            return remote(Arc::new(b.build().map_err(built)?), prefix);
+        }
         let path = url.strip_prefix("file://").unwrap_or(url);
         if path.contains("://") || path.is_empty() {
-            return Err(ArtifactError::BadUrl(url.to_string()));
+            return Err(bad());
         }
         ArtifactStore::open_local(Path::new(path))
+    }
+
+    fn object(prefix: &str, d: &Digest) -> ObjectPath {
+        if prefix.is_empty() {
+            ObjectPath::from(format!("blobs/{}", d.hex()))
+        } else {
+            ObjectPath::from(format!("{prefix}/blobs/{}", d.hex()))
+        }
+    }
+
+    fn remote_error(
+        &self,
+        what: &'static str,
+        key: &ObjectPath,
+    ) -> impl FnOnce(object_store::Error) -> ArtifactError {
+        let (location, key) = (self.location.clone(), key.to_string());
+        move |source| ArtifactError::Remote {
+            location,
+            what,
+            key,
+            source: Box::new(source),
+        }
     }
 
     /// Where it is, for the start log line.
@@ -191,8 +306,8 @@ impl ArtifactStore {
         &self.location
     }
 
-    fn blob_path(&self, d: &Digest) -> PathBuf {
-        self.blobs.join(d.hex())
+    fn blob_path(&self, blobs: &Path, d: &Digest) -> PathBuf {
+        blobs.join(d.hex())
     }
 
     fn staged_path(&self, d: &Digest) -> PathBuf {
@@ -212,11 +327,23 @@ impl ArtifactStore {
 
     /// The blob's size when it is stored.
     pub async fn stat(&self, d: &Digest) -> Result<Option<u64>, ArtifactError> {
-        let path = self.blob_path(d);
-        match tokio::fs::metadata(&path).await {
-            Ok(m) => Ok(Some(m.len())),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io("cannot stat", &path)(e)),
+        match &self.backend {
+            Backend::Local(blobs) => {
+                let path = self.blob_path(blobs, d);
+                match tokio::fs::metadata(&path).await {
+                    Ok(m) => Ok(Some(m.len())),
+                    Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(io("cannot stat", &path)(e)),
+                }
+            }
+            Backend::Remote { store, prefix } => {
+                let key = Self::object(prefix, d);
+                match store.head(&key).await {
+                    Ok(meta) => Ok(Some(meta.size)),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(self.remote_error("look up", &key)(e)),
+                }
+            }
         }
     }
 
@@ -372,10 +499,7 @@ impl ArtifactStore {
                 total,
             });
         }
-        let dest = self.blob_path(&d);
-        tokio::fs::rename(&path, &dest)
-            .await
-            .map_err(io("cannot commit", &dest))?;
+        self.commit(&d, &path, total).await?;
         self.discard(&d).await;
         tracing::info!(digest = %d, size = total, "blob stored");
         Ok(PutOutcome::Stored(BlobInfo {
@@ -384,13 +508,93 @@ impl ArtifactStore {
         }))
     }
 
+    /// Makes the verified staged file at `path` the blob `d`.
+    async fn commit(&self, d: &Digest, path: &Path, total: u64) -> Result<(), ArtifactError> {
+        match &self.backend {
+            Backend::Local(blobs) => {
+                let dest = self.blob_path(blobs, d);
+                tokio::fs::rename(path, &dest)
+                    .await
+                    .map_err(io("cannot commit", &dest))
+            }
+            Backend::Remote { store, prefix } => {
+                let key = Self::object(prefix, d);
+                if total <= PART_BYTES as u64 {
+                    let bytes = tokio::fs::read(path)
+                        .await
+                        .map_err(io("cannot read", path))?;
+                    store
+                        .put(&key, PutPayload::from(bytes))
+                        .await
+                        .map_err(self.remote_error("store", &key))?;
+                    return Ok(());
+                }
+                let upload = store
+                    .put_multipart(&key)
+                    .await
+                    .map_err(self.remote_error("start storing", &key))?;
+                let mut write = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+                let mut file = tokio::fs::File::open(path)
+                    .await
+                    .map_err(io("cannot open", path))?;
+                let mut buf = vec![0u8; PART_BYTES];
+                loop {
+                    use tokio::io::AsyncReadExt;
+                    let n = file.read(&mut buf).await.map_err(io("cannot read", path))?;
+                    if n == 0 {
+                        break;
+                    }
+                    // At most two parts in flight: memory stays bounded.
+                    write
+                        .wait_for_capacity(2)
+                        .await
+                        .map_err(self.remote_error("store", &key))?;
+                    write.write(&buf[..n]);
+                }
+                write
+                    .finish()
+                    .await
+                    .map_err(self.remote_error("finish storing", &key))?;
+                Ok(())
+            }
+        }
+    }
+
     /// The blob's size and its bytes from `from` on.
-    pub async fn read(
-        &self,
-        d: &Digest,
-        from: u64,
-    ) -> Result<(u64, tokio_util::io::ReaderStream<tokio::fs::File>), ArtifactError> {
-        let path = self.blob_path(d);
+    pub async fn read(&self, d: &Digest, from: u64) -> Result<(u64, BlobStream), ArtifactError> {
+        let blobs = match &self.backend {
+            Backend::Local(blobs) => blobs,
+            Backend::Remote { store, prefix } => {
+                let key = Self::object(prefix, d);
+                let size = self.stat(d).await?.ok_or(ArtifactError::NotFound(*d))?;
+                if from > size {
+                    return Err(ArtifactError::BadRange {
+                        digest: *d,
+                        size,
+                        from,
+                    });
+                }
+                if from == size {
+                    return Ok((size, futures_util::stream::empty().boxed()));
+                }
+                let got = store
+                    .get_opts(
+                        &key,
+                        GetOptions {
+                            range: Some(GetRange::Offset(from)),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map_err(|e| match e {
+                        object_store::Error::NotFound { .. } => ArtifactError::NotFound(*d),
+                        e => self.remote_error("read", &key)(e),
+                    })?;
+                let stream = got.into_stream().map_err(std::io::Error::other).boxed();
+                return Ok((size, stream));
+            }
+        };
+        let path = self.blob_path(blobs, d);
         let mut file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
             Err(e) if e.kind() == ErrorKind::NotFound => return Err(ArtifactError::NotFound(*d)),
@@ -413,13 +617,39 @@ impl ArtifactStore {
             .map_err(io("cannot seek", &path))?;
         Ok((
             size,
-            tokio_util::io::ReaderStream::with_capacity(file, 1 << 20),
+            tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).boxed(),
         ))
     }
 
-    /// The local file holding a stored blob (for copying it elsewhere).
-    pub fn local_path(&self, d: &Digest) -> PathBuf {
-        self.blob_path(d)
+    /// A local file holding the blob's bytes, for copying it elsewhere, and
+    /// whether it is a temporary copy the caller removes.
+    pub async fn local_copy(&self, d: &Digest) -> Result<(PathBuf, bool), ArtifactError> {
+        if let Backend::Local(blobs) = &self.backend {
+            return Ok((self.blob_path(blobs, d), false));
+        }
+        let (_, mut stream) = self.read(d, 0).await?;
+        let mut nonce = [0u8; 8];
+        getrandom::getrandom(&mut nonce).map_err(|e| ArtifactError::Io {
+            what: "cannot name",
+            path: self.staging.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let tmp = self.staging.join(format!(
+            "copy-{}-{}",
+            d.hex(),
+            nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ));
+        let mut file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(io("cannot create", &tmp))?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(io("cannot fetch into", &tmp))?;
+            file.write_all(&chunk)
+                .await
+                .map_err(io("cannot write", &tmp))?;
+        }
+        file.flush().await.map_err(io("cannot write", &tmp))?;
+        Ok((tmp, true))
     }
 }
 

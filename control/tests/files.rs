@@ -490,3 +490,66 @@ async fn datastores_keep_their_secrets_and_agents_read_through_the_server() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     stop(server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datastore_output_is_copied_into_its_datastore_and_shown_as_its_destination() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("data");
+    let (server, api) = start(dir.path()).await;
+    let (n1, n2) = cluster_with_nodes(&api).await;
+    let local = json!({"spec": {"name": "shared_data", "type": "local", "path": data.path()}});
+    let (status, body) = api.post("/v1/datastores", local).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let outputs = json!({"outputs": {"scores": {"type": "uri_folder",
+        "datastore": {"datastore": "shared_data", "path": "results/${{name}}/${{output_name}}"}}}});
+    let (status, body) = api.post("/v1/jobs", job(outputs)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let start = Instant::now();
+    let owner = loop {
+        let (_, body) = api.get("/v1/jobs/train").await;
+        let info: wire::JobInfo = serde_json::from_value(body).expect("job");
+        if let Some(p) = info.parts.first() {
+            break p.node.clone();
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "never placed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let cred = if owner == "n1" { &n1 } else { &n2 };
+    let d = hex(b"scored\n");
+    let (status, body) = api.put_blob("/v1/agent", cred, &d, 7, 0, b"scored\n").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let post = json!({"part": {"job": "train", "attempt": 1, "node_rank": 0},
+        "outputs": {"scores": [{"path": "sub/s.txt", "size": 7, "digest": format!("sha256:{d}")}]}});
+    let (status, body) = api
+        .send(
+            api.http.post(api.url("/v1/agent/outputs")).json(&post),
+            Some(cred),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let copied = data.path().join("results/train/scores/sub/s.txt");
+    let start = Instant::now();
+    while !copied.is_file() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never copied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(std::fs::read_to_string(&copied).expect("read"), "scored\n");
+    let start = Instant::now();
+    loop {
+        let (_, body) = api.get("/v1/jobs/train/outputs").await;
+        let outs: JobOutputs = serde_json::from_value(body).expect("outputs");
+        let scores = outs
+            .outputs
+            .iter()
+            .find(|o| o.name == "scores")
+            .expect("scores");
+        if scores.destination.as_deref()
+            == Some("azureml://datastores/shared_data/paths/results/train/scores")
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{scores:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop(server).await;
+}

@@ -46,6 +46,11 @@ pub struct ServerArgs {
     /// address the containers reach (e.g. 0.0.0.0:7340).
     #[arg(long)]
     local: bool,
+    /// Where blobs (code, inputs, outputs) are kept: a folder, `s3://bucket/prefix`
+    /// (AWS_* variables: AWS_ENDPOINT_URL, AWS_ALLOW_HTTP, …) or
+    /// `az://container/prefix` (AZURE_STORAGE_* variables) (default: DATA_DIR/artifacts).
+    #[arg(long, env = "DROVER_ARTIFACTS")]
+    artifacts: Option<String>,
     #[command(flatten)]
     local_args: LocalArgs,
 }
@@ -133,6 +138,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<i32> {
     config.core.heartbeat_interval = Duration::from_secs(args.heartbeat_seconds.max(1));
     config.store.log_cap_bytes = args.log_cap_bytes;
     config.core.autoscaler.cooldown = Duration::from_secs(args.scale_down_cooldown_seconds);
+    config.artifacts = args.artifacts;
     if args.local {
         config.local = Some(args.local_args.config(&data_dir).await?);
     }
@@ -148,8 +154,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<i32> {
             data_dir.join(ADMIN_TOKEN_FILE).display()
         ));
     }
+    let artifacts = running
+        .core
+        .artifacts()
+        .map(|a| a.location().to_string())
+        .unwrap_or_default();
     output::note(format_args!(
-        "drover: server listening on http://{}",
+        "drover: server listening on http://{} (artifacts in {artifacts})",
         running.addr
     ));
     let stop = running.shutdown_token();

@@ -63,6 +63,9 @@ pub struct UpArgs {
     /// Seconds after a scale action before an idle node may be removed.
     #[arg(long, default_value_t = 30)]
     scale_down_cooldown_seconds: u64,
+    /// Where the server keeps blobs (see `drover server --artifacts`).
+    #[arg(long)]
+    artifacts: Option<String>,
     #[command(flatten)]
     local: LocalArgs,
 }
@@ -224,6 +227,9 @@ fn start_server(dir: &Path, args: &UpArgs, local: &LocalConfig) -> anyhow::Resul
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let mut command = std::process::Command::new(exe);
     command.arg("server").arg("--local");
+    if let Some(artifacts) = &args.artifacts {
+        command.arg("--artifacts").arg(artifacts);
+    }
     // The agent binary rather than the image it built: the server then knows
     // how to build the image again should it go missing.
     match &local.node_image_source {

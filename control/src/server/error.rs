@@ -109,7 +109,9 @@ impl ControlError {
                 | ArtifactError::Mismatch { .. }
                 | ArtifactError::BadRange { .. }
                 | ArtifactError::BrokenBody { .. } => ErrorCode::Invalid,
-                ArtifactError::Io { .. } | ArtifactError::BadUrl(_) => ErrorCode::Internal,
+                ArtifactError::Io { .. }
+                | ArtifactError::BadUrl(_)
+                | ArtifactError::Remote { .. } => ErrorCode::Internal,
             },
             ControlError::NotFound(_) => ErrorCode::NotFound,
             ControlError::Secrets(_) | ControlError::Internal(_) => ErrorCode::Internal,

@@ -307,7 +307,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         .artifacts
         .clone()
         .unwrap_or_else(|| config.data_dir.join("artifacts").display().to_string());
-    let artifacts = Arc::new(ArtifactStore::open(&artifacts_url).map_err(ServerError::Artifacts)?);
+    let artifacts = Arc::new(
+        ArtifactStore::open(&artifacts_url, &config.data_dir).map_err(ServerError::Artifacts)?,
+    );
     let core = Arc::new(
         ControlPlane::new(store, core_config)
             .with_providers(Arc::new(

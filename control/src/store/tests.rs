@@ -1556,3 +1556,63 @@ fn a_line_is_stored_once_per_part_cursor_and_each_attempt_reads_its_own() {
     );
     assert_eq!(s.read_logs("j", None, 0, 100).expect("read").lines.len(), 6);
 }
+
+#[test]
+fn exports_stay_pending_until_the_latest_generation_is_copied_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let mut s = Store::open(dir.path()).expect("open");
+        add_cluster(&mut s, "cpu", 2);
+        submit(&mut s, "j", "cpu", 1, 3);
+        s.request_export("j", 1, "scores", "d", "results/j", t(1))
+            .expect("request");
+        let first = s.pending_exports().expect("pending").remove(0);
+        // Another post asks again while the first copy runs.
+        s.request_export("j", 1, "scores", "d", "results/j", t(2))
+            .expect("again");
+        assert!(
+            !s.finish_export(&first, super::ExportState::Done, 1, None, t(3))
+                .expect("finish"),
+            "a stale copy does not mark it done"
+        );
+        assert_eq!(s.pending_exports().expect("pending").len(), 1);
+    }
+    let mut s = Store::open(dir.path()).expect("reopen");
+    let pending = s.pending_exports().expect("pending");
+    assert_eq!(pending.len(), 1, "a restart resumes it");
+    assert!(
+        s.finish_export(&pending[0], super::ExportState::Done, 1, None, t(4))
+            .expect("finish")
+    );
+    assert!(s.pending_exports().expect("pending").is_empty());
+    assert_eq!(
+        s.exports("j", 1).expect("exports")[0].state,
+        super::ExportState::Done
+    );
+}
+
+#[test]
+fn datastores_are_added_once_listed_and_removed() {
+    use drover_api::datastore::{DatastoreKind, DatastoreSpec};
+    let mut s = mem();
+    let spec = DatastoreSpec {
+        name: "d".into(),
+        description: None,
+        tags: Default::default(),
+        kind: DatastoreKind::Local {
+            path: "/data".into(),
+        },
+    };
+    s.add_datastore(&spec, b"sealed", t(1)).expect("add");
+    assert!(matches!(
+        s.add_datastore(&spec, b"sealed", t(2)),
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert_eq!(s.datastores().expect("list").len(), 1);
+    assert_eq!(s.datastore("d").expect("get").sealed, b"sealed");
+    s.remove_datastore("d").expect("remove");
+    assert!(matches!(
+        s.remove_datastore("d"),
+        Err(StoreError::NotFound { .. })
+    ));
+}

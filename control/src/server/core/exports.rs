@@ -85,20 +85,23 @@ impl ControlPlane {
         else {
             return Ok(0);
         };
-        let artifacts = std::sync::Arc::clone(self.artifacts()?);
-        let prefix = export.path.clone();
-        let files = output.files;
-        let n = files.len() as u64;
-        tokio::task::spawn_blocking(move || {
-            for f in &files {
-                let from = artifacts.local_path(&f.digest);
-                ds.write_from(&export_file_path(&prefix, &f.path), &from)?;
+        let artifacts = self.artifacts()?;
+        let n = output.files.len() as u64;
+        for f in output.files {
+            let (from, temporary) = artifacts.local_copy(&f.digest).await?;
+            let (ds, to, src) = (
+                ds.clone(),
+                export_file_path(&export.path, &f.path),
+                from.clone(),
+            );
+            let written = tokio::task::spawn_blocking(move || ds.write_from(&to, &src))
+                .await
+                .map_err(ControlError::StoreTask);
+            if temporary && let Err(e) = tokio::fs::remove_file(&from).await {
+                tracing::warn!(path = %from.display(), error = %e, "cannot remove a temporary copy");
             }
-            Ok::<_, crate::datastores::DatastoreError>(())
-        })
-        .await
-        .map_err(ControlError::StoreTask)?
-        .map_err(|e| ControlError::Internal(drover_api::error::chain(&e)))?;
+            written?.map_err(|e| ControlError::Internal(drover_api::error::chain(&e)))?;
+        }
         Ok(n)
     }
 }

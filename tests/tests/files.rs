@@ -13,6 +13,10 @@ use std::time::Duration;
 use drover_tests::cluster::{Cluster, parts};
 use drover_tests::{BASE_IMAGE, unique_name, wait_until};
 
+/// An image built by `images/build-offline.sh` that has python3 (the base
+/// image is a minimal Debian without it).
+const PYTHON_IMAGE: &str = "drover/openmpi:bookworm";
+
 /// Files under `dir`, recursively.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -94,7 +98,7 @@ fn code_reaches_every_node_as_its_working_directory_and_is_stored_once() {
     let yaml = format!(
         "$schema: https://azuremlschemas.azureedge.net/latest/commandJob.schema.json\n\
          command: python3 hello.py; ls; test -e secret.txt && echo secret-is-there; pwd\n\
-         code: src\nenvironment:\n  image: {BASE_IMAGE}\nresources:\n  instance_count: 2\n"
+         code: src\nenvironment:\n  image: {PYTHON_IMAGE}\nresources:\n  instance_count: 2\n"
     );
     let dir = job_dir(
         &yaml,

@@ -1,5 +1,6 @@
-//! The agent's door to URL inputs: a file at an `http://` URL (`https://`
-//! is refused, naming the URL: the agent is built without TLS), downloaded
+//! The agent's door to URL inputs: a file at an `http://` or `https://` URL
+//! (TLS through rustls, verified against the machine's trusted roots, which
+//! `SSL_CERT_FILE` can replace; other schemes are refused), downloaded
 //! into the node cache once and revalidated by every later part with a
 //! conditional GET (`If-None-Match` / `If-Modified-Since`): a 304 reuses
 //! the cached file.
@@ -34,10 +35,8 @@ pub enum UrlError {
         /// Its status.
         status: u16,
     },
-    /// Not an `http://` URL (this agent is built without TLS).
-    #[error(
-        "cannot download {url}: this agent fetches http:// URLs only (it is built without TLS)"
-    )]
+    /// Not an `http://` or `https://` URL.
+    #[error("cannot download {url}: the agent fetches http:// and https:// URLs only")]
     Unsupported {
         /// The URL.
         url: String,
@@ -117,7 +116,7 @@ impl UrlClient {
     /// Brings `url` into the cache folder `dir` (`dir/body`, `dir/meta.json`)
     /// and returns the file.
     pub async fn fetch(&self, url: &str, dir: &Path) -> Result<(PathBuf, Fetched), UrlError> {
-        if !url.starts_with("http://") {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(UrlError::Unsupported {
                 url: url.to_string(),
             });
@@ -297,10 +296,13 @@ mod tests {
         assert!(text.to_lowercase().contains("refused"), "{text}");
         let https = UrlClient::new()
             .unwrap()
-            .fetch("https://example.com/x.csv", &tmp.path().join("h"))
+            .fetch("ftp://example.com/x.csv", &tmp.path().join("h"))
             .await
             .unwrap_err();
-        assert!(https.to_string().contains("http:// URLs only"), "{https}");
+        assert!(
+            https.to_string().contains("http:// and https:// URLs only"),
+            "{https}"
+        );
     }
 
     #[test]

@@ -100,10 +100,10 @@ pub(super) fn known_datastores(s: &Store) -> Result<BTreeSet<String>, StoreError
 fn datastore_error(e: DatastoreError) -> ControlError {
     match e {
         DatastoreError::NotFound { .. } => ControlError::NotFound(e.to_string()),
-        DatastoreError::BadPath { .. } | DatastoreError::Unsupported { .. } => {
-            ControlError::Invalid(e.to_string())
+        DatastoreError::BadPath { .. } => ControlError::Invalid(e.to_string()),
+        DatastoreError::Io { .. } | DatastoreError::Remote { .. } => {
+            ControlError::Internal(drover_api::error::chain(&e))
         }
-        DatastoreError::Io { .. } => ControlError::Internal(drover_api::error::chain(&e)),
     }
 }
 
@@ -247,11 +247,7 @@ impl ControlPlane {
         path: String,
     ) -> Result<DataListing, ControlError> {
         let ds = self.open_datastore(&name).await?;
-        let p = path.clone();
-        let entries: Vec<DataEntry> = tokio::task::spawn_blocking(move || ds.list(&p))
-            .await
-            .map_err(ControlError::StoreTask)?
-            .map_err(datastore_error)?;
+        let entries: Vec<DataEntry> = ds.list(&path).await.map_err(datastore_error)?;
         Ok(DataListing {
             datastore: name,
             path,
@@ -264,13 +260,9 @@ impl ControlPlane {
         &self,
         name: String,
         path: String,
-    ) -> Result<(u64, String, tokio::fs::File), ControlError> {
+    ) -> Result<(u64, String, crate::artifacts::BlobStream), ControlError> {
         let ds = self.open_datastore(&name).await?;
-        let (size, version, file) = tokio::task::spawn_blocking(move || ds.open(&path))
-            .await
-            .map_err(ControlError::StoreTask)?
-            .map_err(datastore_error)?;
-        Ok((size, version, tokio::fs::File::from_std(file)))
+        ds.open(&path).await.map_err(datastore_error)
     }
 }
 

@@ -425,7 +425,32 @@ impl ArtifactStore {
             return Ok(PutOutcome::AlreadyStored(BlobInfo { digest: d, size }));
         }
         let lock = self.lock(&d);
-        let _guard = lock.lock().await;
+        let result = {
+            let _guard = lock.lock().await;
+            self.put_locked(d, total, offset, body).await
+        };
+        drop(lock);
+        // Forget the digest's lock once nobody else holds it.
+        if let Ok(mut locks) = self.locks.lock()
+            && locks.get(&d).is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            locks.remove(&d);
+        }
+        result
+    }
+
+    /// [`ArtifactStore::put`], holding the digest's lock.
+    async fn put_locked<S, E>(
+        &self,
+        d: Digest,
+        total: u64,
+        offset: u64,
+        body: S,
+    ) -> Result<PutOutcome, ArtifactError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
         if let Some(size) = self.stat(&d).await? {
             return Ok(PutOutcome::AlreadyStored(BlobInfo { digest: d, size }));
         }
@@ -975,6 +1000,7 @@ mod tests {
                 .count(),
             0
         );
+        assert!(store.locks.lock().unwrap().is_empty(), "no lock kept");
     }
 
     #[tokio::test]

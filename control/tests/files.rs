@@ -479,6 +479,27 @@ async fn datastores_keep_their_secrets_and_agents_read_through_the_server() {
         )),
         "{body}"
     );
+    let stored = hex(b"stored");
+    let (status, body) = api
+        .put_blob("/v1", &api.token, &stored, 6, 0, b"stored")
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = api
+        .post(
+            "/v1/jobs",
+            job(
+                json!({"inputs": {"f": {"kind": "blob", "path_kind": "uri_file",
+                "blob": {"digest": format!("sha256:{stored}"), "size": 7}}}}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        message_of(&body).contains(&format!(
+            "inputs.f: blob sha256:{stored} is 6 bytes, not the 7"
+        )),
+        "{body}"
+    );
     let (status, _) = api.get("/v1/jobs/train").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "nothing was queued");
     let (status, _) = api

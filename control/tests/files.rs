@@ -299,6 +299,11 @@ async fn outputs_are_posted_by_their_node_only_and_read_merged() {
     let (status, body) = agent_post(mine, post("outputs/m.bin", &unstored)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert!(message_of(&body).contains(&unstored), "{body}");
+    let wrong_size = json!({"part": {"job": "train", "attempt": 1, "node_rank": 0},
+        "outputs": {"default": [{"path": "outputs/m.bin", "size": 6, "digest": format!("sha256:{d}")}]}});
+    let (status, body) = agent_post(mine, wrong_size).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(message_of(&body).contains("is 5 bytes, not 6"), "{body}");
     let (status, body) = agent_post(mine, post("../x", &d)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     let (status, _) = agent_post(&api.token, post("outputs/m.bin", &d)).await;

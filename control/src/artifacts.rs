@@ -425,7 +425,32 @@ impl ArtifactStore {
             return Ok(PutOutcome::AlreadyStored(BlobInfo { digest: d, size }));
         }
         let lock = self.lock(&d);
-        let _guard = lock.lock().await;
+        let result = {
+            let _guard = lock.lock().await;
+            self.put_locked(d, total, offset, body).await
+        };
+        drop(lock);
+        // Forget the digest's lock once nobody else holds it.
+        if let Ok(mut locks) = self.locks.lock()
+            && locks.get(&d).is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            locks.remove(&d);
+        }
+        result
+    }
+
+    /// [`ArtifactStore::put`], holding the digest's lock.
+    async fn put_locked<S, E>(
+        &self,
+        d: Digest,
+        total: u64,
+        offset: u64,
+        body: S,
+    ) -> Result<PutOutcome, ArtifactError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
         if let Some(size) = self.stat(&d).await? {
             return Ok(PutOutcome::AlreadyStored(BlobInfo { digest: d, size }));
         }
@@ -519,42 +544,12 @@ impl ArtifactStore {
             }
             Backend::Remote { store, prefix } => {
                 let key = Self::object(prefix, d);
-                if total <= PART_BYTES as u64 {
-                    let bytes = tokio::fs::read(path)
-                        .await
-                        .map_err(io("cannot read", path))?;
-                    store
-                        .put(&key, PutPayload::from(bytes))
-                        .await
-                        .map_err(self.remote_error("store", &key))?;
-                    return Ok(());
-                }
-                let upload = store
-                    .put_multipart(&key)
+                put_local_file(store, &key, path, total)
                     .await
-                    .map_err(self.remote_error("start storing", &key))?;
-                let mut write = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
-                let mut file = tokio::fs::File::open(path)
-                    .await
-                    .map_err(io("cannot open", path))?;
-                let mut buf = vec![0u8; PART_BYTES];
-                loop {
-                    use tokio::io::AsyncReadExt;
-                    let n = file.read(&mut buf).await.map_err(io("cannot read", path))?;
-                    if n == 0 {
-                        break;
-                    }
-                    // At most two parts in flight: memory stays bounded.
-                    write
-                        .wait_for_capacity(2)
-                        .await
-                        .map_err(self.remote_error("store", &key))?;
-                    write.write(&buf[..n]);
-                }
-                write
-                    .finish()
-                    .await
-                    .map_err(self.remote_error("finish storing", &key))?;
+                    .map_err(|e| match e {
+                        PutError::Io(e) => io("cannot read", path)(e),
+                        PutError::Store(e) => self.remote_error("store", &key)(e),
+                    })?;
                 Ok(())
             }
         }
@@ -653,6 +648,277 @@ impl ArtifactStore {
     }
 }
 
+/// An area of an object store reached by path (a datastore on S3 or Azure
+/// Blob), for `control::datastores`: listing, reading and writing objects
+/// under a prefix.
+#[derive(Debug, Clone)]
+pub struct ObjectArea {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    location: String,
+}
+
+/// One object of an [`ObjectArea`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AreaObject {
+    /// Its path under the listed one (empty for the listed path itself).
+    pub path: String,
+    /// Its size.
+    pub size: u64,
+    /// Its ETag, else its time and size.
+    pub version: String,
+}
+
+/// How to reach an S3 bucket for an [`ObjectArea`].
+#[derive(Debug, Clone, Default)]
+pub struct S3Access {
+    /// The service's URL, for services other than AWS.
+    pub endpoint_url: Option<String>,
+    /// The region.
+    pub region: Option<String>,
+    /// An access key id and its secret; the environment's when `None`.
+    pub access_key: Option<(String, String)>,
+}
+
+/// How to sign in to an Azure Blob container for an [`ObjectArea`].
+#[derive(Debug, Clone)]
+pub enum AzureAccess {
+    /// The environment's (`AZURE_*`).
+    Environment,
+    /// An account key.
+    AccountKey(String),
+    /// A SAS token.
+    SasToken(String),
+}
+
+fn version_of(meta: &object_store::ObjectMeta) -> String {
+    match &meta.e_tag {
+        Some(tag) => tag.trim_matches('"').to_string(),
+        None => format!(
+            "{:x}-{:x}",
+            meta.last_modified.timestamp_millis(),
+            meta.size
+        ),
+    }
+}
+
+/// `prefix/path` without empty components.
+fn under(prefix: &str, path: &str) -> String {
+    [prefix.trim_matches('/'), path.trim_matches('/')]
+        .iter()
+        .filter(|p| !p.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+impl ObjectArea {
+    fn failed(
+        &self,
+        what: &'static str,
+        key: &str,
+    ) -> impl FnOnce(object_store::Error) -> ArtifactError {
+        let (location, key) = (self.location.clone(), key.to_string());
+        move |source| ArtifactError::Remote {
+            location,
+            what,
+            key,
+            source: Box::new(source),
+        }
+    }
+
+    /// A bucket (and a prefix in it).
+    pub fn s3(bucket: &str, prefix: &str, access: &S3Access) -> Result<ObjectArea, ArtifactError> {
+        let location = format!("s3://{bucket}/{prefix}");
+        let mut b = match &access.access_key {
+            None => object_store::aws::AmazonS3Builder::from_env(),
+            Some((id, secret)) => object_store::aws::AmazonS3Builder::new()
+                .with_access_key_id(id)
+                .with_secret_access_key(secret),
+        }
+        .with_bucket_name(bucket);
+        if let Some(region) = &access.region {
+            b = b.with_region(region);
+        } else if access.access_key.is_some() {
+            b = b.with_region("us-east-1");
+        }
+        if let Some(endpoint) = &access.endpoint_url {
+            b = b
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"));
+        }
+        let store = b.build().map_err(|e| ArtifactError::Remote {
+            location: location.clone(),
+            what: "configure",
+            key: String::new(),
+            source: Box::new(e),
+        })?;
+        Ok(ObjectArea {
+            store: Arc::new(store),
+            prefix: prefix.trim_matches('/').to_string(),
+            location,
+        })
+    }
+
+    /// An Azure Blob container.
+    pub fn azure(
+        account: &str,
+        container: &str,
+        endpoint: &str,
+        protocol: &str,
+        access: &AzureAccess,
+    ) -> Result<ObjectArea, ArtifactError> {
+        let location = format!("{protocol}://{account}.blob.{endpoint}/{container}");
+        let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+            .with_account(account)
+            .with_container_name(container);
+        if endpoint != "core.windows.net" || protocol != "https" {
+            b = b
+                .with_endpoint(format!("{protocol}://{account}.blob.{endpoint}"))
+                .with_allow_http(protocol == "http");
+        }
+        b = match access {
+            AzureAccess::Environment => b,
+            AzureAccess::AccountKey(k) => b.with_access_key(k),
+            AzureAccess::SasToken(t) => b.with_config(
+                object_store::azure::AzureConfigKey::SasKey,
+                t.trim_start_matches('?'),
+            ),
+        };
+        let store = b.build().map_err(|e| ArtifactError::Remote {
+            location: location.clone(),
+            what: "configure",
+            key: String::new(),
+            source: Box::new(e),
+        })?;
+        Ok(ObjectArea {
+            store: Arc::new(store),
+            prefix: String::new(),
+            location,
+        })
+    }
+
+    /// The objects under `path` (in path order, each relative to it), the
+    /// one object it names (with an empty path), or `None` when nothing is
+    /// there.
+    pub async fn list(&self, path: &str) -> Result<Option<Vec<AreaObject>>, ArtifactError> {
+        let key = under(&self.prefix, path);
+        if !key.is_empty() {
+            match self.store.head(&ObjectPath::from(key.as_str())).await {
+                Ok(meta) => {
+                    return Ok(Some(vec![AreaObject {
+                        path: String::new(),
+                        size: meta.size,
+                        version: version_of(&meta),
+                    }]));
+                }
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.failed("look up", &key)(e)),
+            }
+        }
+        let base = (!key.is_empty()).then(|| ObjectPath::from(key.as_str()));
+        let mut listing = self.store.list(base.as_ref());
+        let strip = if key.is_empty() {
+            String::new()
+        } else {
+            format!("{key}/")
+        };
+        let mut out = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(self.failed("list", &key))?;
+            let full = meta.location.to_string();
+            let Some(rel) = full.strip_prefix(&strip) else {
+                continue;
+            };
+            out.push(AreaObject {
+                path: rel.to_string(),
+                size: meta.size,
+                version: version_of(&meta),
+            });
+        }
+        if out.is_empty() {
+            return Ok(None);
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(Some(out))
+    }
+
+    /// The object at `path`: its size, version and bytes; `None` when
+    /// nothing is there.
+    pub async fn get(
+        &self,
+        path: &str,
+    ) -> Result<Option<(u64, String, BlobStream)>, ArtifactError> {
+        let key = under(&self.prefix, path);
+        match self.store.get(&ObjectPath::from(key.as_str())).await {
+            Ok(got) => {
+                let (size, version) = (got.meta.size, version_of(&got.meta));
+                Ok(Some((
+                    size,
+                    version,
+                    got.into_stream().map_err(std::io::Error::other).boxed(),
+                )))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.failed("read", &key)(e)),
+        }
+    }
+
+    /// Writes the local file `from` as the object at `path`.
+    pub async fn put_file(&self, path: &str, from: &Path) -> Result<(), ArtifactError> {
+        let key = under(&self.prefix, path);
+        let object = ObjectPath::from(key.as_str());
+        let size = tokio::fs::metadata(from)
+            .await
+            .map_err(io("cannot stat", from))?
+            .len();
+        put_local_file(&self.store, &object, from, size)
+            .await
+            .map_err(|e| match e {
+                PutError::Io(e) => io("cannot read", from)(e),
+                PutError::Store(e) => self.failed("write", &key)(e),
+            })
+    }
+}
+
+enum PutError {
+    Io(std::io::Error),
+    Store(object_store::Error),
+}
+
+/// Stores a local file as an object: one put when small, else a
+/// multipart upload of [`PART_BYTES`] parts, at most two in flight.
+async fn put_local_file(
+    store: &Arc<dyn ObjectStore>,
+    key: &ObjectPath,
+    path: &Path,
+    size: u64,
+) -> Result<(), PutError> {
+    if size <= PART_BYTES as u64 {
+        let bytes = tokio::fs::read(path).await.map_err(PutError::Io)?;
+        store
+            .put(key, PutPayload::from(bytes))
+            .await
+            .map_err(PutError::Store)?;
+        return Ok(());
+    }
+    let upload = store.put_multipart(key).await.map_err(PutError::Store)?;
+    let mut write = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+    let mut file = tokio::fs::File::open(path).await.map_err(PutError::Io)?;
+    let mut buf = vec![0u8; PART_BYTES];
+    loop {
+        use tokio::io::AsyncReadExt;
+        let n = file.read(&mut buf).await.map_err(PutError::Io)?;
+        if n == 0 {
+            break;
+        }
+        write.wait_for_capacity(2).await.map_err(PutError::Store)?;
+        write.write(&buf[..n]);
+    }
+    write.finish().await.map_err(PutError::Store)?;
+    Ok(())
+}
+
 /// The sha256 of a file's bytes.
 fn hash_file(path: &Path) -> std::io::Result<Digest> {
     let mut f = std::fs::File::open(path)?;
@@ -734,6 +1000,7 @@ mod tests {
                 .count(),
             0
         );
+        assert!(store.locks.lock().unwrap().is_empty(), "no lock kept");
     }
 
     #[tokio::test]

@@ -4,13 +4,19 @@
 //!
 //! `type: local` is a folder of the control plane's machine; paths are
 //! checked by [`check_relative_path`] before they are joined to it, and
-//! symbolic links are neither listed nor followed out of it.
+//! symbolic links are neither listed nor followed out of it. `type: s3`
+//! and `type: azure_blob` are reached through `control::artifacts`'
+//! [`ObjectArea`] (the one door to `object_store`), with the credentials
+//! the datastore holds.
 
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
-use drover_api::datastore::{DatastoreKind, DatastoreSpec};
+use drover_api::datastore::{BlobCredentials, DatastoreKind, DatastoreSpec, S3Credentials};
 use drover_api::files::{DataEntry, check_relative_path};
+use futures_util::StreamExt;
+
+use crate::artifacts::{AzureAccess, BlobStream, ObjectArea, S3Access};
 
 /// Why a datastore could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -31,15 +37,14 @@ pub enum DatastoreError {
         /// What is wrong.
         message: String,
     },
-    /// A kind this server cannot reach yet.
-    #[error(
-        "datastore {datastore} is of type {kind}, which this server cannot reach yet (only type local)"
-    )]
-    Unsupported {
+    /// The object store failed.
+    #[error("datastore {datastore}")]
+    Remote {
         /// The datastore.
         datastore: String,
-        /// Its type.
-        kind: &'static str,
+        /// The cause.
+        #[source]
+        source: crate::artifacts::ArtifactError,
     },
     /// The storage failed.
     #[error("datastore {datastore}: cannot {what} {}", path.display())]
@@ -60,6 +65,19 @@ pub enum DatastoreError {
 #[derive(Debug, Clone)]
 pub struct Datastore {
     name: String,
+    place: Place,
+}
+
+#[derive(Debug, Clone)]
+enum Place {
+    Folder(PathBuf),
+    Objects(ObjectArea),
+}
+
+/// A folder datastore (its sync calls run on blocking threads).
+#[derive(Debug, Clone)]
+struct Folder {
+    name: String,
     root: PathBuf,
 }
 
@@ -75,20 +93,162 @@ fn local_version(meta: &std::fs::Metadata) -> String {
 }
 
 impl Datastore {
-    /// The storage of `spec`.
+    /// The storage of `spec` (its secrets in the clear).
     pub fn of(spec: &DatastoreSpec) -> Result<Datastore, DatastoreError> {
-        match &spec.kind {
-            DatastoreKind::Local { path } => Ok(Datastore {
-                name: spec.name.clone(),
-                root: path.clone(),
-            }),
-            other => Err(DatastoreError::Unsupported {
-                datastore: spec.name.clone(),
-                kind: other.type_name(),
-            }),
+        let remote = |source| DatastoreError::Remote {
+            datastore: spec.name.clone(),
+            source,
+        };
+        let place = match &spec.kind {
+            DatastoreKind::Local { path } => Place::Folder(path.clone()),
+            DatastoreKind::S3 {
+                bucket,
+                prefix,
+                endpoint_url,
+                region,
+                credentials,
+            } => {
+                let access = S3Access {
+                    endpoint_url: endpoint_url.clone(),
+                    region: region.clone(),
+                    access_key: match credentials {
+                        S3Credentials::Environment => None,
+                        S3Credentials::AccessKey {
+                            access_key_id,
+                            secret_access_key,
+                        } => Some((access_key_id.clone(), secret_access_key.0.clone())),
+                    },
+                };
+                Place::Objects(ObjectArea::s3(bucket, prefix, &access).map_err(remote)?)
+            }
+            DatastoreKind::AzureBlob {
+                account_name,
+                container_name,
+                endpoint,
+                protocol,
+                credentials,
+            } => {
+                let access = match credentials {
+                    BlobCredentials::None => AzureAccess::Environment,
+                    BlobCredentials::AccountKey(k) => AzureAccess::AccountKey(k.0.clone()),
+                    BlobCredentials::SasToken(t) => AzureAccess::SasToken(t.0.clone()),
+                };
+                Place::Objects(
+                    ObjectArea::azure(account_name, container_name, endpoint, protocol, &access)
+                        .map_err(remote)?,
+                )
+            }
+        };
+        Ok(Datastore {
+            name: spec.name.clone(),
+            place,
+        })
+    }
+
+    fn folder(&self, root: &Path) -> Folder {
+        Folder {
+            name: self.name.clone(),
+            root: root.to_path_buf(),
         }
     }
 
+    fn checked<'a>(&self, path: &'a str) -> Result<&'a str, DatastoreError> {
+        let path = path.trim_matches('/');
+        if !path.is_empty() {
+            check_relative_path(path).map_err(|message| DatastoreError::BadPath {
+                datastore: self.name.clone(),
+                message,
+            })?;
+        }
+        Ok(path)
+    }
+
+    fn remote(&self, source: crate::artifacts::ArtifactError) -> DatastoreError {
+        DatastoreError::Remote {
+            datastore: self.name.clone(),
+            source,
+        }
+    }
+
+    fn nothing_at(&self, path: &str) -> DatastoreError {
+        DatastoreError::NotFound {
+            datastore: self.name.clone(),
+            path: path.to_string(),
+        }
+    }
+
+    /// The files under `path` (recursively, in path order, each relative to
+    /// it), or the one file it names (with an empty path).
+    pub async fn list(&self, path: &str) -> Result<Vec<DataEntry>, DatastoreError> {
+        let path = self.checked(path)?;
+        match &self.place {
+            Place::Folder(root) => {
+                let (f, p) = (self.folder(root), path.to_string());
+                blocking(move || f.list(&p)).await
+            }
+            Place::Objects(area) => match area.list(path).await.map_err(|e| self.remote(e))? {
+                Some(objects) => Ok(objects
+                    .into_iter()
+                    .map(|o| DataEntry {
+                        path: o.path,
+                        size: o.size,
+                        version: o.version,
+                    })
+                    .collect()),
+                None => Err(self.nothing_at(path)),
+            },
+        }
+    }
+
+    /// The file at `path`: its size, version and bytes.
+    pub async fn open(&self, path: &str) -> Result<(u64, String, BlobStream), DatastoreError> {
+        let path = self.checked(path)?;
+        match &self.place {
+            Place::Folder(root) => {
+                let (f, p) = (self.folder(root), path.to_string());
+                let (size, version, file) = blocking(move || f.open(&p)).await?;
+                let stream = tokio_util::io::ReaderStream::with_capacity(
+                    tokio::fs::File::from_std(file),
+                    1 << 20,
+                )
+                .boxed();
+                Ok((size, version, stream))
+            }
+            Place::Objects(area) => area
+                .get(path)
+                .await
+                .map_err(|e| self.remote(e))?
+                .ok_or_else(|| self.nothing_at(path)),
+        }
+    }
+
+    /// Writes the local file `from` at `path`, replacing what is there.
+    pub async fn write_from(&self, path: &str, from: &Path) -> Result<(), DatastoreError> {
+        let path = self.checked(path)?;
+        match &self.place {
+            Place::Folder(root) => {
+                let (f, p, from) = (self.folder(root), path.to_string(), from.to_path_buf());
+                blocking(move || f.write_from(&p, &from)).await
+            }
+            Place::Objects(area) => area.put_file(path, from).await.map_err(|e| self.remote(e)),
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DatastoreError> + Send + 'static,
+) -> Result<T, DatastoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| DatastoreError::Io {
+            datastore: String::new(),
+            what: "finish",
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+}
+
+impl Folder {
     fn io(&self, what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DatastoreError {
         let (datastore, path) = (self.name.clone(), path.to_path_buf());
         move |source| DatastoreError::Io {
@@ -208,8 +368,8 @@ impl Datastore {
 mod tests {
     use super::*;
 
-    fn local(dir: &Path) -> Datastore {
-        Datastore {
+    fn local(dir: &Path) -> Folder {
+        Folder {
             name: "d".into(),
             root: dir.to_path_buf(),
         }

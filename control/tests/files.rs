@@ -299,6 +299,11 @@ async fn outputs_are_posted_by_their_node_only_and_read_merged() {
     let (status, body) = agent_post(mine, post("outputs/m.bin", &unstored)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert!(message_of(&body).contains(&unstored), "{body}");
+    let wrong_size = json!({"part": {"job": "train", "attempt": 1, "node_rank": 0},
+        "outputs": {"default": [{"path": "outputs/m.bin", "size": 6, "digest": format!("sha256:{d}")}]}});
+    let (status, body) = agent_post(mine, wrong_size).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(message_of(&body).contains("is 5 bytes, not 6"), "{body}");
     let (status, body) = agent_post(mine, post("../x", &d)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     let (status, _) = agent_post(&api.token, post("outputs/m.bin", &d)).await;
@@ -476,6 +481,27 @@ async fn datastores_keep_their_secrets_and_agents_read_through_the_server() {
     assert!(
         message_of(&body).contains(&format!(
             "code: snapshot sha256:{unstored} is not stored; upload it first"
+        )),
+        "{body}"
+    );
+    let stored = hex(b"stored");
+    let (status, body) = api
+        .put_blob("/v1", &api.token, &stored, 6, 0, b"stored")
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = api
+        .post(
+            "/v1/jobs",
+            job(
+                json!({"inputs": {"f": {"kind": "blob", "path_kind": "uri_file",
+                "blob": {"digest": format!("sha256:{stored}"), "size": 7}}}}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        message_of(&body).contains(&format!(
+            "inputs.f: blob sha256:{stored} is 6 bytes, not the 7"
         )),
         "{body}"
     );

@@ -230,4 +230,86 @@ async fn blobs_go_to_and_come_back_from_an_s3_artifact_store() {
         .await
         .expect("download");
     assert_eq!(sha256_file(&dest).expect("hash"), blob);
+
+    // An S3 datastore on the same service, read by an agent through the
+    // control plane (which alone holds its key).
+    for (key, body) in [("data/iris/b.csv", "b\n"), ("data/iris/sub/a.csv", "a\n")] {
+        let r = http
+            .put(format!("{s3}/{BUCKET}/{key}"))
+            .body(body)
+            .send()
+            .await
+            .expect("put object");
+        assert!(r.status().is_success());
+    }
+    let ds = serde_json::json!({"spec": {"name": "lake", "type": "s3", "bucket": BUCKET,
+        "prefix": "data", "endpoint_url": s3, "region": "us-east-1",
+        "credentials": {"access_key": {"access_key_id": "testing", "secret_access_key": "testing"}}}});
+    let r = http
+        .post(format!("{server}/v1/datastores"))
+        .bearer_auth(&token)
+        .json(&ds)
+        .send()
+        .await
+        .expect("create datastore");
+    assert_eq!(
+        r.status(),
+        reqwest::StatusCode::CREATED,
+        "{:?}",
+        r.text().await
+    );
+    let spec = drover_api::compute::ComputeSpec::new("cpu", "STANDARD_D3_V2", 1);
+    let created: drover_api::wire::ClusterCreated = http
+        .post(format!("{server}/v1/clusters"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "spec": spec }))
+        .send()
+        .await
+        .expect("cluster")
+        .json()
+        .await
+        .expect("created");
+    let registered: drover_api::wire::RegisterResponse = http
+        .post(format!("{server}/v1/agent/register"))
+        .json(
+            &serde_json::json!({"cluster": "cpu", "join_token": created.join_token,
+            "node_id": "n1", "inventory": {"cpus": 4}}),
+        )
+        .send()
+        .await
+        .expect("register")
+        .json()
+        .await
+        .expect("registered");
+    let listing: drover_api::files::DataListing = http
+        .get(format!("{server}/v1/agent/datastores/lake/list?path=iris"))
+        .bearer_auth(&registered.credential)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("listing");
+    let paths: Vec<&str> = listing.entries.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["b.csv", "sub/a.csv"]);
+    let r = http
+        .get(format!(
+            "{server}/v1/agent/datastores/lake/file?path=iris/sub/a.csv"
+        ))
+        .bearer_auth(&registered.credential)
+        .send()
+        .await
+        .expect("file");
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    assert!(r.headers().contains_key("etag"));
+    assert_eq!(r.text().await.expect("body"), "a\n");
+    let r = http
+        .get(format!(
+            "{server}/v1/agent/datastores/lake/list?path=nothing"
+        ))
+        .bearer_auth(&registered.credential)
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(r.status(), reqwest::StatusCode::NOT_FOUND);
 }

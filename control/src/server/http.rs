@@ -844,10 +844,8 @@ async fn agent_datastore_file(
     query: Result<Query<PathQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query?;
-    let (size, version, file) = core.datastore_file(name, q.path).await?;
-    let mut response = Response::new(HttpBody::from_stream(
-        tokio_util::io::ReaderStream::with_capacity(file, 1 << 20),
-    ));
+    let (size, version, stream) = core.datastore_file(name, q.path).await?;
+    let mut response = Response::new(HttpBody::from_stream(stream));
     let h = response.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

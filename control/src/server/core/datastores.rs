@@ -8,7 +8,7 @@ use drover_api::datastore::{
     BlobCredentials, DatastoreInfo, DatastoreKind, DatastoreList, DatastoreSpec, S3Credentials,
     Secret,
 };
-use drover_api::files::{DataEntry, DataListing, Digest, WORKSPACE_DATASTORE};
+use drover_api::files::{BlobInfo, DataEntry, DataListing, WORKSPACE_DATASTORE};
 use drover_api::job::{Code, Input, JobSpec};
 
 use super::{ControlPlane, now};
@@ -44,17 +44,17 @@ pub fn unknown_datastore(name: &str, known: &BTreeSet<String>) -> String {
 }
 
 /// The blobs a job's files name, each with the field that names it.
-pub fn job_blobs(spec: &JobSpec) -> Vec<(String, Digest)> {
+pub fn job_blobs(spec: &JobSpec) -> Vec<(String, BlobInfo)> {
     let Some(job) = spec.as_command() else {
         return Vec::new();
     };
     let mut out = Vec::new();
     if let Some(Code::Snapshot(b)) = &job.code {
-        out.push(("code: snapshot".to_string(), b.digest));
+        out.push(("code: snapshot".to_string(), *b));
     }
     for (name, input) in &job.inputs {
         if let Input::Blob { blob, .. } = input {
-            out.push((format!("inputs.{name}: blob"), blob.digest));
+            out.push((format!("inputs.{name}: blob"), *blob));
         }
     }
     out
@@ -100,10 +100,10 @@ pub(super) fn known_datastores(s: &Store) -> Result<BTreeSet<String>, StoreError
 fn datastore_error(e: DatastoreError) -> ControlError {
     match e {
         DatastoreError::NotFound { .. } => ControlError::NotFound(e.to_string()),
-        DatastoreError::BadPath { .. } | DatastoreError::Unsupported { .. } => {
-            ControlError::Invalid(e.to_string())
+        DatastoreError::BadPath { .. } => ControlError::Invalid(e.to_string()),
+        DatastoreError::Io { .. } | DatastoreError::Remote { .. } => {
+            ControlError::Internal(drover_api::error::chain(&e))
         }
-        DatastoreError::Io { .. } => ControlError::Internal(drover_api::error::chain(&e)),
     }
 }
 
@@ -114,13 +114,21 @@ impl ControlPlane {
         if blobs.is_empty() {
             return Ok(());
         }
-        let digests: Vec<Digest> = blobs.iter().map(|(_, d)| *d).collect();
-        let missing = self.artifacts()?.missing(&digests).await?;
-        let errors: Vec<String> = blobs
-            .iter()
-            .filter(|(_, d)| missing.contains(d))
-            .map(|(field, d)| format!("{field} {d} is not stored; upload it first"))
-            .collect();
+        let artifacts = self.artifacts()?;
+        let mut errors = Vec::new();
+        for (field, blob) in &blobs {
+            match artifacts.stat(&blob.digest).await? {
+                None => errors.push(format!(
+                    "{field} {} is not stored; upload it first",
+                    blob.digest
+                )),
+                Some(size) if size != blob.size => errors.push(format!(
+                    "{field} {} is {size} bytes, not the {} the job says",
+                    blob.digest, blob.size
+                )),
+                Some(_) => {}
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -247,11 +255,7 @@ impl ControlPlane {
         path: String,
     ) -> Result<DataListing, ControlError> {
         let ds = self.open_datastore(&name).await?;
-        let p = path.clone();
-        let entries: Vec<DataEntry> = tokio::task::spawn_blocking(move || ds.list(&p))
-            .await
-            .map_err(ControlError::StoreTask)?
-            .map_err(datastore_error)?;
+        let entries: Vec<DataEntry> = ds.list(&path).await.map_err(datastore_error)?;
         Ok(DataListing {
             datastore: name,
             path,
@@ -264,13 +268,9 @@ impl ControlPlane {
         &self,
         name: String,
         path: String,
-    ) -> Result<(u64, String, tokio::fs::File), ControlError> {
+    ) -> Result<(u64, String, crate::artifacts::BlobStream), ControlError> {
         let ds = self.open_datastore(&name).await?;
-        let (size, version, file) = tokio::task::spawn_blocking(move || ds.open(&path))
-            .await
-            .map_err(ControlError::StoreTask)?
-            .map_err(datastore_error)?;
-        Ok((size, version, tokio::fs::File::from_std(file)))
+        ds.open(&path).await.map_err(datastore_error)
     }
 }
 

@@ -89,18 +89,13 @@ impl ControlPlane {
         let n = output.files.len() as u64;
         for f in output.files {
             let (from, temporary) = artifacts.local_copy(&f.digest).await?;
-            let (ds, to, src) = (
-                ds.clone(),
-                export_file_path(&export.path, &f.path),
-                from.clone(),
-            );
-            let written = tokio::task::spawn_blocking(move || ds.write_from(&to, &src))
-                .await
-                .map_err(ControlError::StoreTask);
+            let written = ds
+                .write_from(&export_file_path(&export.path, &f.path), &from)
+                .await;
             if temporary && let Err(e) = tokio::fs::remove_file(&from).await {
                 tracing::warn!(path = %from.display(), error = %e, "cannot remove a temporary copy");
             }
-            written?.map_err(|e| ControlError::Internal(drover_api::error::chain(&e)))?;
+            written.map_err(|e| ControlError::Internal(drover_api::error::chain(&e)))?;
         }
         Ok(n)
     }

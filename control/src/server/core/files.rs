@@ -154,19 +154,32 @@ impl ControlPlane {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let missing = self.artifacts()?.missing(&unique).await?;
-        if let Some(first) = digests.iter().find(|d| missing.contains(d)) {
-            let path = posted
-                .outputs
-                .iter()
-                .flat_map(|(n, fs)| fs.iter().map(move |f| (n, f)))
-                .find(|(_, f)| f.digest == *first)
-                .map(|(n, f)| format!("outputs.{n}: {}", f.path))
-                .unwrap_or_default();
-            return Err(ControlError::Invalid(format!(
-                "{path}: blob {first} is not stored; upload it first ({} of the files' blobs are missing)",
-                missing.len()
-            )));
+        let artifacts = self.artifacts()?;
+        let mut stored = BTreeMap::new();
+        for d in &unique {
+            stored.insert(*d, artifacts.stat(d).await?);
+        }
+        let missing = stored.values().filter(|s| s.is_none()).count();
+        let files = posted
+            .outputs
+            .iter()
+            .flat_map(|(n, fs)| fs.iter().map(move |f| (n, f)));
+        for (name, f) in files {
+            match stored.get(&f.digest).copied().flatten() {
+                None => {
+                    return Err(ControlError::Invalid(format!(
+                        "outputs.{name}: {}: blob {} is not stored; upload it first ({missing} of the files' blobs are missing)",
+                        f.path, f.digest
+                    )));
+                }
+                Some(size) if size != f.size => {
+                    return Err(ControlError::Invalid(format!(
+                        "outputs.{name}: {}: blob {} is {size} bytes, not {}",
+                        f.path, f.digest, f.size
+                    )));
+                }
+                Some(_) => {}
+            }
         }
         let accepted = PartOutputsAccepted {
             files: posted.outputs.values().map(|f| f.len() as u64).sum(),

@@ -7,7 +7,8 @@
 #     python3-azure (identity conformance tests); docker.io only when no
 #     Docker engine is installed at all.
 #  2. A running Docker engine (dockerd is started if `docker info` fails).
-#  3. The offline images (images/build-offline.sh; existing ones are kept).
+#  3. moto[server] from PyPI (the S3 API of the artifact-store tests).
+#  4. The offline images (images/build-offline.sh; existing ones are kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +39,18 @@ if ! docker info >/dev/null 2>&1; then
     sleep 1
   done
   docker info >/dev/null 2>&1 || { tail -n 30 /var/log/dockerd.log >&2; echo "dockerd did not start" >&2; exit 1; }
+fi
+
+# moto in server mode: the S3 API the artifact-store tests run against.
+if ! python3 -c 'import moto.server' >/dev/null 2>&1; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    log "installing python3-pip"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends python3-pip
+  fi
+  log "installing moto[server] from PyPI"
+  python3 -m pip install --quiet --break-system-packages 'moto[server]' ||
+    python3 -m pip install --quiet 'moto[server]'
 fi
 
 images/build-offline.sh "${DROVER_IMAGES:-all}"

@@ -26,7 +26,12 @@ impl Cluster {
     /// A cluster created with these extra `compute create` flags.
     pub fn start_with(grace_seconds: u64, flags: &[&str]) -> Cluster {
         require_docker();
-        let server = ServerProc::start(grace_seconds);
+        Cluster::start_on(ServerProc::start(grace_seconds), flags)
+    }
+
+    /// A cluster of two agents on a server started by the caller.
+    pub fn start_on(server: ServerProc, flags: &[&str]) -> Cluster {
+        require_docker();
         let name = "e2e".to_string();
         let join = server.create_cluster_with(&name, 2, flags);
         let tag = unique_name("n");

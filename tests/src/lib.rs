@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod kill_loop;
+pub mod moto;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
@@ -554,6 +555,9 @@ pub struct ServerProc {
     pub grace_seconds: u64,
     log: PathBuf,
     release: bool,
+    /// Extra `drover server` flags and environment (an S3 artifact store).
+    extra_args: Vec<String>,
+    extra_env: Vec<(String, String)>,
 }
 
 impl ServerProc {
@@ -576,7 +580,29 @@ impl ServerProc {
         }
     }
 
+    /// Like [`ServerProc::start`], with extra `drover server` flags and
+    /// environment variables (kept for every restart).
+    pub fn start_with(grace_seconds: u64, args: &[&str], env: &[(&str, &str)]) -> ServerProc {
+        Self::start_full(
+            grace_seconds,
+            false,
+            args.iter().map(|a| a.to_string()).collect(),
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
     fn start_build(grace_seconds: u64, release: bool) -> ServerProc {
+        Self::start_full(grace_seconds, release, Vec::new(), Vec::new())
+    }
+
+    fn start_full(
+        grace_seconds: u64,
+        release: bool,
+        extra_args: Vec<String>,
+        extra_env: Vec<(String, String)>,
+    ) -> ServerProc {
         let data = tempfile::tempdir().expect("tempdir");
         let mut s = ServerProc {
             child: None,
@@ -586,6 +612,8 @@ impl ServerProc {
             log: data.path().join("server.log"),
             data,
             release,
+            extra_args,
+            extra_env,
         };
         s.spawn();
         s
@@ -609,6 +637,8 @@ impl ServerProc {
                 "--heartbeat-seconds",
                 "1",
             ])
+            .args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .env("DROVER_TOKEN", &self.token)
             .env_remove("DROVER_LOG")
             .stdout(Stdio::null())

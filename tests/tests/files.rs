@@ -497,3 +497,91 @@ fn bad_job_files_are_clear_errors_and_upload_nothing() {
     );
     c.assert_no_containers(&job);
 }
+
+#[test]
+fn code_and_outputs_travel_through_an_s3_artifact_store() {
+    let moto = match drover_tests::moto::Moto::start() {
+        Ok(m) => m,
+        Err(why) => {
+            println!("SKIPPED: no S3 API server to test against: {why}");
+            return;
+        }
+    };
+    moto.create_bucket("drover-e2e");
+    let env = moto.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let server = drover_tests::ServerProc::start_with(
+        40,
+        &["--artifacts", "s3://drover-e2e/team/artifacts"],
+        &env,
+    );
+    let c = Cluster::start_on(server, &[]);
+    let blobs = || {
+        moto.keys("drover-e2e", "team/artifacts/")
+            .iter()
+            .filter(|k| k.contains("blobs/"))
+            .count()
+    };
+    let yaml = format!(
+        "command: >-\n  sh hello.sh && head -c 3000000 /dev/urandom > ${{{{outputs.model}}}}/weights.bin &&\n  echo 'hello world' > ./outputs/helloworld.txt && sha256sum ${{{{outputs.model}}}}/weights.bin\n\
+         code: src\nenvironment:\n  image: {BASE_IMAGE}\nresources:\n  instance_count: 2\n\
+         outputs:\n  model:\n    type: uri_folder\n"
+    );
+    let dir = job_dir(
+        &yaml,
+        &[("src/hello.sh", b"echo hello from the code in $(pwd)\n")],
+    );
+    let before = blobs();
+    let job = unique_name("s3");
+    let said = submit_ok(&c, dir.path(), &job);
+    assert!(said.contains("uploaded code"), "{said}");
+    c.server
+        .wait_job_state(&job, "completed", Duration::from_secs(120));
+    let logs = c.server.cli_ok(&["job", "logs", &job]);
+    for node in 0..2 {
+        let line = format!("[node {node}] hello from the code in /drover/code");
+        assert!(
+            logs.lines().any(|l| l == line),
+            "{line} missing in:\n{logs}"
+        );
+    }
+    let after = blobs();
+    assert!(after > before, "blobs stored in the bucket: {after}");
+
+    // The same code again: nothing new in the bucket for it.
+    let again = unique_name("s3");
+    let said = submit_ok(&c, dir.path(), &again);
+    assert!(!said.contains("uploaded"), "{said}");
+
+    // Node 0's weights (the lowest node rank's file is the one kept).
+    let printed = logs
+        .lines()
+        .find(|l| l.starts_with("[node 0]") && l.contains("weights.bin"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(printed.len(), 64, "{logs}");
+    let down = tempfile::tempdir().expect("tempdir");
+    c.server.cli_ok(&[
+        "job",
+        "download",
+        "-n",
+        &job,
+        "--all",
+        "--download-path",
+        &down.path().display().to_string(),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(down.path().join("artifacts/outputs/helloworld.txt"))
+            .unwrap_or_default(),
+        "hello world\n"
+    );
+    assert_eq!(
+        sha256_of(&down.path().join("named-outputs/model/weights.bin")),
+        printed
+    );
+    c.server
+        .wait_job_state(&again, "completed", Duration::from_secs(120));
+    c.assert_no_containers(&job);
+    c.assert_no_containers(&again);
+}

@@ -231,6 +231,10 @@ impl ImdsClient {
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
             .tcp_nodelay(true)
+            // IMDS is plain HTTP: trusting no roots keeps the client from
+            // reading the system's certificates, which a minimal node image
+            // may not have.
+            .tls_certs_only(Vec::<reqwest::Certificate>::new())
             .build()
             .map_err(ImdsError::BuildClient)?;
         let limits = config.rate_limits;

@@ -41,6 +41,14 @@ pub enum UrlError {
         /// The URL.
         url: String,
     },
+    /// An `https://` URL on a node that trusts no certificate authority.
+    #[error(
+        "cannot download {url}: this node has no trusted CA certificates (install ca-certificates, or point SSL_CERT_FILE at a bundle)"
+    )]
+    NoRoots {
+        /// The URL.
+        url: String,
+    },
     /// Larger than [`MAX_URL_BYTES`].
     #[error("cannot download {url}: it is larger than {limit} bytes")]
     TooLarge {
@@ -100,17 +108,38 @@ pub enum Fetched {
 #[derive(Debug, Clone)]
 pub struct UrlClient {
     http: reqwest::Client,
+    /// Whether the machine's trusted roots were found (`https://` needs them).
+    has_roots: bool,
 }
 
 impl UrlClient {
-    /// A client with connect and read timeouts.
+    /// A client with connect and read timeouts. On a machine without trusted
+    /// CA certificates it still fetches `http://` and refuses `https://`
+    /// saying why.
     pub fn new() -> Result<Self, reqwest::Error> {
-        Ok(UrlClient {
-            http: reqwest::Client::builder()
+        let builder = || {
+            reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(10))
                 .read_timeout(Duration::from_secs(60))
-                .build()?,
-        })
+        };
+        match builder().build() {
+            Ok(http) => Ok(UrlClient {
+                http,
+                has_roots: true,
+            }),
+            Err(e) => {
+                tracing::warn!(
+                    error = %drover_api::error::chain(&e),
+                    "no trusted CA certificates on this node; https:// inputs will be refused"
+                );
+                Ok(UrlClient {
+                    http: builder()
+                        .tls_certs_only(Vec::<reqwest::Certificate>::new())
+                        .build()?,
+                    has_roots: false,
+                })
+            }
+        }
     }
 
     /// Brings `url` into the cache folder `dir` (`dir/body`, `dir/meta.json`)
@@ -118,6 +147,11 @@ impl UrlClient {
     pub async fn fetch(&self, url: &str, dir: &Path) -> Result<(PathBuf, Fetched), UrlError> {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(UrlError::Unsupported {
+                url: url.to_string(),
+            });
+        }
+        if url.starts_with("https://") && !self.has_roots {
+            return Err(UrlError::NoRoots {
                 url: url.to_string(),
             });
         }

@@ -280,11 +280,7 @@ impl ArtifactStore {
     }
 
     fn object(prefix: &str, d: &Digest) -> ObjectPath {
-        if prefix.is_empty() {
-            ObjectPath::from(format!("blobs/{}", d.hex()))
-        } else {
-            ObjectPath::from(format!("{prefix}/blobs/{}", d.hex()))
-        }
+        ObjectPath::from(under(prefix, &format!("blobs/{}", d.hex())))
     }
 
     fn remote_error(
@@ -292,13 +288,7 @@ impl ArtifactStore {
         what: &'static str,
         key: &ObjectPath,
     ) -> impl FnOnce(object_store::Error) -> ArtifactError {
-        let (location, key) = (self.location.clone(), key.to_string());
-        move |source| ArtifactError::Remote {
-            location,
-            what,
-            key,
-            source: Box::new(source),
-        }
+        remote_error(&self.location, what, key.as_ref())
     }
 
     /// Where it is, for the start log line.
@@ -712,19 +702,28 @@ fn under(prefix: &str, path: &str) -> String {
         .join("/")
 }
 
+/// The error of an object store call on `key` at `location`.
+fn remote_error(
+    location: &str,
+    what: &'static str,
+    key: &str,
+) -> impl FnOnce(object_store::Error) -> ArtifactError + use<> {
+    let (location, key) = (location.to_string(), key.to_string());
+    move |source| ArtifactError::Remote {
+        location,
+        what,
+        key,
+        source: Box::new(source),
+    }
+}
+
 impl ObjectArea {
     fn failed(
         &self,
         what: &'static str,
         key: &str,
     ) -> impl FnOnce(object_store::Error) -> ArtifactError {
-        let (location, key) = (self.location.clone(), key.to_string());
-        move |source| ArtifactError::Remote {
-            location,
-            what,
-            key,
-            source: Box::new(source),
-        }
+        remote_error(&self.location, what, key)
     }
 
     /// A bucket (and a prefix in it).

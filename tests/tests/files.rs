@@ -79,6 +79,15 @@ fn submit_ok(c: &Cluster, dir: &Path, name: &str) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Submits `dir/job.yml` as `name`, waits for the job to reach `state`, and
+/// returns what the CLI said at submission and the job's logs.
+fn run_job(c: &Cluster, dir: &Path, name: &str, state: &str) -> (String, String) {
+    let said = submit_ok(c, dir, name);
+    c.server
+        .wait_job_state(name, state, Duration::from_secs(120));
+    (said, c.server.cli_ok(&["job", "logs", name]))
+}
+
 fn sha256_of(path: &Path) -> String {
     let out = std::process::Command::new("sha256sum")
         .arg(path)
@@ -110,11 +119,8 @@ fn code_reaches_every_node_as_its_working_directory_and_is_stored_once() {
     );
     let before = stored_blobs(&c);
     let first = unique_name("code");
-    let said = submit_ok(&c, dir.path(), &first);
+    let (said, logs) = run_job(&c, dir.path(), &first, "completed");
     assert!(said.contains("uploaded code"), "{said}");
-    c.server
-        .wait_job_state(&first, "completed", Duration::from_secs(120));
-    let logs = c.server.cli_ok(&["job", "logs", &first]);
     for node in 0..2 {
         for expect in ["hello from the code on a node", "hello.py", "/drover/code"] {
             let line = format!("[node {node}] {expect}");
@@ -148,10 +154,7 @@ fn outputs_and_artifacts_come_back_byte_identical_with_job_download() {
     );
     let dir = job_dir(&yaml, &[]);
     let job = unique_name("out");
-    submit_ok(&c, dir.path(), &job);
-    c.server
-        .wait_job_state(&job, "completed", Duration::from_secs(120));
-    let logs = c.server.cli_ok(&["job", "logs", &job]);
+    let (_, logs) = run_job(&c, dir.path(), &job, "completed");
     let printed = logs
         .lines()
         .find(|l| l.contains("weights.bin"))
@@ -351,10 +354,7 @@ fn a_url_input_is_downloaded_once_per_node_however_many_jobs_read_it() {
     let mut jobs = Vec::new();
     for _ in 0..2 {
         let job = unique_name("url");
-        submit_ok(&c, dir.path(), &job);
-        c.server
-            .wait_job_state(&job, "completed", Duration::from_secs(120));
-        let logs = c.server.cli_ok(&["job", "logs", &job]);
+        let (_, logs) = run_job(&c, dir.path(), &job, "completed");
         for node in 0..2 {
             for line in ["5.1,setosa", "/drover/inputs/iris/iris.csv"] {
                 let want = format!("[node {node}] {line}");
@@ -404,10 +404,7 @@ fn a_local_datastore_feeds_inputs_and_takes_outputs() {
     );
     let dir = job_dir(&yaml, &[]);
     let job = unique_name("ds");
-    submit_ok(&c, dir.path(), &job);
-    c.server
-        .wait_job_state(&job, "completed", Duration::from_secs(120));
-    let logs = c.server.cli_ok(&["job", "logs", &job]);
+    let (_, logs) = run_job(&c, dir.path(), &job, "completed");
     assert!(
         logs.lines().any(|l| l == "a") && logs.lines().any(|l| l == "b"),
         "{logs}"
@@ -482,10 +479,7 @@ fn bad_job_files_are_clear_errors_and_upload_nothing() {
         &[],
     );
     let job = unique_name("url");
-    submit_ok(&c, dir.path(), &job);
-    c.server
-        .wait_job_state(&job, "failed", Duration::from_secs(120));
-    let logs = c.server.cli_ok(&["job", "logs", &job]);
+    let (_, logs) = run_job(&c, dir.path(), &job, "failed");
     assert!(
         logs.contains("input csv") && logs.contains("http://127.0.0.1:9/x.csv"),
         "{logs}"
@@ -533,11 +527,8 @@ fn code_and_outputs_travel_through_an_s3_artifact_store() {
     );
     let before = blobs();
     let job = unique_name("s3");
-    let said = submit_ok(&c, dir.path(), &job);
+    let (said, logs) = run_job(&c, dir.path(), &job, "completed");
     assert!(said.contains("uploaded code"), "{said}");
-    c.server
-        .wait_job_state(&job, "completed", Duration::from_secs(120));
-    let logs = c.server.cli_ok(&["job", "logs", &job]);
     for node in 0..2 {
         let line = format!("[node {node}] hello from the code in /drover/code");
         assert!(

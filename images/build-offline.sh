@@ -73,6 +73,6 @@ build_env() {
 docker info >/dev/null 2>&1 || { echo "no Docker engine answers (is dockerd running?)" >&2; exit 1; }
 case "$WHAT" in
   base) build_base ;;
-  all) build_base; build_env openmpi ;;
+  all) build_base; build_env openmpi; build_env pytorch ;;
   *) build_base; build_env "$WHAT" ;;
 esac

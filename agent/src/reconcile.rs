@@ -199,6 +199,7 @@ mod tests {
             nodes: vec![],
             allowed_host_paths: vec![],
             log_cursor: None,
+            launch_secret: None,
         }
     }
 

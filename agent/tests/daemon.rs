@@ -251,6 +251,7 @@ fn assignment(job: &str, state: PartState) -> Assignment {
         nodes: vec![],
         allowed_host_paths: vec![],
         log_cursor: None,
+        launch_secret: None,
     }
 }
 
@@ -332,6 +333,7 @@ fn start_in(
         dedicated: true,
         metrics_listen: None,
         job_network: None,
+        node_network: "host".into(),
         imds,
         self_fence: true,
         cache_max_bytes: 1 << 30,

@@ -701,6 +701,22 @@ pub struct Assignment {
     /// from there.
     #[serde(default)]
     pub log_cursor: Option<LogCursor>,
+    /// The attempt's launch secret, given to the nodes of the attempt
+    /// only: an MPI job's `mpirun` proves with it that it may start
+    /// processes in the job's other containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_secret: Option<LaunchSecret>,
+}
+
+/// A job attempt's launch secret (hex). `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LaunchSecret(pub String);
+
+impl std::fmt::Debug for LaunchSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LaunchSecret(***)")
+    }
 }
 
 /// `GET /v1/agent/assignments`: what the node should run now.

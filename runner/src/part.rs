@@ -31,6 +31,22 @@ use crate::runtime::{
 pub const INIT_PATH: &str = "/drover/bin/drover-init";
 /// Default port of the rank-0 rendezvous (`MASTER_PORT`, `AZ_BATCH_MASTER_NODE`).
 pub const MASTER_PORT: u16 = 29500;
+/// Port on which the parts of an MPI job other than node rank 0 wait for
+/// `mpirun` to start its daemons (`drover-init launch-listen`).
+pub const LAUNCH_PORT: u16 = 29450;
+/// First port of a node's TensorFlow tasks in `TF_CONFIG` (the next task
+/// on the same node takes the next port).
+pub const TF_PORT: u16 = 2222;
+/// Where a part's run folder (hostfile, launch secret) is bound, read-only.
+pub const RUN_DIR: &str = "/drover/run";
+/// The Open MPI hostfile in [`RUN_DIR`]: `<ip> slots=N` per node.
+pub const HOSTFILE: &str = "hostfile";
+/// The job attempt's launch secret in [`RUN_DIR`].
+pub const LAUNCH_SECRET_FILE: &str = "launch-secret";
+/// `/dev/shm` of a distributed part unless the job sets one: NCCL and
+/// Gloo exchange through shared memory between local processes, and
+/// Docker's 64 MiB default makes NCCL fail (Azure ML's default is 2g too).
+pub const DISTRIBUTED_SHM_SIZE: u64 = 2 << 30;
 
 /// Where one part runs and as what: everything a job spec does not say.
 #[derive(Debug, Clone)]
@@ -39,7 +55,9 @@ pub struct Placement {
     pub part: PartKey,
     /// Owner label value (`run` for `drover run`, the node id for an agent).
     pub owner: String,
-    /// The IP of every node of the job, in node-rank order.
+    /// The IP of every node of the job, in node-rank order (a single-node
+    /// part whose address is not known gets loopback; a multi-node part is
+    /// never placed with a guessed address: see [`Placement::with_nodes`]).
     pub node_ips: Vec<String>,
     /// False on low-priority (spot) nodes.
     pub dedicated: bool,
@@ -62,8 +80,22 @@ pub struct Placement {
 /// ranks when one fails, unless told otherwise.
 pub const DEFAULT_RANK_GRACE: Duration = Duration::from_secs(10);
 
-/// The address given to a node whose address is not known.
-const UNKNOWN_NODE_IP: &str = "127.0.0.1";
+/// The address of a single-node part's only node when it is not known:
+/// its processes rendezvous on loopback. Never used for a multi-node job.
+const LONE_NODE_IP: &str = "127.0.0.1";
+
+/// A multi-node job's node has no known address: its part must not start
+/// (its peers could not reach it, and a guessed address would hang them).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "node {node} (node rank {rank}) of the job has no known address; the job's parts cannot reach each other"
+)]
+pub struct UnknownPeerAddress {
+    /// The node's id (or its rank, when that is all there is).
+    pub node: String,
+    /// Its node rank.
+    pub rank: u32,
+}
 
 impl Placement {
     /// `part` on this machine alone: one node at loopback, dedicated, no
@@ -78,7 +110,7 @@ impl Placement {
         Placement {
             part,
             owner: owner.into(),
-            node_ips: vec![UNKNOWN_NODE_IP.to_string()],
+            node_ips: vec![LONE_NODE_IP.to_string()],
             dedicated: true,
             gpu_uuids: Vec::new(),
             network_mode: None,
@@ -89,19 +121,36 @@ impl Placement {
         }
     }
 
-    /// The job's nodes' addresses, by node rank, as the control plane knows
-    /// them; one not known is given as loopback.
-    // FIXME: a multi-node part must not start with a guessed address; it
-    // should wait for every peer's address instead.
-    pub fn with_nodes(mut self, ips: impl IntoIterator<Item = Option<String>>) -> Self {
-        self.node_ips = ips
-            .into_iter()
-            .map(|ip| ip.unwrap_or_else(|| UNKNOWN_NODE_IP.to_string()))
-            .collect();
-        if self.node_ips.is_empty() {
-            self.node_ips.push(UNKNOWN_NODE_IP.to_string());
+    /// The job's nodes, by node rank, as `(id, address)` pairs from the
+    /// control plane. A multi-node job needs every address: one that is
+    /// missing is an error, never a guess. A single node without an
+    /// address rendezvous on loopback.
+    pub fn with_nodes<'a>(
+        mut self,
+        nodes: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+    ) -> Result<Self, UnknownPeerAddress> {
+        let nodes: Vec<_> = nodes.into_iter().collect();
+        if nodes.len() <= 1 {
+            self.node_ips = vec![
+                nodes
+                    .first()
+                    .and_then(|(_, ip)| *ip)
+                    .unwrap_or(LONE_NODE_IP)
+                    .to_string(),
+            ];
+            return Ok(self);
         }
-        self
+        self.node_ips = nodes
+            .iter()
+            .enumerate()
+            .map(|(rank, (id, ip))| {
+                ip.map(str::to_string).ok_or_else(|| UnknownPeerAddress {
+                    node: id.to_string(),
+                    rank: rank as u32,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(self)
     }
 }
 
@@ -120,6 +169,10 @@ pub struct PartFiles {
     pub inputs: BTreeMap<String, PathBuf>,
     /// Host folder of each output, bound read-write at `/drover/outputs/NAME`.
     pub outputs: BTreeMap<String, PathBuf>,
+    /// Host folder bound read-only at [`RUN_DIR`]: what Drover gives the
+    /// job's launchers (the MPI hostfile, the attempt's launch secret),
+    /// written by [`write_run_files`].
+    pub run_dir: Option<PathBuf>,
 }
 
 impl PartFiles {
@@ -145,8 +198,41 @@ impl PartFiles {
                     (name.clone(), path)
                 })
                 .collect(),
+            run_dir: None,
         }
     }
+}
+
+/// Writes a part's run folder: the Open MPI hostfile of an MPI job (`<ip>
+/// slots=N` per node, node-rank order) and, when given, the attempt's launch
+/// secret (readable by whatever user the image runs as: the folder is the
+/// part's own, bound into its container only). Replaces what is there, each
+/// file written whole before it is renamed into place.
+pub fn write_run_files(
+    dir: &Path,
+    job: &CommandJob,
+    p: &Placement,
+    launch_secret: Option<&str>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    let put = |name: &str, text: &str| -> std::io::Result<()> {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o444))?;
+        std::fs::rename(&tmp, dir.join(name))
+    };
+    let slots = job.processes_per_instance();
+    let hostfile: String = p
+        .node_ips
+        .iter()
+        .map(|ip| format!("{ip} slots={slots}\n"))
+        .collect();
+    put(HOSTFILE, &hostfile)?;
+    if let Some(secret) = launch_secret {
+        put(LAUNCH_SECRET_FILE, secret)?;
+    }
+    Ok(())
 }
 
 /// Container name of a part: `drover-<job>-<rank>-a<attempt>`.
@@ -158,7 +244,7 @@ pub fn container_name(part: &PartKey) -> String {
 fn distributed_env(job: &CommandJob, p: &Placement) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     let ips = if p.node_ips.is_empty() {
-        vec![UNKNOWN_NODE_IP.to_string()]
+        vec![LONE_NODE_IP.to_string()]
     } else {
         p.node_ips.clone()
     };
@@ -182,19 +268,157 @@ fn distributed_env(job: &CommandJob, p: &Placement) -> BTreeMap<String, String> 
     env.insert("NODE_COUNT".into(), nodes.to_string());
     env.insert("WORLD_SIZE".into(), job.world_size().to_string());
     if let Some(d) = job.distribution {
-        env.insert(
-            "DROVER_DISTRIBUTION".into(),
-            match d.kind {
-                DistributionKind::Mpi => "mpi",
-                DistributionKind::Pytorch => "pytorch",
-            }
-            .into(),
-        );
+        env.insert("DROVER_DISTRIBUTION".into(), d.kind.as_str().into());
+        match d.kind {
+            DistributionKind::Mpi => mpi_env(&mut env, p),
+            DistributionKind::Tensorflow => tf_env(&mut env, job, &d, &ips, p.part.node_rank),
+            DistributionKind::Pytorch => {}
+        }
     }
     env.insert("DROVER_JOB_NAME".into(), p.part.job.clone());
     env.insert("AZUREML_RUN_ID".into(), p.part.job.clone());
     env.insert("DROVER_ATTEMPT".into(), p.part.attempt.to_string());
     env
+}
+
+/// Open MPI's settings for launching without SSH: node rank 0's `mpirun`
+/// reads the hostfile and starts its daemons on the other nodes through
+/// `drover-init rsh`, which asks their `drover-init launch-listen` with the
+/// attempt's secret. Vader's single-copy mechanism (CMA) needs ptrace
+/// rights containers lack; without turning it off every transfer between
+/// local ranks logs an error.
+fn mpi_env(env: &mut BTreeMap<String, String>, p: &Placement) {
+    if p.files.run_dir.is_some() {
+        env.insert(
+            "OMPI_MCA_orte_default_hostfile".into(),
+            format!("{RUN_DIR}/{HOSTFILE}"),
+        );
+        env.insert(
+            "DROVER_LAUNCH_SECRET_FILE".into(),
+            format!("{RUN_DIR}/{LAUNCH_SECRET_FILE}"),
+        );
+    }
+    env.insert("OMPI_MCA_plm_rsh_agent".into(), format!("{INIT_PATH} rsh"));
+    env.insert("OMPI_MCA_plm_rsh_no_tree_spawn".into(), "1".into());
+    env.insert(
+        "OMPI_MCA_btl_vader_single_copy_mechanism".into(),
+        "none".into(),
+    );
+    env.insert("DROVER_LAUNCH_PORT".into(), LAUNCH_PORT.to_string());
+}
+
+/// `TF_CONFIG` as Azure ML writes it: the cluster's `worker` (then `ps`)
+/// addresses and this process's task. Tasks are numbered across nodes in
+/// node-rank order, workers first, [`TF_PORT`] onwards on each node. One
+/// task per node is `TF_CONFIG` itself; with more, drover-init gives local
+/// rank `i` the value of `DROVER_TF_CONFIG_<i>`.
+fn tf_env(
+    env: &mut BTreeMap<String, String>,
+    job: &CommandJob,
+    d: &drover_api::job::Distribution,
+    ips: &[String],
+    node_rank: u32,
+) {
+    let per_node = job.processes_per_instance();
+    let (workers, ps) = d.tensorflow_tasks(job.resources.instance_count.max(1));
+    let address = |task: u32| {
+        let node = (task / per_node) as usize;
+        let port = u32::from(TF_PORT) + task % per_node;
+        format!(
+            "{}:{port}",
+            ips.get(node).map(String::as_str).unwrap_or(LONE_NODE_IP)
+        )
+    };
+    let mut cluster = serde_json::Map::new();
+    cluster.insert(
+        "worker".into(),
+        (0..workers).map(address).collect::<Vec<_>>().into(),
+    );
+    if ps > 0 {
+        cluster.insert(
+            "ps".into(),
+            (workers..workers + ps)
+                .map(address)
+                .collect::<Vec<_>>()
+                .into(),
+        );
+    }
+    for local in 0..per_node {
+        let task = node_rank * per_node + local;
+        let (kind, index) = if task < workers {
+            ("worker", task)
+        } else {
+            ("ps", task - workers)
+        };
+        let config = serde_json::json!({
+            "cluster": cluster,
+            "task": {"type": kind, "index": index},
+            "environment": "cloud",
+        })
+        .to_string();
+        if per_node == 1 {
+            env.insert("TF_CONFIG".into(), config);
+        } else {
+            env.insert(format!("DROVER_TF_CONFIG_{local}"), config);
+        }
+    }
+}
+
+/// Whether `command` starts an MPI launcher itself (`mpirun …`, `mpiexec
+/// …`, a path to either); else Drover puts `mpirun` in front of it.
+pub fn starts_mpi_launcher(command: &str) -> bool {
+    let first = command
+        .split_whitespace()
+        .find(|w| !w.contains('=') || w.starts_with('-'))
+        .unwrap_or("");
+    let name = first.rsplit('/').next().unwrap_or(first);
+    matches!(name, "mpirun" | "mpiexec" | "orterun" | "horovodrun")
+}
+
+/// `text` as one word for `/bin/sh`.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
+/// drover-init's arguments for a part: the ranks of a plain or PyTorch
+/// part; for an MPI job, node rank 0 runs the command once (wrapped in
+/// `mpirun` over every slot unless it calls a launcher itself) and the
+/// other nodes wait for `mpirun`'s daemons.
+fn init_args(job: &CommandJob, p: &Placement) -> Vec<String> {
+    let grace = p.rank_grace.as_secs().to_string();
+    let mpi = job
+        .distribution
+        .is_some_and(|d| d.kind == DistributionKind::Mpi);
+    if !mpi {
+        return vec![
+            "--procs".to_string(),
+            job.processes_per_instance().to_string(),
+            "--grace".to_string(),
+            grace,
+            "--".to_string(),
+            job.resolved_command(),
+        ];
+    }
+    if p.part.node_rank > 0 {
+        return vec!["launch-listen".to_string(), "--grace".to_string(), grace];
+    }
+    let command = job.resolved_command();
+    let command = if starts_mpi_launcher(&command) {
+        command
+    } else {
+        format!(
+            "mpirun -np {} /bin/sh -c {}",
+            job.world_size(),
+            shell_quote(&command)
+        )
+    };
+    vec![
+        "--mpi".to_string(),
+        "--grace".to_string(),
+        grace,
+        "--".to_string(),
+        command,
+    ]
 }
 
 fn path_string(p: &Path) -> String {
@@ -319,6 +543,13 @@ pub fn plan_container(job: &CommandJob, p: &Placement, host: &HostFacts) -> Cont
             read_only: false,
         });
     }
+    if let Some(run) = &p.files.run_dir {
+        binds.push(Bind {
+            source: path_string(run),
+            target: RUN_DIR.into(),
+            read_only: true,
+        });
+    }
     for (name, input) in &job.inputs {
         if let Some(path) = p.files.inputs.get(name) {
             binds.push(Bind {
@@ -380,14 +611,7 @@ pub fn plan_container(job: &CommandJob, p: &Placement, host: &HostFacts) -> Cont
     labels_map.insert(labels::OWNER.into(), p.owner.clone());
 
     let args = &job.resources.docker_args;
-    let cmd = vec![
-        "--procs".to_string(),
-        job.processes_per_instance().to_string(),
-        "--grace".to_string(),
-        p.rank_grace.as_secs().to_string(),
-        "--".to_string(),
-        job.resolved_command(),
-    ];
+    let cmd = init_args(job, p);
     ContainerConfig {
         name: container_name(&p.part),
         image: job.image.clone(),
@@ -403,7 +627,10 @@ pub fn plan_container(job: &CommandJob, p: &Placement, host: &HostFacts) -> Cont
             .or_else(|| p.files.work_dir.as_ref().map(|_| CODE_DIR.to_string())),
         user: args.user.clone(),
         binds,
-        shm_size: job.shm_size(),
+        shm_size: job.shm_size().or_else(|| {
+            (job.resources.instance_count > 1 || job.processes_per_instance() > 1)
+                .then_some(DISTRIBUTED_SHM_SIZE)
+        }),
         ulimits,
         gpu_uuids: p.gpu_uuids.clone(),
         devices: host.infiniband_devices.clone(),
@@ -863,7 +1090,8 @@ mod tests {
                 init,
                 PartFiles::default(),
             )
-            .with_nodes([Some("10.0.0.4".into()), Some("10.0.0.5".into())])
+            .with_nodes([("node-a", Some("10.0.0.4")), ("node-b", Some("10.0.0.5"))])
+            .expect("every address is known")
         }
     }
 
@@ -962,6 +1190,7 @@ mod tests {
                 "model".to_string(),
                 PathBuf::from("/node/parts/p/out/model"),
             )]),
+            run_dir: None,
         };
         let p = Placement {
             files,
@@ -996,7 +1225,7 @@ mod tests {
     }
 
     #[test]
-    fn a_placement_with_unknown_addresses_falls_back_in_one_place() {
+    fn a_multi_node_placement_never_guesses_an_address() {
         let p = Placement::new(
             PartKey::new("j", 1, 0),
             "run",
@@ -1005,10 +1234,176 @@ mod tests {
         );
         assert_eq!(p.node_ips, ["127.0.0.1"]);
         assert_eq!(p.rank_grace, DEFAULT_RANK_GRACE);
-        let p = p.with_nodes([Some("10.0.0.4".to_string()), None]);
-        assert_eq!(p.node_ips, ["10.0.0.4", "127.0.0.1"]);
-        let p = p.with_nodes([]);
-        assert_eq!(p.node_ips, ["127.0.0.1"]);
+        let err = p
+            .clone()
+            .with_nodes([("a", Some("10.0.0.4")), ("b", None)])
+            .unwrap_err();
+        assert_eq!(
+            err,
+            UnknownPeerAddress {
+                node: "b".into(),
+                rank: 1
+            }
+        );
+        assert!(err.to_string().contains("node b (node rank 1)"), "{err}");
+        // One node alone rendezvous on loopback when its address is unknown.
+        let lone = p.clone().with_nodes([("a", None)]).unwrap();
+        assert_eq!(lone.node_ips, ["127.0.0.1"]);
+        let lone = p.clone().with_nodes([("a", Some("10.0.0.9"))]).unwrap();
+        assert_eq!(lone.node_ips, ["10.0.0.9"]);
+        assert_eq!(p.with_nodes([]).unwrap().node_ips, ["127.0.0.1"]);
+    }
+
+    fn on_node(dir: &Path, rank: u32, run_dir: Option<PathBuf>) -> Placement {
+        let base = placement(dir);
+        let nodes = [
+            ("n0", Some("10.0.0.4")),
+            ("n1", Some("10.0.0.5")),
+            ("n2", Some("10.0.0.6")),
+        ];
+        Placement {
+            part: PartKey::new("j1", 2, rank),
+            files: PartFiles {
+                run_dir,
+                ..PartFiles::default()
+            },
+            ..base.with_nodes(nodes).unwrap()
+        }
+    }
+
+    #[test]
+    fn an_mpi_job_runs_its_command_once_on_node_zero_and_listens_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = job(
+            "command: mpirun python3 allreduce.py\nimage: i\nresources: {instance_count: 3}\ndistribution: {type: mpi, process_count_per_instance: 2}\nenvironment_variables: {NCCL_DEBUG: INFO, UCX_TLS: tcp}\n",
+        );
+        let run = dir.path().join("run");
+        let plan = |rank| {
+            plan_container(
+                &j,
+                &on_node(dir.path(), rank, Some(run.clone())),
+                &HostFacts::default(),
+            )
+        };
+        let c0 = plan(0);
+        assert_eq!(
+            c0.cmd,
+            [
+                "--mpi",
+                "--grace",
+                "10",
+                "--",
+                "mpirun python3 allreduce.py"
+            ]
+        );
+        let c2 = plan(2);
+        assert_eq!(c2.cmd, ["launch-listen", "--grace", "10"]);
+        let env = env_of(&c2);
+        for (k, v) in [
+            ("OMPI_MCA_plm_rsh_agent", "/drover/bin/drover-init rsh"),
+            ("OMPI_MCA_orte_default_hostfile", "/drover/run/hostfile"),
+            ("DROVER_LAUNCH_SECRET_FILE", "/drover/run/launch-secret"),
+            ("DROVER_LAUNCH_PORT", "29450"),
+            ("AZ_BATCH_HOST_LIST", "10.0.0.4,10.0.0.5,10.0.0.6"),
+            ("WORLD_SIZE", "6"),
+            ("NODE_RANK", "2"),
+            ("DROVER_DISTRIBUTION", "mpi"),
+            // The job's fabric settings reach every node untouched.
+            ("NCCL_DEBUG", "INFO"),
+            ("UCX_TLS", "tcp"),
+        ] {
+            assert_eq!(env.get(k).map(String::as_str), Some(v), "{k}");
+        }
+        // Open MPI's root switch is drover-init's to set, where the image runs as root.
+        assert!(!env.contains_key("OMPI_ALLOW_RUN_AS_ROOT"));
+        assert!(
+            c2.binds
+                .iter()
+                .any(|b| b.target == RUN_DIR && b.read_only && b.source == run.to_string_lossy())
+        );
+        // NCCL's shared memory: a distributed part gets 2 GiB unless it says.
+        assert_eq!(c2.shm_size, Some(DISTRIBUTED_SHM_SIZE));
+
+        // A command without a launcher gets mpirun over every slot.
+        let j = job(
+            "command: python3 'train.py'\nimage: i\nresources: {instance_count: 3, shm_size: 1g}\ndistribution: {type: mpi, process_count_per_instance: 2}\n",
+        );
+        let c0 = plan_container(
+            &j,
+            &on_node(dir.path(), 0, Some(run.clone())),
+            &HostFacts::default(),
+        );
+        assert_eq!(
+            c0.cmd.last().map(String::as_str),
+            Some(r#"mpirun -np 6 /bin/sh -c 'python3 '\''train.py'\'''"#)
+        );
+        assert_eq!(c0.shm_size, Some(1 << 30));
+
+        write_run_files(&run, &j, &on_node(dir.path(), 0, None), Some("s3cr3t")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(run.join(HOSTFILE)).unwrap(),
+            "10.0.0.4 slots=2\n10.0.0.5 slots=2\n10.0.0.6 slots=2\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(run.join(LAUNCH_SECRET_FILE)).unwrap(),
+            "s3cr3t"
+        );
+    }
+
+    #[test]
+    fn launchers_are_recognised_behind_paths_and_variables() {
+        for c in [
+            "mpirun python3 x.py",
+            "/usr/bin/mpiexec -n 2 a",
+            "FOO=1 mpirun a",
+            "horovodrun -np 4 python t.py",
+        ] {
+            assert!(starts_mpi_launcher(c), "{c}");
+        }
+        for c in ["python3 mpirun.py", "sh -c 'mpirun a'", ""] {
+            assert!(!starts_mpi_launcher(c), "{c}");
+        }
+    }
+
+    #[test]
+    fn tensorflow_parts_get_tf_config_as_azure_ml_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = job(
+            "command: python3 t.py\nimage: i\nresources: {instance_count: 3}\ndistribution: {type: tensorflow, worker_count: 2, parameter_server_count: 1}\n",
+        );
+        let tf = |rank| {
+            let env = env_of(&plan_container(
+                &j,
+                &on_node(dir.path(), rank, None),
+                &HostFacts::default(),
+            ));
+            serde_json::from_str::<serde_json::Value>(&env["TF_CONFIG"]).unwrap()
+        };
+        let cluster = serde_json::json!({"worker": ["10.0.0.4:2222", "10.0.0.5:2222"], "ps": ["10.0.0.6:2222"]});
+        assert_eq!(
+            tf(0),
+            serde_json::json!({"cluster": cluster, "task": {"type": "worker", "index": 0}, "environment": "cloud"})
+        );
+        assert_eq!(
+            tf(1)["task"],
+            serde_json::json!({"type": "worker", "index": 1})
+        );
+        assert_eq!(tf(2)["task"], serde_json::json!({"type": "ps", "index": 0}));
+
+        // Two tasks per node: each local process gets its own.
+        let j = job(
+            "command: python3 t.py\nimage: i\nresources: {instance_count: 2}\ndistribution: {type: tensorflow, worker_count: 4}\n",
+        );
+        let c = plan_container(&j, &on_node(dir.path(), 1, None), &HostFacts::default());
+        assert_eq!(c.cmd[..2], ["--procs", "2"]);
+        let env = env_of(&c);
+        assert!(!env.contains_key("TF_CONFIG"));
+        let local1: serde_json::Value = serde_json::from_str(&env["DROVER_TF_CONFIG_1"]).unwrap();
+        assert_eq!(
+            local1["task"],
+            serde_json::json!({"type": "worker", "index": 3})
+        );
+        assert_eq!(local1["cluster"]["worker"][3], "10.0.0.5:2223");
     }
 
     #[test]

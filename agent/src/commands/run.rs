@@ -63,10 +63,15 @@ pub struct RunArgs {
     /// Serve /metrics here (e.g. 127.0.0.1:9740).
     #[arg(long, env = "DROVER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
-    /// Docker network mode of job containers (`host` for multi-node jobs
-    /// across VMs); the engine default when unset.
+    /// Docker network mode of single-node parts (the engine's default, a
+    /// bridge of their own, when unset).
     #[arg(long, env = "DROVER_JOB_NETWORK")]
     job_network: Option<String>,
+    /// The network mode that shares this node's own network, for
+    /// multi-node parts: `host` (the default, for a VM) or
+    /// `container:<id>` when the agent itself runs in a container.
+    #[arg(long, env = "DROVER_NODE_NETWORK")]
+    node_network: Option<String>,
     /// Stop every part when cut off from the control plane for longer than
     /// its grace period, so two attempts of a job never run together for
     /// long (default true; `false` for clusters that prefer running on).
@@ -97,6 +102,7 @@ struct FileConfig {
     ip: Option<String>,
     metrics_listen: Option<SocketAddr>,
     job_network: Option<String>,
+    node_network: Option<String>,
     self_fence: Option<bool>,
     cache_max_bytes: Option<u64>,
 }
@@ -253,6 +259,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         dedicated: true,
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
         job_network: args.job_network.or(file.job_network),
+        node_network: args
+            .node_network
+            .or(file.node_network)
+            .unwrap_or_else(|| "host".to_string()),
         imds: None,
         self_fence: args.self_fence.or(file.self_fence).unwrap_or(true),
         cache_max_bytes: args

@@ -118,10 +118,15 @@ pub struct DaemonConfig {
     /// The node's IMDS: scheduled events are watched once the VM's name is
     /// known.
     pub imds: Option<NodeImds>,
-    /// Docker network mode of job containers (`host` lets the ranks of a
-    /// multi-node job reach each other at the node IPs); engine default when
-    /// `None`.
+    /// Docker network mode of single-node parts; the engine's default (a
+    /// bridge of their own) when `None`.
     pub job_network: Option<String>,
+    /// Docker network mode that puts a container in the node's own network,
+    /// so that its address is the node's: `host` on a VM, the node
+    /// container's namespace (`container:<id>`) on a local cluster. Every
+    /// multi-node part runs in it: its peers reach it at the node address
+    /// the control plane lists, whatever `job_network` says.
+    pub node_network: String,
     /// Stop every part when cut off from the control plane for longer than
     /// its grace period (see `fence`); off for clusters that prefer their
     /// jobs to run on through a partition.

@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drover_api::host_paths::HostPathPolicy;
-use drover_api::job::InvalidJob;
+use drover_api::job::{DistributionKind, InvalidJob};
 use drover_api::wire::{Assignment, LogCursor, NewLogLine, PartState};
-use drover_runner::part::{PartEvent, PartOutcome, Placement};
+use drover_runner::part::{PartEvent, PartOutcome, Placement, write_run_files};
 use drover_runner::runtime::{ContainerRuntime, LogLine, LogStream};
 use drover_runner::{PartRunner, init_output};
 use futures_util::StreamExt;
@@ -358,18 +358,48 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
         Ok(f) => f,
         Err(e) => return refuse(ctx, e.to_string()).await,
     };
-    let placement = Placement {
-        dedicated: ctx.config.dedicated,
-        gpu_uuids,
-        network_mode: ctx.config.job_network.clone(),
-        ..Placement::new(
-            a.part.clone(),
-            &ctx.config.node_id,
-            ctx.config.init_binary.clone(),
-            files,
-        )
-        .with_nodes(a.nodes.iter().map(|n| n.ip.clone()))
+    // A multi-node part lives in the node's own network: its peers reach
+    // it at the node address the control plane lists. One node alone keeps
+    // the isolation the agent is configured with.
+    let network_mode = if a.nodes.len() > 1 {
+        Some(ctx.config.node_network.clone())
+    } else {
+        ctx.config.job_network.clone()
     };
+    let placement = Placement::new(
+        a.part.clone(),
+        &ctx.config.node_id,
+        ctx.config.init_binary.clone(),
+        files,
+    )
+    .with_nodes(a.nodes.iter().map(|n| (n.id.as_str(), n.ip.as_deref())));
+    let mut placement = match placement {
+        Ok(p) => Placement {
+            dedicated: ctx.config.dedicated,
+            gpu_uuids,
+            network_mode,
+            ..p
+        },
+        Err(e) => return refuse(ctx, e.to_string()).await,
+    };
+    if job
+        .distribution
+        .is_some_and(|d| d.kind == DistributionKind::Mpi)
+    {
+        let secret = a.launch_secret.as_ref().map(|s| s.0.as_str());
+        if a.nodes.len() > 1 && secret.is_none() {
+            return refuse(
+                ctx,
+                "the control plane sent no launch secret for this multi-node MPI job (is it older than this agent?)".to_string(),
+            )
+            .await;
+        }
+        let run = dir.run();
+        if let Err(e) = write_run_files(&run, job, &placement, secret) {
+            return refuse(ctx, format!("cannot write {}: {e}", run.display())).await;
+        }
+        placement.files.run_dir = Some(run);
+    }
     let (tx, mut rx) = mpsc::channel::<PartEvent>(256);
     let container = Arc::new(Mutex::new(None::<String>));
     let forward = {

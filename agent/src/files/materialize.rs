@@ -158,6 +158,7 @@ impl Materializer {
             work_dir: Some(record.work.clone()),
             inputs,
             outputs: record.outputs.clone(),
+            run_dir: None,
         })
     }
 

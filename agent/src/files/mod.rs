@@ -109,6 +109,12 @@ impl PartDir {
         self.root.join("work")
     }
 
+    /// The run folder, bound read-only at `/drover/run` (the MPI hostfile
+    /// and the attempt's launch secret).
+    pub fn run(&self) -> PathBuf {
+        self.root.join("run")
+    }
+
     /// The folder of the named output `name`.
     pub fn output(&self, name: &str) -> PathBuf {
         self.root.join("outputs").join(name)

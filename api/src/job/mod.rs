@@ -218,20 +218,69 @@ impl Default for Resources {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DistributionKind {
-    /// Open MPI: node-rank 0 runs `mpirun`.
+    /// Open MPI: the command runs once, on node rank 0, and calls
+    /// `mpirun` (or is started by the `mpirun` Drover adds); the other
+    /// nodes' parts wait for `mpirun` to start its daemons in them.
     Mpi,
     /// PyTorch distributed: one launcher per node, `RANK`/`LOCAL_RANK`/`WORLD_SIZE` per process.
     Pytorch,
+    /// TensorFlow's `TF_CONFIG`: `worker_count` workers, then
+    /// `parameter_server_count` parameter servers, spread evenly over the
+    /// nodes in node-rank order.
+    Tensorflow,
+}
+
+impl DistributionKind {
+    /// The name Azure ML's YAML gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DistributionKind::Mpi => "mpi",
+            DistributionKind::Pytorch => "pytorch",
+            DistributionKind::Tensorflow => "tensorflow",
+        }
+    }
 }
 
 /// `distribution:` of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Distribution {
-    /// MPI or PyTorch.
+    /// MPI, PyTorch or TensorFlow.
     pub kind: DistributionKind,
-    /// Processes started on each node.
+    /// Processes started on each node (for TensorFlow, the tasks per node,
+    /// worked out from the counts below).
     #[serde(default = "one")]
     pub process_count_per_instance: u32,
+    /// TensorFlow: worker tasks (Azure ML's default: the instance count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_count: Option<u32>,
+    /// TensorFlow: parameter-server tasks (default 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub parameter_server_count: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl Distribution {
+    /// `kind` with `process_count_per_instance` processes per node.
+    pub fn new(kind: DistributionKind, process_count_per_instance: u32) -> Self {
+        Distribution {
+            kind,
+            process_count_per_instance,
+            worker_count: None,
+            parameter_server_count: 0,
+        }
+    }
+
+    /// TensorFlow's tasks: `(workers, parameter servers)` for a job on
+    /// `instance_count` nodes.
+    pub fn tensorflow_tasks(&self, instance_count: u32) -> (u32, u32) {
+        (
+            self.worker_count.unwrap_or(instance_count),
+            self.parameter_server_count,
+        )
+    }
 }
 
 /// Where a job's code comes from.

@@ -14,8 +14,8 @@ use std::path::Path;
 
 use super::placeholders::substitute;
 use super::{
-    Code, CommandJob, DatastorePath, Input, JobSpec, PathKind, RESERVED_DIR, RegistryCredentials,
-    SecretSource, is_plain_file_name, is_valid_datastore_name,
+    Code, CommandJob, DatastorePath, DistributionKind, Input, JobSpec, PathKind, RESERVED_DIR,
+    RegistryCredentials, SecretSource, is_plain_file_name, is_valid_datastore_name,
 };
 use crate::compute::{is_valid_compute_name, is_valid_vm_size};
 use crate::docker_args::{MAX_ENTRIES, check_bytes, is_valid_env_name};
@@ -326,6 +326,21 @@ impl CommandJob {
                     d.process_count_per_instance
                 ),
             );
+        }
+        if let Some(d) = &self.distribution
+            && d.kind == DistributionKind::Tensorflow
+        {
+            let nodes = res.instance_count.max(1);
+            let (workers, ps) = d.tensorflow_tasks(nodes);
+            let tasks = u64::from(workers) + u64::from(ps);
+            if tasks != u64::from(d.process_count_per_instance) * u64::from(nodes) {
+                push(
+                    "distribution.worker_count",
+                    format!(
+                        "worker_count + parameter_server_count ({workers} + {ps}) must be a multiple of resources.instance_count ({nodes}): each node runs the same number of TensorFlow tasks"
+                    ),
+                );
+            }
         }
         if let Some(t) = self.timeout_seconds
             && !(1..=MAX_TIMEOUT_SECONDS).contains(&t)

@@ -250,7 +250,7 @@ fn read_job(
         .unwrap_or_default();
     let distribution = get("distribution")
         .filter(|n| !is_null(n))
-        .and_then(|n| read_distribution(r, n));
+        .and_then(|n| read_distribution(r, n, resources.instance_count));
 
     let timeout_seconds = get("limits").filter(|n| !is_null(n)).and_then(|n| {
         let m = r.mapping(n, "limits", &["timeout"])?;
@@ -461,11 +461,17 @@ fn read_resources(r: &mut Reader, n: &Node) -> Resources {
     res
 }
 
-fn read_distribution(r: &mut Reader, n: &Node) -> Option<Distribution> {
+fn read_distribution(r: &mut Reader, n: &Node, instance_count: u32) -> Option<Distribution> {
     let m = r.mapping(
         n,
         "distribution",
-        &["type", "process_count_per_instance", "$schema"],
+        &[
+            "type",
+            "process_count_per_instance",
+            "worker_count",
+            "parameter_server_count",
+            "$schema",
+        ],
     )?;
     let kind = match m.get_node("type") {
         Some(t) => {
@@ -473,29 +479,81 @@ fn read_distribution(r: &mut Reader, n: &Node) -> Option<Distribution> {
             match v.to_ascii_lowercase().as_str() {
                 "mpi" => DistributionKind::Mpi,
                 "pytorch" => DistributionKind::Pytorch,
+                "tensorflow" => DistributionKind::Tensorflow,
                 other => {
                     r.error(
                         t,
                         "distribution.type",
-                        format!("expected mpi or pytorch, got {other}"),
+                        format!("expected mpi, pytorch or tensorflow, got {other}"),
                     );
                     return None;
                 }
             }
         }
         None => {
-            r.error(n, "distribution.type", "is required (mpi or pytorch)");
+            r.error(
+                n,
+                "distribution.type",
+                "is required (mpi, pytorch or tensorflow)",
+            );
             return None;
         }
     };
-    let process_count_per_instance = match m.get_node("process_count_per_instance") {
-        Some(c) => r.positive(c, "distribution.process_count_per_instance")?,
-        None => 1,
+    if kind != DistributionKind::Tensorflow {
+        for key in ["worker_count", "parameter_server_count"] {
+            if let Some(k) = m.get_node(key) {
+                r.error(
+                    k,
+                    &format!("distribution.{key}"),
+                    format!("applies to type tensorflow only, not {}", kind.as_str()),
+                );
+            }
+        }
+        let process_count_per_instance = match m.get_node("process_count_per_instance") {
+            Some(c) => r.positive(c, "distribution.process_count_per_instance")?,
+            None => 1,
+        };
+        return Some(Distribution::new(kind, process_count_per_instance));
+    }
+    if let Some(c) = m.get_node("process_count_per_instance") {
+        r.error(
+            c,
+            "distribution.process_count_per_instance",
+            "does not apply to type tensorflow: give worker_count and parameter_server_count",
+        );
+    }
+    let worker_count = match m.get_node("worker_count") {
+        Some(c) => Some(r.positive(c, "distribution.worker_count")?),
+        None => None,
     };
-    Some(Distribution {
-        kind,
-        process_count_per_instance,
-    })
+    let parameter_server_count = match m.get_node("parameter_server_count") {
+        Some(c) => {
+            let v = r.non_negative(c, "distribution.parameter_server_count")?;
+            match u32::try_from(v) {
+                Ok(v) => v,
+                Err(_) => {
+                    r.error(
+                        c,
+                        "distribution.parameter_server_count",
+                        format!("must be at most {}, got {v}", u32::MAX),
+                    );
+                    return None;
+                }
+            }
+        }
+        None => 0,
+    };
+    let mut d = Distribution {
+        worker_count,
+        parameter_server_count,
+        ..Distribution::new(kind, 1)
+    };
+    // Tasks are spread evenly over the nodes; an uneven count is refused by
+    // `JobSpec::validate`, which sees the job whichever door it came through.
+    let (workers, ps) = d.tensorflow_tasks(instance_count.max(1));
+    let tasks = workers.saturating_add(ps);
+    d.process_count_per_instance = (tasks / instance_count.max(1)).max(1);
+    Some(d)
 }
 
 /// Where a path input's or output's `path:` points.
@@ -1010,10 +1068,7 @@ drover:
         assert_eq!(j.resources.docker_args.cpus, Some(4.0));
         assert_eq!(
             j.distribution,
-            Some(Distribution {
-                kind: DistributionKind::Pytorch,
-                process_count_per_instance: 8
-            })
+            Some(Distribution::new(DistributionKind::Pytorch, 8))
         );
         assert_eq!(j.world_size(), 16);
         assert_eq!(j.timeout_seconds, Some(7200));
@@ -1137,8 +1192,16 @@ drover:
                 "job.yml:4: resources.shm_size: expected a size like 512m or 16g, got big",
             ),
             (
-                "command: echo\nimage: x\ndistribution:\n  type: tensorflow\n",
-                "job.yml:4: distribution.type: expected mpi or pytorch, got tensorflow",
+                "command: echo\nimage: x\ndistribution:\n  type: horovod\n",
+                "job.yml:4: distribution.type: expected mpi, pytorch or tensorflow, got horovod",
+            ),
+            (
+                "command: echo\nimage: x\ndistribution:\n  type: mpi\n  worker_count: 2\n",
+                "job.yml:5: distribution.worker_count: applies to type tensorflow only, not mpi",
+            ),
+            (
+                "command: echo\nimage: x\nresources:\n  instance_count: 2\ndistribution:\n  type: tensorflow\n  worker_count: 2\n  parameter_server_count: 1\n",
+                "job.yml:7: distribution.worker_count: worker_count + parameter_server_count (2 + 1) must be a multiple of resources.instance_count (2): each node runs the same number of TensorFlow tasks",
             ),
             (
                 "command: echo\nimage: x\ndistribution:\n  type: mpi\n  process_count_per_instance: 0\n",

@@ -273,16 +273,27 @@ pub async fn run(args: JobArgs) -> anyhow::Result<i32> {
 }
 
 /// Follows `job`'s logs until it ends; exit status 0 only if it completed
-/// (`az ml job create --stream`, `az ml job stream`).
+/// (`az ml job create --stream`, `az ml job stream`), else node rank 0's
+/// exit code when it has one (an MPI job's is its `mpirun`'s), else 1.
 async fn stream_job(client: &Client, job: &str, json: bool) -> anyhow::Result<i32> {
     logs(client, job, true, None, json).await?;
     let end = get_job(client, job).await?;
     output::note(format_args!("job {job} {}", end.state));
-    Ok(if end.state == JobState::Completed {
-        0
-    } else {
-        1
-    })
+    Ok(exit_status(&end))
+}
+
+/// The exit status `--stream` ends with for a job that has ended.
+fn exit_status(end: &wire::JobInfo) -> i32 {
+    if end.state == JobState::Completed {
+        return 0;
+    }
+    end.parts
+        .iter()
+        .find(|p| p.attempt == end.attempt && p.node_rank == 0)
+        .and_then(|p| p.exit_code)
+        .and_then(|c| i32::try_from(c).ok())
+        .filter(|c| (1..=255).contains(c))
+        .unwrap_or(1)
 }
 
 async fn get_outputs(

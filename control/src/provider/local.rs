@@ -509,6 +509,11 @@ impl LocalProvider {
             format!("DROVER_AGENT_DATA_DIR={data}"),
             format!("DROVER_INIT={init}"),
             format!("DROVER_IMDS_URL=http://{gateway}:{imds_port}"),
+            // The node's network is its container's namespace: multi-node
+            // parts join it to be reachable at the node's address, and so
+            // do single-node parts here, which reach the IMDS emulator
+            // as their node, as a job on a VM reaches its VM's IMDS.
+            format!("DROVER_NODE_NETWORK=container:{id}"),
             format!("DROVER_JOB_NETWORK=container:{id}"),
             format!("DROVER_NODE_IP={ip}"),
             format!("DROVER_HEARTBEAT_SECONDS={}", self.config.heartbeat_seconds),

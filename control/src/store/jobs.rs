@@ -2,6 +2,7 @@
 
 use drover_api::JobSpec;
 use drover_api::cluster::{JobState, JobSummary, Timestamp, requeue_state};
+use drover_api::job::DistributionKind;
 use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::{
@@ -590,10 +591,20 @@ impl Store {
             }
         }
         let attempt = job.attempt + 1;
+        // A new secret per attempt: the parts of an earlier attempt, still
+        // running somewhere, cannot start processes in this one's.
+        let mut secret = [0u8; 32];
+        getrandom::getrandom(&mut secret).map_err(|e| {
+            StoreError::Invalid(format!(
+                "cannot get random bytes from the operating system: {e}"
+            ))
+        })?;
+        let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
         tx.execute(
-            "UPDATE jobs SET state = 'preparing', attempt = ?2, started_at = NULL, updated_at = ?3
+            "UPDATE jobs SET state = 'preparing', attempt = ?2, started_at = NULL, updated_at = ?3,
+                             launch_secret = ?4
              WHERE id = ?1",
-            params![job_id, attempt, ms(now)],
+            params![job_id, attempt, ms(now), secret],
         )?;
         let mut bumped = Vec::with_capacity(nodes.len());
         // Each node is checked as it is written: an error on a later node
@@ -697,7 +708,9 @@ impl Store {
     ///
     /// - a part `failed` → the job fails, its other parts are stopped and its
     ///   nodes released;
-    /// - every part of the attempt `succeeded` → the job completes;
+    /// - every part of the attempt `succeeded` → the job completes; for an
+    ///   MPI job, node rank 0 `succeeded` is enough (its `mpirun` was the
+    ///   job; the other parts are stopped);
     /// - the job `preparing` and every part `running` or `succeeded` → the
     ///   job runs.
     ///
@@ -765,6 +778,14 @@ impl Store {
                 stmt.query_map(params![job, attempt], |r| parse_col(r, "state"))?
                     .collect::<Result<Vec<_>, _>>()?
             };
+            // An MPI job is node rank 0's `mpirun`: the other parts only
+            // host its daemons and wait to be stopped, so rank 0's success
+            // is the job's.
+            let mpi = current
+                .spec
+                .as_command()
+                .and_then(|c| c.distribution)
+                .is_some_and(|d| d.kind == DistributionKind::Mpi);
             let next = if part.state == PartState::Failed {
                 let why = match part.exit_code {
                     Some(code) => format!(
@@ -774,7 +795,9 @@ impl Store {
                     None => format!("part {node_rank} on node `{}` failed", part.node),
                 };
                 Some((JobState::Failed, Some(why)))
-            } else if states.iter().all(|s| *s == PartState::Succeeded) {
+            } else if states.iter().all(|s| *s == PartState::Succeeded)
+                || (mpi && node_rank == 0 && part.state == PartState::Succeeded)
+            {
                 Some((JobState::Completed, None))
             } else if current.state == JobState::Preparing
                 && states

@@ -123,6 +123,9 @@ pub struct Assignment {
     /// Every node of the attempt, rank 0 first (for the hostfile and
     /// `AZ_BATCH_NODE_LIST`).
     pub nodes: Vec<AssignedNode>,
+    /// The attempt's launch secret (`None` for a job placed before there
+    /// were any).
+    pub launch_secret: Option<String>,
 }
 
 /// A node's desired state.
@@ -450,10 +453,19 @@ impl Store {
                 .ok_or_else(|| StoreError::not_found("node", id))?;
             u64::try_from(v).unwrap_or(0)
         };
-        type Row = (String, u32, u32, PartState, String, Option<LogCursor>);
+        type Row = (
+            String,
+            u32,
+            u32,
+            PartState,
+            String,
+            Option<LogCursor>,
+            Option<String>,
+        );
         let rows: Vec<Row> = {
             let mut stmt = tx.prepare_cached(
-                "SELECT p.job, p.attempt, p.node_rank, p.state, j.spec, p.log_at_ns, p.log_index
+                "SELECT p.job, p.attempt, p.node_rank, p.state, j.spec, p.log_at_ns, p.log_index,
+                        j.launch_secret
                  FROM job_parts p JOIN jobs j ON j.id = p.job AND j.attempt = p.attempt
                  WHERE p.node = ?1 AND p.state IN ('assigned', 'preparing', 'running')
                    AND j.state IN ('preparing', 'running')
@@ -472,12 +484,13 @@ impl Store {
                         at_ns: u64::try_from(at).unwrap_or(0),
                         index: count(index),
                     }),
+                    r.get(7)?,
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?
         };
         let mut parts = Vec::with_capacity(rows.len());
-        for (job, attempt, node_rank, state, spec, log_cursor) in rows {
+        for (job, attempt, node_rank, state, spec, log_cursor, launch_secret) in rows {
             let nodes = {
                 let mut stmt = tx.prepare_cached(
                     "SELECT p.node, n.ip FROM job_parts p LEFT JOIN nodes n ON n.id = p.node
@@ -501,6 +514,7 @@ impl Store {
                 log_cursor,
                 state,
                 nodes,
+                launch_secret,
             });
         }
         tx.finish()?;

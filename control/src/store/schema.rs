@@ -11,7 +11,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StoreError;
 
 /// The migrations, oldest first.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -183,6 +183,14 @@ CREATE TABLE output_exports (
     PRIMARY KEY (job, attempt, output)
 ) STRICT, WITHOUT ROWID;
 CREATE INDEX output_exports_by_state ON output_exports (state);
+"#;
+
+/// Version 6: each attempt's launch secret (hex, new at every placement):
+/// the nodes of the attempt get it with their assignments, and an MPI job's
+/// `mpirun` proves with it that it may start processes in the job's other
+/// containers. `NULL` for jobs placed before.
+const V6: &str = r#"
+ALTER TABLE jobs ADD COLUMN launch_secret TEXT;
 "#;
 
 /// Brings `conn` to the newest of `scripts`, one transaction per script.

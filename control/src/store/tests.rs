@@ -1616,3 +1616,61 @@ fn datastores_are_added_once_listed_and_removed() {
         Err(StoreError::NotFound { .. })
     ));
 }
+
+#[test]
+fn an_mpi_job_ends_with_node_rank_zero_and_every_attempt_has_its_own_launch_secret() {
+    let mut s = mem();
+    add_cluster(&mut s, "cpu", 4);
+    add_node(&mut s, "a", "cpu", 0);
+    add_node(&mut s, "b", "cpu", 0);
+    let spec = JobSpec::from_yaml(
+        "job.yml",
+        "command: mpirun python3 x.py\nimage: i\nresources: {instance_count: 2}\ndistribution: {type: mpi, process_count_per_instance: 2}\n",
+        Path::new("/tmp"),
+    )
+    .expect("job yaml parses")
+    .spec;
+    s.submit_job(
+        &NewJob {
+            id: "j",
+            cluster: "cpu",
+            spec: &spec,
+            max_attempts: 3,
+        },
+        t(3),
+    )
+    .expect("submitted");
+    s.record_placement("j", &nodes(&["a", "b"]), t(5))
+        .expect("placed");
+    let secret_of = |s: &Store, node: &str| {
+        let a = s.assignments(node).expect("assignments");
+        a.parts[0].launch_secret.clone().expect("a launch secret")
+    };
+    let first = secret_of(&s, "a");
+    assert_eq!(first.len(), 64);
+    assert_eq!(first, secret_of(&s, "b"), "one secret for the attempt");
+    for rank in [0, 1] {
+        s.report_part("j", 1, rank, PartState::Running, None, t(6))
+            .expect("running");
+    }
+    // Node rank 0's mpirun ended well: the job completes, the waiting part is stopped.
+    let r = s
+        .report_part("j", 1, 0, PartState::Succeeded, Some(0), t(7))
+        .expect("succeeded");
+    assert_eq!(r.job.expect("changed").job.state, JobState::Completed);
+    let states: Vec<PartState> = s
+        .job_parts("j")
+        .expect("parts")
+        .into_iter()
+        .map(|p| p.state)
+        .collect();
+    assert_eq!(states, [PartState::Succeeded, PartState::Stopped]);
+
+    // A new attempt gets a new secret.
+    let mut s2 = placed_pair();
+    let one = secret_of(&s2, "a");
+    s2.requeue_job("j", "node lost", t(8)).expect("requeued");
+    s2.record_placement("j", &nodes(&["b", "a"]), t(9))
+        .expect("placed again");
+    assert_ne!(one, secret_of(&s2, "a"));
+}

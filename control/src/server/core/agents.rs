@@ -388,6 +388,7 @@ impl ControlPlane {
                     spec: p.spec,
                     allowed_host_paths: allowed_host_paths.clone(),
                     log_cursor: p.log_cursor,
+                    launch_secret: p.launch_secret.map(wire::LaunchSecret),
                     nodes: p
                         .nodes
                         .into_iter()

@@ -1,12 +1,15 @@
-//! `drover-init`: PID 1 of every Drover job container.
+//! `drover-init`: PID 1 of every Drover job container, and the launcher
+//! that lets Open MPI start its daemons on other nodes without SSH.
 //!
 //! ```text
 //! drover-init [--procs N | --mpi] [--grace SECONDS] -- COMMAND
+//! drover-init launch-listen [--grace SECONDS]
+//! drover-init rsh [SSH-OPTIONS] HOST WORD...
 //! ```
 //!
-//! Starts `N` copies of `/bin/sh -c COMMAND` (the local ranks), each in its
-//! own process group with `RANK`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE` and
-//! `WORLD_SIZE` set, then:
+//! **Ranks** (the default mode). Starts `N` copies of `/bin/sh -c COMMAND`
+//! (the local ranks), each in its own process group with `RANK`,
+//! `LOCAL_RANK`, `LOCAL_WORLD_SIZE` and `WORLD_SIZE` set, then:
 //!
 //! * reaps every child, including orphans re-parented to PID 1 — without this
 //!   a container accumulates zombies (the reason `tini` exists);
@@ -29,14 +32,40 @@
 //! `LOCAL_WORLD_SIZE` (mpirun gives its ranks their own), with
 //! `OMPI_ALLOW_RUN_AS_ROOT`/`_CONFIRM` when drover-init runs as root.
 //!
-//! It is linked statically so it runs in any image, and uses only libc.
+//! **Launch listener** (`launch-listen`, PID 1 on node ranks above 0 of an
+//! MPI job: what sshd would be). Accepts TCP connections on
+//! `DROVER_LAUNCH_BIND`:`DROVER_LAUNCH_PORT` (default `0.0.0.0:29450`) and,
+//! for each that proves it holds the job's launch secret and names this
+//! container's job, attempt and node rank, runs `/bin/sh -c COMMAND` in its
+//! own process group with stdin, stdout, stderr and the exit code carried
+//! over the connection. A connection that breaks before its process ended
+//! has its process group stopped (SIGTERM, SIGKILL after `--grace`), as
+//! sshd hangs up; SIGTERM to the listener stops every session the same way
+//! and exits 0. It reaps every child, as in the ranks mode.
+//!
+//! **Launch client** (`rsh`: what ssh would be). Open MPI runs
+//! `$OMPI_MCA_plm_rsh_agent HOST ORTED-WORDS...`; Drover sets the agent to
+//! `drover-init rsh`. It ignores ssh's options, finds HOST's node rank in
+//! `AZ_BATCH_HOST_LIST`, connects (retrying while the other container is
+//! not up yet), and from then on is the remote command: its stdin goes
+//! there, the remote output comes back, signals go there, and it exits with
+//! the remote exit code — or 255, ssh's code for its own failures.
+//!
+//! The protocol between the two is [`drover_init::launch`].
+//!
+//! It is linked statically so it runs in any image, and uses only libc (and
+//! two pure-Rust hash crates for the launch protocol's MAC).
 
+mod listen;
 mod ranks;
+mod rsh;
 mod sys;
 
 use std::time::Duration;
 
-const USAGE: &str = "usage: drover-init [--procs N | --mpi] [--grace SECONDS] -- COMMAND";
+const USAGE: &str = "usage: drover-init [--procs N | --mpi] [--grace SECONDS] -- COMMAND
+       drover-init launch-listen [--grace SECONDS]
+       drover-init rsh [SSH-OPTIONS] HOST WORD...";
 
 /// Reports a usage error and exits.
 fn usage(msg: &str) -> ! {
@@ -96,6 +125,29 @@ fn parse_ranks_args(args: impl Iterator<Item = String>) -> ranks::Args {
     }
 }
 
+fn parse_listen_args(args: impl Iterator<Item = String>) -> listen::Args {
+    let mut grace = Duration::from_secs(10);
+    let mut args = args.into_iter();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--grace" => grace = grace_arg(args.next()),
+            other => usage(&format!("unknown argument {other}")),
+        }
+    }
+    listen::Args { grace }
+}
+
 fn main() {
-    ranks::run(parse_ranks_args(std::env::args().skip(1)))
+    let mut args = std::env::args().skip(1).peekable();
+    match args.peek().map(String::as_str) {
+        Some("rsh") => {
+            args.next();
+            rsh::run(args.collect())
+        }
+        Some("launch-listen") => {
+            args.next();
+            listen::run(parse_listen_args(args))
+        }
+        _ => ranks::run(parse_ranks_args(args)),
+    }
 }

@@ -117,3 +117,91 @@ pub fn exit_code(status: libc::c_int) -> i32 {
         1
     }
 }
+
+/// Sends `sig` to the process group `pgid`; failure (already gone) is
+/// harmless.
+pub fn kill_group(pgid: libc::pid_t, sig: libc::c_int) {
+    if pgid > 0 {
+        // SAFETY: kill(2) on a process group we created.
+        unsafe {
+            libc::kill(-pgid, sig);
+        }
+    }
+}
+
+/// The name of a signal for messages.
+pub fn signal_name(sig: libc::c_int) -> String {
+    match sig {
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        libc::SIGQUIT => "SIGQUIT".into(),
+        libc::SIGKILL => "SIGKILL".into(),
+        libc::SIGUSR1 => "SIGUSR1".into(),
+        libc::SIGUSR2 => "SIGUSR2".into(),
+        other => format!("signal {other}"),
+    }
+}
+
+/// The value of `name`, which must be one word of a protocol line (a job
+/// name, an attempt).
+pub fn env_token(name: &str) -> Result<String, String> {
+    let value = std::env::var(name).map_err(|_| format!("{name} is not set"))?;
+    if !drover_init::launch::is_token(&value) {
+        return Err(format!(
+            "{name} must be one word of printable ASCII, not {value:?}"
+        ));
+    }
+    Ok(value)
+}
+
+/// The job's launch secret, from the file `DROVER_LAUNCH_SECRET_FILE` names.
+pub fn launch_secret() -> Result<Vec<u8>, String> {
+    use drover_init::launch::{ENV_SECRET_FILE, parse_secret};
+    let path =
+        std::env::var_os(ENV_SECRET_FILE).ok_or_else(|| format!("{ENV_SECRET_FILE} is not set"))?;
+    let shown = std::path::Path::new(&path).display().to_string();
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read the launch secret {shown}: {e}"))?;
+    parse_secret(&text).map_err(|e| format!("launch secret {shown}: {e}"))
+}
+
+/// `DROVER_LAUNCH_PORT`, or the protocol's default.
+pub fn launch_port() -> Result<u16, String> {
+    use drover_init::launch::{DEFAULT_PORT, ENV_PORT};
+    match std::env::var(ENV_PORT) {
+        Err(std::env::VarError::NotPresent) => Ok(DEFAULT_PORT),
+        Ok(v) => v
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{ENV_PORT} must be a port number, not {v:?}")),
+        Err(_) => Err(format!("{ENV_PORT} must be a port number")),
+    }
+}
+
+/// Turns on TCP keepalives, so that a session whose peer vanished (its
+/// node powered off: no FIN, no RST) ends within minutes instead of never.
+pub fn keepalive(stream: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6),
+    ] {
+        let value: libc::c_int = value;
+        // SAFETY: sets an integer option on a socket we own, from a value
+        // that outlives the call; failure only loses the early detection.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}

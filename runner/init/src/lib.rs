@@ -18,8 +18,15 @@
 //! A line longer than [`MAX_PIECE`] bytes is forwarded in pieces, each with
 //! its own marker.
 //!
-//! The library uses nothing but `std`, so the agent and the CLI depend on
-//! the very definition drover-init writes by, at no cost.
+//! The library uses nothing but `std` (and, for [`launch`], `sha2` and
+//! `hmac`), so the agent and the CLI depend on the very definitions
+//! drover-init writes and speaks by, at little cost.
+//!
+//! [`launch`] is the other protocol drover-init speaks: how `drover-init
+//! rsh` asks the `drover-init launch-listen` of another node's container to
+//! start a process (Open MPI's daemons) without SSH.
+
+pub mod launch;
 
 /// The first byte of a rank marker (ASCII record separator).
 pub const MARK_START: u8 = 0x1e;

@@ -903,6 +903,18 @@ async fn the_job_door_refuses_over_raw_http_what_the_rules_refuse_and_runs_nothi
             "distribution.process_count_per_instance: must be between 1 and 1024",
         ),
         (
+            json!({"distribution": {"kind": "tensorflow", "worker_count": 3}, "resources": {"instance_count": 2}}),
+            "distribution.worker_count: worker_count + parameter_server_count (3 + 0) must be a multiple of resources.instance_count (2)",
+        ),
+        (
+            json!({"distribution": {"kind": "tensorflow", "worker_count": 0, "process_count_per_instance": 1}}),
+            "distribution.worker_count: worker_count + parameter_server_count (0 + 0) must be a multiple",
+        ),
+        (
+            json!({"distribution": {"kind": "horovod"}}),
+            "distribution.kind: unknown variant `horovod`",
+        ),
+        (
             json!({"resources": {"instance_count": 0}}),
             "resources.instance_count: must be between 1 and 10000",
         ),

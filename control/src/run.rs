@@ -15,12 +15,12 @@ use std::collections::BTreeMap;
 
 use drover_api::ParsedJob;
 use drover_api::files::MAX_CODE_BYTES;
-use drover_api::job::{Code, CommandJob, Input, JobSpec};
+use drover_api::job::{Code, CommandJob, DistributionKind, Input, JobSpec};
 use drover_api::wire::{LogStream, PartKey};
 use drover_files::snapshot::{IgnoreRules, Scan, SnapshotError};
 use drover_files::unpack_atomic;
 use drover_runner::init_output::split_marker;
-use drover_runner::part::{PartEvent, PartFiles, StopReason};
+use drover_runner::part::{PartEvent, PartFiles, StopReason, write_run_files};
 use drover_runner::runtime::{LogLine, PullProgress};
 use drover_runner::{
     DockerRuntime, HostFacts, PartOutcome, PartRunner, Placement, PullLimits, RunOptions,
@@ -221,6 +221,8 @@ fn prepare_work_dir(
 
 /// The part's working directory, under the run's folder, while it runs.
 const WORK_DIR: &str = ".work";
+/// The run folder (an MPI job's hostfile) under the run's folder.
+const RUN_DIR: &str = ".run";
 
 /// Moves the working directory's `outputs/` and `logs/` to the run's
 /// `artifacts/` (where `drover job download` puts a cluster job's) and
@@ -450,7 +452,7 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
     check_local(&job, path, &lines)?;
     let work = prepare_work_dir(&job, &outputs_root, path, &lines)?;
     let runtime = Arc::new(DockerRuntime::connect().await?);
-    let placement = Placement {
+    let mut placement = Placement {
         gpu_uuids: config.gpu_uuids.clone(),
         network_mode: config.network.clone(),
         ..Placement::new(
@@ -460,6 +462,16 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
             PartFiles::local(&job, Some(work.clone()), &outputs_root),
         )
     };
+    if job
+        .distribution
+        .is_some_and(|d| d.kind == DistributionKind::Mpi)
+    {
+        // One node: mpirun needs its hostfile (N slots here), no launch secret.
+        let run = outputs_root.join(RUN_DIR);
+        write_run_files(&run, &job, &placement, None)
+            .map_err(|e| RunError::Unsupported(format!("cannot write {}: {e}", run.display())))?;
+        placement.files.run_dir = Some(run);
+    }
     let host = HostFacts::probe();
     if host.memlock_max >= 0 {
         tracing::info!(
@@ -501,7 +513,7 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
 
     let (tx, mut rx) = mpsc::channel::<PartEvent>(1024);
     let mut out = JobOutput {
-        multi: job.processes_per_instance() > 1,
+        multi: job.processes_started_per_instance() > 1,
         stdout: std::io::stdout(),
         stderr: std::io::stderr(),
         closed: false,

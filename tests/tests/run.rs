@@ -305,7 +305,7 @@ fn closing_the_output_stops_the_job_removes_its_container_and_exits_141() {
 fn one_failing_rank_fails_the_part_and_stops_the_others() {
     let j = job(
         r#"'if [ "$RANK" = 1 ]; then exit 7; fi; sleep 300'"#,
-        "distribution:\n  type: mpi\n  process_count_per_instance: 3\n",
+        "distribution:\n  type: pytorch\n  process_count_per_instance: 3\n",
     );
     let r = drover_run(&j, &unique_name("rankfail"), &[]);
     assert_eq!(r.code, Some(7), "stderr: {}", r.stderr);
@@ -403,18 +403,19 @@ fn open_mpi_and_mpi4py_run_inside_a_job() {
         "this test needs {IMAGE}; build it with `images/build-offline.sh`"
     );
     // A real MPI allreduce over 3 ranks on one node, launched by Open MPI's
-    // own mpirun under drover-init; and the Azure SDK that job code uses.
+    // own mpirun under drover-init, written as Azure ML's YAML writes it: no
+    // -np (the hostfile has the slots), no run-as-root flags (drover-init
+    // sets them for a root image); and the Azure SDK that job code uses.
     let j = JobDir::new(&format!(
         r#"command: >-
-  mpirun --allow-run-as-root --oversubscribe -np 3
+  mpirun
   python3 -c "from mpi4py import MPI; c = MPI.COMM_WORLD; s = c.allreduce(c.Get_rank()); print(f'mpi rank {{c.Get_rank()}} of {{c.Get_size()}} sum {{s}}')"
   && python3 -c "import azure.identity; print('azure-identity', azure.identity.__name__)"
 environment:
   image: {IMAGE}
-environment_variables:
-  OMPI_MCA_btl_vader_single_copy_mechanism: none
-resources:
-  shm_size: 256m
+distribution:
+  type: mpi
+  process_count_per_instance: 3
 "#
     ));
     let r = drover_run(&j, &unique_name("mpi"), &[]);

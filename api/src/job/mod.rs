@@ -691,6 +691,15 @@ impl CommandJob {
             .unwrap_or(1)
     }
 
+    /// Processes drover-init itself starts on each node: one `mpirun` for an
+    /// MPI job (its ranks are mpirun's), else [`Self::processes_per_instance`].
+    pub fn processes_started_per_instance(&self) -> u32 {
+        match self.distribution {
+            Some(d) if d.kind == DistributionKind::Mpi => 1,
+            _ => self.processes_per_instance(),
+        }
+    }
+
     /// Effective `/dev/shm` size: `resources.shm_size`, else `--shm-size` in docker_args.
     pub fn shm_size(&self) -> Option<u64> {
         self.resources

@@ -481,13 +481,13 @@ impl WaitingNotes {
 }
 
 /// Whether a job's log lines say which node and process wrote them: a job
-/// of more than one node or more than one process per node.
+/// of more than one node, or whose nodes start more than one process each.
 fn multi_process(job: &wire::JobInfo) -> bool {
     let procs = job
         .spec
         .as_ref()
         .and_then(|s| s.as_command())
-        .map_or(1, |c| c.processes_per_instance());
+        .map_or(1, |c| c.processes_started_per_instance());
     job.instance_count > 1 || procs > 1
 }
 

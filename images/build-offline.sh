@@ -37,7 +37,9 @@ debian_mirror() {
 }
 
 build_base() {
-  if image_exists "$BASE_IMAGE"; then
+  # A base from before nodes kept an IMDS firewall lacks iptables: rebuilt.
+  if image_exists "$BASE_IMAGE" &&
+    docker run --rm --network none --entrypoint /bin/sh "$BASE_IMAGE" -c 'command -v iptables' >/dev/null 2>&1; then
     log "$BASE_IMAGE exists, skipping"
     return
   fi
@@ -47,7 +49,8 @@ build_base() {
   rootfs=$(mktemp -d /var/tmp/drover-rootfs.XXXXXX)
   trap 'rm -rf "$rootfs"' RETURN
   log "debootstrap --variant=minbase $SUITE from $mirror (a few minutes)"
-  debootstrap --variant=minbase "$SUITE" "$rootfs" "$mirror" >"$rootfs.log" 2>&1 || {
+  # iptables: a node's agent keeps its IMDS firewall with it.
+  debootstrap --variant=minbase --include=iptables "$SUITE" "$rootfs" "$mirror" >"$rootfs.log" 2>&1 || {
     tail -n 30 "$rootfs.log" >&2; rm -f "$rootfs.log"; exit 1; }
   rm -f "$rootfs.log"
   # Keep the image small and deterministic: no apt lists or caches.

@@ -4,6 +4,7 @@
 pub mod control_client;
 pub mod daemon;
 pub mod files;
+pub mod firewall;
 pub mod http;
 pub mod inventory;
 pub mod metrics;

@@ -18,6 +18,9 @@ enum Command {
     Inventory(commands::inventory::InventoryArgs),
     /// Run the node daemon: join the cluster, heartbeat, run assigned job parts.
     Run(Box<commands::run::RunArgs>),
+    /// Remove what `run` installed on the node beyond its data directory
+    /// (the IMDS firewall rules); run it once the agent is stopped for good.
+    Uninstall(commands::uninstall::UninstallArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,5 +37,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Inventory(args) => commands::inventory::run(args),
         Command::Run(args) => commands::run::run(*args),
+        Command::Uninstall(args) => commands::uninstall::run(args),
     }
 }

@@ -34,6 +34,10 @@ pub struct Metrics {
     pub gpu_memory_total: Family<Labels, Gauge<u64, AtomicU64>>,
     /// 1 when the GPU is healthy, by GPU.
     pub gpu_healthy: Family<Labels, Gauge>,
+    /// IMDS firewall rules found missing and put back.
+    pub imds_firewall_repairs: Counter,
+    /// IMDS firewall checks that failed.
+    pub imds_firewall_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -51,6 +55,8 @@ impl Default for Metrics {
             gpu_memory_used: Family::default(),
             gpu_memory_total: Family::default(),
             gpu_healthy: Family::default(),
+            imds_firewall_repairs: Counter::default(),
+            imds_firewall_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -65,6 +71,16 @@ impl Default for Metrics {
         );
         registry.register("parts", "job parts on this node by state", m.parts.clone());
         registry.register("pulls", "parts that pulled their image", m.pulls.clone());
+        registry.register(
+            "imds_firewall_repairs",
+            "imds firewall rules found missing and put back",
+            m.imds_firewall_repairs.clone(),
+        );
+        registry.register(
+            "imds_firewall_failures",
+            "imds firewall checks that failed",
+            m.imds_firewall_failures.clone(),
+        );
         registry.register(
             "gpu_utilization_percent",
             "gpu utilization",

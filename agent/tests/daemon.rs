@@ -334,6 +334,7 @@ fn start_in(
         metrics_listen: None,
         job_network: None,
         node_network: "host".into(),
+        imds_firewall: None,
         imds,
         self_fence: true,
         cache_max_bytes: 1 << 30,

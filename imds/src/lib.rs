@@ -23,8 +23,14 @@ mod wire;
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::{Method, StatusCode};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, StatusCode};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
+use url::Url;
 
 pub use date::{InvalidDate, parse_event_time};
 pub use events::{
@@ -58,6 +64,10 @@ pub struct ImdsConfig {
     pub retry: RetryPolicy,
     /// Client-side rate limits; `None` disables them (benchmarks only).
     pub rate_limits: Option<RateLimits>,
+    /// `SO_MARK` on the client's sockets (setting it needs
+    /// `CAP_NET_ADMIN`), so that a firewall can let only this client's
+    /// packets reach IMDS; `None` leaves them unmarked.
+    pub socket_mark: Option<u32>,
 }
 
 /// Requests per second the client allows itself.
@@ -86,6 +96,7 @@ impl Default for ImdsConfig {
             request_timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
             rate_limits: Some(RateLimits::default()),
+            socket_mark: None,
         }
     }
 }
@@ -93,9 +104,6 @@ impl Default for ImdsConfig {
 /// A failed IMDS operation.
 #[derive(Debug, thiserror::Error)]
 pub enum ImdsError {
-    /// The HTTP client could not be built.
-    #[error("build imds http client")]
-    BuildClient(#[source] reqwest::Error),
     /// The configured base URL is not a URL.
     #[error("parse imds base url {0:?}")]
     ParseBaseUrl(String),
@@ -131,7 +139,7 @@ impl ImdsError {
     /// The request failure behind this error, if any.
     pub fn request_error(&self) -> Option<&RequestError> {
         match self {
-            Self::BuildClient(_) | Self::ParseBaseUrl(_) => None,
+            Self::ParseBaseUrl(_) => None,
             Self::GetInstanceMetadata(e) | Self::GetScheduledEvents(e) => Some(e),
             Self::GetToken { source, .. } | Self::AcknowledgeEvents { source, .. } => Some(source),
         }
@@ -192,7 +200,25 @@ pub enum AttemptError {
     },
     /// No answer: connect failure, timeout, broken connection.
     #[error("send request to imds")]
-    Transport(#[source] reqwest::Error),
+    Transport(#[source] TransportError),
+}
+
+/// Why a try got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Nothing came back in time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// Connecting, sending or receiving failed (boxed: the client's error
+    /// is large, and errors travel by value).
+    #[error(transparent)]
+    Http(Box<hyper_util::client::legacy::Error>),
+    /// The answer's body broke off.
+    #[error("read the answer")]
+    Body(#[source] hyper::Error),
+    /// The request could not be made (a URL the HTTP types refuse).
+    #[error("make the request")]
+    Request(#[source] hyper::http::Error),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,8 +228,9 @@ enum Class {
 }
 
 struct Inner {
-    http: reqwest::Client,
-    base: reqwest::Url,
+    http: HttpClient<HttpConnector, Full<Bytes>>,
+    request_timeout: Duration,
+    base: Url,
     retry: RetryPolicy,
     general: Option<RateLimiter>,
     identity: Option<RateLimiter>,
@@ -219,28 +246,24 @@ pub struct ImdsClient {
 impl ImdsClient {
     /// A client for `config`.
     pub fn new(config: ImdsConfig) -> Result<Self, ImdsError> {
-        let base = reqwest::Url::parse(&config.base_url)
+        let base = Url::parse(&config.base_url)
             .map_err(|_| ImdsError::ParseBaseUrl(config.base_url.clone()))?;
-        if base.cannot_be_a_base() {
+        if base.cannot_be_a_base() || base.scheme() != "http" {
             return Err(ImdsError::ParseBaseUrl(config.base_url));
         }
-        let http = reqwest::Client::builder()
-            // IMDS must never be reached through a proxy.
-            // https://learn.microsoft.com/azure/virtual-machines/instance-metadata-service#proxies
-            .no_proxy()
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.request_timeout)
-            .tcp_nodelay(true)
-            // IMDS is plain HTTP: trusting no roots keeps the client from
-            // reading the system's certificates, which a minimal node image
-            // may not have.
-            .tls_certs_only(Vec::<reqwest::Certificate>::new())
-            .build()
-            .map_err(ImdsError::BuildClient)?;
+        // Plain HTTP, straight to IMDS: it must never be reached through a
+        // proxy (https://learn.microsoft.com/azure/virtual-machines/instance-metadata-service#proxies),
+        // and this client has no proxy support at all.
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        connector.set_mark(config.socket_mark);
+        let http = HttpClient::builder(TokioExecutor::new()).build(connector);
         let limits = config.rate_limits;
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
+                request_timeout: config.request_timeout,
                 base,
                 retry: config.retry,
                 general: limits.map(|l| RateLimiter::new(l.general)),
@@ -387,7 +410,7 @@ impl ImdsClient {
         ScheduledEventsWatcher::new(self.clone(), vm_name)
     }
 
-    fn url(&self, path: &str, query: &[(&str, &str)]) -> reqwest::Url {
+    fn url(&self, path: &str, query: &[(&str, &str)]) -> Url {
         let mut url = self.inner.base.clone();
         let prefix = url.path().trim_end_matches('/').to_owned();
         url.set_path(&format!("{prefix}{path}"));
@@ -401,7 +424,7 @@ impl ImdsClient {
         &self,
         class: Class,
         method: Method,
-        url: reqwest::Url,
+        url: Url,
         body: Option<String>,
     ) -> Result<Vec<u8>, RequestError> {
         self.send_with(&self.inner.retry, class, method, url, body)
@@ -414,7 +437,7 @@ impl ImdsClient {
         retry: &RetryPolicy,
         class: Class,
         method: Method,
-        url: reqwest::Url,
+        url: Url,
         body: Option<String>,
     ) -> Result<Vec<u8>, RequestError> {
         let limiter = match class {
@@ -427,37 +450,16 @@ impl ImdsClient {
             if let Some(limiter) = limiter {
                 limiter.acquire().await;
             }
-            let mut request = self
-                .inner
-                .http
-                .request(method.clone(), url.clone())
-                .header("Metadata", "true");
-            if let Some(body) = &body {
-                request = request
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body(body.clone());
-            }
-            let (failure, retry_after) = match request.send().await {
-                Ok(response) => {
-                    let status = response.status();
-                    let retry_after = response
-                        .headers()
-                        .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(retry::parse_retry_after);
-                    match response.bytes().await {
-                        Ok(bytes) if status.is_success() => return Ok(bytes.to_vec()),
-                        Ok(bytes) if is_retryable_status(status.as_u16()) => (
-                            AttemptError::Status {
-                                status: status.as_u16(),
-                                body: String::from_utf8_lossy(&bytes).into_owned(),
-                            },
-                            retry_after,
-                        ),
-                        Ok(bytes) => return Err(rejection(status, &bytes)),
-                        Err(e) => (AttemptError::Transport(e), None),
-                    }
-                }
+            let (failure, retry_after) = match self.try_once(&method, &url, body.as_deref()).await {
+                Ok((status, _, bytes)) if status.is_success() => return Ok(bytes.to_vec()),
+                Ok((status, retry_after, bytes)) if is_retryable_status(status.as_u16()) => (
+                    AttemptError::Status {
+                        status: status.as_u16(),
+                        body: String::from_utf8_lossy(&bytes).into_owned(),
+                    },
+                    retry_after,
+                ),
+                Ok((status, _, bytes)) => return Err(rejection(status, &bytes)),
                 Err(e) => (AttemptError::Transport(e), None),
             };
             failures += 1;
@@ -479,6 +481,53 @@ impl ImdsClient {
             );
             tokio::time::sleep(delay).await;
         }
+    }
+}
+
+impl ImdsClient {
+    /// One request with the `Metadata` header, bounded by the request
+    /// timeout: its status, `Retry-After` and whole body.
+    async fn try_once(
+        &self,
+        method: &Method,
+        url: &Url,
+        body: Option<&str>,
+    ) -> Result<(StatusCode, Option<Duration>, Bytes), TransportError> {
+        let mut request = hyper::Request::builder()
+            .method(method.clone())
+            .uri(url.as_str())
+            .header("Metadata", "true");
+        if body.is_some() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default().to_owned())))
+            .map_err(TransportError::Request)?;
+        let timeout = self.inner.request_timeout;
+        let exchange = async {
+            let response = self
+                .inner
+                .http
+                .request(request)
+                .await
+                .map_err(|e| TransportError::Http(Box::new(e)))?;
+            let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(hyper::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(retry::parse_retry_after);
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(TransportError::Body)?
+                .to_bytes();
+            Ok((status, retry_after, bytes))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| TransportError::Timeout(timeout))?
     }
 }
 

@@ -246,6 +246,7 @@ impl DockerRuntime {
                 ),
                 network_mode: Some(c.network.clone()),
                 init: Some(true),
+                cap_add: (!c.cap_add.is_empty()).then(|| c.cap_add.clone()),
                 ..Default::default()
             }),
             networking_config: Some(bollard::models::NetworkingConfig {

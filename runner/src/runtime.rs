@@ -234,6 +234,9 @@ pub struct NodeContainerConfig {
     pub network: String,
     /// Its fixed IPv4 address on that network.
     pub ipv4: String,
+    /// Capabilities added to Docker's default set (`NET_ADMIN`: the agent
+    /// keeps the node's IMDS firewall and marks its own IMDS sockets).
+    pub cap_add: Vec<String>,
 }
 
 /// One file of an image build context.

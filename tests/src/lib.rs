@@ -991,6 +991,9 @@ pub struct LocalUp {
     pub port: u16,
     /// The default cluster `drover up` made.
     pub cluster: String,
+    /// The port of its IMDS emulator (on the host; nodes reach it at their
+    /// network's gateway).
+    pub imds_port: u16,
     release: bool,
     down: bool,
 }
@@ -1032,6 +1035,7 @@ impl LocalUp {
             data: tempfile::tempdir().expect("tempdir"),
             port: free_port(),
             cluster: short_name("up"),
+            imds_port: free_port(),
             release,
             down: false,
         };
@@ -1043,7 +1047,7 @@ impl LocalUp {
                 "--port",
                 &up.port.to_string(),
                 "--imds-listen",
-                &format!("0.0.0.0:{}", free_port()),
+                &format!("0.0.0.0:{}", up.imds_port),
                 "--cluster",
                 &up.cluster,
                 "--agent-binary",

@@ -2,3 +2,4 @@
 
 pub mod inventory;
 pub mod run;
+pub mod uninstall;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use drover_agent::daemon::{self, DaemonConfig, NodeImds, VmFacts};
+use drover_agent::firewall::ImdsFirewall;
 use drover_agent::inventory::{DEFAULT_NVML_LIB, InventoryCollector, InventoryConfig};
 use drover_imds::{ImdsClient, ImdsConfig};
 use drover_runner::{DockerRuntime, HostFacts, PartRunner, PullLimits, RunOptions};
@@ -81,6 +82,15 @@ pub struct RunArgs {
     /// (least recently used entries are evicted; default 20 GiB).
     #[arg(long, env = "DROVER_CACHE_MAX_BYTES")]
     cache_max_bytes: Option<u64>,
+    /// Let only this agent's packets reach IMDS (a firewall rule, kept
+    /// while the agent runs), so job containers get tokens only through the
+    /// agent; default true when an IMDS URL is given. `false` lets job
+    /// containers ask IMDS for any identity of the VM.
+    #[arg(long, env = "DROVER_IMDS_FIREWALL", action = clap::ArgAction::Set)]
+    imds_firewall: Option<bool>,
+    /// The `iptables` program (default: `iptables` on the PATH).
+    #[arg(long, env = "DROVER_IPTABLES")]
+    iptables: Option<PathBuf>,
 }
 
 /// The config file: the same settings as the flags.
@@ -105,6 +115,8 @@ struct FileConfig {
     node_network: Option<String>,
     self_fence: Option<bool>,
     cache_max_bytes: Option<u64>,
+    imds_firewall: Option<bool>,
+    iptables: Option<PathBuf>,
 }
 
 fn seconds(v: Option<f64>, default: f64, what: &str) -> anyhow::Result<Duration> {
@@ -156,11 +168,13 @@ fn route_ip(server: &str) -> Option<String> {
 /// answers quickly. When it does not (IMDS answers 410 for a while when it
 /// is being updated), the daemon registers without it and keeps asking in
 /// the background. `address_from_imds`: no `--ip` was given.
-async fn node_imds(url: &str, address_from_imds: bool) -> Option<NodeImds> {
+async fn node_imds(url: &str, address_from_imds: bool, marked: bool) -> Option<NodeImds> {
     let config = ImdsConfig {
         base_url: url.to_string(),
         connect_timeout: Duration::from_millis(500),
         request_timeout: Duration::from_secs(2),
+        // The firewall lets only marked packets reach IMDS.
+        socket_mark: marked.then_some(drover_agent::firewall::IMDS_MARK),
         ..ImdsConfig::default()
     };
     let client = match ImdsClient::new(config) {
@@ -227,6 +241,27 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .or(file.nvml_lib)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_NVML_LIB));
     let imds_url = args.imds_url.or(file.imds_url);
+    let imds_firewall = match &imds_url {
+        Some(url) if args.imds_firewall.or(file.imds_firewall).unwrap_or(true) => {
+            let iptables = args
+                .iptables
+                .or(file.iptables)
+                .unwrap_or_else(|| PathBuf::from("iptables"));
+            let fw = ImdsFirewall::for_url(url, iptables)?;
+            // Before anything can start a job container.
+            let repair = fw.ensure().with_context(|| {
+                format!(
+                    "cannot install the firewall that keeps job containers from IMDS at {}:{} \
+                     (the agent needs CAP_NET_ADMIN and iptables); pass --imds-firewall false \
+                     to run without it, letting job containers ask IMDS for any identity of this VM",
+                    fw.address, fw.port
+                )
+            })?;
+            tracing::info!(address = %fw.address, port = fw.port, added = repair.added.len(), "imds firewall in place");
+            Some(fw)
+        }
+        _ => None,
+    };
     let stop_grace = seconds(
         args.stop_grace_seconds.or(file.stop_grace_seconds),
         10.0,
@@ -269,6 +304,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             .cache_max_bytes
             .or(file.cache_max_bytes)
             .unwrap_or(drover_agent::files::cache::DEFAULT_CACHE_MAX_BYTES),
+        imds_firewall,
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -279,7 +315,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let mut vm = None;
         if let Some(url) = imds_url {
-            let imds = node_imds(&url, config.ip.is_none()).await;
+            let imds = node_imds(&url, config.ip.is_none(), config.imds_firewall.is_some()).await;
             if let Some(facts) = imds.as_ref().and_then(|i| i.vm.clone()) {
                 vm = Some(facts.vm);
                 config.dedicated = facts.dedicated;

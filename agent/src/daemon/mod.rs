@@ -134,6 +134,9 @@ pub struct DaemonConfig {
     /// The most bytes the node cache (code snapshots and inputs) keeps
     /// after evicting its least recently used entries.
     pub cache_max_bytes: u64,
+    /// The IMDS firewall, installed before the daemon starts and kept
+    /// while it runs (`None`: no IMDS, or the firewall is turned off).
+    pub imds_firewall: Option<crate::firewall::ImdsFirewall>,
 }
 
 impl std::fmt::Debug for DaemonConfig {
@@ -251,6 +254,16 @@ pub async fn run<R: ContainerRuntime>(
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let metrics = Arc::new(Metrics::default());
+    // Its own token: the daemon also ends without `shutdown` (after a drain
+    // the VM's scheduled events asked for).
+    let firewall_stop = CancellationToken::new();
+    let firewall_task = config.imds_firewall.clone().map(|fw| {
+        tokio::spawn(crate::firewall::keep(
+            fw,
+            metrics.clone(),
+            firewall_stop.clone(),
+        ))
+    });
     let metrics_task = match config.metrics_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -404,6 +417,12 @@ pub async fn run<R: ContainerRuntime>(
         }
     }
     if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    // The rules stay after the agent stops: job containers outlive it
+    // (they are adopted after a restart) and must not reach IMDS meanwhile.
+    firewall_stop.cancel();
+    if let Some(t) = firewall_task {
         let _ = t.await;
     }
     tracing::info!("agent stopped");

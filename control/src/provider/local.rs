@@ -561,6 +561,9 @@ impl LocalProvider {
             .collect(),
             network: network.to_string(),
             ipv4: ip.clone(),
+            // The agent keeps the IMDS firewall of the node's namespace,
+            // which its job containers share (they never get NET_ADMIN).
+            cap_add: vec!["NET_ADMIN".to_string()],
         };
         // Registered first: the agent asks IMDS who it is as it starts.
         if let Err(e) = self.imds.emulator().add_vm(vm) {

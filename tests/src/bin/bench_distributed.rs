@@ -34,7 +34,8 @@
 //! pytorch`, on the same cluster; (b) three containers of
 //! `drover/pytorch:bookworm` on one user-defined bridge, `MASTER_ADDR` =
 //! container 0's address, each rank started with `docker exec`. Alternated
-//! ABBA after one warm-up of each.
+//! ABBA after one warm-up of each. Ratios: of the medians, and the median
+//! of the ratios of each run's two sides (paired, side by side in time).
 //!
 //! Every container and network the benchmark makes carries the label
 //! `drover.bench=<id>` and is removed at the end, after a panic, and after
@@ -496,6 +497,12 @@ fn load() -> String {
         .unwrap_or_default()
 }
 
+/// The median of `a[i] / b[i]`: runs side by side, paired.
+fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
+    let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    median(&mut r)
+}
+
 /// `median (min–max)` of seconds, in milliseconds.
 fn ms_summary(v: &mut [f64]) -> (f64, String) {
     let m = median(v);
@@ -655,20 +662,24 @@ fn main() {
     drop(scratch);
     eprintln!("load average at end: {}", load());
 
+    // Paired first: the summaries sort their vectors.
+    let line_pairs = paired_ratio(&rsh_line, &ssh_line);
+    let exit_pairs = paired_ratio(&rsh_exit, &ssh_exit);
+    let bw_pairs = paired_ratio(&drover_bw, &bridge_bw);
     let (rl, rl_s) = ms_summary(&mut rsh_line);
     let (sl, sl_s) = ms_summary(&mut ssh_line);
     let (re, re_s) = ms_summary(&mut rsh_exit);
     let (se, se_s) = ms_summary(&mut ssh_exit);
     println!(
-        "| MPI hello, 3 containers × 2 ranks | runs | `drover-init rsh` median (min–max) | `ssh` median (min–max) | Drover/ssh (goal ≤ 1.0×) |"
+        "| MPI hello, 3 containers × 2 ranks | runs | `drover-init rsh` median (min–max) | `ssh` median (min–max) | Drover/ssh, ratio of medians (goal ≤ 1.0×) | median of paired ratios |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     println!(
-        "| mpirun started → last rank's line | {runs} | {rl_s} | {sl_s} | **{:.2}×** |",
+        "| mpirun started → last rank's line | {runs} | {rl_s} | {sl_s} | **{:.2}×** | {line_pairs:.2}× |",
         rl / sl
     );
     println!(
-        "| mpirun started → mpirun exited | {runs} | {re_s} | {se_s} | {:.2}× |",
+        "| mpirun started → mpirun exited | {runs} | {re_s} | {se_s} | {:.2}× | {exit_pairs:.2}× |",
         re / se
     );
     let (_, job_s) = ms_summary(&mut job_line);
@@ -680,11 +691,11 @@ fn main() {
     let (bb, bb_s) = mbs_summary(&mut bridge_bw);
     println!();
     println!(
-        "| Gloo all_reduce, 100 MB float32, 3 ranks; bytes of the tensor / median time of one all_reduce ({iters} after a warm-up) | runs | Drover job median (min–max) | Docker bridge median (min–max) | Drover/bridge (goal ≥ 0.95×) |"
+        "| Gloo all_reduce, 100 MB float32, 3 ranks: bytes of the tensor / median time of one all_reduce ({iters} after a warm-up) | runs | Drover job median (min–max) | Docker bridge median (min–max) | Drover/bridge, ratio of medians (goal ≥ 0.95×) | median of paired ratios |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     println!(
-        "| bandwidth | {runs} | {db_s} | {bb_s} | **{:.2}×** |",
+        "| bandwidth | {runs} | {db_s} | {bb_s} | **{:.2}×** | {bw_pairs:.2}× |",
         db / bb
     );
 }

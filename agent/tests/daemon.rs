@@ -252,6 +252,8 @@ fn assignment(job: &str, state: PartState) -> Assignment {
         allowed_host_paths: vec![],
         log_cursor: None,
         launch_secret: None,
+        identity: Default::default(),
+        app_service_identity: true,
     }
 }
 

@@ -5,6 +5,7 @@ pub mod control_client;
 pub mod daemon;
 pub mod files;
 pub mod http;
+pub mod identity;
 pub mod inventory;
 pub mod metrics;
 pub mod reconcile;

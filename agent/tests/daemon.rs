@@ -334,6 +334,9 @@ fn start_in(
         ip: Some("127.0.0.1".into()),
         dedicated: true,
         metrics_listen: None,
+        // A port of its own: tests run in parallel on one host.
+        identity_listen: Some("127.0.0.1:0".parse().unwrap()),
+        identity_rate: Default::default(),
         job_network: None,
         node_network: "host".into(),
         imds,
@@ -701,6 +704,101 @@ async fn an_assigned_part_runs_once_and_its_logs_come_before_its_exit_code() {
     stub.set(2, vec![assignment("j", PartState::Running)]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(agent.runtime.record().created.len(), 1);
+    agent.shutdown.cancel();
+    agent.task.await.unwrap().unwrap();
+}
+
+/// A raw `GET` of `url` with `header: value`: the status and the body.
+async fn raw_get(url: &str, header: (&str, &str)) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let rest = url.strip_prefix("http://").expect("an http url");
+    let (authority, path) = rest.split_at(rest.find('/').expect("a path"));
+    let mut conn = tokio::net::TcpStream::connect(authority)
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET {path}?api-version=2017-09-01&resource=https://management.azure.com/ HTTP/1.1\r\nhost: {authority}\r\n{}: {}\r\nconnection: close\r\n\r\n",
+        header.0, header.1
+    );
+    conn.write_all(request.as_bytes()).await.expect("send");
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).await.expect("read");
+    let status = raw[9..12].parse().expect("a status");
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_gets_its_own_identity_secret_which_dies_with_it() {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    stub.set(1, vec![assignment("idj", PartState::Assigned)]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    let rt = fake(ExitScript::After {
+        delay: Duration::from_secs(2),
+        code: 0,
+        oom: false,
+    });
+    let agent = start(server, rt, Duration::from_secs(5));
+    eventually("the part runs", || {
+        stub.reported("idj").contains(&(PartState::Running, None))
+    })
+    .await;
+    let env: BTreeMap<String, String> = agent.runtime.record().created[0]
+        .env
+        .iter()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let secret = env["MSI_SECRET"].clone();
+    assert_eq!(secret.len(), 64, "{env:?}");
+    assert!(secret.chars().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(env["IDENTITY_HEADER"], secret, "one secret, both protocols");
+    // The cluster (the stub's) grants no identity: Azure ML's literal.
+    assert_eq!(env["DEFAULT_IDENTITY_CLIENT_ID"], "clientid");
+    let msi = env["MSI_ENDPOINT"].clone();
+    assert!(
+        msi.starts_with("http://127.0.0.1:") && msi.ends_with("/msi/token"),
+        "{msi}"
+    );
+    assert!(env["IDENTITY_ENDPOINT"].ends_with("/identity/token"));
+    // While it runs its secret is known (and its cluster has no identity)…
+    let (status, body) = raw_get(&msi, ("secret", &secret)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("no_identity")),
+        "{body}"
+    );
+    eventually("the part ends", || {
+        stub.reported("idj")
+            .contains(&(PartState::Succeeded, Some(0)))
+    })
+    .await;
+    // …and once it has ended, it is forgotten.
+    let (status, body) = raw_get(&msi, ("secret", &secret)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("bad_secret")),
+        "{body}"
+    );
+    let audit = std::fs::read_to_string(agent._dir.path().join("data/audit/identity.jsonl"))
+        .expect("the audit log");
+    let outcomes: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(outcomes.len(), 2, "{audit}");
+    assert_eq!(outcomes[0]["job"], "idj");
+    assert_eq!(outcomes[0]["outcome"], "no_identity");
+    assert_eq!(outcomes[1]["job"], serde_json::Value::Null);
+    assert_eq!(outcomes[1]["outcome"], "bad_secret");
+    assert!(
+        !audit.contains(&secret),
+        "the audit log never holds a secret"
+    );
     agent.shutdown.cancel();
     agent.task.await.unwrap().unwrap();
 }

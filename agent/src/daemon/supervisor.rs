@@ -35,6 +35,7 @@ use crate::control_client::Backoff;
 use crate::files::materialize::Materializer;
 use crate::files::upload::upload_outputs;
 use crate::files::{PartDir, Phase};
+use crate::identity::IdentityService;
 use crate::metrics::Metrics;
 use drover_api::wire::PartKey;
 
@@ -117,6 +118,7 @@ pub(super) struct PartCtx<R: ContainerRuntime> {
     pub(super) metrics: Arc<Metrics>,
     pub(super) gpus: HealthyGpus,
     pub(super) materializer: Materializer,
+    pub(super) identity: Option<Arc<IdentityService>>,
     pub(super) fenced: Arc<AtomicBool>,
     pub(super) cancel: CancellationToken,
 }
@@ -133,6 +135,7 @@ impl<R: ContainerRuntime> Clone for PartCtx<R> {
             metrics: self.metrics.clone(),
             gpus: self.gpus.clone(),
             materializer: self.materializer.clone(),
+            identity: self.identity.clone(),
             fenced: self.fenced.clone(),
             cancel: self.cancel.clone(),
         }
@@ -400,6 +403,30 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
         }
         placement.files.run_dir = Some(run);
     }
+    // The part's secret on the token endpoint lives as long as this
+    // function: until its container has ended.
+    let _identity = match &ctx.identity {
+        Some(service) => match service
+            .start_part(
+                &a.part,
+                &a.identity,
+                a.app_service_identity,
+                job.identity.as_ref(),
+            )
+            .await
+        {
+            Ok(identity) => {
+                placement
+                    .extra_env
+                    .extend(identity.env().iter().map(|(k, v)| (k.clone(), v.clone())));
+                Some(identity)
+            }
+            Err(e) => {
+                return refuse(ctx, drover_api::error::chain(&e)).await;
+            }
+        },
+        None => None,
+    };
     let (tx, mut rx) = mpsc::channel::<PartEvent>(256);
     let container = Arc::new(Mutex::new(None::<String>));
     let forward = {

@@ -132,13 +132,17 @@ fn compute_yaml(dir: &JobDir, file: &str, text: &str) -> PathBuf {
     path
 }
 
-fn submit(up: &LocalUp, cluster: &str, command: &str) -> String {
+fn job(cluster: &str, command: &str, extra: &str) -> JobDir {
     assert!(!command.contains('"') && !command.contains('\\'));
     let dir = JobDir::new(&format!(
-        "code: src\ncommand: \"{command}\"\nenvironment:\n  image: {IMAGE}\ncompute: azureml:{cluster}\n"
+        "code: src\ncommand: \"{command}\"\nenvironment:\n  image: {IMAGE}\ncompute: azureml:{cluster}\n{extra}"
     ));
     dir.write("src/probe.py", PROBE_PY);
-    up.submit(&dir.job_file(), cluster)
+    dir
+}
+
+fn submit(up: &LocalUp, cluster: &str, command: &str) -> String {
+    up.submit(&job(cluster, command, "").job_file(), cluster)
 }
 
 /// Waits until the job's log holds `marker`; returns the log.

@@ -318,6 +318,20 @@ fn start_in(
     drain: Duration,
     imds: Option<NodeImds>,
 ) -> Agent {
+    // A port of its own: tests run in parallel on one host.
+    let any_port = "127.0.0.1:0".parse().unwrap();
+    start_at(dir, server, runtime, drain, imds, any_port)
+}
+
+/// [`start_in`] with the token endpoint on `identity`.
+fn start_at(
+    dir: tempfile::TempDir,
+    server: String,
+    runtime: Arc<FakeRuntime>,
+    drain: Duration,
+    imds: Option<NodeImds>,
+    identity: std::net::SocketAddr,
+) -> Agent {
     let init = dir.path().join("drover-init");
     std::fs::write(&init, b"not run by the fake").unwrap();
     let config = DaemonConfig {
@@ -334,8 +348,7 @@ fn start_in(
         ip: Some("127.0.0.1".into()),
         dedicated: true,
         metrics_listen: None,
-        // A port of its own: tests run in parallel on one host.
-        identity_listen: Some("127.0.0.1:0".parse().unwrap()),
+        identity_listen: Some(identity),
         identity_rate: Default::default(),
         job_network: None,
         node_network: "host".into(),
@@ -798,6 +811,57 @@ async fn a_part_gets_its_own_identity_secret_which_dies_with_it() {
     assert!(
         !audit.contains(&secret),
         "the audit log never holds a secret"
+    );
+    agent.shutdown.cancel();
+    agent.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_adopted_after_a_restart_keeps_its_identity_secret_until_it_ends() {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    // What an agent killed while the part ran left: its container and the
+    // part's saved secret.
+    let dir = tempfile::tempdir().unwrap();
+    let part_dir = dir.path().join("data/parts/adp-1-0");
+    std::fs::create_dir_all(&part_dir).unwrap();
+    let secret = "ab".repeat(32);
+    std::fs::write(part_dir.join("identity-secret"), &secret).unwrap();
+    let rt = fake(ExitScript::UntilStopped);
+    leftover(&rt, "adp").await;
+    stub.set(1, vec![assignment("adp", PartState::Running)]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let agent = start_at(dir, server, rt, Duration::from_secs(5), None, addr);
+    eventually("the part is adopted", || {
+        stub.reported("adp").contains(&(PartState::Running, None))
+    })
+    .await;
+    let url = format!("http://{addr}/msi/token");
+    // The secret is the adopted part's again (its cluster has no identity).
+    let (status, body) = raw_get(&url, ("secret", &secret)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("no_identity")),
+        "{body}"
+    );
+    let (status, _) = raw_get(&url, ("secret", &"cd".repeat(32))).await;
+    assert_eq!(status, 401, "a secret no part saved");
+    // Unassigned: stopped, and its secret forgotten.
+    stub.set(2, vec![]);
+    eventually("the part is stopped", || {
+        stub.reported("adp")
+            .iter()
+            .any(|(s, _)| *s == PartState::Stopped)
+    })
+    .await;
+    let (status, body) = raw_get(&url, ("secret", &secret)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("bad_secret")),
+        "{body}"
     );
     agent.shutdown.cancel();
     agent.task.await.unwrap().unwrap();

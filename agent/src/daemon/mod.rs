@@ -38,8 +38,9 @@
 //! goes out, scheduled events are acknowledged, and the `io` token stops
 //! watch, heartbeat, log-shipper and the IMDS tasks, which are all joined
 //! before [`run`] returns. Each part has its own token, canceled by the
-//! reconciler. The metrics and identity endpoints stop on `shutdown`
-//! themselves and are joined last.
+//! reconciler. The metrics endpoint stops on `shutdown` (or when the
+//! agent ends), the identity endpoint once every part has stopped; both are
+//! joined last.
 //!
 //! State that must survive the agent lives in Docker labels and the control
 //! plane: containers are kept after they exit (`RunOptions::remove` is
@@ -276,6 +277,17 @@ pub async fn run<R: ContainerRuntime>(
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let metrics = Arc::new(Metrics::default());
+    // The endpoints stop when the agent does: metrics at `shutdown` or
+    // at the end (a drain for scheduled events fires no `shutdown`), the
+    // token endpoint only once every part has stopped (parts draining
+    // still need tokens).
+    let metrics_stop = shutdown.child_token();
+    let identity_stop = CancellationToken::new();
+    // …and on every early return below.
+    let _stop_endpoints = (
+        metrics_stop.clone().drop_guard(),
+        identity_stop.clone().drop_guard(),
+    );
     let metrics_task = match config.metrics_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -285,13 +297,13 @@ pub async fn run<R: ContainerRuntime>(
             Some(tokio::spawn(crate::http::serve(
                 listener,
                 crate::http::metrics::router(metrics.clone()),
-                shutdown.clone(),
+                metrics_stop.clone(),
             )))
         }
         None => None,
     };
     let identity = match config.identity_listen {
-        Some(addr) => Some(start_identity(&config, addr, &metrics, &shutdown).await?),
+        Some(addr) => Some(start_identity(&config, addr, &metrics, &identity_stop).await?),
         None => None,
     };
     let inv = {
@@ -433,6 +445,8 @@ pub async fn run<R: ContainerRuntime>(
             tracing::error!(task = name, error = %e, "task panicked");
         }
     }
+    metrics_stop.cancel();
+    identity_stop.cancel();
     if let Some(t) = metrics_task {
         let _ = t.await;
     }
@@ -444,14 +458,14 @@ pub async fn run<R: ContainerRuntime>(
 }
 
 /// Binds the token endpoint, opens its audit log and serves it until
-/// `shutdown` (the `[identity]` task). Parts reach it at the address
+/// `stop` (the `[identity]` task). Parts reach it at the address
 /// bound: loopback when that is unspecified (`0.0.0.0`), as job
 /// containers sharing the node's network reach the agent there.
 async fn start_identity(
     config: &DaemonConfig,
     addr: SocketAddr,
     metrics: &Arc<Metrics>,
-    shutdown: &CancellationToken,
+    stop: &CancellationToken,
 ) -> Result<
     (
         Arc<crate::identity::IdentityService>,
@@ -484,7 +498,7 @@ async fn start_identity(
     let task = tokio::spawn(crate::http::serve(
         listener,
         crate::http::identity::router(service.clone()),
-        shutdown.clone(),
+        stop.clone(),
     ));
     Ok((service, task))
 }

@@ -244,12 +244,19 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 } else {
                     tracing::info!(part = %part, container = %container, "adopting running container");
                 }
+                let assignment = self
+                    .desired
+                    .as_ref()
+                    .and_then(|d| d.iter().find(|a| a.part == part))
+                    .cloned()
+                    .map(Box::new);
                 self.spawn(
                     part,
                     SupervisorKind::Adopt {
                         container,
                         log_from,
                         ship_logs: true,
+                        assignment,
                     },
                 );
             }
@@ -290,6 +297,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     part.clone(),
                     SupervisorKind::Adopt {
                         container,
+                        assignment: None,
                         log_from: None,
                         ship_logs: false,
                     },

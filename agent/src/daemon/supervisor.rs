@@ -59,6 +59,9 @@ pub(super) enum SupervisorKind {
         log_from: Option<LogCursor>,
         /// …or none, for a container the control plane has no part for.
         ship_logs: bool,
+        /// The control plane's assignment of the part, when it has one:
+        /// its cluster's identity, for the part's saved token secret.
+        assignment: Option<Box<Assignment>>,
     },
 }
 
@@ -196,10 +199,16 @@ pub(super) async fn supervise<R: ContainerRuntime>(ctx: PartCtx<R>, kind: Superv
             container,
             log_from,
             ship_logs,
-        } => (
-            run_adopted(&ctx, &container, ship_logs.then_some(log_from)).await,
-            ship_logs,
-        ),
+            assignment,
+        } => {
+            // The part's token secret from before the restart, held again
+            // until its container ends.
+            let _identity = readopt_identity(&ctx, assignment.as_deref());
+            (
+                run_adopted(&ctx, &container, ship_logs.then_some(log_from)).await,
+                ship_logs,
+            )
+        }
     };
     // Outputs are posted before the final state (a part no longer
     // assigned here has no outputs to post).
@@ -214,6 +223,22 @@ pub(super) async fn supervise<R: ContainerRuntime>(ctx: PartCtx<R>, kind: Superv
         let _ = rx.await;
     }
     let _ = ctx.input.send(Input::Ended(ctx.part.clone(), ended)).await;
+}
+
+/// Registers again the token secret an adopted part saved when it
+/// started, so that its requests are answered as before the restart.
+fn readopt_identity<R: ContainerRuntime>(
+    ctx: &PartCtx<R>,
+    assignment: Option<&Assignment>,
+) -> Option<crate::identity::PartIdentity> {
+    let (service, a) = (ctx.identity.as_ref()?, assignment?);
+    let saved = PartDir::new(&ctx.config.data_dir, &ctx.part).identity_secret()?;
+    let Some(secret) = crate::identity::PartSecret::from_saved(&saved) else {
+        tracing::warn!(part = %ctx.part, "the part's saved identity secret is unreadable; its token requests will be refused");
+        return None;
+    };
+    let job = a.spec.as_command().and_then(|c| c.identity.as_ref());
+    Some(service.adopt_part(&ctx.part, secret, &a.identity, job))
 }
 
 /// Uploads and posts the outputs of a part whose container ran, unless

@@ -128,6 +128,14 @@ impl PartSecret {
         ))
     }
 
+    /// A secret saved by [`PartSecret::expose`], if it is one (64 hex
+    /// digits).
+    pub fn from_saved(text: &str) -> Option<Self> {
+        let text = text.trim();
+        (text.len() == 64 && text.chars().all(|c| c.is_ascii_hexdigit()))
+            .then(|| PartSecret(text.to_string()))
+    }
+
     /// The secret's text, for the part's environment only.
     pub fn expose(&self) -> &str {
         &self.0
@@ -408,6 +416,34 @@ impl IdentityService {
             );
             env.insert("IDENTITY_HEADER".to_string(), secret.expose().to_string());
         }
+        tracing::debug!(part = %part, app_service, "part holds an identity secret");
+        Ok(self.register(part, secret, grant, default, env))
+    }
+
+    /// Takes back the secret of a part this agent adopts after a restart
+    /// (its container holds it in its environment already). `cluster` and
+    /// `job` are as for [`IdentityService::start_part`].
+    pub fn adopt_part(
+        &self,
+        part: &PartKey,
+        secret: PartSecret,
+        cluster: &compute::Identity,
+        job: Option<&JobIdentity>,
+    ) -> PartIdentity {
+        let grant = Grant::from(cluster);
+        let default = job_default(job, &grant);
+        tracing::debug!(part = %part, "adopted part holds its identity secret again");
+        self.register(part, secret, grant, default, BTreeMap::new())
+    }
+
+    fn register(
+        &self,
+        part: &PartKey,
+        secret: PartSecret,
+        grant: Grant,
+        default: Option<Identity>,
+        env: BTreeMap<String, String>,
+    ) -> PartIdentity {
         let id = self.registry.next.fetch_add(1, Ordering::Relaxed);
         let entry = PartEntry {
             id,
@@ -422,12 +458,11 @@ impl IdentityService {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(Arc::new(entry));
-        tracing::debug!(part = %part, app_service, "part holds an identity secret");
-        Ok(PartIdentity {
+        PartIdentity {
             registry: self.registry.clone(),
             id,
             env,
-        })
+        }
     }
 
     /// `DEFAULT_IDENTITY_CLIENT_ID`: `clientid` without identity, the
@@ -678,6 +713,10 @@ mod tests {
         assert!(!a.matches(b.expose().as_bytes()));
         assert!(!a.matches(&a.expose().as_bytes()[..63]));
         assert!(!a.matches(b""));
+        let saved = PartSecret::from_saved(&format!("{}\n", a.expose())).expect("saved");
+        assert!(saved.matches(a.expose().as_bytes()));
+        assert!(PartSecret::from_saved("abc").is_none());
+        assert!(PartSecret::from_saved(&"g".repeat(64)).is_none());
     }
 
     #[test]

@@ -400,6 +400,14 @@ fn show(info: &wire::ClusterInfo) -> String {
     );
     kv("identity:", identity(&s.identity));
     kv(
+        "identity protocols:",
+        if s.app_service_identity {
+            "azure ml (MSI_ENDPOINT), app service (IDENTITY_ENDPOINT)".to_string()
+        } else {
+            "azure ml (MSI_ENDPOINT)".to_string()
+        },
+    );
+    kv(
         "provider:",
         s.provider
             .map_or_else(|| "the control plane's".to_string(), |p| p.to_string()),

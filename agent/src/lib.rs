@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod files;
 pub mod firewall;
 pub mod http;
+pub mod identity;
 pub mod inventory;
 pub mod metrics;
 pub mod reconcile;

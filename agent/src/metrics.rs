@@ -38,6 +38,10 @@ pub struct Metrics {
     pub imds_firewall_repairs: Counter,
     /// IMDS firewall checks that failed.
     pub imds_firewall_failures: Counter,
+    /// Token endpoint requests, by protocol and outcome.
+    pub identity_requests: Family<Labels, Counter>,
+    /// Token endpoint answers, seconds from request to answer.
+    pub identity_latency: Histogram,
 }
 
 impl Default for Metrics {
@@ -57,6 +61,12 @@ impl Default for Metrics {
             gpu_healthy: Family::default(),
             imds_firewall_repairs: Counter::default(),
             imds_firewall_failures: Counter::default(),
+            identity_requests: Family::default(),
+            // Cached tokens answer in well under a millisecond; IMDS round
+            // trips take milliseconds to seconds.
+            identity_latency: Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0,
+            ]),
             registry: Registry::default(),
         };
         registry.register(
@@ -101,6 +111,16 @@ impl Default for Metrics {
             "1 when the gpu is healthy",
             m.gpu_healthy.clone(),
         );
+        registry.register(
+            "identity_requests",
+            "token endpoint requests by protocol and outcome",
+            m.identity_requests.clone(),
+        );
+        registry.register(
+            "identity_request_latency_seconds",
+            "token endpoint time from request to answer",
+            m.identity_latency.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -141,6 +161,17 @@ impl Metrics {
                 .get_or_create(&vec![("state".to_string(), p.state.as_str().to_string())])
                 .inc();
         }
+    }
+
+    /// Records one token endpoint request.
+    pub fn observe_identity(&self, protocol: &str, outcome: &str, latency: std::time::Duration) {
+        self.identity_requests
+            .get_or_create(&vec![
+                ("protocol".to_string(), protocol.to_string()),
+                ("outcome".to_string(), outcome.to_string()),
+            ])
+            .inc();
+        self.identity_latency.observe(latency.as_secs_f64());
     }
 
     /// The text exposition.

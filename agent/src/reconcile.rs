@@ -200,6 +200,8 @@ mod tests {
             allowed_host_paths: vec![],
             log_cursor: None,
             launch_secret: None,
+            identity: Default::default(),
+            app_service_identity: true,
         }
     }
 

@@ -252,6 +252,8 @@ fn assignment(job: &str, state: PartState) -> Assignment {
         allowed_host_paths: vec![],
         log_cursor: None,
         launch_secret: None,
+        identity: Default::default(),
+        app_service_identity: true,
     }
 }
 
@@ -316,6 +318,20 @@ fn start_in(
     drain: Duration,
     imds: Option<NodeImds>,
 ) -> Agent {
+    // A port of its own: tests run in parallel on one host.
+    let any_port = "127.0.0.1:0".parse().unwrap();
+    start_at(dir, server, runtime, drain, imds, any_port)
+}
+
+/// [`start_in`] with the token endpoint on `identity`.
+fn start_at(
+    dir: tempfile::TempDir,
+    server: String,
+    runtime: Arc<FakeRuntime>,
+    drain: Duration,
+    imds: Option<NodeImds>,
+    identity: std::net::SocketAddr,
+) -> Agent {
     let init = dir.path().join("drover-init");
     std::fs::write(&init, b"not run by the fake").unwrap();
     let config = DaemonConfig {
@@ -332,6 +348,8 @@ fn start_in(
         ip: Some("127.0.0.1".into()),
         dedicated: true,
         metrics_listen: None,
+        identity_listen: Some(identity),
+        identity_rate: Default::default(),
         job_network: None,
         node_network: "host".into(),
         imds_firewall: None,
@@ -700,6 +718,152 @@ async fn an_assigned_part_runs_once_and_its_logs_come_before_its_exit_code() {
     stub.set(2, vec![assignment("j", PartState::Running)]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(agent.runtime.record().created.len(), 1);
+    agent.shutdown.cancel();
+    agent.task.await.unwrap().unwrap();
+}
+
+/// A raw `GET` of `url` with `header: value`: the status and the body.
+async fn raw_get(url: &str, header: (&str, &str)) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let rest = url.strip_prefix("http://").expect("an http url");
+    let (authority, path) = rest.split_at(rest.find('/').expect("a path"));
+    let mut conn = tokio::net::TcpStream::connect(authority)
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET {path}?api-version=2017-09-01&resource=https://management.azure.com/ HTTP/1.1\r\nhost: {authority}\r\n{}: {}\r\nconnection: close\r\n\r\n",
+        header.0, header.1
+    );
+    conn.write_all(request.as_bytes()).await.expect("send");
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).await.expect("read");
+    let status = raw[9..12].parse().expect("a status");
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_gets_its_own_identity_secret_which_dies_with_it() {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    stub.set(1, vec![assignment("idj", PartState::Assigned)]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    let rt = fake(ExitScript::After {
+        delay: Duration::from_secs(2),
+        code: 0,
+        oom: false,
+    });
+    let agent = start(server, rt, Duration::from_secs(5));
+    eventually("the part runs", || {
+        stub.reported("idj").contains(&(PartState::Running, None))
+    })
+    .await;
+    let env: BTreeMap<String, String> = agent.runtime.record().created[0]
+        .env
+        .iter()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let secret = env["MSI_SECRET"].clone();
+    assert_eq!(secret.len(), 64, "{env:?}");
+    assert!(secret.chars().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(env["IDENTITY_HEADER"], secret, "one secret, both protocols");
+    // The cluster (the stub's) grants no identity: Azure ML's literal.
+    assert_eq!(env["DEFAULT_IDENTITY_CLIENT_ID"], "clientid");
+    let msi = env["MSI_ENDPOINT"].clone();
+    assert!(
+        msi.starts_with("http://127.0.0.1:") && msi.ends_with("/msi/token"),
+        "{msi}"
+    );
+    assert!(env["IDENTITY_ENDPOINT"].ends_with("/identity/token"));
+    // While it runs its secret is known (and its cluster has no identity)…
+    let (status, body) = raw_get(&msi, ("secret", &secret)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("no_identity")),
+        "{body}"
+    );
+    eventually("the part ends", || {
+        stub.reported("idj")
+            .contains(&(PartState::Succeeded, Some(0)))
+    })
+    .await;
+    // …and once it has ended, it is forgotten.
+    let (status, body) = raw_get(&msi, ("secret", &secret)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("bad_secret")),
+        "{body}"
+    );
+    let audit = std::fs::read_to_string(agent._dir.path().join("data/audit/identity.jsonl"))
+        .expect("the audit log");
+    let outcomes: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(outcomes.len(), 2, "{audit}");
+    assert_eq!(outcomes[0]["job"], "idj");
+    assert_eq!(outcomes[0]["outcome"], "no_identity");
+    assert_eq!(outcomes[1]["job"], serde_json::Value::Null);
+    assert_eq!(outcomes[1]["outcome"], "bad_secret");
+    assert!(
+        !audit.contains(&secret),
+        "the audit log never holds a secret"
+    );
+    agent.shutdown.cancel();
+    agent.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_adopted_after_a_restart_keeps_its_identity_secret_until_it_ends() {
+    let stub = Arc::new(Stub::default());
+    let server = serve(stub.clone()).await;
+    // What an agent killed while the part ran left: its container and the
+    // part's saved secret.
+    let dir = tempfile::tempdir().unwrap();
+    let part_dir = dir.path().join("data/parts/adp-1-0");
+    std::fs::create_dir_all(&part_dir).unwrap();
+    let secret = "ab".repeat(32);
+    std::fs::write(part_dir.join("identity-secret"), &secret).unwrap();
+    let rt = fake(ExitScript::UntilStopped);
+    leftover(&rt, "adp").await;
+    stub.set(1, vec![assignment("adp", PartState::Running)]);
+    stub.answer_watch.store(true, Ordering::SeqCst);
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let agent = start_at(dir, server, rt, Duration::from_secs(5), None, addr);
+    eventually("the part is adopted", || {
+        stub.reported("adp").contains(&(PartState::Running, None))
+    })
+    .await;
+    let url = format!("http://{addr}/msi/token");
+    // The secret is the adopted part's again (its cluster has no identity).
+    let (status, body) = raw_get(&url, ("secret", &secret)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("no_identity")),
+        "{body}"
+    );
+    let (status, _) = raw_get(&url, ("secret", &"cd".repeat(32))).await;
+    assert_eq!(status, 401, "a secret no part saved");
+    // Unassigned: stopped, and its secret forgotten.
+    stub.set(2, vec![]);
+    eventually("the part is stopped", || {
+        stub.reported("adp")
+            .iter()
+            .any(|(s, _)| *s == PartState::Stopped)
+    })
+    .await;
+    let (status, body) = raw_get(&url, ("secret", &secret)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("bad_secret")),
+        "{body}"
+    );
     agent.shutdown.cancel();
     agent.task.await.unwrap().unwrap();
 }

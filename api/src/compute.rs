@@ -80,6 +80,20 @@ pub struct ComputeSpec {
     /// [`crate::host_paths`] for what is refused whatever this says.
     #[serde(default)]
     pub allowed_host_paths: Vec<String>,
+    /// Whether job containers get the App Service managed-identity
+    /// protocol (`IDENTITY_ENDPOINT`, `IDENTITY_HEADER`) beside Azure ML's
+    /// own (`MSI_ENDPOINT`, `MSI_SECRET`, always there). On by default: the
+    /// Rust, Go, Java and .NET SDKs find a managed identity only through
+    /// it. `drover.app_service_identity: false` is strict Azure ML parity:
+    /// Python's azure-identity, which prefers `IDENTITY_*` when set, then
+    /// takes the Azure ML path as it does on Azure ML. Absent in specs
+    /// stored before it existed: on.
+    #[serde(default = "yes")]
+    pub app_service_identity: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_vm_size() -> String {
@@ -536,6 +550,7 @@ impl ComputeSpec {
             tags: BTreeMap::new(),
             provider: None,
             allowed_host_paths: Vec::new(),
+            app_service_identity: true,
         }
     }
 
@@ -687,6 +702,10 @@ pub struct ComputeFlags {
     pub provider: Option<String>,
     /// `--allow-host-path DIR`, repeatable; a Drover addition.
     pub allowed_host_paths: Vec<String>,
+    /// `--app-service-identity true|false` (default true): whether jobs
+    /// also get the App Service identity protocol; a Drover addition.
+    #[serde(default)]
+    pub app_service_identity: Option<bool>,
 }
 
 /// Which CLI generation's flag spellings a [`ComputeFlags`] came with.
@@ -893,6 +912,9 @@ impl ComputeFlags {
                 None => p.push(Field::Tags, format!("expected KEY=VALUE, got {t}")),
             }
         }
+        if let Some(on) = self.app_service_identity {
+            spec.app_service_identity = on;
+        }
         spec.allowed_host_paths.extend(
             self.allowed_host_paths
                 .iter()
@@ -1033,11 +1055,15 @@ fn read_compute(r: &mut Reader, root: &Node) -> Option<ComputeSpec> {
         .unwrap_or_default();
     // `Some(None)`: no provider named (the control plane's); `None`: a
     // mistake already reported.
-    let (provider, allowed_host_paths) = match get("drover") {
-        None => (Some(None), Vec::new()),
+    let (provider, allowed_host_paths, app_service_identity) = match get("drover") {
+        None => (Some(None), Vec::new(), true),
         Some(n) => match read_drover(r, n) {
-            Some((p, allowed)) => (Some(p), allowed),
-            None => (None, Vec::new()),
+            Some(d) => (
+                Some(d.provider),
+                d.allowed_host_paths,
+                d.app_service_identity,
+            ),
+            None => (None, Vec::new(), true),
         },
     };
 
@@ -1069,6 +1095,7 @@ fn read_compute(r: &mut Reader, root: &Node) -> Option<ComputeSpec> {
         tags,
         provider: provider.flatten(),
         allowed_host_paths,
+        app_service_identity,
     };
     let mut p = Problems::new(Naming::Yaml);
     check_spec(&spec, &mut p);
@@ -1245,10 +1272,24 @@ fn read_user_assigned(r: &mut Reader, n: &Node) -> Option<Identity> {
     ok.then_some(Identity::UserAssigned { resource_ids: ids })
 }
 
-/// The `drover:` section of compute YAML: the provider and the host paths
-/// jobs may bind.
-fn read_drover(r: &mut Reader, n: &Node) -> Option<(Option<ProviderKind>, Vec<String>)> {
-    let m = r.mapping(n, "drover", &["provider", "allowed_host_paths"])?;
+/// The `drover:` section of compute YAML.
+struct DroverSection {
+    /// `drover.provider`; `None` leaves it to the control plane.
+    provider: Option<ProviderKind>,
+    /// `drover.allowed_host_paths`, normalized.
+    allowed_host_paths: Vec<String>,
+    /// `drover.app_service_identity` (default on).
+    app_service_identity: bool,
+}
+
+/// The `drover:` section of compute YAML: the provider, the host paths
+/// jobs may bind and whether jobs get the App Service identity protocol.
+fn read_drover(r: &mut Reader, n: &Node) -> Option<DroverSection> {
+    let m = r.mapping(
+        n,
+        "drover",
+        &["provider", "allowed_host_paths", "app_service_identity"],
+    )?;
     let mut allowed = Vec::new();
     if let Some(list) = m.get_node("allowed_host_paths").filter(|l| !is_null(l)) {
         match list {
@@ -1266,8 +1307,17 @@ fn read_drover(r: &mut Reader, n: &Node) -> Option<(Option<ProviderKind>, Vec<St
             ),
         }
     }
+    let app_service_identity = match m.get_node("app_service_identity").filter(|b| !is_null(b)) {
+        None => true,
+        Some(b) => r.boolean(b, "drover.app_service_identity")?,
+    };
+    let section = |provider| DroverSection {
+        provider,
+        allowed_host_paths: allowed,
+        app_service_identity,
+    };
     let Some(p) = m.get_node("provider").filter(|p| !is_null(p)) else {
-        return Some((None, allowed));
+        return Some(section(None));
     };
     let v = r.string(p, "drover.provider")?;
     let kind = ProviderKind::parse(&v);
@@ -1278,7 +1328,7 @@ fn read_drover(r: &mut Reader, n: &Node) -> Option<(Option<ProviderKind>, Vec<St
             format!("expected local, static or azure-vmss, got {v}"),
         );
     }
-    kind.map(|k| (Some(k), allowed))
+    kind.map(|k| section(Some(k)))
 }
 
 #[cfg(test)]
@@ -1868,7 +1918,12 @@ drover:
         check("drover:\n  provider: azure_vmss\n", &|s| {
             s.provider == Some(ProviderKind::AzureVmss)
         });
-        check("drover: {}\n", &|s| s.provider.is_none());
+        check("drover: {}\n", &|s| {
+            s.provider.is_none() && s.app_service_identity
+        });
+        check("drover:\n  app_service_identity: false\n", &|s| {
+            !s.app_service_identity && s.provider.is_none()
+        });
         check("min_instances: 4\n", &|s| s.min_nodes == 4);
     }
 
@@ -1964,6 +2019,10 @@ drover:
         check(
             &good("drover:\n  provider: aws\n"),
             "compute.yml:4: drover.provider: expected local, static or azure-vmss, got aws",
+        );
+        check(
+            &good("drover:\n  app_service_identity: sometimes\n"),
+            "compute.yml:4: drover.app_service_identity: expected true or false, got sometimes",
         );
         check(
             &good("identity: system_assigned\n"),

@@ -706,6 +706,19 @@ pub struct Assignment {
     /// processes in the job's other containers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launch_secret: Option<LaunchSecret>,
+    /// The cluster's managed identity: the only identities the node's
+    /// token endpoint hands this part tokens for. Absent from an older
+    /// control plane: none, so such a part gets no token.
+    #[serde(default)]
+    pub identity: crate::compute::Identity,
+    /// Whether the part also gets the App Service identity protocol's
+    /// variables (the cluster's `app_service_identity`).
+    #[serde(default = "yes")]
+    pub app_service_identity: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A job attempt's launch secret (hex). `Debug` never shows it.

@@ -187,6 +187,10 @@ async fn compute_and_job_commands_over_the_api() {
     assert!(show.contains("allocation state:"), "{show}");
     assert!(show.contains("system-assigned"), "{show}");
     assert!(show.contains("lowpriority"), "{show}");
+    assert!(
+        show.contains("azure ml (MSI_ENDPOINT), app service (IDENTITY_ENDPOINT)"),
+        "on by default: {show}"
+    );
 
     let updated = cli
         .ok(&["compute", "update", "cpu", "--max-nodes", "3"])
@@ -744,6 +748,8 @@ async fn the_azure_cli_v2_spellings_round_trip_through_show() {
         "stage=dev",
         "--description",
         "v2 flags",
+        "--app-service-identity",
+        "false",
     ])
     .await;
     let show: serde_json::Value =
@@ -764,6 +770,12 @@ async fn the_azure_cli_v2_spellings_round_trip_through_show() {
     assert_eq!(spec["tags"]["stage"], "dev");
     assert_eq!(spec["description"], "v2 flags");
     assert_eq!(spec["provider"], "static", "the control plane's default");
+    assert_eq!(spec["app_service_identity"], false);
+    let text = cli.ok(&["compute", "show", "-n", "gpu"]).await;
+    assert!(
+        text.contains("identity protocols:     azure ml (MSI_ENDPOINT)\n"),
+        "{text}"
+    );
 
     // Azure's defaults where Azure has them.
     cli.ok(&["compute", "create", "-n", "plain", "--type", "amlcompute"])

@@ -295,6 +295,26 @@ async fn clusters_are_created_shown_updated_and_deleted_with_clear_errors() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
     assert_eq!(error_of(&body).code, ErrorCode::TooLarge);
 
+    // The App Service protocol switch is a boolean, and only that.
+    let mut switched =
+        serde_json::to_value(ComputeSpec::new("as", "STANDARD_D3_V2", 1)).expect("json");
+    switched["app_service_identity"] = json!("no");
+    let (status, body) = api.post("/v1/clusters", json!({ "spec": switched })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        error_of(&body).message.contains("app_service_identity"),
+        "{body}"
+    );
+    switched["app_service_identity"] = json!(false);
+    let (status, body) = api.post("/v1/clusters", json!({ "spec": switched })).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, body) = api.get("/v1/clusters/as").await;
+    assert_eq!(body["spec"]["app_service_identity"], false, "{body}");
+    let (status, body) = api
+        .send(api.http.delete(api.url("/v1/clusters/as")), Some(&token))
+        .await;
+    assert!(status.is_success(), "{body}");
+
     let (status, body) = api.post("/v1/clusters", json!({ "spec": 1 })).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(
@@ -913,6 +933,26 @@ async fn the_job_door_refuses_over_raw_http_what_the_rules_refuse_and_runs_nothi
         (
             json!({"distribution": {"kind": "horovod"}}),
             "distribution.kind: unknown variant `horovod`",
+        ),
+        (
+            json!({"identity": {"type": "user_identity"}}),
+            "identity.type: user_identity is not supported: Drover holds no user tokens",
+        ),
+        (
+            json!({"identity": {"type": "aml_token"}}),
+            "identity.type: aml_token is not supported",
+        ),
+        (
+            json!({"identity": {"type": "managed", "client_id": "not-a-guid"}}),
+            "identity.client_id: `not-a-guid` is not a GUID",
+        ),
+        (
+            json!({"identity": {"type": "managed"}}),
+            "identity: cluster cpu has no managed identity for the job to use",
+        ),
+        (
+            json!({"identity": {"type": "managed", "scope": "all"}}),
+            "identity.scope: unknown field",
         ),
         (
             json!({"resources": {"instance_count": 0}}),

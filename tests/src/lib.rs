@@ -898,6 +898,10 @@ impl AgentProc {
                 "20",
                 "--init-binary",
                 &init.display().to_string(),
+                // Agents of one test share the host's loopback: each its
+                // own token endpoint port.
+                "--identity-listen",
+                "127.0.0.1:0",
             ])
             .args(&self.extra)
             .env("DROVER_JOIN_TOKEN", &self.join_token)

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use clap::Args;
 use drover_agent::daemon::{self, DaemonConfig, NodeImds, VmFacts};
 use drover_agent::firewall::ImdsFirewall;
+use drover_agent::identity::limit::RateLimit;
 use drover_agent::inventory::{DEFAULT_NVML_LIB, InventoryCollector, InventoryConfig};
 use drover_imds::{ImdsClient, ImdsConfig};
 use drover_runner::{DockerRuntime, HostFacts, PartRunner, PullLimits, RunOptions};
@@ -64,6 +65,18 @@ pub struct RunArgs {
     /// Serve /metrics here (e.g. 127.0.0.1:9740).
     #[arg(long, env = "DROVER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Where the managed-identity token endpoint for job containers
+    /// listens (`MSI_ENDPOINT`, `IDENTITY_ENDPOINT`), or `off` (default
+    /// 127.0.0.1:46808; on a node whose single-node parts use Docker's
+    /// default bridge, its gateway, e.g. 172.17.0.1:46808).
+    #[arg(long, env = "DROVER_IDENTITY_LISTEN", value_name = "ADDR|off")]
+    identity_listen: Option<String>,
+    /// Token requests a second each part may make on average (default 50).
+    #[arg(long, env = "DROVER_IDENTITY_RATE")]
+    identity_rate: Option<f64>,
+    /// Token requests each part may make at once (default 100).
+    #[arg(long, env = "DROVER_IDENTITY_BURST")]
+    identity_burst: Option<u32>,
     /// Docker network mode of single-node parts (the engine's default, a
     /// bridge of their own, when unset).
     #[arg(long, env = "DROVER_JOB_NETWORK")]
@@ -111,12 +124,39 @@ struct FileConfig {
     init_binary: Option<PathBuf>,
     ip: Option<String>,
     metrics_listen: Option<SocketAddr>,
+    identity_listen: Option<String>,
+    identity_rate: Option<f64>,
+    identity_burst: Option<u32>,
     job_network: Option<String>,
     node_network: Option<String>,
     self_fence: Option<bool>,
     cache_max_bytes: Option<u64>,
     imds_firewall: Option<bool>,
     iptables: Option<PathBuf>,
+}
+
+/// `--identity-listen`: an address, or `off`.
+fn identity_listen(v: Option<&str>) -> anyhow::Result<Option<SocketAddr>> {
+    let v = v.unwrap_or(drover_agent::identity::DEFAULT_LISTEN).trim();
+    if v.eq_ignore_ascii_case("off") || v.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    v.parse().map(Some).with_context(|| {
+        format!("--identity-listen must be an address like 127.0.0.1:46808 or `off`, got {v}")
+    })
+}
+
+/// The token endpoint's per-part rate limit.
+fn identity_rate(rate: Option<f64>, burst: Option<u32>) -> anyhow::Result<RateLimit> {
+    let default = RateLimit::default();
+    let per_second = rate.unwrap_or(default.per_second);
+    anyhow::ensure!(
+        per_second.is_finite() && per_second > 0.0,
+        "--identity-rate must be a positive number of requests a second, got {per_second}"
+    );
+    let burst = burst.unwrap_or(default.burst);
+    anyhow::ensure!(burst >= 1, "--identity-burst must be at least 1, got 0");
+    Ok(RateLimit { per_second, burst })
 }
 
 fn seconds(v: Option<f64>, default: f64, what: &str) -> anyhow::Result<Duration> {
@@ -293,6 +333,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         ip: args.ip.or(file.ip),
         dedicated: true,
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
+        identity_listen: identity_listen(
+            args.identity_listen
+                .as_deref()
+                .or(file.identity_listen.as_deref()),
+        )?,
+        identity_rate: identity_rate(
+            args.identity_rate.or(file.identity_rate),
+            args.identity_burst.or(file.identity_burst),
+        )?,
         job_network: args.job_network.or(file.job_network),
         node_network: args
             .node_network

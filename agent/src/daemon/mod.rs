@@ -25,6 +25,12 @@
 //! `crate::http::metrics::router`) answers `GET /metrics` from the
 //! `Metrics` that heartbeat and supervisors update.
 //!
+//! With `--identity-listen` (on by default): `[identity]`
+//! (`crate::http::serve` with `crate::http::identity::router`) answers job
+//! containers' token requests from `crate::identity::IdentityService`,
+//! whose part secrets the supervisors register while their parts run, and
+//! asks IMDS through the node's `drover_imds` client (its token cache).
+//!
 //! Shutdown: the `shutdown` token (SIGTERM/SIGINT) or a maintenance event ends the reconciler's
 //! loop and starts the drain (no new parts, heartbeat says `leaving`, parts
 //! run until the drain deadline, then are canceled and stopped with the
@@ -32,7 +38,8 @@
 //! goes out, scheduled events are acknowledged, and the `io` token stops
 //! watch, heartbeat, log-shipper and the IMDS tasks, which are all joined
 //! before [`run`] returns. Each part has its own token, canceled by the
-//! reconciler. The metrics endpoint stops on `shutdown` itself and is
+//! reconciler. The metrics endpoint stops on `shutdown` (or when the
+//! agent ends), the identity endpoint once every part has stopped; both are
 //! joined last.
 //!
 //! State that must survive the agent lives in Docker labels and the control
@@ -115,6 +122,11 @@ pub struct DaemonConfig {
     pub dedicated: bool,
     /// Where `/metrics` listens, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the token endpoint listens (`None`: nowhere, and parts get no
+    /// identity variables).
+    pub identity_listen: Option<SocketAddr>,
+    /// Each part's rate limit on the token endpoint.
+    pub identity_rate: crate::identity::limit::RateLimit,
     /// The node's IMDS: scheduled events are watched once the VM's name is
     /// known.
     pub imds: Option<NodeImds>,
@@ -192,6 +204,20 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The token endpoint's listener could not be bound.
+    #[error(
+        "binding the identity token endpoint on {addr} failed (another agent on this host? give each its own --identity-listen)"
+    )]
+    IdentityListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token endpoint's audit log could not be opened.
+    #[error(transparent)]
+    IdentityAudit(#[from] crate::identity::audit::AuditError),
 }
 
 /// Inputs of the reconciler loop.
@@ -264,6 +290,17 @@ pub async fn run<R: ContainerRuntime>(
             firewall_stop.clone(),
         ))
     });
+    // The endpoints stop when the agent does: metrics at `shutdown` or
+    // at the end (a drain for scheduled events fires no `shutdown`), the
+    // token endpoint only once every part has stopped (parts draining
+    // still need tokens).
+    let metrics_stop = shutdown.child_token();
+    let identity_stop = CancellationToken::new();
+    // …and on every early return below.
+    let _stop_endpoints = (
+        metrics_stop.clone().drop_guard(),
+        identity_stop.clone().drop_guard(),
+    );
     let metrics_task = match config.metrics_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -273,9 +310,13 @@ pub async fn run<R: ContainerRuntime>(
             Some(tokio::spawn(crate::http::serve(
                 listener,
                 crate::http::metrics::router(metrics.clone()),
-                shutdown.clone(),
+                metrics_stop.clone(),
             )))
         }
+        None => None,
+    };
+    let identity = match config.identity_listen {
+        Some(addr) => Some(start_identity(&config, addr, &metrics, &identity_stop).await?),
         None => None,
     };
     let inv = {
@@ -384,6 +425,7 @@ pub async fn run<R: ContainerRuntime>(
         metrics,
         gpus,
         materializer,
+        identity: identity.as_ref().map(|(service, _)| service.clone()),
         fenced: Arc::new(AtomicBool::new(false)),
         supervisors: BTreeMap::new(),
         known: Known::default(),
@@ -416,6 +458,8 @@ pub async fn run<R: ContainerRuntime>(
             tracing::error!(task = name, error = %e, "task panicked");
         }
     }
+    metrics_stop.cancel();
+    identity_stop.cancel();
     if let Some(t) = metrics_task {
         let _ = t.await;
     }
@@ -425,6 +469,55 @@ pub async fn run<R: ContainerRuntime>(
     if let Some(t) = firewall_task {
         let _ = t.await;
     }
+    if let Some((_, t)) = identity {
+        let _ = t.await;
+    }
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Binds the token endpoint, opens its audit log and serves it until
+/// `stop` (the `[identity]` task). Parts reach it at the address
+/// bound: loopback when that is unspecified (`0.0.0.0`), as job
+/// containers sharing the node's network reach the agent there.
+async fn start_identity(
+    config: &DaemonConfig,
+    addr: SocketAddr,
+    metrics: &Arc<Metrics>,
+    stop: &CancellationToken,
+) -> Result<
+    (
+        Arc<crate::identity::IdentityService>,
+        tokio::task::JoinHandle<()>,
+    ),
+    DaemonError,
+> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::IdentityListen { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| DaemonError::IdentityListen { addr, source })?;
+    let host = match bound.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_string(),
+        ip if ip.is_unspecified() => "[::1]".to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    let endpoint = format!("http://{host}:{}", bound.port());
+    let audit = crate::identity::audit::AuditLog::open(&config.data_dir)?;
+    tracing::info!(addr = %bound, endpoint = %endpoint, audit = %audit.path().display(), "identity token endpoint listening");
+    let service = Arc::new(crate::identity::IdentityService::new(
+        endpoint,
+        config.identity_rate,
+        config.imds.as_ref().map(|i| i.client.clone()),
+        audit,
+        metrics.clone(),
+    ));
+    let task = tokio::spawn(crate::http::serve(
+        listener,
+        crate::http::identity::router(service.clone()),
+        stop.clone(),
+    ));
+    Ok((service, task))
 }

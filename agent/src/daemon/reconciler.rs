@@ -49,6 +49,8 @@ pub(super) struct Reconciler<R: ContainerRuntime> {
     pub(super) gpus: HealthyGpus,
     /// Fetches parts' code and inputs, and their outputs' control plane.
     pub(super) materializer: Materializer,
+    /// The token endpoint, when it listens: new parts get a secret there.
+    pub(super) identity: Option<Arc<crate::identity::IdentityService>>,
     /// Cut off past the grace: parts that end now do not upload.
     pub(super) fenced: Arc<AtomicBool>,
     pub(super) supervisors: BTreeMap<PartKey, Supervisor>,
@@ -242,12 +244,19 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 } else {
                     tracing::info!(part = %part, container = %container, "adopting running container");
                 }
+                let assignment = self
+                    .desired
+                    .as_ref()
+                    .and_then(|d| d.iter().find(|a| a.part == part))
+                    .cloned()
+                    .map(Box::new);
                 self.spawn(
                     part,
                     SupervisorKind::Adopt {
                         container,
                         log_from,
                         ship_logs: true,
+                        assignment,
                     },
                 );
             }
@@ -288,6 +297,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     part.clone(),
                     SupervisorKind::Adopt {
                         container,
+                        assignment: None,
                         log_from: None,
                         ship_logs: false,
                     },
@@ -328,6 +338,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             metrics: self.metrics.clone(),
             gpus: self.gpus.clone(),
             materializer: self.materializer.clone(),
+            identity: self.identity.clone(),
             fenced: self.fenced.clone(),
             cancel: cancel.clone(),
         };

@@ -35,6 +35,7 @@ use crate::control_client::Backoff;
 use crate::files::materialize::Materializer;
 use crate::files::upload::upload_outputs;
 use crate::files::{PartDir, Phase};
+use crate::identity::IdentityService;
 use crate::metrics::Metrics;
 use drover_api::wire::PartKey;
 
@@ -58,6 +59,9 @@ pub(super) enum SupervisorKind {
         log_from: Option<LogCursor>,
         /// …or none, for a container the control plane has no part for.
         ship_logs: bool,
+        /// The control plane's assignment of the part, when it has one:
+        /// its cluster's identity, for the part's saved token secret.
+        assignment: Option<Box<Assignment>>,
     },
 }
 
@@ -117,6 +121,7 @@ pub(super) struct PartCtx<R: ContainerRuntime> {
     pub(super) metrics: Arc<Metrics>,
     pub(super) gpus: HealthyGpus,
     pub(super) materializer: Materializer,
+    pub(super) identity: Option<Arc<IdentityService>>,
     pub(super) fenced: Arc<AtomicBool>,
     pub(super) cancel: CancellationToken,
 }
@@ -133,6 +138,7 @@ impl<R: ContainerRuntime> Clone for PartCtx<R> {
             metrics: self.metrics.clone(),
             gpus: self.gpus.clone(),
             materializer: self.materializer.clone(),
+            identity: self.identity.clone(),
             fenced: self.fenced.clone(),
             cancel: self.cancel.clone(),
         }
@@ -193,10 +199,16 @@ pub(super) async fn supervise<R: ContainerRuntime>(ctx: PartCtx<R>, kind: Superv
             container,
             log_from,
             ship_logs,
-        } => (
-            run_adopted(&ctx, &container, ship_logs.then_some(log_from)).await,
-            ship_logs,
-        ),
+            assignment,
+        } => {
+            // The part's token secret from before the restart, held again
+            // until its container ends.
+            let _identity = readopt_identity(&ctx, assignment.as_deref());
+            (
+                run_adopted(&ctx, &container, ship_logs.then_some(log_from)).await,
+                ship_logs,
+            )
+        }
     };
     // Outputs are posted before the final state (a part no longer
     // assigned here has no outputs to post).
@@ -211,6 +223,22 @@ pub(super) async fn supervise<R: ContainerRuntime>(ctx: PartCtx<R>, kind: Superv
         let _ = rx.await;
     }
     let _ = ctx.input.send(Input::Ended(ctx.part.clone(), ended)).await;
+}
+
+/// Registers again the token secret an adopted part saved when it
+/// started, so that its requests are answered as before the restart.
+fn readopt_identity<R: ContainerRuntime>(
+    ctx: &PartCtx<R>,
+    assignment: Option<&Assignment>,
+) -> Option<crate::identity::PartIdentity> {
+    let (service, a) = (ctx.identity.as_ref()?, assignment?);
+    let saved = PartDir::new(&ctx.config.data_dir, &ctx.part).identity_secret()?;
+    let Some(secret) = crate::identity::PartSecret::from_saved(&saved) else {
+        tracing::warn!(part = %ctx.part, "the part's saved identity secret is unreadable; its token requests will be refused");
+        return None;
+    };
+    let job = a.spec.as_command().and_then(|c| c.identity.as_ref());
+    Some(service.adopt_part(&ctx.part, secret, &a.identity, job))
 }
 
 /// Uploads and posts the outputs of a part whose container ran, unless
@@ -400,6 +428,30 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
         }
         placement.files.run_dir = Some(run);
     }
+    // The part's secret on the token endpoint lives as long as this
+    // function: until its container has ended.
+    let _identity = match &ctx.identity {
+        Some(service) => match service
+            .start_part(
+                &a.part,
+                &a.identity,
+                a.app_service_identity,
+                job.identity.as_ref(),
+            )
+            .await
+        {
+            Ok(identity) => {
+                placement
+                    .extra_env
+                    .extend(identity.env().iter().map(|(k, v)| (k.clone(), v.clone())));
+                Some(identity)
+            }
+            Err(e) => {
+                return refuse(ctx, drover_api::error::chain(&e)).await;
+            }
+        },
+        None => None,
+    };
     let (tx, mut rx) = mpsc::channel::<PartEvent>(256);
     let container = Arc::new(Mutex::new(None::<String>));
     let forward = {

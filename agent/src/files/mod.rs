@@ -151,6 +151,37 @@ impl PartDir {
         std::fs::rename(&tmp, self.record_path())
     }
 
+    /// The part's token endpoint secret, kept so that an agent that
+    /// restarts while the part runs can go on answering it: in the part's
+    /// directory (never bound into a container), readable by the agent
+    /// only, and gone with the directory when the part's end is reported.
+    fn identity_secret_path(&self) -> PathBuf {
+        self.root.join("identity-secret")
+    }
+
+    /// Saves the part's token endpoint secret (mode 0600, written beside
+    /// and renamed).
+    pub fn save_identity_secret(&self, secret: &str) -> io::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::create_dir_all(&self.root)?;
+        let tmp = self.root.join(".identity-secret.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(secret.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.identity_secret_path())
+    }
+
+    /// The saved token endpoint secret, if any.
+    pub fn identity_secret(&self) -> Option<String> {
+        std::fs::read_to_string(self.identity_secret_path()).ok()
+    }
+
     /// Removes the directory and everything in it (missing is fine).
     pub fn remove(&self) -> io::Result<()> {
         match std::fs::remove_dir_all(&self.root) {
@@ -223,6 +254,14 @@ mod tests {
         };
         d.set_record(&rec).unwrap();
         assert_eq!(d.record(), Some(rec));
+        assert_eq!(d.identity_secret(), None);
+        d.save_identity_secret("ab12").unwrap();
+        assert_eq!(d.identity_secret().as_deref(), Some("ab12"));
+        let mode = std::fs::metadata(d.root.join("identity-secret"))
+            .unwrap()
+            .permissions();
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(mode.mode() & 0o777, 0o600, "the agent's only");
         remove_stale_part_dirs(tmp.path(), &BTreeSet::new());
         assert!(!d.root.exists());
     }

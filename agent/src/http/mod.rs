@@ -8,17 +8,28 @@
 //! - [`metrics`]: `GET /metrics`, Prometheus text on `--metrics-listen`
 //!   (off by default), unauthenticated as scrape targets are: it shows
 //!   counts and GPU ids, no secrets.
+//! - [`identity`]: the token endpoint, `GET /msi/token` (Azure ML's
+//!   protocol, `MSI_ENDPOINT`) and `GET /identity/token` (App Service's,
+//!   `IDENTITY_ENDPOINT`) on `--identity-listen` (`127.0.0.1:46808` by
+//!   default; `off` turns it off). It hands job containers managed-identity
+//!   tokens through `drover_imds`'s cache, each request authenticated by
+//!   its part's own secret (`MSI_SECRET`/`IDENTITY_HEADER`) and authorized
+//!   for the part's cluster's identities only (see `crate::identity`).
+//!   Loopback is reachable from job containers that share the node's
+//!   network: multi-node parts (`--node-network`, `host` on a VM) and
+//!   every part of a local cluster. Single-node parts on Docker's default
+//!   bridge have a loopback of their own: on such nodes bind the bridge's
+//!   gateway (`--identity-listen 172.17.0.1:46808`), which both they and
+//!   host-network parts reach; the variables parts get name the address
+//!   bound (loopback when it is unspecified, `0.0.0.0`).
 //!
-//! Coming here, each on its own listener with its own authentication: the
-//! identity endpoint, which hands job containers managed-identity tokens
-//! (through `drover_imds`) over the `MSI_ENDPOINT` and `IDENTITY_ENDPOINT`
-//! protocols that Azure SDKs look for, with a secret per part; and the MPI
-//! launch endpoint, through which a multi-node job's launcher starts its
-//! processes on this node.
+//! MPI's launch door is not here: it is `drover-init launch-listen` in
+//! the job's own containers.
 //!
 //! Every endpoint answers 404 for a path it does not serve and 405 for a
 //! method a path does not take.
 
+pub mod identity;
 pub mod metrics;
 
 use std::time::Duration;

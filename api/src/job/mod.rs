@@ -29,7 +29,8 @@ use serde::{Deserialize, Serialize};
 use self::placeholders::substitute;
 pub use self::validate::{
     InvalidJob, MAX_COMMAND_BYTES, MAX_ENV_BYTES, MAX_GPUS_PER_INSTANCE, MAX_INSTANCES,
-    MAX_PROCESSES_PER_INSTANCE, MAX_TIMEOUT_SECONDS, check_image_reference, is_valid_name,
+    MAX_PROCESSES_PER_INSTANCE, MAX_TIMEOUT_SECONDS, check_image_reference, check_job_identity,
+    is_guid, is_valid_name, same_resource_id,
 };
 pub use self::wire::JOB_FORMAT;
 use crate::docker_args::DockerArgs;
@@ -185,8 +186,42 @@ pub struct CommandJob {
     /// Named outputs: folders (or files) the job writes, kept after it.
     pub outputs: BTreeMap<String, Output>,
     #[serde(default)]
+    /// `identity:`: whose tokens the job's code gets from its node's token
+    /// endpoint; `None` is the cluster's default identity, as on Azure ML.
+    pub identity: Option<JobIdentity>,
+    #[serde(default)]
     /// Drover's own settings (the `drover:` section).
     pub drover: DroverOptions,
+}
+
+/// `identity:` of a command job (Azure ML's `IdentityConfiguration`).
+///
+/// Only `managed` runs on Drover; the other two are read so that
+/// [`JobSpec::validate`] can refuse them saying why, rather than as an
+/// unknown type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum JobIdentity {
+    /// One of the cluster's managed identities, named by at most one of
+    /// its ids (none: the cluster's default). It becomes the part's
+    /// default identity: requests that name no identity get its tokens,
+    /// and `DEFAULT_IDENTITY_CLIENT_ID` is its client id.
+    Managed {
+        /// The identity's application (client) id, a GUID.
+        #[serde(default)]
+        client_id: Option<String>,
+        /// The identity's principal (object) id, a GUID.
+        #[serde(default)]
+        object_id: Option<String>,
+        /// A user-assigned identity's ARM resource id.
+        #[serde(default)]
+        msi_resource_id: Option<String>,
+    },
+    /// The submitting user's own Entra ID token (Azure ML passes it
+    /// through); refused: Drover holds no user tokens.
+    UserIdentity,
+    /// An Azure ML workspace token; refused: Drover has no workspace.
+    AmlToken,
 }
 
 /// `resources:` of a job.

@@ -14,10 +14,10 @@ use std::path::Path;
 
 use super::placeholders::substitute;
 use super::{
-    Code, CommandJob, DatastorePath, DistributionKind, Input, JobSpec, PathKind, RESERVED_DIR,
-    RegistryCredentials, SecretSource, is_plain_file_name, is_valid_datastore_name,
+    Code, CommandJob, DatastorePath, DistributionKind, Input, JobIdentity, JobSpec, PathKind,
+    RESERVED_DIR, RegistryCredentials, SecretSource, is_plain_file_name, is_valid_datastore_name,
 };
-use crate::compute::{is_valid_compute_name, is_valid_vm_size};
+use crate::compute::{Identity, is_valid_compute_name, is_valid_vm_size};
 use crate::docker_args::{MAX_ENTRIES, check_bytes, is_valid_env_name};
 use crate::error::{FieldError, write_lines};
 use crate::files::{DEFAULT_OUTPUT, MAX_CODE_BYTES, check_relative_path};
@@ -451,6 +451,9 @@ impl CommandJob {
             }
         }
 
+        if let Some(identity) = &self.identity {
+            check_identity(identity, &mut push);
+        }
         let d = &self.drover;
         if d.gpus_per_instance > MAX_GPUS_PER_INSTANCE {
             push(
@@ -538,6 +541,119 @@ impl CommandJob {
     }
 }
 
+/// `identity:`: `managed` with at most one well-formed id; the kinds
+/// Drover cannot honour are refused saying what to use instead.
+fn check_identity(identity: &JobIdentity, push: &mut impl FnMut(&str, String)) {
+    let (client_id, object_id, resource_id) = match identity {
+        JobIdentity::UserIdentity => {
+            return push(
+                "identity.type",
+                "user_identity is not supported: Drover holds no user tokens to hand a job; \
+                 use `type: managed` to run with a managed identity of the cluster"
+                    .to_string(),
+            );
+        }
+        JobIdentity::AmlToken => {
+            return push(
+                "identity.type",
+                "aml_token is not supported: Drover has no Azure ML workspace to issue AML tokens; \
+                 use `type: managed` to run with a managed identity of the cluster"
+                    .to_string(),
+            );
+        }
+        JobIdentity::Managed {
+            client_id,
+            object_id,
+            msi_resource_id,
+        } => (client_id, object_id, msi_resource_id),
+    };
+    let named = [client_id, object_id, resource_id]
+        .iter()
+        .filter(|v| v.is_some())
+        .count();
+    if named > 1 {
+        push(
+            "identity",
+            "give at most one of client_id, object_id and msi_resource_id".to_string(),
+        );
+    }
+    for (field, value) in [
+        ("identity.client_id", client_id),
+        ("identity.object_id", object_id),
+    ] {
+        if let Some(v) = value
+            && !is_guid(v)
+        {
+            push(
+                field,
+                format!("`{v}` is not a GUID (like 00000000-0000-0000-0000-000000000000)"),
+            );
+        }
+    }
+    if let Some(id) = resource_id
+        && let Err(e) = crate::compute::parse_identity_resource_id(id)
+    {
+        push("identity.msi_resource_id", e.to_string());
+    }
+}
+
+/// What a job's `identity:` asks of its cluster, as far as the cluster's
+/// definition tells: a managed identity needs a cluster that has one, and
+/// one named by resource id must be among the cluster's user-assigned
+/// identities. (Client and object ids are known only to IMDS: the node's
+/// token endpoint judges those by the tokens IMDS issues.)
+pub fn check_job_identity(job: &JobSpec, cluster: &str, granted: &Identity) -> Vec<FieldError> {
+    let Some(JobIdentity::Managed {
+        msi_resource_id, ..
+    }) = job.as_command().and_then(|c| c.identity.as_ref())
+    else {
+        return Vec::new();
+    };
+    let problem = match (granted, msi_resource_id) {
+        (Identity::None, _) => Some((
+            "identity",
+            format!("cluster {cluster} has no managed identity for the job to use"),
+        )),
+        (Identity::SystemAssigned, Some(id)) => Some((
+            "identity.msi_resource_id",
+            format!(
+                "cluster {cluster} has a system-assigned identity, not the user-assigned identity {id}"
+            ),
+        )),
+        (Identity::UserAssigned { resource_ids }, Some(id))
+            if !resource_ids.iter().any(|r| same_resource_id(r, id)) =>
+        {
+            Some((
+                "identity.msi_resource_id",
+                format!("{id} is not one of cluster {cluster}'s user-assigned identities"),
+            ))
+        }
+        _ => None,
+    };
+    problem
+        .map(|(field, message)| FieldError::new(field, message))
+        .into_iter()
+        .collect()
+}
+
+/// Whether two ARM resource ids name the same resource: ARM ids are
+/// compared without regard to case (`resourceGroups`/`resourcegroups`).
+pub fn same_resource_id(a: &str, b: &str) -> bool {
+    a.trim()
+        .trim_end_matches('/')
+        .eq_ignore_ascii_case(b.trim().trim_end_matches('/'))
+}
+
+/// A GUID in its usual text form: 8-4-4-4-12 hex digits.
+pub fn is_guid(text: &str) -> bool {
+    let groups: Vec<&str> = text.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
 /// A light check of a Docker image reference (`[host[:port]/]path[:tag][@digest]`).
 pub fn check_image_reference(image: &str) -> Result<(), String> {
     let bad = |why: &str| Err(format!("`{image}` is not a valid image reference: {why}"));
@@ -593,6 +709,63 @@ pub fn check_image_reference(image: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_jobs_identity_must_be_one_its_cluster_has() {
+        let uai = |n: &str| {
+            format!(
+                "/subscriptions/8d10da13-8125-4ba9-a717-bf7490507b3d/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{n}"
+            )
+        };
+        let job = |identity: Option<JobIdentity>| {
+            let mut j: CommandJob =
+                serde_json::from_value(serde_json::json!({"command": "x", "image": "y"}))
+                    .expect("job");
+            j.identity = identity;
+            JobSpec::Command(j)
+        };
+        let managed = |msi_resource_id: Option<String>| {
+            Some(JobIdentity::Managed {
+                client_id: None,
+                object_id: None,
+                msi_resource_id,
+            })
+        };
+        let user = Identity::UserAssigned {
+            resource_ids: vec![uai("one")],
+        };
+        let fields = |spec: &JobSpec, granted: &Identity| -> Vec<String> {
+            check_job_identity(spec, "c1", granted)
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        // No identity asked: nothing to check, whatever the cluster has.
+        assert!(fields(&job(None), &Identity::None).is_empty());
+        assert_eq!(
+            fields(&job(managed(None)), &Identity::None),
+            ["identity: cluster c1 has no managed identity for the job to use"]
+        );
+        assert!(fields(&job(managed(None)), &Identity::SystemAssigned).is_empty());
+        assert!(fields(&job(managed(None)), &user).is_empty());
+        // ARM ids compare without regard to case.
+        let other_case = uai("ONE").replace("resourceGroups", "resourcegroups");
+        assert!(fields(&job(managed(Some(other_case))), &user).is_empty());
+        assert_eq!(
+            fields(&job(managed(Some(uai("two")))), &user),
+            [format!(
+                "identity.msi_resource_id: {} is not one of cluster c1's user-assigned identities",
+                uai("two")
+            )]
+        );
+        assert_eq!(
+            fields(&job(managed(Some(uai("one")))), &Identity::SystemAssigned).len(),
+            1
+        );
+        assert!(is_guid("6F4C2A58-21c5-4b0e-9c1c-7a5d1e0f3b2a"));
+        assert!(!is_guid("6f4c2a5821c54b0e9c1c7a5d1e0f3b2a"));
+        assert!(!is_guid("clientid"));
+    }
 
     #[test]
     fn image_references() {

@@ -171,6 +171,36 @@ mod tests {
     }
 
     #[test]
+    fn the_strict_door_reads_a_managed_identity_and_refuses_the_other_kinds() {
+        let job = JobSpec::from_value_strict(json!({
+            "command": "x", "image": "y",
+            "identity": {"type": "managed", "client_id": "6f4c2a58-21c5-4b0e-9c1c-7a5d1e0f3b2a"}
+        }))
+        .unwrap();
+        assert!(job.validate().is_ok());
+        let errors = JobSpec::from_value_strict(json!({
+            "command": "x", "image": "y",
+            "identity": {"type": "managed", "client_id": "c", "tenant": "t"}
+        }))
+        .unwrap_err();
+        assert_eq!(errors[0].to_string(), "identity.tenant: unknown field");
+        for kind in ["user_identity", "aml_token"] {
+            let job = JobSpec::from_value_strict(json!({
+                "command": "x", "image": "y", "identity": {"type": kind}
+            }))
+            .unwrap();
+            let invalid = job.validate().unwrap_err();
+            assert_eq!(invalid.errors[0].field, "identity.type", "{invalid}");
+            assert!(
+                invalid.errors[0]
+                    .message
+                    .starts_with(&format!("{kind} is not supported")),
+                "{invalid}"
+            );
+        }
+    }
+
+    #[test]
     fn the_strict_door_refuses_unknown_fields_and_nul_bytes() {
         let errors = JobSpec::from_value_strict(json!({
             "command": "x", "image": "y", "privileged": true,

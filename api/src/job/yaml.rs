@@ -10,8 +10,8 @@ use marked_yaml::Node;
 
 use super::{
     Code, CommandJob, DatastorePath, Distribution, DistributionKind, DroverOptions, Input,
-    InputMode, InvalidJob, JobSpec, MountSpec, Output, OutputMode, ParsedJob, PathKind, PullPolicy,
-    RegistryCredentials, Resources, SecretSource, check_image_reference,
+    InputMode, InvalidJob, JobIdentity, JobSpec, MountSpec, Output, OutputMode, ParsedJob,
+    PathKind, PullPolicy, RegistryCredentials, Resources, SecretSource, check_image_reference,
 };
 use crate::docker_args::{parse_docker_args, split_words};
 use crate::units::{parse_bytes, parse_duration};
@@ -38,6 +38,7 @@ const TOP_KEYS: &[&str] = &[
     "limits",
     "inputs",
     "outputs",
+    "identity",
     "drover",
 ];
 
@@ -277,6 +278,9 @@ fn read_job(
         .filter(|n| !is_null(n))
         .map(|n| read_outputs(r, n, base_dir, lines))
         .unwrap_or_default();
+    let identity = get("identity")
+        .filter(|n| !is_null(n))
+        .and_then(|n| read_identity(r, n));
     let drover = get("drover")
         .filter(|n| !is_null(n))
         .map(|n| read_drover(r, n, base_dir))
@@ -298,8 +302,55 @@ fn read_job(
         timeout_seconds,
         inputs,
         outputs,
+        identity,
         drover,
     })
+}
+
+/// `identity:` (Azure ML's `IdentityConfiguration`): its `type` and, for
+/// `managed`, at most one id. Whether the kind and ids are acceptable is
+/// [`JobSpec::validate`]'s to say (at this mapping's lines).
+fn read_identity(r: &mut Reader, n: &Node) -> Option<JobIdentity> {
+    let m = r.mapping(
+        n,
+        "identity",
+        &["type", "client_id", "object_id", "msi_resource_id"],
+    )?;
+    let Some(t) = m.get_node("type") else {
+        r.error(
+            n,
+            "identity.type",
+            "is required (managed, user_identity or aml_token)",
+        );
+        return None;
+    };
+    let kind = r.string(t, "identity.type")?;
+    let mut id = |key: &str| {
+        let node = m.get_node(key).filter(|v| !is_null(v))?;
+        r.non_empty(node, &join("identity", key))
+            .map(|v| v.trim().to_string())
+    };
+    let (client_id, object_id, msi_resource_id) =
+        (id("client_id"), id("object_id"), id("msi_resource_id"));
+    let managed = || JobIdentity::Managed {
+        client_id,
+        object_id,
+        msi_resource_id,
+    };
+    match kind.trim() {
+        // Azure ML's schema takes both spellings.
+        "managed" | "managed_identity" => Some(managed()),
+        "user_identity" => Some(JobIdentity::UserIdentity),
+        "aml_token" => Some(JobIdentity::AmlToken),
+        other => {
+            r.error(
+                t,
+                "identity.type",
+                format!("expected managed, user_identity or aml_token, got {other}"),
+            );
+            None
+        }
+    }
 }
 
 fn read_image(r: &mut Reader, env: Option<&Node>, bare: Option<&Node>) -> Option<String> {
@@ -1131,6 +1182,69 @@ drover:
             "command: cat ${{inputs.f}}\nimage: x\ninputs:\n  f: {type: uri_file, path: ./a/b.csv}\n",
         );
         assert_eq!(j.resolved_command(), "cat /drover/inputs/f/b.csv");
+    }
+
+    #[test]
+    fn a_managed_identity_is_read_and_the_others_are_refused_at_their_line() {
+        let j = command("command: echo\nimage: x\nidentity:\n  type: managed\n");
+        assert_eq!(
+            j.identity,
+            Some(JobIdentity::Managed {
+                client_id: None,
+                object_id: None,
+                msi_resource_id: None
+            })
+        );
+        let j = command(
+            "command: echo\nimage: x\nidentity:\n  type: managed_identity\n  client_id: 6f4c2a58-21c5-4b0e-9c1c-7a5d1e0f3b2a\n",
+        );
+        assert_eq!(
+            j.identity,
+            Some(JobIdentity::Managed {
+                client_id: Some("6f4c2a58-21c5-4b0e-9c1c-7a5d1e0f3b2a".into()),
+                object_id: None,
+                msi_resource_id: None
+            })
+        );
+        let uai = "/subscriptions/8d10da13-8125-4ba9-a717-bf7490507b3d/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/trainer";
+        let j = command(&format!(
+            "command: echo\nimage: x\nidentity:\n  type: managed\n  msi_resource_id: {uai}\n"
+        ));
+        assert!(
+            matches!(j.identity, Some(JobIdentity::Managed { msi_resource_id: Some(ref r), .. }) if r == uai)
+        );
+        for (yaml, expect) in [
+            (
+                "command: echo\nimage: x\nidentity:\n  type: user_identity\n",
+                "job.yml:4: identity.type: user_identity is not supported: Drover holds no user tokens to hand a job; use `type: managed` to run with a managed identity of the cluster",
+            ),
+            (
+                "command: echo\nimage: x\nidentity:\n  type: aml_token\n",
+                "job.yml:4: identity.type: aml_token is not supported: Drover has no Azure ML workspace to issue AML tokens; use `type: managed` to run with a managed identity of the cluster",
+            ),
+            (
+                "command: echo\nimage: x\nidentity:\n  type: workload\n",
+                "job.yml:4: identity.type: expected managed, user_identity or aml_token, got workload",
+            ),
+            (
+                "command: echo\nimage: x\nidentity:\n  client_id: x\n",
+                "job.yml:4: identity.type: is required (managed, user_identity or aml_token)",
+            ),
+            (
+                "command: echo\nimage: x\nidentity:\n  type: managed\n  client_id: not-a-guid\n",
+                "job.yml:5: identity.client_id: `not-a-guid` is not a GUID (like 00000000-0000-0000-0000-000000000000)",
+            ),
+            (
+                "command: echo\nimage: x\nidentity:\n  type: managed\n  msi_resource_id: /subscriptions/x\n",
+                "job.yml:5: identity.msi_resource_id: `/subscriptions/x` is not a user-assigned identity resource id (expected /subscriptions/GUID/resourceGroups/GROUP/providers/Microsoft.ManagedIdentity/userAssignedIdentities/NAME)",
+            ),
+            (
+                "command: echo\nimage: x\nidentity:\n  type: managed\n  client_id: 6f4c2a58-21c5-4b0e-9c1c-7a5d1e0f3b2a\n  object_id: 6f4c2a58-21c5-4b0e-9c1c-7a5d1e0f3b2b\n",
+                "job.yml:4: identity: give at most one of client_id, object_id and msi_resource_id",
+            ),
+        ] {
+            check_error(yaml, expect);
+        }
     }
 
     #[test]

@@ -144,6 +144,11 @@ struct CreateArgs {
     /// (drover.mounts); repeatable; adds to the YAML's with -f.
     #[arg(long = "allow-host-path", value_name = "DIR")]
     allow_host_path: Vec<String>,
+    /// Whether jobs also get the App Service managed-identity protocol
+    /// (IDENTITY_ENDPOINT, IDENTITY_HEADER) beside Azure ML's MSI_ENDPOINT;
+    /// `false` for strict Azure ML parity (default true).
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    app_service_identity: Option<bool>,
 }
 
 #[derive(clap::Args)]
@@ -277,6 +282,7 @@ fn flags_of(c: &CreateArgs) -> ComputeFlags {
         description: c.description.clone(),
         provider: c.provider.clone(),
         allowed_host_paths: c.allow_host_path.clone(),
+        app_service_identity: c.app_service_identity,
     }
 }
 
@@ -393,6 +399,14 @@ fn show(info: &wire::ClusterInfo) -> String {
         format!("{}s", s.idle_seconds_before_scaledown),
     );
     kv("identity:", identity(&s.identity));
+    kv(
+        "identity protocols:",
+        if s.app_service_identity {
+            "azure ml (MSI_ENDPOINT), app service (IDENTITY_ENDPOINT)".to_string()
+        } else {
+            "azure ml (MSI_ENDPOINT)".to_string()
+        },
+    );
     kv(
         "provider:",
         s.provider

@@ -370,11 +370,11 @@ impl ControlPlane {
             }
         }
         self.unsubscribe(&node, rx);
-        let (a, allowed_host_paths) = self
+        let (a, cluster) = self
             .with_store(move |s| {
                 let a = s.assignments(&node)?;
                 let cluster = s.node(&node)?.cluster;
-                Ok((a, s.cluster(&cluster)?.spec.allowed_host_paths))
+                Ok((a, s.cluster(&cluster)?.spec))
             })
             .await?;
         Ok(wire::Assignments {
@@ -386,7 +386,9 @@ impl ControlPlane {
                     part: p.part,
                     state: p.state,
                     spec: p.spec,
-                    allowed_host_paths: allowed_host_paths.clone(),
+                    allowed_host_paths: cluster.allowed_host_paths.clone(),
+                    identity: cluster.identity.clone(),
+                    app_service_identity: cluster.app_service_identity,
                     log_cursor: p.log_cursor,
                     launch_secret: p.launch_secret.map(wire::LaunchSecret),
                     nodes: p

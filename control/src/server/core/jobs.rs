@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use drover_api::cluster::{JobState, NodeSummary};
 use drover_api::host_paths::HostPathPolicy;
-use drover_api::job::InvalidJob;
+use drover_api::job::{InvalidJob, check_job_identity};
 use drover_api::wire;
 
 use super::wire_map::job_info;
@@ -86,7 +86,8 @@ impl ControlPlane {
                     HostPathPolicy::new(&c.spec.name, &c.spec.allowed_host_paths),
                     |p, dir| p.refuse(dir),
                 );
-                let errors = policy.check_job(&spec);
+                let mut errors = policy.check_job(&spec);
+                errors.extend(check_job_identity(&spec, &c.spec.name, &c.spec.identity));
                 if !errors.is_empty() {
                     return Ok(Err(InvalidJob { errors }.into()));
                 }

@@ -1267,3 +1267,34 @@ pub fn median(v: &mut [f64]) -> f64 {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
+
+/// Whether the local engine has `image`.
+pub fn image_exists(image: &str) -> bool {
+    Command::new("docker")
+        .args(["image", "inspect", image])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Fails, saying how to build it, unless the local engine has `image` (one
+/// of `images/build-offline.sh`'s).
+pub fn require_image(image: &str) {
+    assert!(
+        image_exists(image),
+        "{image} is missing; build it with `images/build-offline.sh` (scripts/setup.sh does)"
+    );
+}
+
+/// The `key=value` words of each line of `text` that contains `marker`,
+/// one map per line, in order.
+pub fn key_values(text: &str, marker: &str) -> Vec<std::collections::BTreeMap<String, String>> {
+    text.lines()
+        .filter(|l| l.contains(marker))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|w| w.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}

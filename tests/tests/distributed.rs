@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use drover_tests::{JobDir, LocalUp, containers_of_job, wait_until};
+use drover_tests::{JobDir, LocalUp, containers_of_job, key_values, require_image, wait_until};
 use serde_json::Value;
 
 const MPI_IMAGE: &str = "drover/openmpi:bookworm";
@@ -29,33 +29,6 @@ fn up(max_nodes: u32) -> LocalUp {
         "--node-stop-grace-seconds",
         "2",
     ])
-}
-
-fn image_exists(image: &str) -> bool {
-    Command::new("docker")
-        .args(["image", "inspect", image])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn require_image(image: &str) {
-    assert!(
-        image_exists(image),
-        "this test needs {image}; build it with `images/build-offline.sh` (scripts/setup.sh does)"
-    );
-}
-
-/// `key=value` words of each line that has `marker`.
-fn fields(logs: &str, marker: &str) -> Vec<std::collections::BTreeMap<String, String>> {
-    logs.lines()
-        .filter(|l| l.contains(marker))
-        .map(|l| {
-            l.split_whitespace()
-                .filter_map(|w| w.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        })
-        .collect()
 }
 
 /// Node addresses of a job's current attempt, by node rank.
@@ -109,7 +82,7 @@ fn mpirun_spans_three_nodes_without_ssh_and_a_failed_rank_fails_the_job_everywhe
     let job = up.submit(&dir.job_file(), &up.cluster);
     up.wait_job_state(&job, "completed", Duration::from_secs(240));
     let logs = up.cli_ok(&["job", "logs", &job]);
-    let ranks = fields(&logs, "mpi rank=");
+    let ranks = key_values(&logs, "mpi rank=");
     assert_eq!(ranks.len(), 6, "six ranks report: {logs}");
     let seen: BTreeSet<&str> = ranks.iter().map(|r| r["rank"].as_str()).collect();
     assert_eq!(seen.len(), 6, "{logs}");
@@ -150,7 +123,7 @@ fn mpirun_spans_three_nodes_without_ssh_and_a_failed_rank_fails_the_job_everywhe
     let job = up.submit(&wrapped.job_file(), &up.cluster);
     up.wait_job_state(&job, "completed", Duration::from_secs(180));
     let logs = up.cli_ok(&["job", "logs", &job]);
-    let ranks = fields(&logs, "mpi rank=");
+    let ranks = key_values(&logs, "mpi rank=");
     assert_eq!(ranks.len(), 6, "{logs}");
     assert!(ranks.iter().all(|r| r["sum"] == "15"), "{logs}");
 
@@ -211,7 +184,7 @@ fn pytorch_rendezvous_over_env_and_tensorflow_config_on_every_node() {
     let job = up.submit(&dir.job_file(), &up.cluster);
     up.wait_job_state(&job, "completed", Duration::from_secs(240));
     let logs = up.cli_ok(&["job", "logs", &job]);
-    let ranks = fields(&logs, "torch rank=");
+    let ranks = key_values(&logs, "torch rank=");
     assert_eq!(ranks.len(), 6, "{logs}");
     let info = up.job(&job);
     let ips = node_ips(&up, &info);
@@ -238,7 +211,7 @@ fn pytorch_rendezvous_over_env_and_tensorflow_config_on_every_node() {
     let job = up.submit(&tf.job_file(), &up.cluster);
     up.wait_job_state(&job, "completed", Duration::from_secs(120));
     let logs = up.cli_ok(&["job", "logs", &job]);
-    let tasks = fields(&logs, "tf node=");
+    let tasks = key_values(&logs, "tf node=");
     assert_eq!(tasks.len(), 2, "{logs}");
     let ips = node_ips(&up, &up.job(&job));
     let workers = format!("{}:2222,{}:2222", ips[0], ips[1]);

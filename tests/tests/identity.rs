@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use drover_tests::{JobDir, LocalUp, containers_of_job, short_name, wait_until};
+use drover_tests::{JobDir, LocalUp, containers_of_job, require_image, short_name, wait_until};
 use serde_json::Value;
 
 const IMAGE: &str = "drover/openmpi:bookworm";
@@ -105,17 +105,6 @@ except urllib.error.HTTPError as e:
 body.pop("access_token", None)
 print(json.dumps({"status": status, "body": body}))
 "#;
-
-fn require_image(image: &str) {
-    let ok = Command::new("docker")
-        .args(["image", "inspect", image])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "this test needs {image}; build it with `images/build-offline.sh` (scripts/setup.sh does)"
-    );
-}
 
 /// `RESULT MODE {json}` lines of a job's log, by mode.
 fn results(logs: &str) -> BTreeMap<String, Value> {

@@ -42,7 +42,7 @@
 //! Ctrl-C or SIGTERM (the signal ends the child at hand; the benchmark then
 //! fails and cleans up); the cluster is `drover down`ed likewise.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -50,8 +50,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use drover_tests::{
-    JobDir, LocalUp, containers_labelled, init_bin_release, median, networks_labelled, repo_root,
-    require_docker, short_name, wait_until,
+    JobDir, LocalUp, containers_labelled, image_exists, init_bin_release, key_values, median,
+    networks_labelled, repo_root, require_docker, require_image, short_name, wait_until,
 };
 
 const MPI_IMAGE: &str = "drover/openmpi:bookworm";
@@ -132,17 +132,6 @@ fn docker_ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn image_exists(image: &str) -> bool {
-    docker(&["image", "inspect", image]).status.success()
-}
-
-fn require_image(image: &str) {
-    assert!(
-        image_exists(image),
-        "this benchmark needs {image}; build it with `images/build-offline.sh` (scripts/setup.sh does)"
-    );
 }
 
 /// Builds the benchmark's sshd image unless it exists.
@@ -241,19 +230,6 @@ fn random_hex() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `key=value` words of each line that has `marker`.
-fn fields(text: &str, marker: &str) -> Vec<BTreeMap<String, String>> {
-    text.lines()
-        .filter(|l| l.contains(marker))
-        .map(|l| {
-            l.split_whitespace()
-                .filter_map(|w| w.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        })
-        .collect()
-}
-
 /// Seconds since the epoch printed after `marker ` at the start of a line.
 fn printed_time(text: &str, marker: &str) -> f64 {
     text.lines()
@@ -265,7 +241,7 @@ fn printed_time(text: &str, marker: &str) -> f64 {
 /// The time of the last rank's line, after checking that every rank of
 /// `NODES × PER_NODE` printed once and that they ran on `NODES` hosts.
 fn last_rank_line(text: &str, what: &str) -> f64 {
-    let ranks = fields(text, "hello rank=");
+    let ranks = key_values(text, "hello rank=");
     let seen: BTreeSet<&str> = ranks.iter().map(|r| r["rank"].as_str()).collect();
     let want: BTreeSet<String> = (0..NODES * PER_NODE).map(|r| r.to_string()).collect();
     let hosts: BTreeSet<&str> = ranks.iter().map(|r| r["host"].as_str()).collect();
@@ -434,7 +410,7 @@ fn drover_mpi_hello(up: &LocalUp, job: &JobDir) -> f64 {
 
 /// Rank 0's line of the all_reduce script: the bandwidth in bytes/s.
 fn allreduce_bandwidth(text: &str, what: &str) -> f64 {
-    let lines = fields(text, "allreduce world=");
+    let lines = key_values(text, "allreduce world=");
     let line = lines
         .first()
         .unwrap_or_else(|| panic!("{what}: no all_reduce result:\n{text}"));

@@ -249,15 +249,7 @@ async fn node_imds(url: &str, address_from_imds: bool, marked: bool) -> Option<N
 
 /// Runs the daemon until SIGTERM/SIGINT and the drain end.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let file: FileConfig = match &args.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("reading agent config {}", p.display()))?;
-            toml::from_str(&text)
-                .with_context(|| format!("parsing agent config {}", p.display()))?
-        }
-        None => FileConfig::default(),
-    };
+    let file: FileConfig = super::read_config(args.config.as_deref())?;
     let server = args
         .server
         .or(file.server)

@@ -34,15 +34,7 @@ struct FileConfig {
 
 /// Removes the IMDS firewall rules.
 pub fn run(args: UninstallArgs) -> anyhow::Result<()> {
-    let file: FileConfig = match &args.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("reading agent config {}", p.display()))?;
-            toml::from_str(&text)
-                .with_context(|| format!("parsing agent config {}", p.display()))?
-        }
-        None => FileConfig::default(),
-    };
+    let file: FileConfig = super::read_config(args.config.as_deref())?;
     let url = args
         .imds_url
         .or(file.imds_url)

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod compute;
 pub mod datastore;
 pub mod docker_args;
+pub mod environment;
 pub mod error;
 pub mod files;
 pub mod host_paths;

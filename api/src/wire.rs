@@ -715,6 +715,11 @@ pub struct Assignment {
     /// variables (the cluster's `app_service_identity`).
     #[serde(default = "yes")]
     pub app_service_identity: bool,
+    /// The registry the control plane keeps environment images in, with
+    /// its login: a node builds and pushes there, or pulls from there, the
+    /// images of environments whose name is under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment_registry: Option<crate::environment::EnvironmentRegistry>,
 }
 
 fn yes() -> bool {

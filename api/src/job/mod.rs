@@ -77,6 +77,13 @@ impl JobSpec {
         }
     }
 
+    /// The command job, to change, when this is one.
+    pub fn as_command_mut(&mut self) -> Option<&mut CommandJob> {
+        match self {
+            JobSpec::Command(c) => Some(c),
+        }
+    }
+
     /// The command job, when this is one.
     pub fn into_command(self) -> Option<CommandJob> {
         match self {
@@ -159,8 +166,15 @@ pub struct CommandJob {
     /// The command as written, with `${{inputs.x}}` placeholders unresolved;
     /// see [`CommandJob::resolved_command`].
     pub command: String,
-    /// Container image that carries the job's dependencies.
+    /// Container image that carries the job's dependencies. Empty in a job
+    /// that names a registered environment until the control plane
+    /// resolves it (see [`CommandJob::environment`]).
+    #[serde(default)]
     pub image: String,
+    #[serde(default)]
+    /// The registered or inline environment the image comes from, when it
+    /// is not a plain `image:`; its `build` is what a node builds first.
+    pub environment: Option<crate::environment::JobEnvironment>,
     #[serde(default)]
     /// Extra environment variables for every process of the job.
     pub environment_variables: BTreeMap<String, String>,

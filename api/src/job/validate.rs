@@ -217,11 +217,42 @@ impl CommandJob {
                 Ok(_) => {}
             }
         }
+        let unresolved = self
+            .environment
+            .as_ref()
+            .is_some_and(|e| e.name.is_some() || e.build.is_some());
+        if let Some(env) = &self.environment {
+            if let Some(b) = &env.build {
+                for e in b.check("environment.build") {
+                    push(&e.field, e.message);
+                }
+            }
+            if let Some(n) = &env.name
+                && let Err(e) = crate::environment::check_name(n)
+            {
+                push("environment", e);
+            }
+            if let Some(v) = &env.version
+                && let Err(e) = crate::environment::check_version(v)
+            {
+                push("environment", e);
+            }
+            if env.name.is_none() && env.build.is_none() {
+                push(
+                    "environment",
+                    "names no registered environment and no build".to_string(),
+                );
+            }
+        }
         if self.image.trim().is_empty() {
-            push(
-                "image",
-                "is required (environment: {image: REPO:TAG})".to_string(),
-            );
+            // A registered or inline environment gets its image from the
+            // control plane; everything else needs one now.
+            if !unresolved {
+                push(
+                    "image",
+                    "is required (environment: {image: REPO:TAG})".to_string(),
+                );
+            }
         } else if let Err(e) = check_image_reference(&self.image) {
             push("image", e);
         } else if self.image.len() > 1024 {

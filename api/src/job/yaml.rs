@@ -14,6 +14,7 @@ use super::{
     PathKind, PullPolicy, RegistryCredentials, Resources, SecretSource, check_image_reference,
 };
 use crate::docker_args::{parse_docker_args, split_words};
+use crate::environment::{EnvironmentRef, JobEnvironment};
 use crate::units::{parse_bytes, parse_duration};
 use crate::yaml::{
     InvalidDefinition, Reader, SetOverride, is_null, join, line_of, parse_mapping_with,
@@ -219,7 +220,11 @@ fn read_job(
         }
     };
 
-    let image = read_image(r, get("environment"), get("image"));
+    let (image, environment) = match read_image(r, get("environment"), get("image"), base_dir) {
+        Some(ImageSource::Image(i)) => (Some(i), None),
+        Some(ImageSource::Environment(e)) => (Some(String::new()), Some(e)),
+        None => (None, None),
+    };
 
     let environment_variables = get("environment_variables")
         .map(|n| r.string_map(n, "environment_variables"))
@@ -294,6 +299,7 @@ fn read_job(
         tags,
         command: command?,
         image: image?,
+        environment,
         environment_variables,
         code,
         compute,
@@ -353,28 +359,43 @@ fn read_identity(r: &mut Reader, n: &Node) -> Option<JobIdentity> {
     }
 }
 
-fn read_image(r: &mut Reader, env: Option<&Node>, bare: Option<&Node>) -> Option<String> {
+/// Where a job's image comes from.
+enum ImageSource {
+    /// An image reference.
+    Image(String),
+    /// A registered environment, or an inline one with `build:`.
+    Environment(JobEnvironment),
+}
+
+fn read_image(
+    r: &mut Reader,
+    env: Option<&Node>,
+    bare: Option<&Node>,
+    base_dir: &Path,
+) -> Option<ImageSource> {
     let from_env = match env.filter(|n| !is_null(n)) {
         None => None,
         Some(n @ Node::Scalar(s)) => {
             let v = s.as_str();
-            if v.starts_with("azureml:") {
-                r.error(
-                    n,
-                    "environment",
-                    format!(
-                        "`{v}` refers to a registered environment, which Drover does not support yet; \
-                         give the image inline (environment: {{image: REPO:TAG}})"
-                    ),
-                );
-            } else {
-                r.error(
-                    n,
-                    "environment",
-                    format!("expected `image:` inside environment or azureml:NAME@latest, got {v}"),
-                );
+            match EnvironmentRef::parse(v) {
+                Ok(reference) => {
+                    if let Some(b) = bare.filter(|b| !is_null(b)) {
+                        r.error(
+                            b,
+                            "image",
+                            format!("conflicts with environment ({v}); give only one"),
+                        );
+                        return None;
+                    }
+                    return Some(ImageSource::Environment(JobEnvironment::from_ref(
+                        &reference,
+                    )));
+                }
+                Err(e) => {
+                    r.error(n, "environment", e);
+                    return None;
+                }
             }
-            return None;
         }
         Some(n) => {
             let m = r.mapping(
@@ -392,14 +413,33 @@ fn read_image(r: &mut Reader, env: Option<&Node>, bare: Option<&Node>) -> Option
                     "$schema",
                 ],
             )?;
-            for unsupported in ["conda_file", "build"] {
-                if let Some(u) = m.get_node(unsupported) {
-                    r.error(
-                        u,
-                        &join("environment", unsupported),
-                        "is not supported: bake dependencies into an image and set environment.image",
-                    );
+            if let Some(u) = m.get_node("conda_file") {
+                r.error(
+                    u,
+                    "environment.conda_file",
+                    "is not supported inline: register the environment (`drover environment create -f env.yml` with image: and conda_file:) and use azureml:NAME@latest",
+                );
+            }
+            if let Some(b) = m.get_node("build").filter(|b| !is_null(b)) {
+                if let Some(i) = m.get_node("image").filter(|i| !is_null(i)) {
+                    r.error(i, "environment.image", crate::environment::IMAGE_OR_BUILD);
+                    return None;
                 }
+                if let Some(i) = bare.filter(|i| !is_null(i)) {
+                    r.error(
+                        i,
+                        "image",
+                        "conflicts with environment.build; give only one",
+                    );
+                    return None;
+                }
+                let build = crate::environment::read_build(r, b, "environment.build", base_dir)?;
+                return Some(ImageSource::Environment(JobEnvironment {
+                    name: None,
+                    version: None,
+                    label: None,
+                    build: Some(build),
+                }));
             }
             match m.get_node("image") {
                 Some(i) => r.non_empty(i, "environment.image"),
@@ -453,7 +493,7 @@ fn read_image(r: &mut Reader, env: Option<&Node>, bare: Option<&Node>) -> Option
         }
         return None;
     }
-    Some(image)
+    Some(ImageSource::Image(image))
 }
 
 /// A light check of a Docker image reference (`[host[:port]/]path[:tag][@digest]`).
@@ -1039,6 +1079,34 @@ mod tests {
     }
 
     /// Asserts that `yaml` is refused with exactly `expect` among its errors.
+    #[test]
+    fn registered_and_inline_environments_are_read_and_left_to_resolve() {
+        let j = command("command: python train.py\nenvironment: azureml:trainer@latest\n");
+        assert_eq!(j.image, "");
+        let e = j.environment.unwrap();
+        assert_eq!(
+            (e.name.as_deref(), e.version.as_deref()),
+            (Some("trainer"), None)
+        );
+        assert_eq!(e.label.as_deref(), Some("latest"));
+        let j = command("command: x\nenvironment: azureml:trainer:1\n");
+        assert_eq!(j.environment.unwrap().version.as_deref(), Some("1"));
+        let j = command(
+            "command: x\nenvironment:\n  build:\n    path: ./ctx\n    dockerfile_path: gpu.Dockerfile\n",
+        );
+        let b = j.environment.unwrap().build.unwrap();
+        assert_eq!(b.context, Code::Local("/jobs/demo/ctx".into()));
+        assert_eq!(b.dockerfile_path, "gpu.Dockerfile");
+        check_error(
+            "command: x\nenvironment: azureml:trainer:1\nimage: busybox\n",
+            "job.yml:3: image: conflicts with environment (azureml:trainer:1); give only one",
+        );
+        check_error(
+            "command: x\nenvironment:\n  image: busybox\n  build:\n    path: .\n",
+            "job.yml:3: environment.image: Docker image or Dockerfile should be provided not both",
+        );
+    }
+
     fn check_error(yaml: &str, expect: &str) {
         let err = parse(yaml).expect_err(expect);
         let text = err.to_string();
@@ -1278,12 +1346,12 @@ drover:
                 "job.yml: environment: is required (environment: {image: REPO:TAG})",
             ),
             (
-                "command: echo\nenvironment: azureml:pytorch-env@latest\n",
-                "job.yml:2: environment: `azureml:pytorch-env@latest` refers to a registered environment, which Drover does not support yet; give the image inline (environment: {image: REPO:TAG})",
+                "command: echo\nenvironment: azureml:AzureML-sklearn-1.0@latest\n",
+                "job.yml:2: environment: `azureml:AzureML-sklearn-1.0@latest` is one of Azure ML's curated environments, which Drover does not have: register an environment with the image or Dockerfile you need (`drover environment create`) and name it instead",
             ),
             (
                 "command: echo\nenvironment:\n  conda_file: env.yml\n  image: x\n",
-                "job.yml:3: environment.conda_file: is not supported: bake dependencies into an image and set environment.image",
+                "job.yml:3: environment.conda_file: is not supported inline: register the environment (`drover environment create -f env.yml` with image: and conda_file:) and use azureml:NAME@latest",
             ),
             (
                 "command: echo\nimage: Bad Image\n",

@@ -18,7 +18,7 @@ use drover_api::files::{self as api_files, Digest};
 use drover_api::wire::{self, ErrorBody, ErrorCode, ErrorDetail, InvalidBody};
 use serde::Deserialize;
 
-use super::core::ControlPlane;
+use super::core::{ControlPlane, VersionSelector};
 use super::error::ControlError;
 use crate::artifacts::PutOutcome;
 use crate::store::Node;
@@ -70,6 +70,37 @@ pub fn router(core: AppState) -> Router {
             "/v1/agent/datastores/{name}/file",
             get(agent_datastore_file),
         )
+        .route(
+            "/v1/environments",
+            post(create_environment).get(list_environments),
+        )
+        .route("/v1/environments/{name}", get(list_environment_versions))
+        .route(
+            "/v1/environments/{name}/archive",
+            post(archive_all_versions),
+        )
+        .route(
+            "/v1/environments/{name}/restore",
+            post(restore_all_versions),
+        )
+        .route(
+            "/v1/environments/{name}/versions/{version}",
+            get(show_environment).patch(update_environment),
+        )
+        .route(
+            "/v1/environments/{name}/versions/{version}/archive",
+            post(archive_environment),
+        )
+        .route(
+            "/v1/environments/{name}/versions/{version}/restore",
+            post(restore_environment),
+        )
+        .route(
+            "/v1/agent/environments/{name}/versions/{version}",
+            get(agent_show_environment),
+        )
+        .route("/v1/agent/builds", post(agent_request_build))
+        .route("/v1/agent/builds/report", post(agent_report_build))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(show_node))
         .route("/metrics", get(metrics))
@@ -141,6 +172,18 @@ impl StrictBody for ComputeUpdate {
 }
 
 impl StrictBody for drover_api::datastore::DatastoreCreate {
+    fn decode(body: &[u8]) -> Result<Self, InvalidBody> {
+        wire::decode_strict(body)
+    }
+}
+
+impl StrictBody for drover_api::environment::EnvironmentCreate {
+    fn decode(body: &[u8]) -> Result<Self, InvalidBody> {
+        wire::decode_strict(body)
+    }
+}
+
+impl StrictBody for drover_api::environment::EnvironmentUpdate {
     fn decode(body: &[u8]) -> Result<Self, InvalidBody> {
         wire::decode_strict(body)
     }
@@ -817,6 +860,149 @@ async fn delete_datastore(
 ) -> Result<StatusCode, ApiError> {
     tracing::info!(user = %user, datastore = %name, "delete datastore");
     core.delete_datastore(name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `?include_archived=true`.
+#[derive(Debug, Deserialize)]
+struct ArchivedQuery {
+    #[serde(default)]
+    include_archived: bool,
+}
+
+/// `latest` or a version.
+fn version_selector(version: String) -> VersionSelector {
+    if version == "latest" {
+        VersionSelector::Latest
+    } else {
+        VersionSelector::Version(version)
+    }
+}
+
+async fn create_environment(
+    State(core): State<AppState>,
+    User(user): User,
+    Strict(req): Strict<drover_api::environment::EnvironmentCreate>,
+) -> Result<(StatusCode, Json<drover_api::environment::EnvironmentInfo>), ApiError> {
+    tracing::info!(user = %user, environment = %req.spec.name, "create environment");
+    Ok((
+        StatusCode::CREATED,
+        Json(core.create_environment(req).await?),
+    ))
+}
+
+async fn list_environments(
+    State(core): State<AppState>,
+    _user: User,
+) -> Answer<drover_api::environment::EnvironmentList> {
+    Ok(Json(core.list_environments(None, false).await?))
+}
+
+async fn list_environment_versions(
+    State(core): State<AppState>,
+    _user: User,
+    Path(name): Path<String>,
+    query: Result<Query<ArchivedQuery>, QueryRejection>,
+) -> Answer<drover_api::environment::EnvironmentList> {
+    let Query(q) = query?;
+    Ok(Json(
+        core.list_environments(Some(name), q.include_archived)
+            .await?,
+    ))
+}
+
+async fn show_environment(
+    State(core): State<AppState>,
+    _user: User,
+    Path((name, version)): Path<(String, String)>,
+) -> Answer<drover_api::environment::EnvironmentInfo> {
+    Ok(Json(
+        core.show_environment(name, version_selector(version))
+            .await?,
+    ))
+}
+
+async fn agent_show_environment(
+    State(core): State<AppState>,
+    _agent: Agent,
+    Path((name, version)): Path<(String, String)>,
+) -> Answer<drover_api::environment::EnvironmentInfo> {
+    Ok(Json(
+        core.show_environment(name, version_selector(version))
+            .await?,
+    ))
+}
+
+async fn update_environment(
+    State(core): State<AppState>,
+    User(user): User,
+    Path((name, version)): Path<(String, String)>,
+    Strict(update): Strict<drover_api::environment::EnvironmentUpdate>,
+) -> Answer<drover_api::environment::EnvironmentInfo> {
+    tracing::info!(user = %user, environment = %name, version = %version, "update environment");
+    Ok(Json(core.update_environment(name, version, update).await?))
+}
+
+async fn set_archived(
+    core: &AppState,
+    user: &str,
+    name: String,
+    version: Option<String>,
+    archived: bool,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    tracing::info!(user = %user, environment = %name, version = ?version, archived, "archive environment");
+    let n = core.archive_environment(name, version, archived).await?;
+    Ok(Json(serde_json::json!({ "versions": n })))
+}
+
+async fn archive_environment(
+    State(core): State<AppState>,
+    User(user): User,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    set_archived(&core, &user, name, Some(version), true).await
+}
+
+async fn restore_environment(
+    State(core): State<AppState>,
+    User(user): User,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    set_archived(&core, &user, name, Some(version), false).await
+}
+
+async fn archive_all_versions(
+    State(core): State<AppState>,
+    User(user): User,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    set_archived(&core, &user, name, None, true).await
+}
+
+async fn restore_all_versions(
+    State(core): State<AppState>,
+    User(user): User,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    set_archived(&core, &user, name, None, false).await
+}
+
+async fn agent_request_build(
+    State(core): State<AppState>,
+    Agent(node): Agent,
+    body: Body<drover_api::environment::BuildRequest>,
+) -> Answer<drover_api::environment::BuildDecision> {
+    let Json(req) = body?;
+    Ok(Json(core.request_build(node.id, req).await?))
+}
+
+async fn agent_report_build(
+    State(core): State<AppState>,
+    Agent(node): Agent,
+    body: Body<drover_api::environment::BuildReport>,
+) -> Result<StatusCode, ApiError> {
+    let Json(report) = body?;
+    core.report_build(node.id, report).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -23,6 +23,7 @@
 
 mod clusters;
 mod datastores;
+mod environments;
 mod error;
 mod exports;
 mod jobs;
@@ -43,6 +44,7 @@ use rusqlite::{Connection, OpenFlags, Row};
 
 pub use clusters::Cluster;
 pub use datastores::StoredDatastore;
+pub use environments::{BuildRow, BuildRowState, StoredEnvironment, decide_build};
 pub use error::StoreError;
 pub use exports::{Export, ExportState};
 pub use jobs::{

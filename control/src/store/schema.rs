@@ -11,7 +11,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StoreError;
 
 /// The migrations, oldest first.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -191,6 +191,32 @@ CREATE INDEX output_exports_by_state ON output_exports (state);
 /// containers. `NULL` for jobs placed before.
 const V6: &str = r#"
 ALTER TABLE jobs ADD COLUMN launch_secret TEXT;
+"#;
+
+/// Version 7: registered environments, one row per version (`seq` orders
+/// them by creation: `@latest` is the newest one not archived), and the
+/// builds of environment images, one row per image name: who builds it for
+/// the registry, whether it was built, and why it failed.
+const V7: &str = r#"
+CREATE TABLE environments (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    name       TEXT NOT NULL,
+    version    TEXT NOT NULL,
+    spec       TEXT NOT NULL,
+    archived   INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    UNIQUE (name, version)
+) STRICT;
+
+CREATE TABLE image_builds (
+    image      TEXT PRIMARY KEY,
+    state      TEXT NOT NULL,
+    node       TEXT,
+    started_at INTEGER NOT NULL,
+    ended_at   INTEGER,
+    failure    TEXT
+) STRICT;
 "#;
 
 /// Brings `conn` to the newest of `scripts`, one transaction per script.

@@ -391,6 +391,7 @@ impl ControlPlane {
                     app_service_identity: cluster.app_service_identity,
                     log_cursor: p.log_cursor,
                     launch_secret: p.launch_secret.map(wire::LaunchSecret),
+                    environment_registry: self.config.environment_registry.clone(),
                     nodes: p
                         .nodes
                         .into_iter()

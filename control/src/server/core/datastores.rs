@@ -52,6 +52,14 @@ pub fn job_blobs(spec: &JobSpec) -> Vec<(String, BlobInfo)> {
     if let Some(Code::Snapshot(b)) = &job.code {
         out.push(("code: snapshot".to_string(), *b));
     }
+    if let Some(Code::Snapshot(b)) = job
+        .environment
+        .as_ref()
+        .and_then(|e| e.build.as_ref())
+        .map(|b| &b.context)
+    {
+        out.push(("environment.build: context".to_string(), *b));
+    }
     for (name, input) in &job.inputs {
         if let Input::Blob { blob, .. } = input {
             out.push((format!("inputs.{name}: blob"), *blob));

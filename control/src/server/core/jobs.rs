@@ -68,6 +68,7 @@ impl ControlPlane {
             None => new_id("job")?,
         };
         spec.set_name(id.clone());
+        self.resolve_environment(&mut spec).await?;
         spec.validate()?;
         self.check_job_blobs(&spec).await?;
         let max_attempts = self.config.max_attempts;

@@ -13,6 +13,9 @@
 mod agents;
 mod clusters;
 mod datastores;
+mod environments;
+
+pub use environments::VersionSelector;
 mod exports;
 mod files;
 mod jobs;
@@ -57,6 +60,12 @@ pub struct CoreConfig {
     /// Host folders no job may bind beside [`drover_api::host_paths::ALWAYS_REFUSED`]:
     /// the control plane's data directory (its store and admin token).
     pub refused_host_paths: Vec<PathBuf>,
+    /// Where environment images are kept for every node (`None`: each node
+    /// builds its own).
+    pub environment_registry: Option<drover_api::environment::EnvironmentRegistry>,
+    /// How long a node building an image for the registry holds the build
+    /// before another node may take it.
+    pub build_lease: Duration,
 }
 
 impl Default for CoreConfig {
@@ -70,6 +79,8 @@ impl Default for CoreConfig {
             autoscaler: AutoscalerConfig::default(),
             register_timeout: Duration::from_secs(120),
             refused_host_paths: Vec::new(),
+            environment_registry: None,
+            build_lease: Duration::from_secs(30 * 60),
         }
     }
 }

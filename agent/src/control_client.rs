@@ -177,6 +177,42 @@ impl ControlClient {
         self.send(url, req).await
     }
 
+    /// `POST /v1/agent/builds`: may this node build an environment image now?
+    pub async fn request_build(
+        &self,
+        req: &drover_api::environment::BuildRequest,
+    ) -> Result<drover_api::environment::BuildDecision, ClientError> {
+        self.post("/v1/agent/builds", req, Duration::from_secs(30))
+            .await
+    }
+
+    /// `POST /v1/agent/builds/report`: how this node's build ended.
+    pub async fn report_build(
+        &self,
+        report: &drover_api::environment::BuildReport,
+    ) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .post("/v1/agent/builds/report", report, Duration::from_secs(30))
+            .await?;
+        Ok(())
+    }
+
+    /// `GET /v1/agent/environments/{name}/versions/{version}` (`latest` too).
+    pub async fn environment(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<drover_api::environment::EnvironmentInfo, ClientError> {
+        let path = format!(
+            "/v1/agent/environments/{}/versions/{}",
+            query_value(name),
+            query_value(version)
+        );
+        let url = format!("{}{path}", self.base);
+        let req = self.http.get(&url).timeout(Duration::from_secs(30));
+        self.send(url, req).await
+    }
+
     /// `POST /v1/agent/logs`.
     pub async fn upload_logs(&self, batch: &LogBatch) -> Result<LogBatchAccepted, ClientError> {
         self.post("/v1/agent/logs", batch, Duration::from_secs(30))

@@ -3,6 +3,7 @@
 
 pub mod control_client;
 pub mod daemon;
+pub mod environments;
 pub mod files;
 pub mod firewall;
 pub mod http;

@@ -42,6 +42,9 @@ pub struct Metrics {
     pub identity_requests: Family<Labels, Counter>,
     /// Token endpoint answers, seconds from request to answer.
     pub identity_latency: Histogram,
+    /// Environment images made ready for parts, by outcome (present,
+    /// built, pulled, failed).
+    pub environment_images: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -55,6 +58,7 @@ impl Default for Metrics {
             heartbeat_failures: Counter::default(),
             parts: Family::default(),
             pulls: Counter::default(),
+            environment_images: Family::default(),
             gpu_utilization: Family::default(),
             gpu_memory_used: Family::default(),
             gpu_memory_total: Family::default(),
@@ -81,6 +85,11 @@ impl Default for Metrics {
         );
         registry.register("parts", "job parts on this node by state", m.parts.clone());
         registry.register("pulls", "parts that pulled their image", m.pulls.clone());
+        registry.register(
+            "environment_images",
+            "environment images made ready for parts, by outcome",
+            m.environment_images.clone(),
+        );
         registry.register(
             "imds_firewall_repairs",
             "imds firewall rules found missing and put back",

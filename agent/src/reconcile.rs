@@ -202,6 +202,7 @@ mod tests {
             launch_secret: None,
             identity: Default::default(),
             app_service_identity: true,
+            environment_registry: None,
         }
     }
 

@@ -254,6 +254,7 @@ fn assignment(job: &str, state: PartState) -> Assignment {
         launch_secret: None,
         identity: Default::default(),
         app_service_identity: true,
+        environment_registry: None,
     }
 }
 

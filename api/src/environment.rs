@@ -759,6 +759,11 @@ pub struct BuildReport {
     /// `None` when it was built (and pushed); the build's last lines when not.
     #[serde(default)]
     pub failure: Option<String>,
+    /// The build worked but the node could not finish (its push failed):
+    /// it gives the build up, and the next node to ask takes it, instead of
+    /// the environment being marked failed.
+    #[serde(default)]
+    pub released: bool,
 }
 
 /// The registry environment images go to when the control plane has one:

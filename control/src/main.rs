@@ -35,6 +35,9 @@ enum Command {
     Compute(commands::compute::ComputeArgs),
     /// Datastores: named storage jobs read from and write to (`az ml datastore`).
     Datastore(commands::datastore::DatastoreArgs),
+    /// Environments: registered, versioned images or Docker build contexts
+    /// jobs run in (`az ml environment`).
+    Environment(commands::environment::EnvironmentArgs),
     /// Submit and inspect jobs.
     Job(commands::job::JobArgs),
     /// Inspect nodes.
@@ -183,6 +186,7 @@ fn main() -> ExitCode {
             Command::Server(args) => commands::server::run(args).await,
             Command::Compute(args) => commands::compute::run(args).await,
             Command::Datastore(args) => commands::datastore::run(args).await,
+            Command::Environment(args) => commands::environment::run(args).await,
             Command::Job(args) => commands::job::run(args).await,
             Command::Node(args) => commands::node::run(args).await,
             Command::Up(args) => commands::up::up(args).await,

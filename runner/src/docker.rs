@@ -21,6 +21,7 @@ use futures_util::stream::BoxStream;
 
 use crate::auth::RegistryAuth;
 use crate::runtime::{
+    ImageBuildRequest,
     ContainerConfig, ContainerRuntime, ContainerState, ContainerSummary, ContextFile, ExitStatus,
     LogLine, LogStream, NetworkInfo, NodeContainerConfig, PullProgress, RuntimeError,
 };
@@ -452,7 +453,121 @@ fn split_timestamp(line: &str) -> (String, String) {
     }
 }
 
+/// `REPO:TAG` as bollard's push wants it: the name and the tag apart.
+fn split_tag(image: &str) -> (&str, &str) {
+    match image.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+        _ => (image, "latest"),
+    }
+}
+
 impl ContainerRuntime for DockerRuntime {
+    async fn image_label(
+        &self,
+        image: &str,
+        label: &str,
+    ) -> Result<Option<Option<String>>, RuntimeError> {
+        Ok(self
+            .image_labels(image)
+            .await?
+            .map(|labels| labels.get(label).cloned()))
+    }
+
+    async fn build_image_from(
+        &self,
+        request: &ImageBuildRequest,
+        progress: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), RuntimeError> {
+        use tokio::io::AsyncReadExt as _;
+        let file = tokio::fs::File::open(&request.context_tar)
+            .await
+            .map_err(|e| {
+                RuntimeError::Engine(format!(
+                    "cannot read the build context {}: {e}",
+                    request.context_tar.display()
+                ))
+            })?;
+        // The context streams from disk: it may be large.
+        let body = futures_util::stream::unfold(Some(file), |file| async move {
+            let mut file = file?;
+            let mut buf = vec![0u8; 1 << 20];
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(bytes::Bytes::from(buf)), Some(file)))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
+        });
+        let options = bollard::query_parameters::BuildImageOptions {
+            dockerfile: request.dockerfile.clone(),
+            t: Some(request.tag.clone()),
+            rm: true,
+            forcerm: true,
+            labels: Some(request.labels.clone().into_iter().collect()),
+            ..Default::default()
+        };
+        let mut stream = self
+            .docker
+            .build_image(options, None, Some(bollard::body_try_stream(body)));
+        while let Some(item) = stream.next().await {
+            let info = match item {
+                Ok(info) => info,
+                Err(BollardError::DockerStreamError { error }) => {
+                    return Err(RuntimeError::Engine(error));
+                }
+                Err(e) => return Err(engine_error(e)),
+            };
+            if let Some(message) = info.error_detail.and_then(|d| d.message) {
+                return Err(RuntimeError::Engine(message));
+            }
+            if let Some(text) = info.stream {
+                for line in text.lines() {
+                    let line = line.trim_end();
+                    if !line.is_empty() {
+                        progress(line);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn push_image(
+        &self,
+        image: &str,
+        auth: Option<RegistryAuth>,
+        progress: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), RuntimeError> {
+        let (repo, tag) = split_tag(image);
+        let options = bollard::query_parameters::PushImageOptions {
+            tag: Some(tag.to_string()),
+            ..Default::default()
+        };
+        let credentials = auth.map(|a| bollard::auth::DockerCredentials {
+            username: Some(a.username),
+            password: Some(a.password),
+            serveraddress: Some(a.server),
+            ..Default::default()
+        });
+        let mut stream = self.docker.push_image(repo, Some(options), credentials);
+        let mut last = String::new();
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(pull_error)?;
+            if let Some(message) = info.error_detail.and_then(|d| d.message) {
+                return Err(RuntimeError::Registry(format!("pushing {image}: {message}")));
+            }
+            if let Some(status) = info.status
+                && status != last
+            {
+                progress(&status);
+                last = status;
+            }
+        }
+        Ok(())
+    }
+
     async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
         match self.docker.inspect_image(image).await {
             Ok(_) => Ok(true),

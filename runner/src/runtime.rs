@@ -159,8 +159,55 @@ pub enum RuntimeError {
     Engine(String),
 }
 
+/// An image build from a Docker context on disk (an uncompressed tar).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageBuildRequest {
+    /// The name to give the image (`drover-env/trainer:2`).
+    pub tag: String,
+    /// The context, as a tar file.
+    pub context_tar: std::path::PathBuf,
+    /// The Dockerfile's path inside the context.
+    pub dockerfile: String,
+    /// Labels the image gets.
+    pub labels: BTreeMap<String, String>,
+}
+
 /// What the runner needs from a container engine.
+///
+/// Image builds, pushes and labels have default bodies that refuse: the
+/// runner itself never needs them, only nodes that build environments do.
 pub trait ContainerRuntime: Send + Sync + 'static {
+    /// The value of `label` on a local image: `None` when the image is not
+    /// present, `Some(None)` when it is but lacks the label.
+    fn image_label(
+        &self,
+        image: &str,
+        label: &str,
+    ) -> impl Future<Output = Result<Option<Option<String>>, RuntimeError>> + Send {
+        let _ = (image, label);
+        async { Err(RuntimeError::Engine("this container engine cannot inspect image labels".into())) }
+    }
+    /// Builds an image, calling `progress` with each line of its output.
+    fn build_image_from(
+        &self,
+        request: &ImageBuildRequest,
+        progress: &mut (dyn FnMut(&str) + Send),
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send {
+        let _ = (request, progress);
+        async { Err(RuntimeError::Engine("this container engine cannot build images".into())) }
+    }
+    /// Pushes a local image to its registry, calling `progress` with each
+    /// status line.
+    fn push_image(
+        &self,
+        image: &str,
+        auth: Option<RegistryAuth>,
+        progress: &mut (dyn FnMut(&str) + Send),
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send {
+        let _ = (image, auth, progress);
+        async { Err(RuntimeError::Engine("this container engine cannot push images".into())) }
+    }
+
     /// True if the image is present locally.
     fn image_present(&self, image: &str)
     -> impl Future<Output = Result<bool, RuntimeError>> + Send;

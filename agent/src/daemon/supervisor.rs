@@ -13,6 +13,7 @@
 //! an adopted one's, whose upload a restart cut) its outputs are uploaded
 //! and posted (`files::upload`) before its end is reported.
 
+use crate::environments::{EnvironmentContext, EnvironmentError, prepare_environment};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -385,6 +386,51 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
     let files = match files {
         Ok(f) => f,
         Err(e) => return refuse(ctx, e.to_string()).await,
+    };
+    // The environment's image before any container: found, pulled from
+    // the control plane's registry, or built here; its output goes to the
+    // part's log.
+    let job_for_run;
+    let job = if job.environment.as_ref().is_some_and(|e| e.build.is_some()) {
+        let (log_tx, mut log_rx) = mpsc::unbounded_channel::<String>();
+        let forward = {
+            let ship = ctx.ship.clone();
+            let lines = ctx.clone();
+            tokio::spawn(async move {
+                while let Some(text) = log_rx.recv().await {
+                    let line = lines.line(LogStream::Stderr, format!("drover-agent: {text}"));
+                    let _ = ship.send(Ship::Line(line)).await;
+                }
+            })
+        };
+        let env_ctx = EnvironmentContext {
+            runtime: &ctx.runner.runtime,
+            materializer: &ctx.materializer,
+            registry: a.environment_registry.as_ref(),
+            log: log_tx,
+            cancel: &ctx.cancel,
+        };
+        let prepared = prepare_environment(&env_ctx, job, &ctx.metrics).await;
+        drop(env_ctx);
+        let _ = forward.await;
+        match prepared {
+            Ok(_) => {}
+            Err(EnvironmentError::Canceled(_)) => {
+                return Ended {
+                    state: PartState::Stopped,
+                    exit_code: None,
+                    container: None,
+                };
+            }
+            Err(e) => return refuse(ctx, e.to_string()).await,
+        }
+        // The image is this node's own now: never pulled by its name.
+        let mut local = job.clone();
+        local.drover.pull_policy = drover_api::job::PullPolicy::IfNotPresent;
+        job_for_run = local;
+        &job_for_run
+    } else {
+        job
     };
     // A multi-node part lives in the node's own network: its peers reach
     // it at the node address the control plane lists. One node alone keeps

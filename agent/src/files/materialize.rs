@@ -163,7 +163,8 @@ impl Materializer {
     }
 
     /// The cached file of a blob, fetched when the cache lacks it.
-    async fn blob(&self, blob: BlobInfo) -> Result<PathBuf, String> {
+    /// A blob's file in the cache, fetched first when missing.
+    pub(crate) async fn blob(&self, blob: BlobInfo) -> Result<PathBuf, String> {
         let dest = self.cache.blob(&blob.digest);
         if std::fs::metadata(&dest).is_ok_and(|m| m.is_file() && m.len() == blob.size) {
             Cache::touch(&dest);

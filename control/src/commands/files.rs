@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use drover_api::files::{BlobInfo, Digest, JobOutput, JobOutputs, MAX_CODE_BYTES, OutputFile};
+use drover_api::environment::ImageBuild;
 use drover_api::job::{Code, CommandJob, Input, PathKind};
 use drover_files::snapshot::{IgnoreRules, Scan, SnapshotError};
 use drover_files::transfer::BlobClient;
@@ -176,6 +177,9 @@ pub async fn upload_job_files(
         }
     }
 
+    if let Some(build) = job.environment.as_mut().and_then(|e| e.build.as_mut()) {
+        upload_build_context(build, blobs, &origin.at("environment.build")).await?;
+    }
     for (name, plan) in plans {
         match plan {
             Plan::Folder(scan) => {
@@ -237,6 +241,41 @@ fn scan(dir: &Path, rules: IgnoreRules, at: &str, what: &str) -> anyhow::Result<
             Err(anyhow::Error::new(e).context(format!("{at}: cannot snapshot {}", dir.display())))
         }
     }
+}
+
+/// The largest build context accepted (Docker sends the whole folder too).
+pub const MAX_CONTEXT_BYTES: u64 = 2 << 30;
+
+/// Uploads a Docker build context (every file: the engine applies the
+/// context's `.dockerignore` itself) and points `build` at its snapshot.
+/// The Dockerfile must be in it; that is checked before anything is sent.
+pub async fn upload_build_context(
+    build: &mut ImageBuild,
+    blobs: &BlobClient,
+    at: &str,
+) -> anyhow::Result<()> {
+    let Code::Local(dir) = &build.context else {
+        return Ok(());
+    };
+    let scan = scan(dir, IgnoreRules::None, &format!("{at}.path"), "build context")?;
+    if !scan
+        .entries
+        .iter()
+        .any(|e| e.path == build.dockerfile_path && matches!(e.kind, drover_files::snapshot::EntryKind::File { .. }))
+    {
+        bail!(
+            "{at}.dockerfile_path: {} has no file {} (dockerfile_path is relative to build.path)",
+            dir.display(),
+            build.dockerfile_path
+        );
+    }
+    if scan.bytes > MAX_CONTEXT_BYTES {
+        bail!("{}", scan.over_limit_message(&format!("{at}.path"), MAX_CONTEXT_BYTES));
+    }
+    let what = format!("build context {}", dir.display());
+    let blob = upload_folder(&scan, blobs, &what).await?;
+    build.context = Code::Snapshot(blob);
+    Ok(())
 }
 
 /// Uploads a folder's snapshot unless the control plane has it, and returns it.

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod compute;
 pub mod datastore;
+pub mod environment;
 pub mod files;
 pub mod job;
 pub mod node;

@@ -52,7 +52,66 @@ pub struct ServerArgs {
     #[arg(long, env = "DROVER_ARTIFACTS")]
     artifacts: Option<String>,
     #[command(flatten)]
+    registry: RegistryArgs,
+    #[command(flatten)]
     local_args: LocalArgs,
+}
+
+/// Where environment images are kept for every node.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RegistryArgs {
+    /// A registry for environment images, `HOST[:PORT]/PREFIX`: the first
+    /// node to need a build environment builds and pushes it there, the
+    /// others pull it (default: every node builds its own).
+    #[arg(long, value_name = "HOST/PREFIX")]
+    pub registry: Option<String>,
+    /// The user nodes log in to the registry as.
+    #[arg(long, requires = "registry")]
+    pub registry_username: Option<String>,
+    /// A file holding the registry password or token (sent to nodes with
+    /// their assignments, never shown).
+    #[arg(long, requires = "registry_username")]
+    pub registry_password_file: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    /// The registry the core hands to nodes.
+    pub fn config(&self) -> anyhow::Result<Option<drover_api::environment::EnvironmentRegistry>> {
+        let Some(prefix) = &self.registry else {
+            return Ok(None);
+        };
+        drover_api::environment::EnvironmentRegistry::check_prefix(prefix)
+            .map_err(|e| anyhow::anyhow!("--registry: {e}"))?;
+        let password = match &self.registry_password_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("--registry-password-file: cannot read {}", f.display()))?
+                    .trim_end()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        Ok(Some(drover_api::environment::EnvironmentRegistry {
+            prefix: prefix.trim_end_matches('/').to_string(),
+            username: self.registry_username.clone(),
+            password,
+        }))
+    }
+
+    /// The same flags, for a server started by `drover up`.
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut out = Vec::new();
+        if let Some(r) = &self.registry {
+            out.extend(["--registry".into(), r.into()]);
+        }
+        if let Some(u) = &self.registry_username {
+            out.extend(["--registry-username".into(), u.into()]);
+        }
+        if let Some(f) = &self.registry_password_file {
+            out.extend(["--registry-password-file".into(), f.clone().into_os_string()]);
+        }
+        out
+    }
 }
 
 /// The local provider's options.
@@ -139,6 +198,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<i32> {
     config.store.log_cap_bytes = args.log_cap_bytes;
     config.core.autoscaler.cooldown = Duration::from_secs(args.scale_down_cooldown_seconds);
     config.artifacts = args.artifacts;
+    config.core.environment_registry = args.registry.config()?;
     if args.local {
         config.local = Some(args.local_args.config(&data_dir).await?);
     }

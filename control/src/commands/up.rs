@@ -67,6 +67,8 @@ pub struct UpArgs {
     #[arg(long)]
     artifacts: Option<String>,
     #[command(flatten)]
+    registry: super::server::RegistryArgs,
+    #[command(flatten)]
     local: LocalArgs,
 }
 
@@ -230,6 +232,7 @@ fn start_server(dir: &Path, args: &UpArgs, local: &LocalConfig) -> anyhow::Resul
     if let Some(artifacts) = &args.artifacts {
         command.arg("--artifacts").arg(artifacts);
     }
+    command.args(args.registry.to_args());
     // The agent binary rather than the image it built: the server then knows
     // how to build the image again should it go missing.
     match &local.node_image_source {

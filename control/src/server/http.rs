@@ -1000,10 +1000,10 @@ async fn agent_report_build(
     State(core): State<AppState>,
     Agent(node): Agent,
     body: Body<drover_api::environment::BuildReport>,
-) -> Result<StatusCode, ApiError> {
+) -> Answer<serde_json::Value> {
     let Json(report) = body?;
     core.report_build(node.id, report).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Json(serde_json::json!({})))
 }
 
 /// `?path=P`.

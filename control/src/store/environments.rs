@@ -349,6 +349,16 @@ impl Store {
         Ok(decision)
     }
 
+    /// Gives up `node`'s lease on `image` without a verdict (its push
+    /// failed): the next node to ask builds it.
+    pub fn release_build(&mut self, image: &str, node: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "DELETE FROM image_builds WHERE image = ?1 AND node = ?2 AND state = 'building'",
+            [image, node],
+        )?;
+        Ok(())
+    }
+
     /// Records how a node's build of `image` ended. A success always
     /// counts (the image exists); a failure marks the image failed.
     pub fn report_build(

@@ -354,7 +354,11 @@ impl ControlPlane {
             }
         }
         self.with_store(move |s| {
-            s.report_build(&report.image, &node, report.failure.as_deref(), now())
+            if report.released {
+                s.release_build(&report.image, &node)
+            } else {
+                s.report_build(&report.image, &node, report.failure.as_deref(), now())
+            }
         })
         .await?;
         Ok(())

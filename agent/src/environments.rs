@@ -17,9 +17,9 @@ use drover_api::environment::{
     BuildDecision, BuildReport, BuildRequest, CONTEXT_LABEL, EnvironmentRegistry,
 };
 use drover_api::job::{Code, CommandJob};
+use drover_runner::ContainerRuntime;
 use drover_runner::auth::RegistryAuth;
 use drover_runner::runtime::{ImageBuildRequest, RuntimeError};
-use drover_runner::ContainerRuntime;
 use futures_util::StreamExt;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
@@ -83,7 +83,9 @@ pub enum EnvironmentError {
         source: RuntimeError,
     },
     /// The control plane could not be asked.
-    #[error("environment {environment}: asking the control plane about its build failed: {message}")]
+    #[error(
+        "environment {environment}: asking the control plane about its build failed: {message}"
+    )]
     Control {
         /// The environment.
         environment: String,

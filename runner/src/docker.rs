@@ -21,9 +21,9 @@ use futures_util::stream::BoxStream;
 
 use crate::auth::RegistryAuth;
 use crate::runtime::{
-    ImageBuildRequest,
     ContainerConfig, ContainerRuntime, ContainerState, ContainerSummary, ContextFile, ExitStatus,
-    LogLine, LogStream, NetworkInfo, NodeContainerConfig, PullProgress, RuntimeError,
+    ImageBuildRequest, LogLine, LogStream, NetworkInfo, NodeContainerConfig, PullProgress,
+    RuntimeError,
 };
 
 /// The Docker engine, reached through its local socket (or `DOCKER_HOST`).
@@ -508,9 +508,9 @@ impl ContainerRuntime for DockerRuntime {
             labels: Some(request.labels.clone().into_iter().collect()),
             ..Default::default()
         };
-        let mut stream = self
-            .docker
-            .build_image(options, None, Some(bollard::body_try_stream(body)));
+        let mut stream =
+            self.docker
+                .build_image(options, None, Some(bollard::body_try_stream(body)));
         while let Some(item) = stream.next().await {
             let info = match item {
                 Ok(info) => info,
@@ -556,7 +556,9 @@ impl ContainerRuntime for DockerRuntime {
         while let Some(item) = stream.next().await {
             let info = item.map_err(pull_error)?;
             if let Some(message) = info.error_detail.and_then(|d| d.message) {
-                return Err(RuntimeError::Registry(format!("pushing {image}: {message}")));
+                return Err(RuntimeError::Registry(format!(
+                    "pushing {image}: {message}"
+                )));
             }
             if let Some(status) = info.status
                 && status != last

@@ -185,7 +185,11 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         label: &str,
     ) -> impl Future<Output = Result<Option<Option<String>>, RuntimeError>> + Send {
         let _ = (image, label);
-        async { Err(RuntimeError::Engine("this container engine cannot inspect image labels".into())) }
+        async {
+            Err(RuntimeError::Engine(
+                "this container engine cannot inspect image labels".into(),
+            ))
+        }
     }
     /// Builds an image, calling `progress` with each line of its output.
     fn build_image_from(
@@ -194,7 +198,11 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         progress: &mut (dyn FnMut(&str) + Send),
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send {
         let _ = (request, progress);
-        async { Err(RuntimeError::Engine("this container engine cannot build images".into())) }
+        async {
+            Err(RuntimeError::Engine(
+                "this container engine cannot build images".into(),
+            ))
+        }
     }
     /// Pushes a local image to its registry, calling `progress` with each
     /// status line.
@@ -205,7 +213,11 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         progress: &mut (dyn FnMut(&str) + Send),
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send {
         let _ = (image, auth, progress);
-        async { Err(RuntimeError::Engine("this container engine cannot push images".into())) }
+        async {
+            Err(RuntimeError::Engine(
+                "this container engine cannot push images".into(),
+            ))
+        }
     }
 
     /// True if the image is present locally.

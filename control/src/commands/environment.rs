@@ -101,7 +101,12 @@ struct Selector {
     #[arg(long, short = 'n')]
     name: String,
     /// The version.
-    #[arg(long, short = 'v', conflicts_with = "label", required_unless_present = "label")]
+    #[arg(
+        long,
+        short = 'v',
+        conflicts_with = "label",
+        required_unless_present = "label"
+    )]
     version: Option<String>,
     /// `latest`.
     #[arg(long, short = 'l')]
@@ -217,7 +222,9 @@ fn definition(
     let mut context_dir = None;
     if let Some(conda) = &conda_path {
         let EnvironmentSource::Image { image } = &spec.source else {
-            bail!("conda_file goes with image:, not build: (install the conda environment in the Dockerfile)");
+            bail!(
+                "conda_file goes with image:, not build: (install the conda environment in the Dockerfile)"
+            );
         };
         let text = std::fs::read_to_string(conda)
             .with_context(|| format!("conda_file: cannot read {}", conda.display()))?;
@@ -282,7 +289,14 @@ fn print_info(info: &EnvironmentInfo) -> anyhow::Result<()> {
     kv("build:", state_text(&info.build_state));
     kv("description:", or_dash(info.description.clone()));
     let tags: Vec<String> = info.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    kv("tags:", if tags.is_empty() { "-".into() } else { tags.join(", ") });
+    kv(
+        "tags:",
+        if tags.is_empty() {
+            "-".into()
+        } else {
+            tags.join(", ")
+        },
+    );
     kv("archived:", if info.archived { "yes" } else { "no" }.into());
     kv(
         "use as:",
@@ -414,7 +428,9 @@ pub async fn run(args: EnvironmentArgs) -> anyhow::Result<i32> {
                     bail!("--set {s}: expected tags.KEY=VALUE");
                 };
                 let Some(k) = k.strip_prefix("tags.") else {
-                    bail!("--set {s}: only tags.KEY and --description can change (a version is immutable)");
+                    bail!(
+                        "--set {s}: only tags.KEY and --description can change (a version is immutable)"
+                    );
                 };
                 update.tags.insert(k.to_string(), v.to_string());
             }

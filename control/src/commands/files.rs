@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use drover_api::files::{BlobInfo, Digest, JobOutput, JobOutputs, MAX_CODE_BYTES, OutputFile};
 use drover_api::environment::ImageBuild;
+use drover_api::files::{BlobInfo, Digest, JobOutput, JobOutputs, MAX_CODE_BYTES, OutputFile};
 use drover_api::job::{Code, CommandJob, Input, PathKind};
 use drover_files::snapshot::{IgnoreRules, Scan, SnapshotError};
 use drover_files::transfer::BlobClient;
@@ -257,12 +257,16 @@ pub async fn upload_build_context(
     let Code::Local(dir) = &build.context else {
         return Ok(());
     };
-    let scan = scan(dir, IgnoreRules::None, &format!("{at}.path"), "build context")?;
-    if !scan
-        .entries
-        .iter()
-        .any(|e| e.path == build.dockerfile_path && matches!(e.kind, drover_files::snapshot::EntryKind::File { .. }))
-    {
+    let scan = scan(
+        dir,
+        IgnoreRules::None,
+        &format!("{at}.path"),
+        "build context",
+    )?;
+    if !scan.entries.iter().any(|e| {
+        e.path == build.dockerfile_path
+            && matches!(e.kind, drover_files::snapshot::EntryKind::File { .. })
+    }) {
         bail!(
             "{at}.dockerfile_path: {} has no file {} (dockerfile_path is relative to build.path)",
             dir.display(),
@@ -270,7 +274,10 @@ pub async fn upload_build_context(
         );
     }
     if scan.bytes > MAX_CONTEXT_BYTES {
-        bail!("{}", scan.over_limit_message(&format!("{at}.path"), MAX_CONTEXT_BYTES));
+        bail!(
+            "{}",
+            scan.over_limit_message(&format!("{at}.path"), MAX_CONTEXT_BYTES)
+        );
     }
     let what = format!("build context {}", dir.display());
     let blob = upload_folder(&scan, blobs, &what).await?;

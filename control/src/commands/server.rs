@@ -85,7 +85,9 @@ impl RegistryArgs {
         let password = match &self.registry_password_file {
             Some(f) => Some(
                 std::fs::read_to_string(f)
-                    .with_context(|| format!("--registry-password-file: cannot read {}", f.display()))?
+                    .with_context(|| {
+                        format!("--registry-password-file: cannot read {}", f.display())
+                    })?
                     .trim_end()
                     .to_string(),
             ),
@@ -108,7 +110,10 @@ impl RegistryArgs {
             out.extend(["--registry-username".into(), u.into()]);
         }
         if let Some(f) = &self.registry_password_file {
-            out.extend(["--registry-password-file".into(), f.clone().into_os_string()]);
+            out.extend([
+                "--registry-password-file".into(),
+                f.clone().into_os_string(),
+            ]);
         }
         out
     }

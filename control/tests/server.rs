@@ -1386,3 +1386,87 @@ async fn a_cluster_without_a_provider_gets_the_control_planes() {
     assert_eq!(body["cluster"]["spec"]["vm_size"], "STANDARD_DS3_V2");
     stop(server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_environment_door_refuses_over_raw_http_what_the_rules_refuse() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, token) = start(dir.path()).await;
+    let api = Api::new(&server, &token);
+    api.create_cluster("cpu", 2).await;
+    let image = |name: &str| json!({"spec": {"name": name, "source": {"image": {"image": "busybox:1"}}}});
+    let cases: Vec<(serde_json::Value, &str)> = vec![
+        (image("bad name"), "`bad name` is not a valid environment name"),
+        (
+            json!({"spec": {"name": "x", "version": "-1", "source": {"image": {"image": "busybox"}}}}),
+            "version: `-1` is not a valid version",
+        ),
+        (
+            json!({"spec": {"name": "x", "source": {"image": {"image": "Bad Image"}}}}),
+            "image: `Bad Image` is not a valid image reference",
+        ),
+        (
+            json!({"spec": {"name": "x", "source": {"build": {"context": "/home/me/ctx"}}}}),
+            "is a folder of the client's machine",
+        ),
+        (
+            json!({"spec": {"name": "x", "source": {"build": {"context": {"snapshot": format!("sha256:{}", "ab".repeat(32)), "size": 10}}}}}),
+            "is not stored; upload it first",
+        ),
+        (
+            json!({"spec": {"name": "x", "source": {"build": {"context": "/c", "dockerfile_path": "../Dockerfile"}}}}),
+            "must be a relative path inside the build context",
+        ),
+        (
+            json!({"spec": {"name": "x", "source": {"image": {"image": "busybox"}}, "colour": 1}}),
+            "spec.colour",
+        ),
+    ];
+    for (body, want) in cases {
+        let (status, answer) = api.post("/v1/environments", body.clone()).await;
+        assert!(status.is_client_error(), "{body} -> {status} {answer}");
+        let e = error_of(&answer);
+        assert!(e.message.contains(want), "{body}: {}", e.message);
+    }
+    // Versions count up; a taken version is a conflict.
+    let (status, body) = api.post("/v1/environments", image("t")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["version"], "1");
+    let (_, body) = api.post("/v1/environments", image("t")).await;
+    assert_eq!(body["version"], "2");
+    let (status, body) = api
+        .post(
+            "/v1/environments",
+            json!({"spec": {"name": "t", "version": "2", "source": {"image": {"image": "busybox"}}}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    // Update refuses what it may not change.
+    let (status, body) = api
+        .send(
+            api.http
+                .patch(api.url("/v1/environments/t/versions/1"))
+                .json(&json!({"image": "other"})),
+            Some(&token),
+        )
+        .await;
+    assert!(status.is_client_error(), "{body}");
+    // A job that names an unknown version is refused; one that names a
+    // known one gets its image, whatever image the client claimed.
+    let job = |env: &str| {
+        json!({"spec": {"command": "echo", "image": "attacker/own:1", "compute": "cpu",
+            "environment": {"name": "t", "version": env}}})
+    };
+    let (status, body) = api.post("/v1/jobs", job("9")).await;
+    assert!(status.is_client_error(), "{body}");
+    assert!(error_of(&body).message.contains("no environment t:9"), "{body}");
+    let (status, body) = api.post("/v1/jobs", job("1")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    let info = api.job(&id).await;
+    let spec = info.spec.expect("spec");
+    assert_eq!(spec.as_command().map(|c| c.image.as_str()), Some("busybox:1"));
+    // Agent routes need a node's credential.
+    let (status, _) = api.post("/v1/agent/builds", json!({"image": "x"})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    stop(server).await;
+}

@@ -122,6 +122,74 @@ fn default_name(path: &Path) -> String {
     )
 }
 
+/// Builds a job's inline `environment.build` with this machine's Docker
+/// (as a node would, under the same content name) and points the job at
+/// it. A registered environment needs a control plane to resolve it.
+async fn build_inline_environment(
+    job: &mut CommandJob,
+    runtime: &DockerRuntime,
+    run_dir: &Path,
+    file: &Path,
+) -> Result<(), RunError> {
+    use drover_runner::ContainerRuntime as _;
+    let Some(env) = &job.environment else {
+        return Ok(());
+    };
+    if env.name.is_some() {
+        return Err(RunError::Unsupported(format!(
+            "{}: environment: {} is a registered environment, which needs a control plane to resolve; `drover run` takes environment.image or environment.build — or submit the job to a cluster",
+            file.display(),
+            env.describe()
+        )));
+    }
+    let Some(build) = env.build.clone() else {
+        return Ok(());
+    };
+    let Code::Local(dir) = &build.context else {
+        return Ok(());
+    };
+    let at = format!("{}: environment.build.path", file.display());
+    let scan = Scan::of(dir, IgnoreRules::None)
+        .map_err(|e| RunError::Unsupported(format!("{at}: {}", drover_api::error::chain(&e))))?;
+    std::fs::create_dir_all(run_dir)
+        .map_err(|e| RunError::Unsupported(format!("cannot create {}: {e}", run_dir.display())))?;
+    let tar = run_dir.join("build-context.tar");
+    let blob = scan
+        .write_to_file(&tar)
+        .map_err(|e| RunError::Unsupported(format!("{at}: {}", drover_api::error::chain(&e))))?;
+    let uploaded = drover_api::environment::ImageBuild {
+        context: Code::Snapshot(blob),
+        dockerfile_path: build.dockerfile_path.clone(),
+    };
+    let image =
+        drover_api::environment::build_image_name(None, None, &uploaded).unwrap_or_default();
+    let digest = blob.digest.hex();
+    let present = runtime
+        .image_label(&image, drover_api::environment::CONTEXT_LABEL)
+        .await?
+        .flatten();
+    if present.as_deref() != Some(digest.as_str()) {
+        note(format_args!(
+            "drover: building environment {image} from {}",
+            dir.display()
+        ));
+        let request = drover_runner::runtime::ImageBuildRequest {
+            tag: image.clone(),
+            context_tar: tar.clone(),
+            dockerfile: build.dockerfile_path.clone(),
+            labels: [(drover_api::environment::CONTEXT_LABEL.to_string(), digest)].into(),
+        };
+        let mut progress = |line: &str| note(format_args!("  {line}"));
+        runtime
+            .build_image_from(&request, &mut progress)
+            .await
+            .map_err(|e| RunError::Unsupported(format!("{at}: building {image} failed: {e}")))?;
+    }
+    let _ = std::fs::remove_file(&tar);
+    job.image = image;
+    Ok(())
+}
+
 /// Reads and validates a job file, printing its warnings to stderr.
 pub fn load_job(path: &Path) -> Result<ParsedJob, RunError> {
     let text = std::fs::read_to_string(path).map_err(|source| RunError::ReadJob {
@@ -452,6 +520,7 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
     check_local(&job, path, &lines)?;
     let work = prepare_work_dir(&job, &outputs_root, path, &lines)?;
     let runtime = Arc::new(DockerRuntime::connect().await?);
+    build_inline_environment(&mut job, &runtime, &outputs_root, path).await?;
     let mut placement = Placement {
         gpu_uuids: config.gpu_uuids.clone(),
         network_mode: config.network.clone(),

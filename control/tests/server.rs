@@ -1393,9 +1393,13 @@ async fn the_environment_door_refuses_over_raw_http_what_the_rules_refuse() {
     let (server, token) = start(dir.path()).await;
     let api = Api::new(&server, &token);
     api.create_cluster("cpu", 2).await;
-    let image = |name: &str| json!({"spec": {"name": name, "source": {"image": {"image": "busybox:1"}}}});
+    let image =
+        |name: &str| json!({"spec": {"name": name, "source": {"image": {"image": "busybox:1"}}}});
     let cases: Vec<(serde_json::Value, &str)> = vec![
-        (image("bad name"), "`bad name` is not a valid environment name"),
+        (
+            image("bad name"),
+            "`bad name` is not a valid environment name",
+        ),
         (
             json!({"spec": {"name": "x", "version": "-1", "source": {"image": {"image": "busybox"}}}}),
             "version: `-1` is not a valid version",
@@ -1458,13 +1462,19 @@ async fn the_environment_door_refuses_over_raw_http_what_the_rules_refuse() {
     };
     let (status, body) = api.post("/v1/jobs", job("9")).await;
     assert!(status.is_client_error(), "{body}");
-    assert!(error_of(&body).message.contains("no environment t:9"), "{body}");
+    assert!(
+        error_of(&body).message.contains("no environment t:9"),
+        "{body}"
+    );
     let (status, body) = api.post("/v1/jobs", job("1")).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let id = body["id"].as_str().expect("id").to_string();
     let info = api.job(&id).await;
     let spec = info.spec.expect("spec");
-    assert_eq!(spec.as_command().map(|c| c.image.as_str()), Some("busybox:1"));
+    assert_eq!(
+        spec.as_command().map(|c| c.image.as_str()),
+        Some("busybox:1")
+    );
     // Agent routes need a node's credential.
     let (status, _) = api.post("/v1/agent/builds", json!({"image": "x"})).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);

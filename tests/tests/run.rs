@@ -446,3 +446,51 @@ distribution:
         r.stdout
     );
 }
+
+#[test]
+fn an_inline_build_environment_is_built_here_and_a_registered_one_needs_a_cluster() {
+    let marker = unique_name("built-here");
+    let j = JobDir::new(
+        "command: cat /env-marker\nenvironment:\n  build:\n    path: ./ctx\n    dockerfile_path: run.Dockerfile\n",
+    );
+    j.write(
+        "ctx/run.Dockerfile",
+        &format!("FROM {BASE_IMAGE}\nRUN echo {marker} > /env-marker\n"),
+    );
+    let r = drover_run(&j, &unique_name("inline-env"), &[]);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert!(r.stdout.contains(&marker), "{}", r.stdout);
+    assert!(
+        r.stderr
+            .contains("building environment drover-env/anonymous:"),
+        "{}",
+        r.stderr
+    );
+    let image = r
+        .stderr
+        .split("building environment ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string();
+    // The same context again: found, not built.
+    let again = drover_run(&j, &unique_name("inline-env"), &[]);
+    assert_eq!(again.code, Some(0), "stderr: {}", again.stderr);
+    assert!(
+        !again.stderr.contains("building environment"),
+        "{}",
+        again.stderr
+    );
+    let _ = std::process::Command::new("docker")
+        .args(["image", "rm", "-f", &image])
+        .output();
+
+    let registered = JobDir::new("command: echo\nenvironment: azureml:trainer@latest\n");
+    let r = drover_run(&registered, &unique_name("registered"), &[]);
+    assert_eq!(r.code, Some(125), "stderr: {}", r.stderr);
+    assert!(
+        r.stderr.contains("needs a control plane to resolve"),
+        "{}",
+        r.stderr
+    );
+}

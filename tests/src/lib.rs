@@ -414,6 +414,13 @@ impl Registry {
         }
     }
 
+    /// A private Docker client config folder logged in to this registry
+    /// (for `DOCKER_CONFIG`), leaving ~/.docker alone.
+    pub fn docker_config(&self) -> PathBuf {
+        self.login();
+        self.docker_config.clone()
+    }
+
     /// Pushes local `image` as `<registry>/<repo>` with the docker CLI
     /// (logged in through a private client config, leaving ~/.docker alone).
     pub fn push(&self, image: &str, repo: &str) -> String {
@@ -423,7 +430,23 @@ impl Registry {
             c.arg("--config").arg(&self.docker_config).args(args);
             c
         };
-        let mut login = docker(&["login", "-u", &self.user, "--password-stdin", &self.addr]);
+        self.login();
+        run_checked(&mut docker(&["tag", image, &target]), "docker tag");
+        run_checked(&mut docker(&["push", &target]), "docker push");
+        // Drop the local copy so a later pull really goes to the registry.
+        run_checked(&mut docker(&["rmi", &target]), "docker rmi");
+        target
+    }
+
+    fn login(&self) {
+        let mut login = Command::new("docker");
+        login.arg("--config").arg(&self.docker_config).args([
+            "login",
+            "-u",
+            &self.user,
+            "--password-stdin",
+            &self.addr,
+        ]);
         login
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -440,11 +463,6 @@ impl Registry {
             "docker login failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        run_checked(&mut docker(&["tag", image, &target]), "docker tag");
-        run_checked(&mut docker(&["push", &target]), "docker push");
-        // Drop the local copy so a later pull really goes to the registry.
-        run_checked(&mut docker(&["rmi", &target]), "docker rmi");
-        target
     }
 
     /// The registry's log so far.

@@ -169,12 +169,11 @@ impl ControlPlane {
         which: VersionSelector,
     ) -> Result<EnvironmentInfo, ControlError> {
         let registry = self.registry_prefix();
-        Ok(self
-            .with_store(move |s| {
-                let env = select(s, &name, &which)?;
-                info(s, registry.as_deref(), env)
-            })
-            .await?)
+        self.with_store(move |s| {
+            let env = select(s, &name, &which)?;
+            info(s, registry.as_deref(), env)
+        })
+        .await
     }
 
     /// `PATCH /v1/environments/{name}/versions/{version}`: description and tags.
@@ -195,12 +194,11 @@ impl ControlPlane {
             ));
         }
         let registry = self.registry_prefix();
-        Ok(self
-            .with_store(move |s| {
-                let env = s.update_environment(&name, &version, &update, now())?;
-                info(s, registry.as_deref(), env)
-            })
-            .await?)
+        self.with_store(move |s| {
+            let env = s.update_environment(&name, &version, &update, now())?;
+            info(s, registry.as_deref(), env)
+        })
+        .await
     }
 
     /// Archives (or restores) a version, or every version of `name`.
@@ -210,11 +208,10 @@ impl ControlPlane {
         version: Option<String>,
         archived: bool,
     ) -> Result<usize, ControlError> {
-        Ok(self
-            .with_store(move |s| {
-                s.set_environment_archived(&name, version.as_deref(), archived, now())
-            })
-            .await?)
+        self.with_store(move |s| {
+            s.set_environment_archived(&name, version.as_deref(), archived, now())
+        })
+        .await
     }
 
     /// Resolves a submitted job's environment: a registered one becomes

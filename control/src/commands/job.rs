@@ -406,6 +406,14 @@ fn show(j: &wire::JobInfo, outputs: Option<&drover_api::files::JobOutputs>) -> S
     }
     if let Some(job) = j.spec.as_ref().and_then(|s| s.as_command()) {
         kv("image:", job.image.clone());
+        if let Some(env) = &job.environment {
+            let from = match (&env.name, &env.label) {
+                (Some(_), Some(label)) => format!("{} (from @{label})", env.describe()),
+                (Some(_), None) => env.describe(),
+                (None, _) => "inline build".to_string(),
+            };
+            kv("environment:", from);
+        }
         kv("command:", job.command.clone());
     }
     if !j.parts.is_empty() {

@@ -356,21 +356,16 @@ fn snapshot(vm: &Vm) -> String {
     ))
 }
 
-fn bridge_gateway() -> String {
+/// The address `container` reaches this host at: its network's gateway.
+fn gateway_of(container: &str) -> String {
     let out = Command::new("docker")
-        .args([
-            "network",
-            "inspect",
-            "bridge",
-            "-f",
-            "{{(index .IPAM.Config 0).Gateway}}",
-        ])
+        .args(["inspect", "-f", "{{.NetworkSettings.Gateway}}", container])
         .output()
-        .expect("docker network inspect");
+        .expect("docker inspect");
     let ip = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(
         out.status.success() && !ip.is_empty(),
-        "no gateway on docker's bridge network: {}",
+        "container {container} has no gateway: {}",
         text(&out)
     );
     ip
@@ -469,14 +464,14 @@ fn provisioned_twice_in_a_container_the_agent_joins_as_its_unit_says_and_runs_a_
     assert!(out.status.success(), "cloud-init schema: {}", text(&out));
 
     // A control plane the VM reaches, and a cluster to join.
-    let gateway = bridge_gateway();
+    let gateway = gateway_of(&vm.name);
     let server = ServerProc::start_on(120, &gateway);
     let cluster = short_name("vmi");
     let token = server.create_cluster(&cluster, 2);
 
     // The VM's IMDS at its real address, on the VM's own network.
     vm.sh_ok("ip addr add 169.254.169.254/32 dev lo");
-    let start_imds = |vm_name: &str, user_data: Option<&Path>| {
+    let start_imds = |vm_name: &str, user_data: Option<&Path>, starts: usize| {
         let user_data = user_data
             .map(|p| format!("--user-data {}", p.display()))
             .unwrap_or_default();
@@ -489,12 +484,18 @@ fn provisioned_twice_in_a_container_the_agent_joins_as_its_unit_says_and_runs_a_
                 w.join("imds.log").display()
             ),
         );
+        // Its log, not a connection: once an agent has run, the firewall
+        // it leaves in place refuses every unmarked connection to IMDS.
+        let listening = || {
+            std::fs::read_to_string(w.join("imds.log"))
+                .unwrap_or_default()
+                .matches("imds emulator listening")
+                .count()
+        };
         assert!(
-            wait_until(Duration::from_secs(20), || vm
-                .sh("echo > /dev/tcp/169.254.169.254/80")
-                .status
-                .success()),
-            "the emulator did not listen"
+            wait_until(Duration::from_secs(20), || listening() == starts),
+            "the emulator did not listen: {}",
+            std::fs::read_to_string(w.join("imds.log")).unwrap_or_default()
         );
     };
 
@@ -568,7 +569,7 @@ fn provisioned_twice_in_a_container_the_agent_joins_as_its_unit_says_and_runs_a_
     )
     .expect("write user data");
     vm.nodes.borrow_mut().push(vm_a.clone());
-    start_imds(&vm_a, Some(&user_data));
+    start_imds(&vm_a, Some(&user_data), 1);
     let log_a = start_agent("node-a");
     wait_idle(&vm_a, &log_a);
     let agent_log = std::fs::read_to_string(&log_a).unwrap_or_default();
@@ -624,7 +625,7 @@ fn provisioned_twice_in_a_container_the_agent_joins_as_its_unit_says_and_runs_a_
     vm.stop(&w.join("imds.pid"));
     let vm_b = unique_name("vm-b");
     vm.nodes.borrow_mut().push(vm_b.clone());
-    start_imds(&vm_b, None);
+    start_imds(&vm_b, None, 2);
     let custom_data = w.join("custom-data.yaml");
     let template =
         std::fs::read_to_string(vm_dir().join("cloud-init.yaml")).expect("read cloud-init.yaml");

@@ -92,10 +92,7 @@ impl JoinSettings {
     pub fn parse(text: &str, origin: &str) -> Result<Self, JoinError> {
         let settings: JoinSettings = toml::from_str(text).map_err(|e| JoinError::Parse {
             origin: origin.to_string(),
-            line: e
-                .span()
-                .map(|s| line_of(text, s.start))
-                .unwrap_or(1),
+            line: e.span().map(|s| line_of(text, s.start)).unwrap_or(1),
             message: e.message().to_string(),
         })?;
         let keep = |v: Option<String>| v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());

@@ -237,6 +237,9 @@ mod tests {
         assert!(shown.contains("vm0"), "{shown}");
         assert!(!shown.contains("am9pbl90b2tl"), "{shown}");
         assert!(shown.contains("redacted"), "{shown}");
-        assert_eq!(c.user_data().as_deref(), Some(&b"join_token = \"sekrit\""[..]));
+        assert_eq!(
+            c.user_data().as_deref(),
+            Some(&b"join_token = \"sekrit\""[..])
+        );
     }
 }

@@ -123,7 +123,10 @@ fn the_packer_template_validates_for_both_variants() {
     assert!(source.contains("  vm_size         = local.vm_size"));
     std::fs::write(
         &broken,
-        source.replace("  vm_size         = local.vm_size", "  vm_sizes = local.vm_size"),
+        source.replace(
+            "  vm_size         = local.vm_size",
+            "  vm_sizes = local.vm_size",
+        ),
     )
     .expect("write");
     let out = validate(&broken, "cpu");
@@ -164,7 +167,8 @@ fn the_unit_verifies_and_says_what_the_agent_needs() {
     assert_eq!(service_values("Restart"), ["on-failure"]);
     let unit = unit_text();
     assert!(
-        unit.lines().any(|l| l.starts_with("After=") && l.contains("docker.service")),
+        unit.lines()
+            .any(|l| l.starts_with("After=") && l.contains("docker.service")),
         "{unit}"
     );
     for (key, value) in [
@@ -179,7 +183,10 @@ fn the_unit_verifies_and_says_what_the_agent_needs() {
     for cap in ["CAP_NET_ADMIN", "CAP_NET_RAW"] {
         assert!(caps.contains(cap), "the firewall needs {cap}: {caps}");
     }
-    assert!(service_values("PrivateDevices").is_empty(), "NVML opens /dev/nvidia*");
+    assert!(
+        service_values("PrivateDevices").is_empty(),
+        "NVML opens /dev/nvidia*"
+    );
     assert!(!service_values("MemoryMax").is_empty());
 
     // A root holding what the unit names: systemd's own units (targets),
@@ -202,7 +209,12 @@ fn the_unit_verifies_and_says_what_the_agent_needs() {
             .arg(&to)
             .output()
             .expect("cp");
-        assert!(out.status.success(), "cp {}: {}", from.display(), text(&out));
+        assert!(
+            out.status.success(),
+            "cp {}: {}",
+            from.display(),
+            text(&out)
+        );
     };
     copy(Path::new("/lib/systemd/system/."), "/lib/systemd/system/");
     copy(&agent_bin(), &exec_start()[0]);
@@ -255,7 +267,10 @@ impl Vm {
         for (k, v) in env {
             cmd.arg("-e").arg(format!("{k}={v}"));
         }
-        cmd.arg(&self.name).args(args).output().expect("docker exec")
+        cmd.arg(&self.name)
+            .args(args)
+            .output()
+            .expect("docker exec")
     }
 
     fn sh(&self, script: &str) -> Output {
@@ -307,7 +322,10 @@ impl Drop for Vm {
         for node in self.nodes.borrow().iter() {
             let ids = drover_tests::containers_labelled("drover.owner", node);
             if !ids.is_empty() {
-                let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+                let _ = Command::new("docker")
+                    .args(["rm", "-f"])
+                    .args(&ids)
+                    .output();
             }
         }
         let _ = Command::new("docker")
@@ -394,11 +412,16 @@ fn provisioned_twice_in_a_container_the_agent_joins_as_its_unit_says_and_runs_a_
         name: unique_name("drover-vmimg"),
         nodes: Default::default(),
     };
-    let vol = |from: &Path, to: &str, mode: &str| {
-        format!("{}:{to}{mode}", from.display())
-    };
+    let vol = |from: &Path, to: &str, mode: &str| format!("{}:{to}{mode}", from.display());
     let out = Command::new("docker")
-        .args(["run", "-d", "--name", &vm.name, "--label", "drover-test=vm-image"])
+        .args([
+            "run",
+            "-d",
+            "--name",
+            &vm.name,
+            "--label",
+            "drover-test=vm-image",
+        ])
         // The firewall and the IMDS address on the VM's own network.
         .args(["--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW"])
         .args(["--cap-add", "DAC_READ_SEARCH"])
@@ -406,7 +429,10 @@ fn provisioned_twice_in_a_container_the_agent_joins_as_its_unit_says_and_runs_a_
         .args(["-v", &vol(&vm_dir(), "/src/vm", ":ro")])
         .args(["-v", &vol(&agent, "/src/bin/drover-agent", ":ro")])
         .args(["-v", &vol(&init, "/src/bin/drover-init", ":ro")])
-        .args(["-v", &vol(&emulator, "/src/test/drover-imds-emulator", ":ro")])
+        .args([
+            "-v",
+            &vol(&emulator, "/src/test/drover-imds-emulator", ":ro"),
+        ])
         .args(["-v", &vol(&init, &init.display().to_string(), ":ro")])
         .args(["-v", &vol(w, &w.display().to_string(), "")])
         .args([BASE_IMAGE, "sleep", "infinity"])
@@ -425,7 +451,11 @@ fn provisioned_twice_in_a_container_the_agent_joins_as_its_unit_says_and_runs_a_
     assert!(first.status.success(), "provision.sh: {}", text(&first));
     let after_first = snapshot(&vm);
     let second = provision();
-    assert!(second.status.success(), "provision.sh again: {}", text(&second));
+    assert!(
+        second.status.success(),
+        "provision.sh again: {}",
+        text(&second)
+    );
     assert!(
         !text(&second).contains("installing"),
         "the second run installed again: {}",
@@ -441,7 +471,10 @@ fn provisioned_twice_in_a_container_the_agent_joins_as_its_unit_says_and_runs_a_
     // The files are the repository's; nothing secret is baked: /etc/drover
     // holds the config and the empty registry-login folder only.
     for (installed, source) in [
-        ("/etc/systemd/system/drover-agent.service", "drover-agent.service"),
+        (
+            "/etc/systemd/system/drover-agent.service",
+            "drover-agent.service",
+        ),
         ("/etc/drover/agent.toml", "agent.toml"),
         ("/etc/docker/daemon.json", "docker-daemon.json"),
         ("/etc/logrotate.d/drover-agent", "logrotate-drover-agent"),
@@ -450,8 +483,14 @@ fn provisioned_twice_in_a_container_the_agent_joins_as_its_unit_says_and_runs_a_
     }
     vm.sh_ok("cmp /usr/local/bin/drover-agent /src/bin/drover-agent");
     vm.sh_ok("cmp /usr/local/lib/drover/drover-init /src/bin/drover-init");
-    assert!(after_first.ends_with("agent.toml\ndocker\n"), "{after_first}");
-    assert_eq!(vm.sh_ok("ls -A /etc/drover/docker /var/lib/drover-agent"), "/etc/drover/docker:\n\n/var/lib/drover-agent:\n");
+    assert!(
+        after_first.ends_with("agent.toml\ndocker\n"),
+        "{after_first}"
+    );
+    assert_eq!(
+        vm.sh_ok("ls -A /etc/drover/docker /var/lib/drover-agent"),
+        "/etc/drover/docker:\n\n/var/lib/drover-agent:\n"
+    );
     vm.sh_ok("docker --version && iptables --version");
     vm.sh_ok("logrotate -d /etc/logrotate.d/drover-agent 2>&1 | grep -q 'rotating pattern: /var/lib/drover-agent/audit/'");
 
@@ -641,7 +680,11 @@ fn provisioned_twice_in_a_container_the_agent_joins_as_its_unit_says_and_runs_a_
         "cloud-init --file {} single --name write_files --frequency always",
         custom_data.display()
     ));
-    assert!(out.status.success(), "cloud-init write_files: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "cloud-init write_files: {}",
+        text(&out)
+    );
     assert_eq!(
         vm.sh_ok("stat -c '%a %U' /etc/drover/join.toml"),
         "600 root\n"

@@ -544,3 +544,39 @@ async fn wait_for_signal(shutdown: CancellationToken) {
     tracing::info!("signal received; draining");
     shutdown.cancel();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(name: &str, user_data: &str) -> InstanceMetadata {
+        let mut m = InstanceMetadata::default();
+        m.compute.name = name.to_string();
+        m.compute.user_data_base64 = user_data.to_string();
+        m
+    }
+
+    #[test]
+    fn the_node_id_is_the_given_one_then_the_vms_name_then_the_host_name() {
+        let m = metadata("vmss_3", "");
+        assert_eq!(node_id(Some("n1".into()), Some(&m)), "n1");
+        assert_eq!(node_id(None, Some(&m)), "vmss_3");
+        assert_eq!(node_id(None, Some(&metadata(" ", ""))), hostname());
+        assert_eq!(node_id(None, None), hostname());
+    }
+
+    #[test]
+    fn join_settings_come_from_user_data_when_there_is_some() {
+        // base64 of `cluster = "gpu"`
+        let m = metadata("vm", "Y2x1c3RlciA9ICJncHUi");
+        let s = user_data_join(Some(&m)).unwrap();
+        assert_eq!(s.cluster.as_deref(), Some("gpu"));
+        assert_eq!(
+            user_data_join(Some(&metadata("vm", ""))).unwrap(),
+            JoinSettings::default()
+        );
+        assert_eq!(user_data_join(None).unwrap(), JoinSettings::default());
+        let e = user_data_join(Some(&metadata("vm", "not base64!"))).unwrap_err();
+        assert!(e.to_string().contains("not base64"), "{e}");
+    }
+}

@@ -4,8 +4,9 @@
 #
 #  1. Debian packages: debootstrap (offline base image), docker-registry and
 #     apache2-utils (registry tests), busybox-static (tiny test image),
-#     python3-azure (identity conformance tests); docker.io only when no
-#     Docker engine is installed at all.
+#     python3-azure (identity conformance tests), packer and systemd's
+#     systemd-analyze (the VM image tests); docker.io only when no Docker
+#     engine is installed at all.
 #  2. A running Docker engine (dockerd is started if `docker info` fails).
 #  3. moto[server] from PyPI (the S3 API of the artifact-store tests).
 #  4. The offline images (images/build-offline.sh; existing ones are kept).
@@ -22,6 +23,8 @@ command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v htpasswd >/dev/null || missing+=(apache2-utils)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 /usr/bin/python3 -c 'import azure.identity' >/dev/null 2>&1 || missing+=(python3-azure)
+command -v packer >/dev/null || missing+=(packer)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v docker >/dev/null || missing+=(docker.io)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"

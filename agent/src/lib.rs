@@ -9,5 +9,6 @@ pub mod firewall;
 pub mod http;
 pub mod identity;
 pub mod inventory;
+pub mod join;
 pub mod metrics;
 pub mod reconcile;

@@ -1,9 +1,10 @@
 //! `drover-imds-emulator`: run the IMDS emulator by hand.
 //!
 //! ```text
-//! drover-imds-emulator [--listen 127.0.0.1:8169] [--vm NAME]... [--no-rate-limit]
+//! drover-imds-emulator [--listen 127.0.0.1:8169] [--vm NAME]... [--user-data FILE] [--no-rate-limit]
 //! ```
-//! Each `--vm` registers a VM with a system-assigned identity; more VMs,
+//! Each `--vm` registers a VM with a system-assigned identity, and with
+//! `--user-data` the file's bytes as its `compute.userData`; more VMs,
 //! identities, events and faults can be added through the admin API under
 //! `/drover-emulator/`.
 
@@ -19,6 +20,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(filter).init();
     let mut listen: SocketAddr = "127.0.0.1:8169".parse().context("parse default address")?;
     let mut vms = Vec::new();
+    let mut user_data = String::new();
     let mut config = EmulatorConfig::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -30,19 +32,26 @@ async fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("parse --listen {value}"))?;
             }
             "--vm" => vms.push(args.next().context("--vm needs a name")?),
+            "--user-data" => {
+                let path = args.next().context("--user-data needs a file")?;
+                user_data = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading the user data {path}"))?;
+            }
             "--no-rate-limit" => {
                 config.general_rate_limit = None;
                 config.identity_rate_limit = None;
             }
             other => anyhow::bail!(
-                "unknown argument {other}; usage: drover-imds-emulator [--listen ADDR] [--vm NAME]... [--no-rate-limit]"
+                "unknown argument {other}; usage: drover-imds-emulator [--listen ADDR] [--vm NAME]... [--user-data FILE] [--no-rate-limit]"
             ),
         }
     }
     let emulator = Emulator::new(config);
     for name in &vms {
+        let mut vm = VmSpec::new(name);
+        vm.user_data = user_data.clone();
         emulator
-            .add_vm(VmSpec::new(name))
+            .add_vm(vm)
             .with_context(|| format!("register vm {name}"))?;
     }
     let server = emulator

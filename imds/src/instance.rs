@@ -26,7 +26,9 @@ pub struct InstanceMetadata {
 }
 
 /// `compute` in the instance metadata document. Missing values are `""`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+/// Its `Debug` leaves out the user data, which may hold a secret (a node's
+/// join token).
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct Compute {
     /// Unique id of the VM.
@@ -70,6 +72,30 @@ pub struct Compute {
     /// User data, base64; see [`Compute::user_data`].
     #[serde(rename = "userData", deserialize_with = "wire::string")]
     pub user_data_base64: String,
+}
+
+impl std::fmt::Debug for Compute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compute")
+            .field("vm_id", &self.vm_id)
+            .field("name", &self.name)
+            .field("vm_size", &self.vm_size)
+            .field("location", &self.location)
+            .field("priority_raw", &self.priority_raw)
+            .field("eviction_policy", &self.eviction_policy)
+            .field("tags", &self.tags)
+            .field("tags_list", &self.tags_list)
+            .field("vm_scale_set_name", &self.vm_scale_set_name)
+            .field("resource_id", &self.resource_id)
+            .field("subscription_id", &self.subscription_id)
+            .field("resource_group_name", &self.resource_group_name)
+            .field("zone", &self.zone)
+            .field(
+                "user_data_base64",
+                &format_args!("<{} bytes, redacted>", self.user_data_base64.len()),
+            )
+            .finish()
+    }
 }
 
 /// One entry of `compute.tagsList`.
@@ -192,5 +218,28 @@ impl InstanceMetadata {
             .flat_map(|i| i.ipv4.ip_address.iter())
             .filter_map(|a| a.private_ip_address.parse().ok())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_leaves_out_the_user_data() {
+        let c = Compute {
+            name: "vm0".into(),
+            // base64 of `join_token = "sekrit"`
+            user_data_base64: "am9pbl90b2tlbiA9ICJzZWtyaXQi".into(),
+            ..Compute::default()
+        };
+        let shown = format!("{c:?}");
+        assert!(shown.contains("vm0"), "{shown}");
+        assert!(!shown.contains("am9pbl90b2tl"), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
+        assert_eq!(
+            c.user_data().as_deref(),
+            Some(&b"join_token = \"sekrit\""[..])
+        );
     }
 }

@@ -542,6 +542,29 @@ pub fn agent_bin_release() -> PathBuf {
         .clone()
 }
 
+/// Builds (once per test process) the `drover-imds-emulator` binary and
+/// returns its path.
+pub fn imds_emulator_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let _guard = build_lock();
+            run_checked(
+                cargo().current_dir(repo_root()).args([
+                    "build",
+                    "-q",
+                    "-p",
+                    "drover-imds-emulator",
+                    "--bin",
+                    "drover-imds-emulator",
+                ]),
+                "building drover-imds-emulator",
+            );
+            target_dir().join("debug/drover-imds-emulator")
+        })
+        .clone()
+}
+
 fn build_agent(release: bool) -> PathBuf {
     let _guard = build_lock();
     let mut args = vec!["build", "-q", "-p", "drover-agent", "--bin", "drover-agent"];
@@ -576,6 +599,9 @@ pub struct ServerProc {
     /// Extra `drover server` flags and environment (an S3 artifact store).
     extra_args: Vec<String>,
     extra_env: Vec<(String, String)>,
+    /// The address it listens on (`127.0.0.1` unless started with
+    /// [`ServerProc::start_on`]).
+    listen_ip: String,
 }
 
 impl ServerProc {
@@ -615,14 +641,32 @@ impl ServerProc {
         Self::start_full(grace_seconds, release, Vec::new(), Vec::new())
     }
 
+    /// Like [`ServerProc::start`], listening on `ip` (an address of this
+    /// host that containers reach, such as Docker's bridge gateway) rather
+    /// than 127.0.0.1; [`ServerProc::url`] and the CLI use it too.
+    pub fn start_on(grace_seconds: u64, ip: &str) -> ServerProc {
+        Self::start_listening(grace_seconds, false, Vec::new(), Vec::new(), ip)
+    }
+
     fn start_full(
         grace_seconds: u64,
         release: bool,
         extra_args: Vec<String>,
         extra_env: Vec<(String, String)>,
     ) -> ServerProc {
+        Self::start_listening(grace_seconds, release, extra_args, extra_env, "127.0.0.1")
+    }
+
+    fn start_listening(
+        grace_seconds: u64,
+        release: bool,
+        extra_args: Vec<String>,
+        extra_env: Vec<(String, String)>,
+        listen_ip: &str,
+    ) -> ServerProc {
         let data = tempfile::tempdir().expect("tempdir");
         let mut s = ServerProc {
+            listen_ip: listen_ip.to_string(),
             child: None,
             port: free_port(),
             token: format!("e2e-token-{}", unique_name("t")),
@@ -649,7 +693,7 @@ impl ServerProc {
                 "--data-dir",
                 &self.data.path().join("srv").display().to_string(),
                 "--listen",
-                &format!("127.0.0.1:{}", self.port),
+                &format!("{}:{}", self.listen_ip, self.port),
                 "--grace-seconds",
                 &self.grace_seconds.to_string(),
                 "--heartbeat-seconds",
@@ -665,9 +709,10 @@ impl ServerProc {
             .expect("drover server starts");
         self.child = Some(child);
         let port = self.port;
+        let ip = self.listen_ip.clone();
         assert!(
             wait_until(Duration::from_secs(20), || std::net::TcpStream::connect((
-                "127.0.0.1",
+                ip.as_str(),
                 port
             ))
             .is_ok()),
@@ -678,7 +723,7 @@ impl ServerProc {
 
     /// The server's URL.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.listen_ip, self.port)
     }
 
     /// What the server wrote to stderr.

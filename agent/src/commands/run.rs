@@ -1,5 +1,9 @@
 //! `drover-agent run`: the node daemon. Settings come from flags, then the
-//! environment, then `--config agent.toml`, then defaults.
+//! environment, then `--config agent.toml`, then defaults; the join
+//! settings (`server`, `cluster`, `join_token`) that these leave missing
+//! come from `--join-file` when it exists, then from IMDS user data with
+//! `--join-from-user-data` (see `drover_agent::join`). The node id, when
+//! none is given, is the VM's name from IMDS, else the host name.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,7 +16,8 @@ use drover_agent::daemon::{self, DaemonConfig, NodeImds, VmFacts};
 use drover_agent::firewall::ImdsFirewall;
 use drover_agent::identity::limit::RateLimit;
 use drover_agent::inventory::{DEFAULT_NVML_LIB, InventoryCollector, InventoryConfig};
-use drover_imds::{ImdsClient, ImdsConfig};
+use drover_agent::join::JoinSettings;
+use drover_imds::{ImdsClient, ImdsConfig, InstanceMetadata};
 use drover_runner::{DockerRuntime, HostFacts, PartRunner, PullLimits, RunOptions};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +40,17 @@ pub struct RunArgs {
     /// File holding the join token.
     #[arg(long, env = "DROVER_JOIN_TOKEN_FILE")]
     join_token_file: Option<PathBuf>,
-    /// Node id (default: the host name).
+    /// A TOML file with the join settings still missing (`server`,
+    /// `cluster`, `join_token`), read when it exists: where cloud-init puts
+    /// them from a VM's custom data.
+    #[arg(long, env = "DROVER_JOIN_FILE")]
+    join_file: Option<PathBuf>,
+    /// Read the join settings still missing after `--join-file` from the
+    /// VM's IMDS user data (the same TOML; default false; needs --imds-url).
+    #[arg(long, env = "DROVER_JOIN_FROM_USER_DATA", action = clap::ArgAction::Set)]
+    join_from_user_data: Option<bool>,
+    /// Node id (default: the VM's name from IMDS when --imds-url is given,
+    /// else the host name).
     #[arg(long, env = "DROVER_NODE_ID")]
     node_id: Option<String>,
     /// Where the node credential and job outputs are kept.
@@ -114,6 +129,8 @@ struct FileConfig {
     cluster: Option<String>,
     join_token: Option<String>,
     join_token_file: Option<PathBuf>,
+    join_file: Option<PathBuf>,
+    join_from_user_data: Option<bool>,
     node_id: Option<String>,
     data_dir: Option<PathBuf>,
     heartbeat_seconds: Option<f64>,
@@ -204,11 +221,20 @@ fn route_ip(server: &str) -> Option<String> {
     Some(socket.local_addr().ok()?.ip().to_string())
 }
 
-/// The node's IMDS at `url`: a client, and its instance metadata when IMDS
-/// answers quickly. When it does not (IMDS answers 410 for a while when it
-/// is being updated), the daemon registers without it and keeps asking in
-/// the background. `address_from_imds`: no `--ip` was given.
-async fn node_imds(url: &str, address_from_imds: bool, marked: bool) -> Option<NodeImds> {
+/// The node's IMDS at `url`: a client, and its instance metadata.
+///
+/// `wait`: a setting depends on the metadata (the node id is the VM's name,
+/// or join settings are in its user data), so the client's whole retry
+/// policy is waited for (IMDS answers 410 for a while when it is being
+/// updated, as at a VM's first boot) and no answer is an error. Otherwise
+/// only a quick answer is taken: the daemon registers without one and keeps
+/// asking in the background. `address_from_imds`: no `--ip` was given.
+async fn node_imds(
+    url: &str,
+    address_from_imds: bool,
+    marked: bool,
+    wait: bool,
+) -> anyhow::Result<Option<(NodeImds, Option<InstanceMetadata>)>> {
     let config = ImdsConfig {
         base_url: url.to_string(),
         connect_timeout: Duration::from_millis(500),
@@ -219,45 +245,81 @@ async fn node_imds(url: &str, address_from_imds: bool, marked: bool) -> Option<N
     };
     let client = match ImdsClient::new(config) {
         Ok(client) => client,
-        Err(e) => {
+        Err(e) if !wait => {
             tracing::warn!(url, error = %drover_api::error::chain(&e), "no imds client; running without imds");
-            return None;
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("building the imds client for {url}"));
         }
     };
-    let vm = match tokio::time::timeout(Duration::from_secs(3), client.instance_metadata()).await {
-        Ok(Ok(m)) => Some(VmFacts::from_metadata(&m)),
-        Ok(Err(e)) => {
-            tracing::info!(
-                error = %drover_api::error::chain(&e),
-                "no instance metadata yet; registering without it and asking again in the background"
-            );
-            None
-        }
-        Err(_) => {
-            tracing::info!(
-                "imds did not answer in time; registering without instance metadata and asking again in the background"
-            );
-            None
+    let metadata = if wait {
+        let m = client.instance_metadata().await.with_context(|| {
+            format!(
+                "reading this VM's instance metadata from imds at {url} failed \
+                 (it names the node, or holds its join settings in user data)"
+            )
+        })?;
+        Some(m)
+    } else {
+        match tokio::time::timeout(Duration::from_secs(3), client.instance_metadata()).await {
+            Ok(Ok(m)) => Some(m),
+            Ok(Err(e)) => {
+                tracing::info!(
+                    error = %drover_api::error::chain(&e),
+                    "no instance metadata yet; registering without it and asking again in the background"
+                );
+                None
+            }
+            Err(_) => {
+                tracing::info!(
+                    "imds did not answer in time; registering without instance metadata and asking again in the background"
+                );
+                None
+            }
         }
     };
-    Some(NodeImds {
+    let imds = NodeImds {
         client,
-        vm,
+        vm: metadata.as_ref().map(VmFacts::from_metadata),
         address_from_imds,
-    })
+    };
+    Ok(Some((imds, metadata)))
+}
+
+/// The join settings in this VM's user data, when there is any.
+fn user_data_join(metadata: Option<&InstanceMetadata>) -> anyhow::Result<JoinSettings> {
+    let Some(m) = metadata else {
+        return Ok(JoinSettings::default());
+    };
+    let Some(bytes) = m.compute.user_data() else {
+        anyhow::bail!("the user data in this VM's instance metadata is not base64");
+    };
+    let settings = JoinSettings::from_user_data(&bytes)?;
+    tracing::info!(
+        server = settings.server.is_some(),
+        cluster = settings.cluster.is_some(),
+        join_token = settings.join_token.is_some(),
+        "join settings read from imds user data"
+    );
+    Ok(settings)
+}
+
+/// The node id: the one given, else the VM's name from IMDS, else the
+/// host name.
+fn node_id(given: Option<String>, metadata: Option<&InstanceMetadata>) -> String {
+    given
+        .or_else(|| {
+            metadata
+                .map(|m| m.compute.name.trim().to_string())
+                .filter(|n| !n.is_empty())
+        })
+        .unwrap_or_else(hostname)
 }
 
 /// Runs the daemon until SIGTERM/SIGINT and the drain end.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let file: FileConfig = super::read_config(args.config.as_deref())?;
-    let server = args
-        .server
-        .or(file.server)
-        .context("no control plane given: pass --server or set DROVER_SERVER")?;
-    let cluster = args
-        .cluster
-        .or(file.cluster)
-        .context("no cluster given: pass --cluster or set DROVER_CLUSTER")?;
     let join_token = match (
         args.join_token.or(file.join_token),
         args.join_token_file.or(file.join_token_file),
@@ -266,6 +328,26 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         (None, Some(p)) => Some(read_token(&p)?),
         (None, None) => None,
     };
+    let given = JoinSettings {
+        server: args.server.or(file.server),
+        cluster: args.cluster.or(file.cluster),
+        join_token,
+    };
+    let join = match args.join_file.or(file.join_file) {
+        Some(path) if !given.is_complete() => {
+            let from_file = JoinSettings::read_file(&path)?;
+            if from_file.is_some() {
+                tracing::info!(file = %path.display(), "join settings read from the join file");
+            }
+            given.or(from_file.unwrap_or_default())
+        }
+        _ => given,
+    };
+    let join_from_user_data = args
+        .join_from_user_data
+        .or(file.join_from_user_data)
+        .unwrap_or(false);
+    let node_id_given = args.node_id.or(file.node_id);
     let init_binary =
         drover_runner::init_binary::find(args.init_binary.or(file.init_binary).as_deref())?;
     let nvml_lib = args
@@ -273,6 +355,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .or(file.nvml_lib)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_NVML_LIB));
     let imds_url = args.imds_url.or(file.imds_url);
+    anyhow::ensure!(
+        imds_url.is_some() || !join_from_user_data,
+        "--join-from-user-data needs --imds-url: user data is read from IMDS"
+    );
     let imds_firewall = match &imds_url {
         Some(url) if args.imds_firewall.or(file.imds_firewall).unwrap_or(true) => {
             let iptables = args
@@ -299,54 +385,42 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         10.0,
         "stop grace",
     )?;
-    let mut config = DaemonConfig {
-        server,
-        cluster,
-        join_token,
-        node_id: args.node_id.or(file.node_id).unwrap_or_else(hostname),
-        data_dir: args
-            .data_dir
-            .or(file.data_dir)
-            .unwrap_or_else(default_data_dir),
-        heartbeat_interval: seconds(
-            args.heartbeat_seconds.or(file.heartbeat_seconds),
-            10.0,
-            "heartbeat interval",
-        )?
-        .max(Duration::from_millis(100)),
-        watch_timeout: Duration::from_secs(30),
-        drain_deadline: seconds(
-            args.drain_seconds.or(file.drain_seconds),
-            600.0,
-            "drain deadline",
-        )?,
-        stop_grace,
-        init_binary,
-        ip: args.ip.or(file.ip),
-        dedicated: true,
-        metrics_listen: args.metrics_listen.or(file.metrics_listen),
-        identity_listen: identity_listen(
-            args.identity_listen
-                .as_deref()
-                .or(file.identity_listen.as_deref()),
-        )?,
-        identity_rate: identity_rate(
-            args.identity_rate.or(file.identity_rate),
-            args.identity_burst.or(file.identity_burst),
-        )?,
-        job_network: args.job_network.or(file.job_network),
-        node_network: args
-            .node_network
-            .or(file.node_network)
-            .unwrap_or_else(|| "host".to_string()),
-        imds: None,
-        self_fence: args.self_fence.or(file.self_fence).unwrap_or(true),
-        cache_max_bytes: args
-            .cache_max_bytes
-            .or(file.cache_max_bytes)
-            .unwrap_or(drover_agent::files::cache::DEFAULT_CACHE_MAX_BYTES),
-        imds_firewall,
-    };
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(default_data_dir);
+    let heartbeat_interval = seconds(
+        args.heartbeat_seconds.or(file.heartbeat_seconds),
+        10.0,
+        "heartbeat interval",
+    )?
+    .max(Duration::from_millis(100));
+    let drain_deadline = seconds(
+        args.drain_seconds.or(file.drain_seconds),
+        600.0,
+        "drain deadline",
+    )?;
+    let identity_listen = identity_listen(
+        args.identity_listen
+            .as_deref()
+            .or(file.identity_listen.as_deref()),
+    )?;
+    let identity_rate = identity_rate(
+        args.identity_rate.or(file.identity_rate),
+        args.identity_burst.or(file.identity_burst),
+    )?;
+    let ip = args.ip.or(file.ip);
+    let metrics_listen = args.metrics_listen.or(file.metrics_listen);
+    let job_network = args.job_network.or(file.job_network);
+    let node_network = args
+        .node_network
+        .or(file.node_network)
+        .unwrap_or_else(|| "host".to_string());
+    let self_fence = args.self_fence.or(file.self_fence).unwrap_or(true);
+    let cache_max_bytes = args
+        .cache_max_bytes
+        .or(file.cache_max_bytes)
+        .unwrap_or(drover_agent::files::cache::DEFAULT_CACHE_MAX_BYTES);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -354,18 +428,64 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let mut vm = None;
-        if let Some(url) = imds_url {
-            let imds = node_imds(&url, config.ip.is_none(), config.imds_firewall.is_some()).await;
-            if let Some(facts) = imds.as_ref().and_then(|i| i.vm.clone()) {
-                vm = Some(facts.vm);
-                config.dedicated = facts.dedicated;
-                if config.ip.is_none() {
-                    config.ip = facts.ip;
+        // The settings that need IMDS wait for its answer.
+        let need_user_data = join_from_user_data && !join.is_complete();
+        let wait = node_id_given.is_none() || need_user_data;
+        let (imds, metadata) = match &imds_url {
+            Some(url) => {
+                match node_imds(url, ip.is_none(), imds_firewall.is_some(), wait).await? {
+                    Some((imds, metadata)) => (Some(imds), metadata),
+                    None => (None, None),
                 }
             }
-            config.imds = imds;
+            None => (None, None),
+        };
+        let join = if need_user_data {
+            join.or(user_data_join(metadata.as_ref())?)
+        } else {
+            join
+        };
+        let where_else = if join_from_user_data {
+            "the join file or IMDS user data"
+        } else {
+            "the join file (--join-file)"
+        };
+        let mut config = DaemonConfig {
+            server: join.server.with_context(|| {
+                format!("no control plane given: pass --server, set DROVER_SERVER or put server in {where_else}")
+            })?,
+            cluster: join.cluster.with_context(|| {
+                format!("no cluster given: pass --cluster, set DROVER_CLUSTER or put cluster in {where_else}")
+            })?,
+            join_token: join.join_token,
+            node_id: node_id(node_id_given, metadata.as_ref()),
+            data_dir,
+            heartbeat_interval,
+            watch_timeout: Duration::from_secs(30),
+            drain_deadline,
+            stop_grace,
+            init_binary,
+            ip,
+            dedicated: true,
+            metrics_listen,
+            identity_listen,
+            identity_rate,
+            job_network,
+            node_network,
+            imds: None,
+            self_fence,
+            cache_max_bytes,
+            imds_firewall,
+        };
+        let mut vm = None;
+        if let Some(facts) = imds.as_ref().and_then(|i| i.vm.clone()) {
+            vm = Some(facts.vm);
+            config.dedicated = facts.dedicated;
+            if config.ip.is_none() {
+                config.ip = facts.ip;
+            }
         }
+        config.imds = imds;
         if config.ip.is_none() {
             config.ip = route_ip(&config.server);
         }
@@ -423,4 +543,40 @@ async fn wait_for_signal(shutdown: CancellationToken) {
     }
     tracing::info!("signal received; draining");
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(name: &str, user_data: &str) -> InstanceMetadata {
+        let mut m = InstanceMetadata::default();
+        m.compute.name = name.to_string();
+        m.compute.user_data_base64 = user_data.to_string();
+        m
+    }
+
+    #[test]
+    fn the_node_id_is_the_given_one_then_the_vms_name_then_the_host_name() {
+        let m = metadata("vmss_3", "");
+        assert_eq!(node_id(Some("n1".into()), Some(&m)), "n1");
+        assert_eq!(node_id(None, Some(&m)), "vmss_3");
+        assert_eq!(node_id(None, Some(&metadata(" ", ""))), hostname());
+        assert_eq!(node_id(None, None), hostname());
+    }
+
+    #[test]
+    fn join_settings_come_from_user_data_when_there_is_some() {
+        // base64 of `cluster = "gpu"`
+        let m = metadata("vm", "Y2x1c3RlciA9ICJncHUi");
+        let s = user_data_join(Some(&m)).unwrap();
+        assert_eq!(s.cluster.as_deref(), Some("gpu"));
+        assert_eq!(
+            user_data_join(Some(&metadata("vm", ""))).unwrap(),
+            JoinSettings::default()
+        );
+        assert_eq!(user_data_join(None).unwrap(), JoinSettings::default());
+        let e = user_data_join(Some(&metadata("vm", "not base64!"))).unwrap_err();
+        assert!(e.to_string().contains("not base64"), "{e}");
+    }
 }

@@ -8,6 +8,7 @@ pub mod files;
 pub mod firewall;
 pub mod http;
 pub mod identity;
+pub mod images;
 pub mod inventory;
 pub mod join;
 pub mod metrics;

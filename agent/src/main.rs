@@ -18,6 +18,10 @@ enum Command {
     Inventory(commands::inventory::InventoryArgs),
     /// Run the node daemon: join the cluster, heartbeat, run assigned job parts.
     Run(Box<commands::run::RunArgs>),
+    /// Pull images, or pull or build registered environments, ahead of
+    /// any job (while a VM image is baked), and pin them so image
+    /// collection keeps them.
+    Prepull(commands::prepull::PrepullArgs),
     /// Remove what `run` installed on the node beyond its data directory
     /// (the IMDS firewall rules); run it once the agent is stopped for good.
     Uninstall(commands::uninstall::UninstallArgs),
@@ -38,5 +42,9 @@ fn main() -> anyhow::Result<()> {
         Command::Inventory(args) => commands::inventory::run(args),
         Command::Run(args) => commands::run::run(*args),
         Command::Uninstall(args) => commands::uninstall::run(args),
+        Command::Prepull(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(commands::prepull::run(args)),
     }
 }

@@ -45,6 +45,12 @@ pub struct Metrics {
     /// Environment images made ready for parts, by outcome (present,
     /// built, pulled, failed).
     pub environment_images: Family<Labels, Counter>,
+    /// Images removed by collection under disk pressure.
+    pub image_gc_removed: Counter,
+    /// Bytes those images held.
+    pub image_gc_bytes: Counter,
+    /// Removals that failed.
+    pub image_gc_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -59,6 +65,9 @@ impl Default for Metrics {
             parts: Family::default(),
             pulls: Counter::default(),
             environment_images: Family::default(),
+            image_gc_removed: Counter::default(),
+            image_gc_bytes: Counter::default(),
+            image_gc_failures: Counter::default(),
             gpu_utilization: Family::default(),
             gpu_memory_used: Family::default(),
             gpu_memory_total: Family::default(),
@@ -85,6 +94,21 @@ impl Default for Metrics {
         );
         registry.register("parts", "job parts on this node by state", m.parts.clone());
         registry.register("pulls", "parts that pulled their image", m.pulls.clone());
+        registry.register(
+            "image_gc_removed",
+            "images removed by collection under disk pressure",
+            m.image_gc_removed.clone(),
+        );
+        registry.register(
+            "image_gc_freed_bytes",
+            "bytes of the images collection removed",
+            m.image_gc_bytes.clone(),
+        );
+        registry.register(
+            "image_gc_failures",
+            "image removals by collection that failed",
+            m.image_gc_failures.clone(),
+        );
         registry.register(
             "environment_images",
             "environment images made ready for parts, by outcome",

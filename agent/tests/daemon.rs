@@ -354,6 +354,7 @@ fn start_at(
         job_network: None,
         node_network: "host".into(),
         imds_firewall: None,
+        image_gc: None,
         imds,
         self_fence: true,
         cache_max_bytes: 1 << 30,

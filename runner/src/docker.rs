@@ -570,6 +570,44 @@ impl ContainerRuntime for DockerRuntime {
         Ok(())
     }
 
+    async fn data_root(&self) -> Result<std::path::PathBuf, RuntimeError> {
+        let info = self.docker.info().await.map_err(engine_error)?;
+        info.docker_root_dir
+            .map(std::path::PathBuf::from)
+            .ok_or_else(|| RuntimeError::Engine("docker info has no DockerRootDir".into()))
+    }
+
+    async fn image_size(&self, image: &str) -> Result<Option<u64>, RuntimeError> {
+        match self.docker.inspect_image(image).await {
+            Ok(i) => Ok(Some(i.size.unwrap_or(0).max(0) as u64)),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(engine_error(e)),
+        }
+    }
+
+    async fn images_in_use(&self) -> Result<std::collections::BTreeSet<String>, RuntimeError> {
+        let options = bollard::query_parameters::ListContainersOptions {
+            all: true,
+            ..Default::default()
+        };
+        let found = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(engine_error)?;
+        Ok(found
+            .into_iter()
+            .flat_map(|c| [c.image, c.image_id])
+            .flatten()
+            .collect())
+    }
+
+    async fn delete_image(&self, image: &str) -> Result<(), RuntimeError> {
+        self.remove_image(image).await
+    }
+
     async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
         match self.docker.inspect_image(image).await {
             Ok(_) => Ok(true),

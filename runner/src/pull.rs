@@ -103,6 +103,14 @@ impl<R: ContainerRuntime> ImagePuller<R> {
         }
     }
 
+    /// The images being pulled now.
+    pub fn in_flight(&self) -> Vec<String> {
+        self.in_flight
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Makes `image` available according to `policy`, forwarding progress to
     /// `progress` (if given) until it is.
     pub async fn ensure(

@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use serde::de::DeserializeOwned;
 
 pub mod inventory;
+pub mod prepull;
 pub mod run;
 pub mod uninstall;
 

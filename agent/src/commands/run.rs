@@ -18,6 +18,7 @@ use drover_agent::identity::limit::RateLimit;
 use drover_agent::inventory::{DEFAULT_NVML_LIB, InventoryCollector, InventoryConfig};
 use drover_agent::join::JoinSettings;
 use drover_imds::{ImdsClient, ImdsConfig, InstanceMetadata};
+use drover_agent::images::collect::CollectConfig;
 use drover_runner::{DockerRuntime, HostFacts, PartRunner, PullLimits, RunOptions};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -119,6 +120,25 @@ pub struct RunArgs {
     /// The `iptables` program (default: `iptables` on the PATH).
     #[arg(long, env = "DROVER_IPTABLES")]
     iptables: Option<PathBuf>,
+    /// Remove the least recently used images this agent pulled or built
+    /// when the disk fills (default true; off when the disk cannot be
+    /// measured).
+    #[arg(long, env = "DROVER_IMAGE_GC", action = clap::ArgAction::Set)]
+    image_gc: Option<bool>,
+    /// Collect images when the engine's filesystem is fuller than this,
+    /// percent (default 85).
+    #[arg(long, env = "DROVER_IMAGE_GC_HIGH_PERCENT")]
+    image_gc_high_percent: Option<f64>,
+    /// Collect until it is expected below this, percent (default 80).
+    #[arg(long, env = "DROVER_IMAGE_GC_LOW_PERCENT")]
+    image_gc_low_percent: Option<f64>,
+    /// Seconds between disk measurements (default 60; also after each part).
+    #[arg(long, env = "DROVER_IMAGE_GC_INTERVAL_SECONDS")]
+    image_gc_interval_seconds: Option<f64>,
+    /// The folder whose filesystem is measured (default: the engine's data
+    /// root, `docker info`'s DockerRootDir, when the agent sees it).
+    #[arg(long, env = "DROVER_IMAGE_GC_PATH")]
+    image_gc_path: Option<PathBuf>,
 }
 
 /// The config file: the same settings as the flags.
@@ -150,6 +170,44 @@ struct FileConfig {
     cache_max_bytes: Option<u64>,
     imds_firewall: Option<bool>,
     iptables: Option<PathBuf>,
+    image_gc: Option<bool>,
+    image_gc_high_percent: Option<f64>,
+    image_gc_low_percent: Option<f64>,
+    image_gc_interval_seconds: Option<f64>,
+    image_gc_path: Option<PathBuf>,
+}
+
+/// Image collection's settings, checked.
+fn image_gc(args: &RunArgs, file: &FileConfig) -> anyhow::Result<Option<CollectConfig>> {
+    if !args.image_gc.or(file.image_gc).unwrap_or(true) {
+        return Ok(None);
+    }
+    let d = CollectConfig::default();
+    let high = args
+        .image_gc_high_percent
+        .or(file.image_gc_high_percent)
+        .unwrap_or(d.high_percent);
+    let low = args
+        .image_gc_low_percent
+        .or(file.image_gc_low_percent)
+        .unwrap_or(d.low_percent);
+    anyhow::ensure!(
+        high.is_finite() && low.is_finite() && 0.0 < low && low < high && high <= 100.0,
+        "--image-gc-low-percent ({low}) must be above 0 and below --image-gc-high-percent ({high}), at most 100"
+    );
+    let interval = seconds(
+        args.image_gc_interval_seconds
+            .or(file.image_gc_interval_seconds),
+        d.interval.as_secs_f64(),
+        "--image-gc-interval-seconds",
+    )?
+    .max(Duration::from_millis(100));
+    Ok(Some(CollectConfig {
+        high_percent: high,
+        low_percent: low,
+        interval,
+        path: args.image_gc_path.clone().or(file.image_gc_path.clone()),
+    }))
 }
 
 /// `--identity-listen`: an address, or `off`.
@@ -185,7 +243,7 @@ fn seconds(v: Option<f64>, default: f64, what: &str) -> anyhow::Result<Duration>
     Ok(Duration::from_secs_f64(s))
 }
 
-fn default_data_dir() -> PathBuf {
+pub(crate) fn default_data_dir() -> PathBuf {
     std::env::var_os("HOME")
         .map(|h| PathBuf::from(h).join(".local/share/drover-agent"))
         .unwrap_or_else(|| PathBuf::from("/var/lib/drover-agent"))
@@ -320,6 +378,7 @@ fn node_id(given: Option<String>, metadata: Option<&InstanceMetadata>) -> String
 /// Runs the daemon until SIGTERM/SIGINT and the drain end.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let file: FileConfig = super::read_config(args.config.as_deref())?;
+    let image_gc = image_gc(&args, &file)?;
     let join_token = match (
         args.join_token.or(file.join_token),
         args.join_token_file.or(file.join_token_file),
@@ -476,6 +535,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             self_fence,
             cache_max_bytes,
             imds_firewall,
+            image_gc,
         };
         let mut vm = None;
         if let Some(facts) = imds.as_ref().and_then(|i| i.vm.clone()) {

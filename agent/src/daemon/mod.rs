@@ -149,6 +149,8 @@ pub struct DaemonConfig {
     /// The IMDS firewall, installed before the daemon starts and kept
     /// while it runs (`None`: no IMDS, or the firewall is turned off).
     pub imds_firewall: Option<crate::firewall::ImdsFirewall>,
+    /// Image collection by disk pressure (`None`: off).
+    pub image_gc: Option<crate::images::collect::CollectConfig>,
 }
 
 impl std::fmt::Debug for DaemonConfig {
@@ -166,9 +168,21 @@ impl std::fmt::Debug for DaemonConfig {
     }
 }
 
+/// What supervisors share about images: the ledger, the images assigned
+/// parts need, and the collector's wake-up.
+#[derive(Debug, Clone)]
+pub(crate) struct PartImages {
+    pub(crate) ledger: Arc<crate::images::ledger::ImageLedger>,
+    pub(crate) needed: crate::images::collect::NeededImages,
+    pub(crate) wake: Arc<tokio::sync::Notify>,
+}
+
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The image ledger in the data dir cannot be read.
+    #[error("cannot open the image ledger: {0}")]
+    Images(String),
     /// Registration was refused for good (wrong token, node id taken).
     #[error("registering node {node} with cluster {cluster} failed")]
     Register {
@@ -414,7 +428,29 @@ pub async fn run<R: ContainerRuntime>(
             io.clone(),
         )
     });
+    // The images this agent brought here, and their collection.
+    let images = PartImages {
+        ledger: Arc::new(
+            crate::images::ledger::ImageLedger::open(&config.data_dir)
+                .map_err(|e| DaemonError::Images(e.to_string()))?,
+        ),
+        needed: crate::images::collect::NeededImages::default(),
+        wake: Arc::new(tokio::sync::Notify::new()),
+    };
+    let collector_stop = CancellationToken::new();
+    let collector = config.image_gc.clone().map(|gc| {
+        tokio::spawn(crate::images::collect::collector_task(
+            runner.clone(),
+            images.ledger.clone(),
+            images.needed.clone(),
+            gc,
+            metrics.clone(),
+            images.wake.clone(),
+            collector_stop.clone(),
+        ))
+    });
     let reconciler = Reconciler {
+        images,
         config: config.clone(),
         runner,
         reports,
@@ -460,6 +496,10 @@ pub async fn run<R: ContainerRuntime>(
     }
     metrics_stop.cancel();
     identity_stop.cancel();
+    collector_stop.cancel();
+    if let Some(t) = collector {
+        let _ = t.await;
+    }
     if let Some(t) = metrics_task {
         let _ = t.await;
     }

@@ -49,6 +49,8 @@ pub(super) struct Reconciler<R: ContainerRuntime> {
     pub(super) gpus: HealthyGpus,
     /// Fetches parts' code and inputs, and their outputs' control plane.
     pub(super) materializer: Materializer,
+    /// The image ledger and what parts need.
+    pub(super) images: super::PartImages,
     /// The token endpoint, when it listens: new parts get a secret there.
     pub(super) identity: Option<Arc<crate::identity::IdentityService>>,
     /// Cut off past the grace: parts that end now do not upload.
@@ -338,6 +340,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             metrics: self.metrics.clone(),
             gpus: self.gpus.clone(),
             materializer: self.materializer.clone(),
+            images: self.images.clone(),
             identity: self.identity.clone(),
             fenced: self.fenced.clone(),
             cancel: cancel.clone(),

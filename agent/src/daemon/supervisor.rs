@@ -13,7 +13,11 @@
 //! an adopted one's, whose upload a restart cut) its outputs are uploaded
 //! and posted (`files::upload`) before its end is reported.
 
-use crate::environments::{EnvironmentContext, EnvironmentError, prepare_environment};
+use crate::environments::{
+    EnvironmentContext, EnvironmentError, EnvironmentOutcome, prepare_environment,
+};
+use crate::images::collect::record_use;
+use crate::images::ledger::ImageOrigin;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -122,6 +126,7 @@ pub(super) struct PartCtx<R: ContainerRuntime> {
     pub(super) metrics: Arc<Metrics>,
     pub(super) gpus: HealthyGpus,
     pub(super) materializer: Materializer,
+    pub(super) images: super::PartImages,
     pub(super) identity: Option<Arc<IdentityService>>,
     pub(super) fenced: Arc<AtomicBool>,
     pub(super) cancel: CancellationToken,
@@ -139,6 +144,7 @@ impl<R: ContainerRuntime> Clone for PartCtx<R> {
             metrics: self.metrics.clone(),
             gpus: self.gpus.clone(),
             materializer: self.materializer.clone(),
+            images: self.images.clone(),
             identity: self.identity.clone(),
             fenced: self.fenced.clone(),
             cancel: self.cancel.clone(),
@@ -373,6 +379,8 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
         return refuse(ctx, why).await;
     }
     let gpu_uuids: Vec<String> = healthy.into_iter().take(want).collect();
+    // Image collection keeps the part's image from here on.
+    let _needed = ctx.images.needed.hold(&job.image);
     // Code and inputs before any container: one that cannot be fetched
     // fails the part, naming it.
     let dir = PartDir::new(&ctx.config.data_dir, &a.part);
@@ -414,7 +422,14 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
         drop(env_ctx);
         let _ = forward.await;
         match prepared {
-            Ok(_) => {}
+            Ok(outcome) => {
+                let brought = match outcome {
+                    EnvironmentOutcome::Built => Some(ImageOrigin::Built),
+                    EnvironmentOutcome::Pulled => Some(ImageOrigin::Pulled),
+                    EnvironmentOutcome::Present | EnvironmentOutcome::NotNeeded => None,
+                };
+                record_use(&ctx.images.ledger, &job.image, brought);
+            }
             Err(EnvironmentError::Canceled(_)) => {
                 return Ended {
                     state: PartState::Stopped,
@@ -530,13 +545,21 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
                     PartEvent::Stopping { .. } => {}
                 }
             }
+            pulling
         })
     };
     let outcome = ctx
         .runner
         .run(job, &placement, tx, ctx.cancel.clone())
         .await;
-    let _ = forward.await;
+    let pulled = forward.await.unwrap_or(false);
+    record_use(
+        &ctx.images.ledger,
+        &job.image,
+        pulled.then_some(ImageOrigin::Pulled),
+    );
+    // A part's end may leave an image unneeded: collection looks again.
+    ctx.images.wake.notify_one();
     let container = container.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let (state, exit_code) = match outcome {
         Ok(PartOutcome::Completed) => (PartState::Succeeded, Some(0)),

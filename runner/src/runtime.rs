@@ -207,25 +207,44 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// The engine's data root (`docker info`'s `DockerRootDir`): the
     /// folder whose filesystem images fill.
     fn data_root(&self) -> impl Future<Output = Result<std::path::PathBuf, RuntimeError>> + Send {
-        async { Err(RuntimeError::Engine("this container engine has no data root".into())) }
+        async {
+            Err(RuntimeError::Engine(
+                "this container engine has no data root".into(),
+            ))
+        }
     }
     /// A local image's size in bytes, or `None` when it is not present.
-    fn image_size(&self, image: &str) -> impl Future<Output = Result<Option<u64>, RuntimeError>> + Send {
+    fn image_size(
+        &self,
+        image: &str,
+    ) -> impl Future<Output = Result<Option<u64>, RuntimeError>> + Send {
         let _ = image;
-        async { Err(RuntimeError::Engine("this container engine cannot inspect images".into())) }
+        async {
+            Err(RuntimeError::Engine(
+                "this container engine cannot inspect images".into(),
+            ))
+        }
     }
     /// The images (as named at creation, and by id) of every container,
     /// running or not.
     fn images_in_use(
         &self,
     ) -> impl Future<Output = Result<std::collections::BTreeSet<String>, RuntimeError>> + Send {
-        async { Err(RuntimeError::Engine("this container engine cannot list containers' images".into())) }
+        async {
+            Err(RuntimeError::Engine(
+                "this container engine cannot list containers' images".into(),
+            ))
+        }
     }
     /// Removes a local image's name (never forced: an image a container
     /// uses is refused with [`RuntimeError::Conflict`]).
     fn delete_image(&self, image: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send {
         let _ = image;
-        async { Err(RuntimeError::Engine("this container engine cannot remove images".into())) }
+        async {
+            Err(RuntimeError::Engine(
+                "this container engine cannot remove images".into(),
+            ))
+        }
     }
     /// Pushes a local image to its registry, calling `progress` with each
     /// status line.

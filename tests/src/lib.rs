@@ -801,6 +801,11 @@ impl ServerProc {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Submits a job file to `cluster`; returns the job's name.
+    pub fn submit(&self, file: &Path, cluster: &str) -> String {
+        submit_with(|args| self.cli_ok(args), file, cluster)
+    }
+
     /// Creates a cluster of up to `max_nodes` and returns its join token.
     pub fn create_cluster(&self, name: &str, max_nodes: u32) -> String {
         self.create_cluster_with(name, max_nodes, &[])
@@ -928,6 +933,11 @@ impl AgentProc {
         };
         a.spawn();
         a
+    }
+
+    /// The agent's data dir.
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
     }
 
     /// (Re)starts the process.
@@ -1202,17 +1212,7 @@ impl LocalUp {
 
     /// Submits a job file to `cluster`; returns the job's name.
     pub fn submit(&self, file: &Path, cluster: &str) -> String {
-        let out = self.cli_ok(&[
-            "job",
-            "create",
-            "-f",
-            &file.display().to_string(),
-            "-c",
-            cluster,
-            "--json",
-        ]);
-        let v: serde_json::Value = serde_json::from_str(&out).expect("job json");
-        v["id"].as_str().expect("job id").to_string()
+        submit_with(|args| self.cli_ok(args), file, cluster)
     }
 
     /// `drover job show NAME --json`, parsed.
@@ -1360,4 +1360,19 @@ pub fn key_values(text: &str, marker: &str) -> Vec<std::collections::BTreeMap<St
                 .collect()
         })
         .collect()
+}
+
+/// `drover job create -f FILE -c CLUSTER --json` through `cli_ok`; the job's name.
+fn submit_with(cli_ok: impl Fn(&[&str]) -> String, file: &Path, cluster: &str) -> String {
+    let out = cli_ok(&[
+        "job",
+        "create",
+        "-f",
+        &file.display().to_string(),
+        "-c",
+        cluster,
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("job json");
+    v["id"].as_str().expect("job id").to_string()
 }

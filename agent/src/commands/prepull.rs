@@ -20,8 +20,8 @@ use drover_agent::environments::ENVIRONMENT_LABEL;
 use drover_agent::images::ledger::ImageLedger;
 use drover_api::environment::{CONTEXT_LABEL, EnvironmentInfo, EnvironmentSource};
 use drover_api::job::Code;
-use drover_runner::runtime::{ContainerRuntime, ImageBuildRequest};
 use drover_runner::DockerRuntime;
+use drover_runner::runtime::{ContainerRuntime, ImageBuildRequest};
 use futures_util::StreamExt;
 use serde::Deserialize;
 
@@ -84,7 +84,8 @@ pub async fn run(args: PrepullArgs) -> anyhow::Result<()> {
             Some((n, v)) => (n.to_string(), v.to_string()),
             None => (e.clone(), "latest".to_string()),
         };
-        drover_api::environment::check_name(&name).map_err(|m| anyhow::anyhow!("--environment {e}: {m}"))?;
+        drover_api::environment::check_name(&name)
+            .map_err(|m| anyhow::anyhow!("--environment {e}: {m}"))?;
         if version != "latest" {
             drover_api::environment::check_version(&version)
                 .map_err(|m| anyhow::anyhow!("--environment {e}: {m}"))?;
@@ -236,7 +237,11 @@ async fn environment(
         bail!("environment {what} has no uploaded build context");
     };
     let digest = blob.digest.hex();
-    if docker.image_label(&info.image, CONTEXT_LABEL).await?.flatten().as_deref()
+    if docker
+        .image_label(&info.image, CONTEXT_LABEL)
+        .await?
+        .flatten()
+        .as_deref()
         == Some(digest.as_str())
     {
         eprintln!("prepull: {} is already here", info.image);
@@ -244,11 +249,16 @@ async fn environment(
     }
     // Built for the registry by a node already: pull it.
     if matches!(info.build_state, drover_api::environment::BuildState::Built)
-        && !info.image.starts_with(drover_api::environment::BUILD_REPOSITORY)
+        && !info
+            .image
+            .starts_with(drover_api::environment::BUILD_REPOSITORY)
     {
         match pull(docker, &info.image).await {
             Ok(()) => return Ok(info.image),
-            Err(e) => eprintln!("prepull: pulling {} failed ({e:#}); building it here", info.image),
+            Err(e) => eprintln!(
+                "prepull: pulling {} failed ({e:#}); building it here",
+                info.image
+            ),
         }
     }
     let dir = data_dir.join("cache").join("prepull");

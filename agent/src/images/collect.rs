@@ -127,7 +127,11 @@ pub fn plan_collection(
     let target = (usage.total as f64 * low_percent / 100.0) as u64;
     let mut used = usage.used();
     let mut by_age: Vec<&Candidate> = candidates.iter().collect();
-    by_age.sort_by(|a, b| a.last_used_ms.cmp(&b.last_used_ms).then(a.image.cmp(&b.image)));
+    by_age.sort_by(|a, b| {
+        a.last_used_ms
+            .cmp(&b.last_used_ms)
+            .then(a.image.cmp(&b.image))
+    });
     for c in by_age {
         if used <= target {
             break;
@@ -297,9 +301,8 @@ pub async fn collect_once<R: ContainerRuntime>(
     config: &CollectConfig,
     path: &Path,
 ) -> Result<Vec<CollectEvent>, RuntimeError> {
-    let usage = disk_usage(path).map_err(|e| {
-        RuntimeError::Engine(format!("measuring {}: {e}", path.display()))
-    })?;
+    let usage = disk_usage(path)
+        .map_err(|e| RuntimeError::Engine(format!("measuring {}: {e}", path.display())))?;
     if usage.percent() < config.high_percent {
         return Ok(Vec::new());
     }
@@ -452,7 +455,14 @@ mod tests {
             total: 100 * GB,
             available: 16 * GB,
         };
-        let plan = plan_collection(usage, 85.0, 80.0, &[c("a", 10 * GB, 1, false)], &BTreeSet::new(), &BTreeSet::new());
+        let plan = plan_collection(
+            usage,
+            85.0,
+            80.0,
+            &[c("a", 10 * GB, 1, false)],
+            &BTreeSet::new(),
+            &BTreeSet::new(),
+        );
         assert_eq!(plan, CollectionPlan::default());
     }
 

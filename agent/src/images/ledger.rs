@@ -4,7 +4,8 @@
 //! the engine may be shared with images the agent must never touch.
 //!
 //! One JSON file in the data dir, written whole to a temporary file and
-//! renamed, so a crash leaves the old ledger or the new one.
+//! renamed, so a crash leaves the old ledger or the new one. Every change
+//! reads the file first, so `prepull` may pin images while an agent runs.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -57,7 +58,15 @@ impl ImageLedger {
     /// Opens the ledger of `data_dir` (empty when there is none yet).
     pub fn open(data_dir: &Path) -> io::Result<ImageLedger> {
         let path = Self::path_in(data_dir);
-        let state = match std::fs::read(&path) {
+        let state = Self::read(&path)?;
+        Ok(ImageLedger {
+            path,
+            state: Mutex::new(state),
+        })
+    }
+
+    fn read(path: &Path) -> io::Result<LedgerFile> {
+        Ok(match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -66,10 +75,6 @@ impl ImageLedger {
             })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => LedgerFile::default(),
             Err(e) => return Err(e),
-        };
-        Ok(ImageLedger {
-            path,
-            state: Mutex::new(state),
         })
     }
 
@@ -85,6 +90,10 @@ impl ImageLedger {
 
     fn change(&self, f: impl FnOnce(&mut LedgerFile)) -> io::Result<()> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // Another process (prepull) may have written since.
+        if let Ok(on_disk) = Self::read(&self.path) {
+            *state = on_disk;
+        }
         f(&mut state);
         self.save(&state)
     }
@@ -122,13 +131,13 @@ impl ImageLedger {
         })
     }
 
-    /// Every image, by name.
+    /// Every image, by name (as on disk now, when it reads).
     pub fn entries(&self) -> BTreeMap<String, LedgerEntry> {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .images
-            .clone()
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(on_disk) = Self::read(&self.path) {
+            *state = on_disk;
+        }
+        state.images.clone()
     }
 }
 
@@ -151,7 +160,12 @@ mod tests {
         assert!(e["b:1"].pinned, "a pin survives later use");
         assert_eq!(e["b:1"].last_used_ms, 30);
         again.forget("a:1").unwrap();
-        assert!(!ImageLedger::open(dir.path()).unwrap().entries().contains_key("a:1"));
+        assert!(
+            !ImageLedger::open(dir.path())
+                .unwrap()
+                .entries()
+                .contains_key("a:1")
+        );
         std::fs::write(ImageLedger::path_in(dir.path()), "nope").unwrap();
         assert!(ImageLedger::open(dir.path()).is_err());
     }

@@ -139,7 +139,7 @@ if [ "${#prepull_images[@]}" -gt 0 ] || [ "${#prepull_environments[@]}" -gt 0 ];
             exit 1
         fi
     fi
-    args=(prepull)
+    args=(prepull --config /etc/drover/agent.toml)
     for i in "${prepull_images[@]}"; do args+=(--image "$i"); done
     for e in "${prepull_environments[@]}"; do args+=(--environment "$e"); done
     if [ -n "$prepull_server" ]; then args+=(--from-server "$prepull_server"); fi

@@ -1475,8 +1475,27 @@ async fn the_environment_door_refuses_over_raw_http_what_the_rules_refuse() {
         spec.as_command().map(|c| c.image.as_str()),
         Some("busybox:1")
     );
-    // Agent routes need a node's credential.
+    // Agent routes need a node's credential, and a node may ask only
+    // about the builds of its own parts.
     let (status, _) = api.post("/v1/agent/builds", json!({"image": "x"})).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let join = api.create_cluster("gpu", 1).await;
+    let cred = api.register("gpu", &join, "n9").await;
+    for (path, body) in [
+        ("/v1/agent/builds", json!({"image": "drover-env/t:1"})),
+        (
+            "/v1/agent/builds/report",
+            json!({"image": "drover-env/t:1", "failure": "sabotage"}),
+        ),
+    ] {
+        let (status, body) = api.agent_post(&cred, path, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            error_of(&body)
+                .message
+                .contains("has no assigned part that builds"),
+            "{body}"
+        );
+    }
     stop(server).await;
 }

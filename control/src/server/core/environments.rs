@@ -78,6 +78,23 @@ fn select(s: &Store, name: &str, which: &VersionSelector) -> Result<StoredEnviro
     }
 }
 
+/// A node may ask about, and report, only the builds of its own assigned
+/// parts' environments: no node can mark another job's image failed.
+fn assigned_build(s: &Store, node: &str, image: &str) -> Result<(), StoreError> {
+    let assigned = s.assignments(node)?.parts.iter().any(|p| {
+        p.spec.as_command().is_some_and(|j| {
+            j.image == image && j.environment.as_ref().is_some_and(|e| e.build.is_some())
+        })
+    });
+    if assigned {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "node {node} has no assigned part that builds {image}"
+        )))
+    }
+}
+
 impl ControlPlane {
     fn registry_prefix(&self) -> Option<String> {
         self.config
@@ -333,7 +350,10 @@ impl ControlPlane {
         let lease = self.config.build_lease;
         let image = req.image;
         let decision = self
-            .with_store(move |s| s.request_build(&image, &node, registry, now(), lease))
+            .with_store(move |s| {
+                assigned_build(s, &node, &image)?;
+                s.request_build(&image, &node, registry, now(), lease)
+            })
             .await?;
         Ok(decision)
     }
@@ -351,6 +371,7 @@ impl ControlPlane {
             }
         }
         self.with_store(move |s| {
+            assigned_build(s, &node, &report.image)?;
             if report.released {
                 s.release_build(&report.image, &node)
             } else {

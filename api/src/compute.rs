@@ -90,6 +90,11 @@ pub struct ComputeSpec {
     /// stored before it existed: on.
     #[serde(default = "yes")]
     pub app_service_identity: bool,
+    /// The VM scale set an `azure-vmss` cluster scales: its ARM resource id
+    /// (`/subscriptions/S/resourceGroups/G/providers/Microsoft.Compute/virtualMachineScaleSets/N`),
+    /// made outside Drover and adopted. `drover.scale_set`, `--scale-set`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_set: Option<String>,
 }
 
 fn yes() -> bool {
@@ -332,6 +337,7 @@ enum Field {
     Tags,
     Provider,
     AllowedHostPaths,
+    ScaleSet,
 }
 
 /// How messages name the fields of a spec.
@@ -363,6 +369,7 @@ impl Naming {
                 F::Tags => "--tags",
                 F::Provider => "--provider",
                 F::AllowedHostPaths => "--allow-host-path",
+                F::ScaleSet => "--scale-set",
             },
             Naming::FlagsV2 => match field {
                 F::Name => "--name",
@@ -376,6 +383,7 @@ impl Naming {
                 F::Tags => "--tags",
                 F::Provider => "--provider",
                 F::AllowedHostPaths => "--allow-host-path",
+                F::ScaleSet => "--scale-set",
             },
             Naming::Fields => match field {
                 F::Name => "name",
@@ -389,6 +397,7 @@ impl Naming {
                 F::Tags => "tags",
                 F::Provider => "provider",
                 F::AllowedHostPaths => "allowed_host_paths",
+                F::ScaleSet => "scale_set",
             },
             Naming::Yaml => match field {
                 F::Name => "name",
@@ -402,6 +411,7 @@ impl Naming {
                 F::Tags => "tags",
                 F::Provider => "drover.provider",
                 F::AllowedHostPaths => "drover.allowed_host_paths",
+                F::ScaleSet => "drover.scale_set",
             },
         }
     }
@@ -505,6 +515,98 @@ fn check_spec(spec: &ComputeSpec, p: &mut Problems) {
             p.push(Field::AllowedHostPaths, e);
         }
     }
+    match (&spec.scale_set, spec.provider) {
+        (Some(id), Some(ProviderKind::AzureVmss)) => {
+            if let Err(e) = ScaleSetId::parse(id) {
+                p.push(Field::ScaleSet, e);
+            }
+        }
+        (Some(_), _) => p.push(
+            Field::ScaleSet,
+            format!(
+                "goes with {} azure-vmss",
+                naming.name(Field::Provider)
+            ),
+        ),
+        (None, Some(ProviderKind::AzureVmss)) => p.push(
+            Field::ScaleSet,
+            "is required with the azure-vmss provider: the ARM resource id of the scale set to adopt (/subscriptions/S/resourceGroups/G/providers/Microsoft.Compute/virtualMachineScaleSets/N)",
+        ),
+        (None, _) => {}
+    }
+}
+
+/// A VM scale set's ARM resource id, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScaleSetId {
+    /// The subscription (a GUID).
+    pub subscription: String,
+    /// The resource group.
+    pub resource_group: String,
+    /// The scale set's name.
+    pub name: String,
+}
+
+impl ScaleSetId {
+    /// Reads `/subscriptions/S/resourceGroups/G/providers/Microsoft.Compute/virtualMachineScaleSets/N`
+    /// (ARM's segment names are case-insensitive).
+    pub fn parse(id: &str) -> Result<ScaleSetId, String> {
+        let bad = || {
+            format!(
+                "`{id}` is not a scale set resource id: expected /subscriptions/SUBSCRIPTION/resourceGroups/GROUP/providers/Microsoft.Compute/virtualMachineScaleSets/NAME"
+            )
+        };
+        let parts: Vec<&str> = id.trim_end_matches('/').split('/').collect();
+        let [
+            "",
+            subs,
+            subscription,
+            rgs,
+            resource_group,
+            providers,
+            namespace,
+            kind,
+            name,
+        ] = parts.as_slice()
+        else {
+            return Err(bad());
+        };
+        let is = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+        let safe = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 90
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '(' | ')'))
+        };
+        let guid = subscription.len() == 36
+            && subscription
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() || c == '-');
+        if !(is(subs, "subscriptions")
+            && is(rgs, "resourceGroups")
+            && is(providers, "providers")
+            && is(namespace, "Microsoft.Compute")
+            && is(kind, "virtualMachineScaleSets")
+            && guid
+            && safe(resource_group)
+            && safe(name))
+        {
+            return Err(bad());
+        }
+        Ok(ScaleSetId {
+            subscription: subscription.to_string(),
+            resource_group: resource_group.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    /// The id in ARM's canonical spelling.
+    pub fn path(&self) -> String {
+        format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachineScaleSets/{}",
+            self.subscription, self.resource_group, self.name
+        )
+    }
 }
 
 fn check_identity(identity: &Identity, p: &mut Problems) {
@@ -551,6 +653,7 @@ impl ComputeSpec {
             provider: None,
             allowed_host_paths: Vec::new(),
             app_service_identity: true,
+            scale_set: None,
         }
     }
 
@@ -706,6 +809,10 @@ pub struct ComputeFlags {
     /// also get the App Service identity protocol; a Drover addition.
     #[serde(default)]
     pub app_service_identity: Option<bool>,
+    /// `--scale-set ID`: the VM scale set an azure-vmss cluster adopts; a
+    /// Drover addition.
+    #[serde(default)]
+    pub scale_set: Option<String>,
 }
 
 /// Which CLI generation's flag spellings a [`ComputeFlags`] came with.
@@ -915,6 +1022,9 @@ impl ComputeFlags {
         if let Some(on) = self.app_service_identity {
             spec.app_service_identity = on;
         }
+        if let Some(s) = &self.scale_set {
+            spec.scale_set = Some(s.trim().to_string());
+        }
         spec.allowed_host_paths.extend(
             self.allowed_host_paths
                 .iter()
@@ -937,6 +1047,7 @@ fn field_order(f: Field) -> u8 {
         Field::Tags => 8,
         Field::Provider => 9,
         Field::AllowedHostPaths => 10,
+        Field::ScaleSet => 11,
     }
 }
 
@@ -1055,15 +1166,16 @@ fn read_compute(r: &mut Reader, root: &Node) -> Option<ComputeSpec> {
         .unwrap_or_default();
     // `Some(None)`: no provider named (the control plane's); `None`: a
     // mistake already reported.
-    let (provider, allowed_host_paths, app_service_identity) = match get("drover") {
-        None => (Some(None), Vec::new(), true),
+    let (provider, allowed_host_paths, app_service_identity, scale_set) = match get("drover") {
+        None => (Some(None), Vec::new(), true, None),
         Some(n) => match read_drover(r, n) {
             Some(d) => (
                 Some(d.provider),
                 d.allowed_host_paths,
                 d.app_service_identity,
+                d.scale_set,
             ),
-            None => (None, Vec::new(), true),
+            None => (None, Vec::new(), true, None),
         },
     };
 
@@ -1096,6 +1208,7 @@ fn read_compute(r: &mut Reader, root: &Node) -> Option<ComputeSpec> {
         provider: provider.flatten(),
         allowed_host_paths,
         app_service_identity,
+        scale_set,
     };
     let mut p = Problems::new(Naming::Yaml);
     check_spec(&spec, &mut p);
@@ -1111,6 +1224,7 @@ fn read_compute(r: &mut Reader, root: &Node) -> Option<ComputeSpec> {
             Field::AllowedHostPaths => {
                 get("drover").and_then(|d| d.as_mapping()?.get_node("allowed_host_paths"))
             }
+            Field::ScaleSet => get("drover").and_then(|d| d.as_mapping()?.get_node("scale_set")),
             _ => top.get_node(key),
         };
         let line = node.map(line_of).unwrap_or(0);
@@ -1280,6 +1394,8 @@ struct DroverSection {
     allowed_host_paths: Vec<String>,
     /// `drover.app_service_identity` (default on).
     app_service_identity: bool,
+    /// `drover.scale_set`.
+    scale_set: Option<String>,
 }
 
 /// The `drover:` section of compute YAML: the provider, the host paths
@@ -1288,7 +1404,12 @@ fn read_drover(r: &mut Reader, n: &Node) -> Option<DroverSection> {
     let m = r.mapping(
         n,
         "drover",
-        &["provider", "allowed_host_paths", "app_service_identity"],
+        &[
+            "provider",
+            "allowed_host_paths",
+            "app_service_identity",
+            "scale_set",
+        ],
     )?;
     let mut allowed = Vec::new();
     if let Some(list) = m.get_node("allowed_host_paths").filter(|l| !is_null(l)) {
@@ -1311,10 +1432,15 @@ fn read_drover(r: &mut Reader, n: &Node) -> Option<DroverSection> {
         None => true,
         Some(b) => r.boolean(b, "drover.app_service_identity")?,
     };
+    let scale_set = match m.get_node("scale_set").filter(|s| !is_null(s)) {
+        None => None,
+        Some(s) => Some(r.non_empty(s, "drover.scale_set")?.trim().to_string()),
+    };
     let section = |provider| DroverSection {
         provider,
         allowed_host_paths: allowed,
         app_service_identity,
+        scale_set,
     };
     let Some(p) = m.get_node("provider").filter(|p| !is_null(p)) else {
         return Some(section(None));

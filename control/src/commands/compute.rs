@@ -149,6 +149,10 @@ struct CreateArgs {
     /// `false` for strict Azure ML parity (default true).
     #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
     app_service_identity: Option<bool>,
+    /// With `--provider azure-vmss`: the ARM resource id of the VM scale
+    /// set to adopt (/subscriptions/S/resourceGroups/G/providers/Microsoft.Compute/virtualMachineScaleSets/N).
+    #[arg(long, value_name = "RESOURCE_ID")]
+    scale_set: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -283,6 +287,7 @@ fn flags_of(c: &CreateArgs) -> ComputeFlags {
         provider: c.provider.clone(),
         allowed_host_paths: c.allow_host_path.clone(),
         app_service_identity: c.app_service_identity,
+        scale_set: c.scale_set.clone(),
     }
 }
 
@@ -412,6 +417,9 @@ fn show(info: &wire::ClusterInfo) -> String {
         s.provider
             .map_or_else(|| "the control plane's".to_string(), |p| p.to_string()),
     );
+    if let Some(id) = &s.scale_set {
+        kv("scale set:", id.clone());
+    }
     if !s.allowed_host_paths.is_empty() {
         kv("allowed host paths:", s.allowed_host_paths.join(", "));
     }

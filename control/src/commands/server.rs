@@ -54,7 +54,87 @@ pub struct ServerArgs {
     #[command(flatten)]
     registry: RegistryArgs,
     #[command(flatten)]
+    azure: AzureArgs,
+    #[command(flatten)]
     local_args: LocalArgs,
+}
+
+/// The azure-vmss provider's Azure Resource Manager access.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct AzureArgs {
+    /// Run the azure-vmss provider against this ARM endpoint
+    /// (https://management.azure.com on Azure's public cloud).
+    #[arg(long, value_name = "URL", env = "DROVER_AZURE_ARM")]
+    pub azure_arm: Option<String>,
+    /// A service principal's tenant (with --azure-client-id and
+    /// --azure-client-secret-file); without them, the control plane's own
+    /// managed identity is used, through IMDS.
+    #[arg(long, env = "AZURE_TENANT_ID", requires = "azure_arm")]
+    pub azure_tenant_id: Option<String>,
+    /// The service principal's application (client) id, or the client id of
+    /// the managed identity to use.
+    #[arg(long, env = "AZURE_CLIENT_ID", requires = "azure_arm")]
+    pub azure_client_id: Option<String>,
+    /// A file holding the service principal's secret (never shown).
+    #[arg(
+        long,
+        env = "DROVER_AZURE_CLIENT_SECRET_FILE",
+        requires = "azure_tenant_id"
+    )]
+    pub azure_client_secret_file: Option<PathBuf>,
+    /// Where client credentials are exchanged for tokens.
+    #[arg(long, default_value = "https://login.microsoftonline.com")]
+    pub azure_authority: String,
+    /// The IMDS the managed identity's tokens come from.
+    #[arg(long, default_value = drover_imds::DEFAULT_BASE_URL)]
+    pub azure_imds_url: String,
+}
+
+impl AzureArgs {
+    /// The ARM endpoint and credential, when the provider is on.
+    pub fn config(
+        &self,
+    ) -> anyhow::Result<Option<(String, drover_control::provider::azure::arm::ArmCredential)>> {
+        use drover_control::provider::azure::arm::ArmCredential;
+        let Some(url) = &self.azure_arm else {
+            return Ok(None);
+        };
+        let credential = match (&self.azure_tenant_id, &self.azure_client_secret_file) {
+            (Some(tenant), Some(file)) => {
+                let Some(client_id) = &self.azure_client_id else {
+                    anyhow::bail!("--azure-client-secret-file needs --azure-client-id");
+                };
+                let secret = std::fs::read_to_string(file)
+                    .with_context(|| {
+                        format!("--azure-client-secret-file: cannot read {}", file.display())
+                    })?
+                    .trim()
+                    .to_string();
+                ArmCredential::ClientSecret {
+                    authority: self.azure_authority.clone(),
+                    tenant: tenant.clone(),
+                    client_id: client_id.clone(),
+                    secret,
+                }
+            }
+            (Some(_), None) => anyhow::bail!(
+                "--azure-tenant-id names a service principal: give --azure-client-secret-file too (or neither, for the managed identity)"
+            ),
+            (None, _) => {
+                let imds = drover_imds::ImdsClient::new(drover_imds::ImdsConfig {
+                    base_url: self.azure_imds_url.clone(),
+                    ..Default::default()
+                })
+                .context("--azure-imds-url")?;
+                let identity = match &self.azure_client_id {
+                    Some(id) => drover_imds::Identity::ClientId(id.clone()),
+                    None => drover_imds::Identity::System,
+                };
+                ArmCredential::ManagedIdentity(imds, identity)
+            }
+        };
+        Ok(Some((url.clone(), credential)))
+    }
 }
 
 /// Where environment images are kept for every node.
@@ -204,6 +284,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<i32> {
     config.core.autoscaler.cooldown = Duration::from_secs(args.scale_down_cooldown_seconds);
     config.artifacts = args.artifacts;
     config.core.environment_registry = args.registry.config()?;
+    config.azure = args.azure.config()?;
     if args.local {
         config.local = Some(args.local_args.config(&data_dir).await?);
     }

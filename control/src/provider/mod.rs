@@ -8,7 +8,9 @@
 //!   and that message becomes the cluster's "why it is resizing".
 //! - `local` ([`local::LocalProvider`]): nodes are containers on this
 //!   machine's Docker, one private network per cluster, with an IMDS emulator.
-//! - `azure-vmss`: not yet; such a cluster's scaling errors say so.
+//! - `azure-vmss` ([`azure::AzureVmssProvider`]): an Azure VM scale set,
+//!   scaled through Azure Resource Manager, when the server is given Azure
+//!   credentials (`drover server --azure-…`).
 //!
 //! [`Providers`] picks the one a cluster names.
 //!
@@ -16,6 +18,7 @@
 //! scaling error and passes the latest to the next autoscaler decision; a
 //! provider never retries on its own.
 
+pub mod azure;
 pub mod local;
 
 use std::fmt;
@@ -268,6 +271,7 @@ pub struct Providers {
     static_: StaticProvider,
     local: Option<Arc<dyn Provider>>,
     no_local: Unavailable,
+    vmss: Option<Arc<dyn Provider>>,
     no_vmss: Unavailable,
 }
 
@@ -292,15 +296,22 @@ impl Providers {
         Providers {
             static_: StaticProvider::default(),
             local,
+            vmss: None,
             no_local: Unavailable {
                 kind: ProviderKind::Local,
                 hint: "start the server with --local (or use `drover up`)",
             },
             no_vmss: Unavailable {
                 kind: ProviderKind::AzureVmss,
-                hint: "azure-vmss is not implemented yet; use the static provider and join VMs with the cluster's token",
+                hint: "start the server with --azure-arm (and --azure-tenant-id, --azure-client-id, --azure-client-secret-file for a service principal; its managed identity otherwise)",
             },
         }
+    }
+
+    /// Gives `azure-vmss` clusters their provider.
+    pub fn with_vmss(mut self, vmss: Arc<dyn Provider>) -> Self {
+        self.vmss = Some(vmss);
+        self
     }
 
     /// Names the URL agents reach this control plane at, for the command
@@ -328,7 +339,10 @@ impl Providers {
                 Some(p) => p.as_ref(),
                 None => &self.no_local,
             },
-            ProviderKind::AzureVmss => &self.no_vmss,
+            ProviderKind::AzureVmss => match &self.vmss {
+                Some(p) => p.as_ref(),
+                None => &self.no_vmss,
+            },
         }
     }
 }

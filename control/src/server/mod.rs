@@ -69,6 +69,9 @@ pub struct ServerConfig {
     pub local: Option<LocalConfig>,
     /// The artifact store (a folder; `<data dir>/artifacts` when `None`).
     pub artifacts: Option<String>,
+    /// Run the azure-vmss provider against this ARM endpoint with this
+    /// credential.
+    pub azure: Option<(String, crate::provider::azure::arm::ArmCredential)>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -84,6 +87,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("core", &self.core)
             .field("local", &self.local)
             .field("artifacts", &self.artifacts)
+            .field("azure", &self.azure)
             .finish()
     }
 }
@@ -101,6 +105,7 @@ impl ServerConfig {
             store: StoreConfig::default(),
             core: CoreConfig::default(),
             local: None,
+            azure: None,
             artifacts: None,
         }
     }
@@ -109,6 +114,9 @@ impl ServerConfig {
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The azure-vmss provider could not be set up.
+    #[error("cannot set up the azure-vmss provider: {0}")]
+    Azure(String),
     /// The store could not be opened.
     #[error("cannot open the store in {}", path.display())]
     OpenStore {
@@ -310,11 +318,17 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let artifacts = Arc::new(
         ArtifactStore::open(&artifacts_url, &config.data_dir).map_err(ServerError::Artifacts)?,
     );
+    let mut providers = Providers::new(local).with_server_url(agent_url(addr));
+    if let Some((arm_url, credential)) = &config.azure {
+        let arm = crate::provider::azure::arm::ArmClient::new(arm_url, credential.clone())
+            .map_err(|e| ServerError::Azure(e.to_string()))?;
+        providers = providers.with_vmss(Arc::new(crate::provider::azure::AzureVmssProvider::new(
+            arm,
+        )));
+    }
     let core = Arc::new(
         ControlPlane::new(store, core_config)
-            .with_providers(Arc::new(
-                Providers::new(local).with_server_url(agent_url(addr)),
-            ))
+            .with_providers(Arc::new(providers))
             .with_artifacts(Arc::clone(&artifacts))
             .with_secrets(Arc::new(
                 Secrets::open(&config.data_dir).map_err(ServerError::Secrets)?,

@@ -60,12 +60,25 @@ struct Fake {
     throttle: u32,
     throttled_at: Vec<Instant>,
     get_at: Vec<Instant>,
+    /// Calls made with a managed identity's token.
+    identity_calls: u32,
     /// The next PATCH fails with this error body.
     refuse_patch: Option<Value>,
     deleted: Vec<String>,
 }
 
 type Shared = Arc<Mutex<Fake>>;
+
+/// The `aud` of a JWT's claims (unverified: the fake only routes on it).
+fn jwt_audience(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let claims = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(claims)
+        .ok()?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    v["aud"].as_str().map(str::to_string)
+}
 
 fn vm_json(f: &Fake, vm: &Vm) -> Value {
     let mut item = fixture("vmss_vm_list.json")["item"].clone();
@@ -114,7 +127,18 @@ async fn arm(
         )
         .into_response();
     }
-    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer arm-token-1") {
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_string();
+    // The service principal's token, or a managed identity's JWT for ARM.
+    let for_arm = jwt_audience(&bearer).as_deref() == Some("https://management.azure.com/");
+    if for_arm {
+        f.identity_calls += 1;
+    }
+    if bearer != "arm-token-1" && !for_arm {
         f.bad_bearers += 1;
         return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": {"code": "InvalidAuthenticationToken", "message": "The access token is invalid."}}))).into_response();
     }
@@ -404,4 +428,46 @@ async fn a_quota_error_is_the_clusters_resizing_reason_and_bad_ids_are_refused_a
     assert!(reason.contains("azure refused (OperationNotAllowed): Operation could not be completed as it results in exceeding approved standardNCFamily Cores quota"), "{reason}");
     server.shutdown();
     let _ = tokio::time::timeout(Duration::from_secs(10), server.wait()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_planes_managed_identity_gets_the_arm_token_through_imds() {
+    let (base, fake) = start_fake().await;
+    let emulator =
+        drover_imds_emulator::Emulator::new(drover_imds_emulator::EmulatorConfig::default());
+    emulator
+        .add_vm(drover_imds_emulator::VmSpec::new("drover-control"))
+        .expect("vm");
+    let running = emulator
+        .bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("emulator");
+    let imds = drover_imds::ImdsClient::new(drover_imds::ImdsConfig {
+        base_url: running.base_url(),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut arm = ArmClient::new(
+        &base,
+        ArmCredential::ManagedIdentity(imds, drover_imds::Identity::System),
+    )
+    .unwrap();
+    arm.default_wait = Duration::from_millis(50);
+    let p = AzureVmssProvider::new(arm);
+    let c = cluster();
+    p.create_nodes(&c, 1, "")
+        .await
+        .expect("scale out with the managed identity");
+    p.list_nodes(&c).await.expect("list");
+    let calls = fake.lock().unwrap().identity_calls;
+    assert!(
+        calls >= 4,
+        "every ARM call carried the identity's token: {calls}"
+    );
+    assert_eq!(
+        emulator.stats().identity,
+        1,
+        "one IMDS token for every call"
+    );
+    running.shutdown().await;
 }

@@ -2041,9 +2041,31 @@ drover:
         check("identity:\n  type: none\n", &|s| {
             s.identity == Identity::None
         });
-        check("drover:\n  provider: azure_vmss\n", &|s| {
-            s.provider == Some(ProviderKind::AzureVmss)
-        });
+        check(
+            &format!(
+                "drover:\n  provider: azure_vmss\n  scale_set: /subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/gpu\n"
+            ),
+            &|s| {
+                s.provider == Some(ProviderKind::AzureVmss)
+                    && s.scale_set
+                        .as_deref()
+                        .is_some_and(|id| id.ends_with("/gpu"))
+            },
+        );
+        let e = parse("type: amlcompute\nname: cpu\ndrover:\n  provider: azure-vmss\n  scale_set: /subscriptions/x/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/v\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("compute.yml:5: drover.scale_set: `/subscriptions/x/"),
+            "{e}"
+        );
+        let e = parse("type: amlcompute\nname: cpu\ndrover:\n  scale_set: /subscriptions/x\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("drover.scale_set: goes with drover.provider azure-vmss"),
+            "{e}"
+        );
         check("drover: {}\n", &|s| {
             s.provider.is_none() && s.app_service_identity
         });

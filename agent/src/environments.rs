@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::files::materialize::Materializer;
 use crate::metrics::Metrics;
+use crate::registry_login::RegistryLogin;
+use drover_imds::Identity;
 
 /// How many of a failed build's last lines its error keeps.
 const LAST_LINES: usize = 15;
@@ -90,6 +92,14 @@ pub enum EnvironmentError {
         /// The environment.
         environment: String,
         /// What went wrong.
+        message: String,
+    },
+    /// The node could not log in to the registry with its identity.
+    #[error("environment {environment}: {message}")]
+    RegistryLogin {
+        /// The environment.
+        environment: String,
+        /// Why.
         message: String,
     },
     /// Stopped while waiting.
@@ -171,21 +181,52 @@ pub struct EnvironmentContext<'a, R: ContainerRuntime> {
     pub materializer: &'a Materializer,
     /// The control plane's registry, when it has one.
     pub registry: Option<&'a EnvironmentRegistry>,
+    /// Logs in with the cluster's managed identity, for a registry that
+    /// says so ([`EnvironmentRegistry::identity`]).
+    pub registry_login: &'a RegistryLogin,
+    /// The cluster's identity a registry login uses (its default one).
+    pub identity: Option<Identity>,
     /// Lines for the part's log (build output, waits, pushes).
     pub log: UnboundedSender<String>,
     /// Stops a wait or a build.
     pub cancel: &'a CancellationToken,
 }
 
-fn registry_auth(r: &EnvironmentRegistry) -> Option<RegistryAuth> {
-    match (&r.username, &r.password) {
-        (Some(u), Some(p)) => Some(RegistryAuth {
-            server: r.host().to_string(),
-            username: u.clone(),
-            password: p.clone(),
-        }),
-        _ => None,
+/// The engine's login to the control plane's registry: its user and
+/// password, or the cluster's managed identity's refresh token.
+async fn registry_auth<R: ContainerRuntime>(
+    ctx: &EnvironmentContext<'_, R>,
+    r: &EnvironmentRegistry,
+    environment: &str,
+) -> Result<Option<RegistryAuth>, EnvironmentError> {
+    if !r.identity {
+        return Ok(match (&r.username, &r.password) {
+            (Some(u), Some(p)) => Some(RegistryAuth {
+                server: r.host().to_string(),
+                username: u.clone(),
+                password: p.clone(),
+            }),
+            _ => None,
+        });
     }
+    let failed = |message: String| EnvironmentError::RegistryLogin {
+        environment: environment.to_string(),
+        message,
+    };
+    let Some(identity) = &ctx.identity else {
+        return Err(failed(format!(
+            "the control plane's registry {} is logged in to with the cluster's managed identity (--registry-identity), and this cluster has none: give the cluster `identity: {{type: system_assigned}}` or a user-assigned identity",
+            r.host()
+        )));
+    };
+    let _ = ctx.log.send(format!(
+        "logging in to {} with the cluster's {identity}",
+        r.host()
+    ));
+    ctx.registry_login
+        .login(r.host(), identity)
+        .await
+        .map_err(|e| failed(drover_api::error::chain(&e)))
 }
 
 /// Makes the image of `job`'s build environment present on this node (see
@@ -222,7 +263,6 @@ pub async fn ensure_environment<R: ContainerRuntime>(
         return Ok(EnvironmentOutcome::Present);
     }
     let registry = ctx.registry.filter(|r| r.holds(&image));
-    let auth = registry.and_then(registry_auth);
     let client = &ctx.materializer.client;
     let control = |e: crate::control_client::ClientError| EnvironmentError::Control {
         environment: what.clone(),
@@ -257,12 +297,17 @@ pub async fn ensure_environment<R: ContainerRuntime>(
                 }
             }
             BuildDecision::Pull => {
+                let auth = match registry {
+                    Some(r) => registry_auth(ctx, r, &what).await?,
+                    None => None,
+                };
                 let _ = ctx
                     .log
                     .send(format!("pulling environment {what} from {image}"));
-                let mut stream = ctx.runtime.pull(&image, auth.clone());
+                let mut stream = ctx.runtime.pull(&image, auth);
                 while let Some(item) = stream.next().await {
                     if let Err(source) = item {
+                        forget_login(ctx, registry);
                         return Err(EnvironmentError::Registry {
                             environment: what,
                             action: "pulling",
@@ -276,7 +321,22 @@ pub async fn ensure_environment<R: ContainerRuntime>(
             BuildDecision::Build => break,
         }
     }
-    // This node builds.
+    // This node builds; a registry login that fails does so before the build.
+    let auth = match registry {
+        Some(r) => match registry_auth(ctx, r, &what).await {
+            Ok(auth) => auth,
+            Err(e) => {
+                let report = BuildReport {
+                    image: image.clone(),
+                    failure: None,
+                    released: true,
+                };
+                let _ = client.report_build(&report).await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let tar = ctx
         .materializer
         .blob(*blob)
@@ -341,11 +401,8 @@ pub async fn ensure_environment<R: ContainerRuntime>(
         let mut progress = |line: &str| {
             let _ = log.send(format!("push: {line}"));
         };
-        if let Err(source) = ctx
-            .runtime
-            .push_image(&image, auth.clone(), &mut progress)
-            .await
-        {
+        if let Err(source) = ctx.runtime.push_image(&image, auth, &mut progress).await {
+            forget_login(ctx, registry);
             let report = BuildReport {
                 image: image.clone(),
                 failure: None,
@@ -369,6 +426,17 @@ pub async fn ensure_environment<R: ContainerRuntime>(
         .await
         .map_err(control)?;
     Ok(EnvironmentOutcome::Built)
+}
+
+/// A registry that refused a pull or a push may have revoked the kept
+/// identity login: the next try exchanges a fresh one.
+fn forget_login<R: ContainerRuntime>(
+    ctx: &EnvironmentContext<'_, R>,
+    registry: Option<&EnvironmentRegistry>,
+) {
+    if let (Some(r), Some(identity)) = (registry.filter(|r| r.identity), &ctx.identity) {
+        ctx.registry_login.forget(r.host(), identity);
+    }
 }
 
 /// Runs [`ensure_environment`] and reports what happened as an event.

@@ -13,3 +13,4 @@ pub mod inventory;
 pub mod join;
 pub mod metrics;
 pub mod reconcile;
+pub mod registry_login;

@@ -45,6 +45,9 @@ pub struct Metrics {
     /// Environment images made ready for parts, by outcome (present,
     /// built, pulled, failed).
     pub environment_images: Family<Labels, Counter>,
+    /// Registry logins with the managed identity, by outcome (exchanged,
+    /// cached, anonymous, failed).
+    pub registry_logins: Family<Labels, Counter>,
     /// Images removed by collection under disk pressure.
     pub image_gc_removed: Counter,
     /// Bytes those images held.
@@ -65,6 +68,7 @@ impl Default for Metrics {
             parts: Family::default(),
             pulls: Counter::default(),
             environment_images: Family::default(),
+            registry_logins: Family::default(),
             image_gc_removed: Counter::default(),
             image_gc_bytes: Counter::default(),
             image_gc_failures: Counter::default(),
@@ -113,6 +117,11 @@ impl Default for Metrics {
             "environment_images",
             "environment images made ready for parts, by outcome",
             m.environment_images.clone(),
+        );
+        registry.register(
+            "registry_logins",
+            "registry logins with the managed identity, by outcome",
+            m.registry_logins.clone(),
         );
         registry.register(
             "imds_firewall_repairs",

@@ -779,6 +779,10 @@ pub struct EnvironmentRegistry {
     /// Its password or token.
     #[serde(default)]
     pub password: Option<String>,
+    /// Nodes log in with their cluster's managed identity instead (Azure
+    /// Container Registry's token exchange; `--registry-identity`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub identity: bool,
 }
 
 impl std::fmt::Debug for EnvironmentRegistry {
@@ -787,6 +791,7 @@ impl std::fmt::Debug for EnvironmentRegistry {
             .field("prefix", &self.prefix)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("identity", &self.identity)
             .finish()
     }
 }

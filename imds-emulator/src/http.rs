@@ -16,7 +16,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::model::{ADMIN_PREFIX, EventSpec, Fault, ManagedIdentity, VmSpec};
-use crate::state::{Emulator, EmulatorError, ImdsRequest};
+use crate::state::{Emulator, EmulatorError, ImdsRequest, ImdsResponse};
+use base64::Engine as _;
 
 /// Errors starting or running the HTTP server.
 #[derive(Debug, thiserror::Error)]
@@ -125,8 +126,98 @@ impl Emulator {
                 .route("/stats", get(stats));
             router = router.nest(ADMIN_PREFIX, admin);
         }
-        router.fallback(imds).with_state(self.clone())
+        router
+            .route("/oauth2/exchange", post(registry_exchange))
+            .route(
+                "/oauth2/token",
+                get(registry_token_get).post(registry_token_post),
+            )
+            .fallback(imds)
+            .with_state(self.clone())
     }
+}
+
+/// A form or query string as its pairs, repeated keys (`scope`) kept.
+fn pairs(text: &[u8]) -> Vec<(String, String)> {
+    serde_urlencoded::from_bytes(text).unwrap_or_default()
+}
+
+fn answer(answer: ImdsResponse) -> Response {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, Json(answer.body)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"Azure Container Registry\""),
+        );
+    }
+    response
+}
+
+async fn registry_exchange(State(emulator): State<Emulator>, body: Bytes) -> Response {
+    answer(emulator.registry_exchange(&pairs(&body)))
+}
+
+/// Docker's way after a `docker login` with a refresh token: Basic auth
+/// whose password is the refresh token, `service` and `scope` in the query.
+async fn registry_token_get(
+    State(emulator): State<Emulator>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let query = pairs(uri.query().unwrap_or("").as_bytes());
+    let password = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|userpass| userpass.split_once(':').map(|(_, p)| p.to_owned()));
+    let Some(password) = password else {
+        return answer(ImdsResponse::error(
+            401,
+            json!({"errors": [{"code": "UNAUTHORIZED", "message": "log in with the refresh token as password (user 00000000-0000-0000-0000-000000000000)"}]}),
+        ));
+    };
+    registry_token(&emulator, &password, &query)
+}
+
+/// The OAuth2 way: `grant_type=refresh_token` in a form.
+async fn registry_token_post(State(emulator): State<Emulator>, body: Bytes) -> Response {
+    let form = pairs(&body);
+    if !form
+        .iter()
+        .any(|(k, v)| k == "grant_type" && v == "refresh_token")
+    {
+        return answer(ImdsResponse::error(
+            400,
+            json!({"errors": [{"code": "UNSUPPORTED_GRANT_TYPE", "message": "grant_type must be refresh_token"}]}),
+        ));
+    }
+    let refresh = form
+        .iter()
+        .find(|(k, _)| k == "refresh_token")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    registry_token(&emulator, &refresh, &form)
+}
+
+fn registry_token(emulator: &Emulator, refresh: &str, fields: &[(String, String)]) -> Response {
+    let service = fields
+        .iter()
+        .find(|(k, _)| k == "service")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
+    let scopes: Vec<String> = fields
+        .iter()
+        .filter(|(k, _)| k == "scope")
+        .map(|(_, v)| v.clone())
+        .collect();
+    answer(emulator.registry_access_token(refresh, service, &scopes))
 }
 
 async fn imds(

@@ -11,6 +11,10 @@
 //! public half is published as a JWK Set. Tests can inject scheduled events and
 //! faults (410, 429, 5xx, slow answers).
 //!
+//! With [`Emulator::enable_registry_tokens`] it is also the token service of
+//! a container registry, exchanging its Entra tokens as Azure Container
+//! Registry does (see [`acr`]).
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use drover_imds_emulator::{Emulator, EmulatorConfig, VmSpec};
@@ -21,6 +25,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod acr;
 mod http;
 mod model;
 mod state;

@@ -5,12 +5,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
 
+use crate::acr::RegistryTokens;
 use crate::model::{
     EmulatorConfig, Endpoint, EventSpec, Fault, FaultKind, FaultLimit, ManagedIdentity, VmSpec,
 };
@@ -107,7 +108,7 @@ pub struct ImdsResponse {
 }
 
 impl ImdsResponse {
-    fn ok(body: Value) -> Self {
+    pub(crate) fn ok(body: Value) -> Self {
         Self {
             status: 200,
             body,
@@ -116,7 +117,7 @@ impl ImdsResponse {
         }
     }
 
-    fn error(status: u16, body: Value) -> Self {
+    pub(crate) fn error(status: u16, body: Value) -> Self {
         Self {
             status,
             body,
@@ -139,6 +140,10 @@ pub struct Stats {
     pub tokens_issued: u64,
     /// Requests answered 429 by the rate limiter.
     pub throttled: u64,
+    /// Entra tokens exchanged for container registry refresh tokens.
+    pub registry_refresh_tokens: u64,
+    /// Container registry access tokens issued.
+    pub registry_access_tokens: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -168,6 +173,8 @@ struct State {
 struct Inner {
     config: EmulatorConfig,
     signer: Signer,
+    /// The container registry token service, once enabled.
+    registry_tokens: OnceLock<RegistryTokens>,
     state: Mutex<State>,
 }
 
@@ -184,6 +191,7 @@ impl Emulator {
             inner: Arc::new(Inner {
                 config,
                 signer: Signer::generate(),
+                registry_tokens: OnceLock::new(),
                 state: Mutex::new(State {
                     vms: Vec::new(),
                     events: Vec::new(),
@@ -310,6 +318,48 @@ impl Emulator {
     /// Request counters.
     pub fn stats(&self) -> Stats {
         self.state().stats.clone()
+    }
+
+    /// Serves a container registry token service (see [`crate::acr`]) on
+    /// the emulator's own address, trusting the Entra tokens the emulator
+    /// issues. False when one was already enabled.
+    pub fn enable_registry_tokens(&self, tokens: RegistryTokens) -> bool {
+        self.inner.registry_tokens.set(tokens).is_ok()
+    }
+
+    /// `POST /oauth2/exchange` of the registry token service.
+    pub fn registry_exchange(&self, form: &[(String, String)]) -> ImdsResponse {
+        let Some(tokens) = self.inner.registry_tokens.get() else {
+            return no_registry_tokens();
+        };
+        let answer = tokens.exchange(&self.inner.signer, form, unix_now());
+        if answer.status == 200 {
+            self.state().stats.registry_refresh_tokens += 1;
+        }
+        answer
+    }
+
+    /// `GET|POST /oauth2/token` of the registry token service.
+    pub fn registry_access_token(
+        &self,
+        refresh_token: &str,
+        service: &str,
+        scopes: &[String],
+    ) -> ImdsResponse {
+        let Some(tokens) = self.inner.registry_tokens.get() else {
+            return no_registry_tokens();
+        };
+        let answer = tokens.access_token(
+            &self.inner.signer,
+            refresh_token,
+            service,
+            scopes,
+            unix_now(),
+        );
+        if answer.status == 200 {
+            self.state().stats.registry_access_tokens += 1;
+        }
+        answer
     }
 
     /// The token-signing public key as a JWK Set.
@@ -596,6 +646,13 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+fn no_registry_tokens() -> ImdsResponse {
+    ImdsResponse::error(
+        404,
+        json!({"error": "this emulator serves no container registry token service (start it with --registry-token-key and --registry-token-cert)"}),
+    )
 }
 
 fn unix_now() -> u64 {

@@ -7,9 +7,9 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use p256::ecdsa::signature::Signer as _;
+use p256::ecdsa::signature::{Signer as _, Verifier as _};
 use p256::ecdsa::{Signature, SigningKey};
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// Claims the emulator writes into a token.
 #[derive(Debug, Clone)]
@@ -56,7 +56,6 @@ impl Signer {
 
     /// Encodes and signs `claims` as a compact JWS.
     pub(crate) fn sign(&self, claims: &Claims<'_>) -> String {
-        let header = json!({"typ": "JWT", "alg": "ES256", "kid": self.kid});
         let payload = json!({
             "aud": claims.audience,
             "iss": claims.issuer,
@@ -74,15 +73,61 @@ impl Signer {
             "ver": "1.0",
             "xms_mirid": claims.mi_resource_id,
         });
-        let signing_input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(payload.to_string())
-        );
-        let signature: Signature = self.key.sign(signing_input.as_bytes());
-        format!(
-            "{signing_input}.{}",
-            URL_SAFE_NO_PAD.encode(signature.to_bytes())
-        )
+        self.sign_claims(&payload)
+    }
+
+    /// Signs any claim set with this key (its `kid` in the header).
+    pub(crate) fn sign_claims(&self, payload: &Value) -> String {
+        let header = json!({"typ": "JWT", "alg": "ES256", "kid": self.kid});
+        sign_jws(&self.key, &header, payload)
+    }
+
+    /// The claims of `token` when this key signed it and it has not
+    /// expired at `now` (seconds since the epoch).
+    pub(crate) fn verify(&self, token: &str, now: u64) -> Result<Value, String> {
+        verify_jws(&self.key, token, now)
+    }
+}
+
+/// A compact JWS of `payload` under `header`, signed ES256 with `key`.
+pub(crate) fn sign_jws(key: &SigningKey, header: &Value, payload: &Value) -> String {
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(payload.to_string())
+    );
+    let signature: Signature = key.sign(signing_input.as_bytes());
+    format!(
+        "{signing_input}.{}",
+        URL_SAFE_NO_PAD.encode(signature.to_bytes())
+    )
+}
+
+/// The claims of a compact JWS `key` signed, unless it is malformed, its
+/// signature is not `key`'s, or its `exp` is not after `now`.
+pub(crate) fn verify_jws(key: &SigningKey, token: &str, now: u64) -> Result<Value, String> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("the token is not a compact JWS".to_owned());
+    };
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature)
+        .ok()
+        .and_then(|b| Signature::from_slice(&b).ok())
+        .ok_or("the token's signature is malformed")?;
+    key.verifying_key()
+        .verify(format!("{header}.{payload}").as_bytes(), &signature)
+        .map_err(|_| "the token was not issued by this service".to_owned())?;
+    let claims: Value = URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or("the token's claims are not JSON")?;
+    match claims.get("exp").and_then(Value::as_u64) {
+        Some(exp) if exp > now => Ok(claims),
+        Some(_) => Err("the token has expired".to_owned()),
+        None => Err("the token has no expiry".to_owned()),
     }
 }

@@ -379,12 +379,38 @@ impl Registry {
             .expect("htpasswd (apt-get install apache2-utils)");
         assert!(htpasswd.status.success(), "htpasswd failed");
         std::fs::write(dir.path().join("htpasswd"), &htpasswd.stdout).expect("write htpasswd");
-        let port = free_port();
+        let auth = format!(
+            "  htpasswd:\n    realm: drover-test\n    path: {}\n",
+            dir.path().join("htpasswd").display()
+        );
+        Self::serve(dir, &auth, free_port(), user, password)
+    }
+
+    /// Starts a registry that sends clients to the token service at
+    /// `realm` (as Azure Container Registry does), trusting access tokens
+    /// from `issuer` signed by the key of the PEM certificate `cert`.
+    /// `port` 0 picks one; the service name is the registry's address.
+    pub fn start_with_token_service(realm: &str, issuer: &str, cert: &Path, port: u16) -> Registry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = if port == 0 { free_port() } else { port };
+        let auth = format!(
+            "  token:\n    realm: {realm}\n    service: 127.0.0.1:{port}\n    issuer: {issuer}\n    rootcertbundle: {}\n",
+            cert.display()
+        );
+        Self::serve(dir, &auth, port, String::new(), String::new())
+    }
+
+    fn serve(
+        dir: tempfile::TempDir,
+        auth: &str,
+        port: u16,
+        user: String,
+        password: String,
+    ) -> Registry {
         let addr = format!("127.0.0.1:{port}");
         let config = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: drover-test\n    path: {ht}\n",
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\nauth:\n{auth}",
             root = dir.path().join("data").display(),
-            ht = dir.path().join("htpasswd").display(),
         );
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).expect("write registry config");
@@ -516,6 +542,19 @@ impl Drop for Registry {
             }
         }
     }
+}
+
+/// `GET path` from `addr` over plain HTTP/1.0: the whole answer, status
+/// line and headers included.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::Write as _;
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .expect("send");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read");
+    text
 }
 
 /// Builds (once per test process) the `drover-agent` binary, plus what
@@ -1233,15 +1272,7 @@ impl LocalUp {
 
     /// The server's `/metrics` text (plain HTTP/1.0 over a socket).
     pub fn metrics(&self) -> String {
-        use std::io::Write as _;
-        let mut stream =
-            std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect to the server");
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .expect("send");
-        let mut text = String::new();
-        stream.read_to_string(&mut text).expect("read");
-        text
+        http_get(&format!("127.0.0.1:{}", self.port), "/metrics")
     }
 
     /// `drover down` (once); returns its stderr.

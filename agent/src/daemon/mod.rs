@@ -449,6 +449,10 @@ pub async fn run<R: ContainerRuntime>(
             collector_stop.clone(),
         ))
     });
+    let registry_login = crate::registry_login::RegistryLogin::new(
+        config.imds.as_ref().map(|i| i.client.clone()),
+        metrics.clone(),
+    );
     let reconciler = Reconciler {
         images,
         config: config.clone(),
@@ -462,6 +466,7 @@ pub async fn run<R: ContainerRuntime>(
         gpus,
         materializer,
         identity: identity.as_ref().map(|(service, _)| service.clone()),
+        registry_login,
         fenced: Arc::new(AtomicBool::new(false)),
         supervisors: BTreeMap::new(),
         known: Known::default(),

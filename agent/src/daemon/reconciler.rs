@@ -53,6 +53,8 @@ pub(super) struct Reconciler<R: ContainerRuntime> {
     pub(super) images: super::PartImages,
     /// The token endpoint, when it listens: new parts get a secret there.
     pub(super) identity: Option<Arc<crate::identity::IdentityService>>,
+    /// Registry logins with the cluster's managed identity.
+    pub(super) registry_login: crate::registry_login::RegistryLogin,
     /// Cut off past the grace: parts that end now do not upload.
     pub(super) fenced: Arc<AtomicBool>,
     pub(super) supervisors: BTreeMap<PartKey, Supervisor>,
@@ -342,6 +344,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             materializer: self.materializer.clone(),
             images: self.images.clone(),
             identity: self.identity.clone(),
+            registry_login: self.registry_login.clone(),
             fenced: self.fenced.clone(),
             cancel: cancel.clone(),
         };

@@ -128,6 +128,7 @@ pub(super) struct PartCtx<R: ContainerRuntime> {
     pub(super) materializer: Materializer,
     pub(super) images: super::PartImages,
     pub(super) identity: Option<Arc<IdentityService>>,
+    pub(super) registry_login: crate::registry_login::RegistryLogin,
     pub(super) fenced: Arc<AtomicBool>,
     pub(super) cancel: CancellationToken,
 }
@@ -146,6 +147,7 @@ impl<R: ContainerRuntime> Clone for PartCtx<R> {
             materializer: self.materializer.clone(),
             images: self.images.clone(),
             identity: self.identity.clone(),
+            registry_login: self.registry_login.clone(),
             fenced: self.fenced.clone(),
             cancel: self.cancel.clone(),
         }
@@ -415,6 +417,8 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
             runtime: &ctx.runner.runtime,
             materializer: &ctx.materializer,
             registry: a.environment_registry.as_ref(),
+            registry_login: &ctx.registry_login,
+            identity: crate::identity::authorize::Grant::from(&a.identity).default_identity(),
             log: log_tx,
             cancel: &ctx.cancel,
         };

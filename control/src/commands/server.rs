@@ -152,6 +152,12 @@ pub struct RegistryArgs {
     /// their assignments, never shown).
     #[arg(long, requires = "registry_username")]
     pub registry_password_file: Option<PathBuf>,
+    /// Nodes log in to the registry with their cluster's managed identity
+    /// (Azure Container Registry: the identity needs AcrPush to build and
+    /// AcrPull to pull), exchanging its Entra token at the registry's
+    /// token service; no password is kept anywhere.
+    #[arg(long, requires = "registry", conflicts_with = "registry_username")]
+    pub registry_identity: bool,
 }
 
 impl RegistryArgs {
@@ -177,6 +183,7 @@ impl RegistryArgs {
             prefix: prefix.trim_end_matches('/').to_string(),
             username: self.registry_username.clone(),
             password,
+            identity: self.registry_identity,
         }))
     }
 
@@ -194,6 +201,9 @@ impl RegistryArgs {
                 "--registry-password-file".into(),
                 f.clone().into_os_string(),
             ]);
+        }
+        if self.registry_identity {
+            out.push("--registry-identity".into());
         }
         out
     }

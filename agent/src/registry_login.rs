@@ -58,6 +58,17 @@ pub enum RegistryLoginError {
         /// The registry.
         registry: String,
     },
+    /// No HTTP client could be made (no CA certificates on the node).
+    #[error(
+        "cannot log in to registry {registry}: no HTTP client (are CA certificates installed?)"
+    )]
+    Client {
+        /// The registry.
+        registry: String,
+        /// Cause.
+        #[source]
+        source: reqwest::Error,
+    },
     /// The registry could not be reached.
     #[error("cannot reach registry {registry} at {url}")]
     Unreachable {
@@ -182,7 +193,9 @@ struct Kept {
 #[derive(Clone)]
 pub struct RegistryLogin {
     imds: Option<ImdsClient>,
-    http: reqwest::Client,
+    /// Built on the first login: most nodes never log in, and a node
+    /// without CA certificates cannot build one (that must not stop it).
+    http: Arc<tokio::sync::OnceCell<reqwest::Client>>,
     kept: Arc<Mutex<HashMap<(String, Identity), Kept>>>,
     /// Serializes logins so that concurrent parts share one exchange.
     exchange: Arc<tokio::sync::Mutex<()>>,
@@ -197,13 +210,9 @@ struct ExchangeAnswer {
 impl RegistryLogin {
     /// Logins through `imds` (none: every login fails with a clear reason).
     pub fn new(imds: Option<ImdsClient>, metrics: Arc<Metrics>) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .build()
-            .unwrap_or_default();
         RegistryLogin {
             imds,
-            http,
+            http: Arc::default(),
             kept: Arc::default(),
             exchange: Arc::default(),
             metrics,
@@ -297,7 +306,8 @@ impl RegistryLogin {
         ])
         .map_err(|e| refused(0, e.to_string()))?;
         let response = self
-            .http
+            .client(registry)
+            .await?
             .post(&url)
             .header(
                 reqwest::header::CONTENT_TYPE,
@@ -337,19 +347,34 @@ impl RegistryLogin {
         Ok(auth(answer.refresh_token))
     }
 
+    async fn client(&self, registry: &str) -> Result<&reqwest::Client, RegistryLoginError> {
+        self.http
+            .get_or_try_init(|| async {
+                reqwest::Client::builder()
+                    .timeout(REQUEST_TIMEOUT)
+                    .build()
+                    .map_err(|source| RegistryLoginError::Client {
+                        registry: registry.to_string(),
+                        source,
+                    })
+            })
+            .await
+    }
+
     /// The registry's token challenge; `None` when `/v2/` lets anyone in.
     async fn challenge(&self, registry: &str) -> Result<Option<Challenge>, RegistryLoginError> {
         let url = format!("{}://{registry}/v2/", scheme_of(registry));
-        let response =
-            self.http
-                .get(&url)
-                .send()
-                .await
-                .map_err(|source| RegistryLoginError::Unreachable {
-                    registry: registry.to_string(),
-                    url: url.clone(),
-                    source,
-                })?;
+        let response = self
+            .client(registry)
+            .await?
+            .get(&url)
+            .send()
+            .await
+            .map_err(|source| RegistryLoginError::Unreachable {
+                registry: registry.to_string(),
+                url: url.clone(),
+                source,
+            })?;
         let status = response.status().as_u16();
         if status == 200 {
             return Ok(None);

@@ -82,6 +82,15 @@ pub enum RunError {
     /// The part failed before it had an outcome.
     #[error(transparent)]
     Part(#[from] drover_runner::part::PartError),
+    /// Drover's parallel runtime could not be written for the job.
+    #[error("cannot write Drover's parallel runtime under {dir}")]
+    ParallelRuntime {
+        /// Where.
+        dir: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Finds a statically linked drover-init: `$DROVER_INIT` when set (used or
@@ -531,6 +540,15 @@ pub async fn run_job(path: &Path, config: RunConfig) -> Result<i32, RunError> {
             PartFiles::local(&job, Some(work.clone()), &outputs_root),
         )
     };
+    if job.drover.parallel_runtime {
+        let dir = std::env::temp_dir().join("drover-runtime");
+        let driver =
+            drover_runner::parallel::install(&dir).map_err(|source| RunError::ParallelRuntime {
+                dir: dir.clone(),
+                source,
+            })?;
+        placement.parallel_driver = Some(driver);
+    }
     if job
         .distribution
         .is_some_and(|d| d.kind == DistributionKind::Mpi)

@@ -23,7 +23,7 @@ Usage (what the agent runs in the step's container):
       --input PATH --mini-batch-size 10 --work DIR --logs DIR
       [--output FILE] [--workers N] [--max-retries 2] [--timeout 60]
       [--mini-batch-error-threshold -1] [--error-threshold -1]
-      [--node-name NAME] [--gpus UUID,UUID] -- [program arguments]
+      [--node-name NAME] [--gpus N] -- [program arguments]
 """
 
 import argparse
@@ -39,6 +39,7 @@ import traceback
 
 EXIT_THRESHOLD = 42
 POLL_SECONDS = 0.05
+PROGRESS_SECONDS = 2.0
 
 
 class UserError(Exception):
@@ -157,6 +158,7 @@ class Queue:
 
     def __init__(self, work):
         self.work = work
+        self.finished = {}
         for d in ("pending", "leased", "done", "results"):
             os.makedirs(os.path.join(work, d), exist_ok=True)
 
@@ -215,11 +217,13 @@ class Queue:
             pass
 
     def done(self):
-        out = []
-        for name in sorted(os.listdir(os.path.join(self.work, "done"))):
-            with open(self.path("done", name), encoding="utf-8") as fh:
-                out.append(json.load(fh))
-        return out
+        """Finished mini-batches, by name (a done file never changes: each
+        is read once)."""
+        for name in os.listdir(os.path.join(self.work, "done")):
+            if name.endswith(".json") and name not in self.finished:
+                with open(self.path("done", name), encoding="utf-8") as fh:
+                    self.finished[name] = json.load(fh)
+        return [self.finished[n] for n in sorted(self.finished)]
 
     def remaining(self):
         return len(os.listdir(os.path.join(self.work, "pending"))) + len(os.listdir(os.path.join(self.work, "leased")))
@@ -362,19 +366,26 @@ def run_driver(args, user_args):
         raise UserError(f"input kind {args.input_kind} is not supported (uri_folder or mltable)")
     queue.fill(batches)
     total = len(os.listdir(os.path.join(args.work, "pending"))) + len(queue.done())
-    gpus = [g for g in (args.gpus or "").split(",") if g]
-    workers = {}  # pid -> (worker id, started)
+    # The container sees its GPUs as 0..N-1; worker slot k gets GPU k while
+    # GPUs last (a replacement worker takes its slot's GPU), the rest none.
+    gpus = args.gpus if args.gpus is not None else int(os.environ.get("AZ_BATCHAI_GPU_COUNT_FOUND", "0") or 0)
+    workers = {}  # pid -> worker id
+    slots = {}  # worker id -> slot
     spawned = 0
 
-    def spawn():
+    def spawn(slot=None):
         nonlocal spawned
         spawned += 1
+        if slot is None:
+            taken = {slots[w] for w in workers.values()}
+            slot = next(k for k in range(args.workers + 1) if k not in taken)
         worker_id = f"{args.node_name}-w{spawned:03d}"
+        slots[worker_id] = slot
         stdout_path = os.path.join(node_dir, f"process{spawned:03d}.stdout.txt")
         pid = os.fork()
         if pid == 0:
             if gpus:
-                os.environ["CUDA_VISIBLE_DEVICES"] = gpus[(spawned - 1) % len(gpus)]
+                os.environ["CUDA_VISIBLE_DEVICES"] = str(slot) if slot < gpus else ""
             try:
                 worker_main(args, user_args, worker_id, stdout_path)
             except BaseException:
@@ -383,10 +394,11 @@ def run_driver(args, user_args):
                 os._exit(3)
         workers[pid] = worker_id
 
-    for _ in range(args.workers):
-        spawn()
+    for slot in range(args.workers):
+        spawn(slot)
     failure = None
     init_failures = 0
+    last_progress = [-1, 0.0]  # mini-batches finished, when last said
 
     def give_back_leases(worker_id, why):
         held = False
@@ -445,6 +457,11 @@ def run_driver(args, user_args):
                 100.0 * len(failed) / total > args.allowed_failed_percent:
             failure = (f"{100.0 * len(failed) / total:.1f}% of mini-batches failed, more than "
                        f"--allowed_failed_percent {args.allowed_failed_percent}")
+        if len(finished) != last_progress[0] and (time.time() - last_progress[1] >= PROGRESS_SECONDS
+                                                  or len(finished) == total):
+            last_progress[:] = [len(finished), time.time()]
+            print(f"drover-parallel: progress {len(finished)}/{total} mini-batches ({len(failed)} failed), "
+                  f"{sum(items_of(b) for b in finished if b['ok'])} items", flush=True)
         if failure or (not workers and not queue.remaining()):
             break
         time.sleep(POLL_SECONDS)
@@ -503,7 +520,7 @@ def main(argv):
     p.add_argument("--mini-batch-error-threshold", type=int, default=-1)
     p.add_argument("--error-threshold", type=int, default=-1)
     p.add_argument("--node-name", default=os.uname().nodename)
-    p.add_argument("--gpus", default="")
+    p.add_argument("--gpus", type=int, help="GPUs of the node (default: AZ_BATCHAI_GPU_COUNT_FOUND)")
     args = p.parse_args(own)
     known, user_args = driver_options(program)
     if known.error_threshold is not None:

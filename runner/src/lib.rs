@@ -17,6 +17,7 @@ pub mod auth;
 pub mod docker;
 pub mod fake;
 pub mod init_binary;
+pub mod parallel;
 pub mod part;
 pub mod pull;
 pub mod runtime;

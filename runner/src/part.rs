@@ -74,6 +74,9 @@ pub struct Placement {
     pub rank_grace: Duration,
     /// Extra environment (identity endpoints and the like), applied last.
     pub extra_env: BTreeMap<String, String>,
+    /// Host path of Drover's parallel runtime ([`crate::parallel::install`]),
+    /// for a job that runs it (`drover.parallel_runtime`).
+    pub parallel_driver: Option<PathBuf>,
 }
 
 /// How long drover-init waits between SIGTERM and SIGKILL for the other
@@ -118,6 +121,7 @@ impl Placement {
             init_binary,
             rank_grace: DEFAULT_RANK_GRACE,
             extra_env: BTreeMap::new(),
+            parallel_driver: None,
         }
     }
 
@@ -512,6 +516,14 @@ pub fn default_pids_limit(processes_per_instance: u32) -> i64 {
 /// facts always give the same configuration.
 pub fn plan_container(job: &CommandJob, p: &Placement, host: &HostFacts) -> ContainerConfig {
     let mut env = distributed_env(job, p);
+    if !p.gpu_uuids.is_empty() {
+        // What Azure ML sets on GPU nodes; the parallel runtime gives its
+        // workers one GPU each from it.
+        env.insert(
+            "AZ_BATCHAI_GPU_COUNT_FOUND".to_string(),
+            p.gpu_uuids.len().to_string(),
+        );
+    }
     for (k, v) in &job.environment_variables {
         env.insert(k.clone(), v.clone());
     }
@@ -547,6 +559,17 @@ pub fn plan_container(job: &CommandJob, p: &Placement, host: &HostFacts) -> Cont
         binds.push(Bind {
             source: path_string(run),
             target: RUN_DIR.into(),
+            read_only: true,
+        });
+    }
+    if let Some(driver) = p
+        .parallel_driver
+        .as_ref()
+        .filter(|_| job.drover.parallel_runtime)
+    {
+        binds.push(Bind {
+            source: path_string(driver),
+            target: drover_api::job::PARALLEL_DRIVER_PATH.into(),
             read_only: true,
         });
     }
@@ -844,6 +867,18 @@ pub fn prepare_host_paths(job: &CommandJob, p: &Placement) -> Result<(), PartErr
     };
     if !p.init_binary.is_file() {
         return Err(missing("drover-init binary".into(), &p.init_binary));
+    }
+    if job.drover.parallel_runtime {
+        match &p.parallel_driver {
+            Some(driver) if driver.is_file() => {}
+            Some(driver) => return Err(missing("Drover's parallel runtime".into(), driver)),
+            None => {
+                return Err(missing(
+                    "Drover's parallel runtime (this runner was given none)".into(),
+                    Path::new(drover_api::job::PARALLEL_DRIVER_PATH),
+                ));
+            }
+        }
     }
     if let Some(work_dir) = &p.files.work_dir
         && !work_dir.is_dir()
@@ -1150,6 +1185,7 @@ mod tests {
         assert_eq!(c.memory, Some(2 << 30));
         assert_eq!(c.nano_cpus, Some(1_500_000_000));
         assert_eq!(c.gpu_uuids, vec!["GPU-aaaa", "GPU-bbbb"]);
+        assert_eq!(env_of(&c)["AZ_BATCHAI_GPU_COUNT_FOUND"], "2");
         assert_eq!(c.network_mode.as_deref(), Some("container:node-a"));
         // The job's own memlock wins over the unlimited default.
         assert_eq!(

@@ -21,7 +21,8 @@ def init():
     p.add_argument("--pids", default="")
     args, _ = p.parse_known_args()
     if args.pids:
-        open(os.path.join(args.pids, str(os.getpid())), "w").close()
+        with open(os.path.join(args.pids, str(os.getpid())), "w") as f:
+            f.write(os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
 def run(mini_batch):
     out = []
     for f in mini_batch:
@@ -53,7 +54,11 @@ impl Step {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("data")).unwrap();
         for i in 0..100 {
-            std::fs::write(dir.path().join(format!("data/f{i:03}.txt")), format!("item {i}\n")).unwrap();
+            std::fs::write(
+                dir.path().join(format!("data/f{i:03}.txt")),
+                format!("item {i}\n"),
+            )
+            .unwrap();
         }
         std::fs::create_dir_all(dir.path().join("code")).unwrap();
         std::fs::write(dir.path().join("code/score.py"), SCORE).unwrap();
@@ -85,7 +90,9 @@ impl Step {
     }
 
     fn run(&self, run: &str, driver: &[&str], program: &[&str]) -> Output {
-        self.command(run, driver, program).output().expect("python3 runs")
+        self.command(run, driver, program)
+            .output()
+            .expect("python3 runs")
     }
 
     fn read(&self, rel: &str) -> String {
@@ -97,21 +104,31 @@ impl Step {
         let text = self.read(&format!("{run}/out/parallel_run_step.txt"));
         let mut seen = BTreeSet::new();
         for line in text.lines() {
-            assert!(seen.insert(line.to_string()), "{line} appears twice in the output");
+            assert!(
+                seen.insert(line.to_string()),
+                "{line} appears twice in the output"
+            );
         }
         seen
     }
 
     /// `processed_mini-batches.csv` rows: (index, status, tries, errors).
     fn report(&self, run: &str) -> Vec<(u32, String, u32, String)> {
-        self.read(&format!("{run}/logs/sys/job_report/processed_mini-batches.csv"))
-            .lines()
-            .skip(1)
-            .map(|l| {
-                let f: Vec<&str> = l.splitn(6, ',').collect();
-                (f[0].parse().unwrap(), f[1].to_string(), f[2].parse().unwrap(), f[5].to_string())
-            })
-            .collect()
+        self.read(&format!(
+            "{run}/logs/sys/job_report/processed_mini-batches.csv"
+        ))
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.splitn(6, ',').collect();
+            (
+                f[0].parse().unwrap(),
+                f[1].to_string(),
+                f[2].parse().unwrap(),
+                f[5].to_string(),
+            )
+        })
+        .collect()
     }
 }
 
@@ -132,12 +149,22 @@ fn failing_items_fail_their_mini_batches_after_retries_and_the_thresholds_decide
     // argparse accepts it; `--bad` reaches the script.
     let out = step.run(
         "ok",
-        &["--mini-batch-size", "5", "--workers", "2", "--mini-batch-error-threshold", "5"],
+        &[
+            "--mini-batch-size",
+            "5",
+            "--workers",
+            "2",
+            "--mini-batch-error-threshold",
+            "5",
+        ],
         &[bad[0], bad[1], "--error_thr", "100"],
     );
     assert_eq!(out.status.code(), Some(0), "{}", said(&out));
     let result = step.read("ok/logs/job_result.txt");
-    assert!(result.contains("17 succeeded, 3 failed, 20 in all"), "{result}");
+    assert!(
+        result.contains("17 succeeded, 3 failed, 20 in all"),
+        "{result}"
+    );
     let lines = step.output_lines("ok");
     assert_eq!(lines.len(), 85);
     // Exactly the items of the mini-batches that did not fail (5-9, 30-34, 70-74).
@@ -146,7 +173,11 @@ fn failing_items_fail_their_mini_batches_after_retries_and_the_thresholds_decide
         .map(|i| format!("f{i:03}.txt item {i}"))
         .collect();
     assert_eq!(lines, expected);
-    let failed: Vec<_> = step.report("ok").into_iter().filter(|r| r.1 == "failed").collect();
+    let failed: Vec<_> = step
+        .report("ok")
+        .into_iter()
+        .filter(|r| r.1 == "failed")
+        .collect();
     assert_eq!(failed.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 6, 14]);
     for (_, _, tries, errors) in &failed {
         assert_eq!(*tries, 3, "max_retries 2: three tries");
@@ -156,7 +187,14 @@ fn failing_items_fail_their_mini_batches_after_retries_and_the_thresholds_decide
     // Past it: exit 42, and job_result.txt says why.
     let out = step.run(
         "fail",
-        &["--mini-batch-size", "5", "--workers", "2", "--mini-batch-error-threshold", "2"],
+        &[
+            "--mini-batch-size",
+            "5",
+            "--workers",
+            "2",
+            "--mini-batch-error-threshold",
+            "2",
+        ],
         &bad,
     );
     assert_eq!(out.status.code(), Some(42), "{}", said(&out));
@@ -165,7 +203,10 @@ fn failing_items_fail_their_mini_batches_after_retries_and_the_thresholds_decide
         result.contains("3 mini-batches failed, more than mini_batch_error_threshold 2"),
         "{result}"
     );
-    assert!(step.read("fail/logs/job_error.txt").contains("cannot score"));
+    assert!(
+        step.read("fail/logs/job_error.txt")
+            .contains("cannot score")
+    );
 
     // error_threshold counts items: 15 failed items are more than 10.
     let out = step.run(
@@ -174,7 +215,10 @@ fn failing_items_fail_their_mini_batches_after_retries_and_the_thresholds_decide
         &bad,
     );
     assert_eq!(out.status.code(), Some(42), "{}", said(&out));
-    assert!(step.read("items/logs/job_result.txt").contains("more than error_threshold 10"));
+    assert!(
+        step.read("items/logs/job_result.txt")
+            .contains("more than error_threshold 10")
+    );
 }
 
 #[test]
@@ -182,7 +226,16 @@ fn a_run_past_its_timeout_is_a_failed_try() {
     let step = Step::new();
     let out = step.run(
         "t",
-        &["--mini-batch-size", "10", "--workers", "2", "--timeout", "2", "--max-retries", "1"],
+        &[
+            "--mini-batch-size",
+            "10",
+            "--workers",
+            "2",
+            "--timeout",
+            "2",
+            "--max-retries",
+            "1",
+        ],
         &["--slow", "f013.txt"],
     );
     assert_eq!(out.status.code(), Some(0), "{}", said(&out));
@@ -191,7 +244,11 @@ fn a_run_past_its_timeout_is_a_failed_try() {
     assert_eq!(timed_out.len(), 1, "{report:?}");
     assert_eq!(timed_out[0].0, 1);
     assert_eq!(timed_out[0].2, 2, "two tries with max_retries 1");
-    assert_eq!(timed_out[0].3.matches("timed out after 2s").count(), 2, "{report:?}");
+    assert_eq!(
+        timed_out[0].3.matches("timed out after 2s").count(),
+        2,
+        "{report:?}"
+    );
     assert_eq!(step.output_lines("t").len(), 90);
 }
 
@@ -211,7 +268,10 @@ fn a_killed_worker_is_replaced_runs_init_again_and_every_item_is_output_once() {
         .spawn()
         .expect("python3 runs");
     let started = |n: usize| std::fs::read_dir(&pids).map(|d| d.count()).unwrap_or(0) >= n;
-    assert!(wait_until(Duration::from_secs(20), || started(2)), "two workers start");
+    assert!(
+        wait_until(Duration::from_secs(20), || started(2)),
+        "two workers start"
+    );
     // Let it be mid-batch, then kill -9 one worker.
     std::thread::sleep(Duration::from_millis(400));
     let victim: i32 = std::fs::read_dir(&pids)
@@ -232,4 +292,30 @@ fn a_killed_worker_is_replaced_runs_init_again_and_every_item_is_output_once() {
     assert!(report.iter().all(|r| r.1 == "succeeded"), "{report:?}");
     let logs = said(&out);
     assert!(logs.contains("died (signal 9)"), "{logs}");
+}
+
+#[test]
+fn each_worker_gets_one_gpu_while_gpus_last() {
+    let step = Step::new();
+    let pids = step.path("pids");
+    std::fs::create_dir_all(&pids).unwrap();
+    let mut command = step.command(
+        "g",
+        &["--mini-batch-size", "10", "--workers", "3"],
+        &["--sleep", "0.02", "--pids", &pids.display().to_string()],
+    );
+    // What the runner sets in a part's container with two GPUs.
+    command.env("AZ_BATCHAI_GPU_COUNT_FOUND", "2");
+    let out = command.output().expect("python3 runs");
+    assert_eq!(out.status.code(), Some(0), "{}", said(&out));
+    let mut seen: Vec<String> = std::fs::read_dir(&pids)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["", "0", "1"],
+        "GPU 0, GPU 1, and none for the third worker"
+    );
 }

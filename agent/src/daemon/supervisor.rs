@@ -475,6 +475,19 @@ async fn run_new<R: ContainerRuntime>(ctx: &PartCtx<R>, a: &Assignment) -> Ended
         },
         Err(e) => return refuse(ctx, e.to_string()).await,
     };
+    if job.drover.parallel_runtime {
+        let dir = ctx.config.data_dir.join("runtime");
+        match drover_runner::parallel::install(&dir) {
+            Ok(driver) => placement.parallel_driver = Some(driver),
+            Err(e) => {
+                let why = format!(
+                    "cannot write Drover's parallel runtime under {}: {e}",
+                    dir.display()
+                );
+                return refuse(ctx, why).await;
+            }
+        }
+    }
     if job
         .distribution
         .is_some_and(|d| d.kind == DistributionKind::Mpi)

@@ -2,7 +2,8 @@
 //! receive them.
 //!
 //! - [`JobSpec`] — a job of any kind, tagged by `type` like Azure ML's own
-//!   job YAML (`command` today; `pipeline` and `parallel` are to come), with
+//!   job YAML (`command`; a top-level `parallel` job is read as the command
+//!   job running Drover's parallel runtime, `parallel.rs`), with
 //!   a `format` version in its JSON so that a control plane reads every job
 //!   it stored before an upgrade.
 //! - [`CommandJob`] — Azure ML's command job, read from v2 job YAML by
@@ -16,6 +17,7 @@
 //!   rules as YAML).
 //! - `placeholders.rs` — `${{inputs.x}}` substitution in `command`.
 
+mod parallel;
 mod placeholders;
 mod validate;
 mod wire;
@@ -26,6 +28,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use self::parallel::PARALLEL_DRIVER_PATH;
 use self::placeholders::substitute;
 pub use self::validate::{
     InvalidJob, MAX_COMMAND_BYTES, MAX_ENV_BYTES, MAX_GPUS_PER_INSTANCE, MAX_INSTANCES,
@@ -684,6 +687,10 @@ pub struct DroverOptions {
     pub registry_credentials: Option<RegistryCredentials>,
     /// When to pull.
     pub pull_policy: PullPolicy,
+    /// The job runs Drover's parallel runtime (a `type: parallel` job):
+    /// the node mounts it at [`PARALLEL_DRIVER_PATH`].
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub parallel_runtime: bool,
 }
 
 fn one() -> u32 {

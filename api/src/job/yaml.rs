@@ -85,7 +85,32 @@ impl JobSpec {
         let root = parse_mapping_with(file, text, sets)?;
         let mut r = Reader::new(file);
         let mut lines = BTreeMap::new();
-        let spec = read_job(&mut r, &root, base_dir, &mut lines).map(JobSpec::Command);
+        let kind = root
+            .as_mapping()
+            .and_then(|m| m.get_node("type"))
+            .filter(|n| n.as_scalar().is_some_and(|s| s.as_str() == "parallel"));
+        let (root, parallel) = match kind {
+            Some(n) => {
+                r.warn(
+                    n,
+                    "type",
+                    "a top-level parallel job is a Drover convenience (Azure ML runs parallel steps only inside pipeline jobs): it runs as a command job of Drover's parallel runtime",
+                );
+                match super::parallel::as_command_document(&mut r, &root) {
+                    Some(doc) => (doc, true),
+                    None => {
+                        r.errors.sort_by_key(|d| d.line);
+                        r.finish(None::<()>)?;
+                        return Err(InvalidDefinition { errors: vec![] });
+                    }
+                }
+            }
+            None => (root, false),
+        };
+        let spec = read_job(&mut r, &root, base_dir, &mut lines).map(|mut job| {
+            job.drover.parallel_runtime = parallel;
+            JobSpec::Command(job)
+        });
         if let Some(spec) = &spec
             && let Err(invalid) = spec.validate()
         {
@@ -189,7 +214,7 @@ fn read_job(
         r.error(
             n,
             "type",
-            format!("only command jobs are supported, got {t}"),
+            format!("only command jobs (and, as a Drover convenience, top-level parallel jobs) are supported, got {t}"),
         );
     }
 
@@ -698,12 +723,16 @@ fn read_path_value(r: &mut Reader, node: &Node, path: &str, base_dir: &Path) -> 
 }
 
 /// Reads `type:` of a path input or output: `uri_file`, `uri_folder`, and
-/// Azure ML's model types, which are folders (or files) to a job.
+/// Azure ML's model types, which are folders (or files) to a job; an input
+/// (`what` not empty) may also be an `mltable`, a folder.
 fn read_path_kind(r: &mut Reader, node: &Node, path: &str, what: &str) -> Option<PathKind> {
     let t = r.string(node, path)?;
     match t.as_str() {
         "uri_file" => Some(PathKind::UriFile),
         "uri_folder" => Some(PathKind::UriFolder),
+        // A table is its folder (the MLTable file and the data it names),
+        // read by whoever consumes it (the parallel runtime, `mltable`).
+        "mltable" if !what.is_empty() => Some(PathKind::UriFolder),
         "custom_model" | "mlflow_model" | "triton_model" => {
             r.warn(
                 node,
@@ -1443,7 +1472,7 @@ drover:
             ),
             (
                 "command: echo\nimage: x\ntype: sweep\n",
-                "job.yml:3: type: only command jobs are supported, got sweep",
+                "job.yml:3: type: only command jobs (and, as a Drover convenience, top-level parallel jobs) are supported, got sweep",
             ),
             (
                 "command: echo\nimage: x\nname: has space\n",
@@ -1637,6 +1666,164 @@ drover:
         );
         assert!("resources.=1".parse::<SetOverride>().is_err());
         assert!("noequals".parse::<SetOverride>().is_err());
+    }
+
+    const PARALLEL: &str = r#"$schema: https://azuremlschemas.azureedge.net/latest/parallelJob.schema.json
+type: parallel
+display_name: batch score
+compute: azureml:cpu-cluster
+inputs:
+  job_data_path:
+    type: mltable
+    path: ./table
+outputs:
+  job_output_path:
+    type: uri_folder
+input_data: ${{inputs.job_data_path}}
+mini_batch_size: "10kb"
+resources:
+  instance_count: 1
+max_concurrency_per_instance: 2
+mini_batch_error_threshold: 5
+error_threshold: -1
+retry_settings:
+  max_retries: 3
+  timeout: 30
+logging_level: DEBUG
+environment_variables:
+  MODEL: m1
+task:
+  type: run_function
+  code: ./src
+  entry_script: score.py
+  environment:
+    image: drover/base:bookworm
+  program_arguments: --model ${{inputs.job_data_path}} --error_threshold 10
+  append_row_to: ${{outputs.job_output_path}}
+"#;
+
+    #[test]
+    fn a_parallel_job_is_the_command_job_of_the_parallel_runtime() {
+        let parsed = parse(PARALLEL).expect("parses");
+        assert!(
+            parsed
+                .warnings
+                .iter()
+                .any(|w| w.to_string().contains("Drover convenience")),
+            "{:?}",
+            parsed.warnings
+        );
+        let job = parsed.spec.into_command().expect("a command job");
+        assert!(job.drover.parallel_runtime);
+        assert_eq!(job.display_name.as_deref(), Some("batch score"));
+        assert_eq!(job.compute.as_deref(), Some("cpu-cluster"));
+        assert_eq!(job.environment_variables["MODEL"], "m1");
+        assert_eq!(job.image, "drover/base:bookworm");
+        assert!(matches!(&job.code, Some(Code::Local(p)) if p == Path::new("/jobs/demo/src")));
+        assert!(matches!(
+            &job.inputs["job_data_path"],
+            Input::Path { path, .. } if path == Path::new("/jobs/demo/table")
+        ));
+        assert_eq!(
+            job.command,
+            "python3 /drover/parallel/driver.py --code /drover/code --entry-script score.py \
+             --input-kind mltable --input ${{inputs.job_data_path}} --mini-batch-size 10240 \
+             --work /tmp/drover-parallel --logs logs --workers 2 --max-retries 3 --timeout 30 \
+             --mini-batch-error-threshold 5 --error-threshold -1 --node-name \"$(hostname)\" \
+             --output ${{outputs.job_output_path}}/parallel_run_step.txt \
+             -- --model ${{inputs.job_data_path}} --error_threshold 10"
+        );
+        assert!(
+            job.resolved_command()
+                .contains("--input /drover/inputs/job_data_path"),
+            "{}",
+            job.resolved_command()
+        );
+    }
+
+    #[test]
+    fn parallel_jobs_with_bad_bindings_or_settings_are_file_line_errors() {
+        let bad = |from: &str, to: &str, expect: &str| {
+            assert!(PARALLEL.contains(from), "{from}");
+            check_error(&PARALLEL.replacen(from, to, 1), expect);
+        };
+        bad(
+            "input_data: ${{inputs.job_data_path}}",
+            "input_data: ${{inputs.nope}}",
+            "job.yml:12: input_data: names input nope, which `inputs` does not declare",
+        );
+        bad(
+            "input_data: ${{inputs.job_data_path}}",
+            "input_data: ./data",
+            "job.yml:12: input_data: expected ${{inputs.NAME}}, got ./data",
+        );
+        bad(
+            "append_row_to: ${{outputs.job_output_path}}",
+            "append_row_to: ${{outputs.scores}}",
+            "job.yml:32: task.append_row_to: names output scores, which `outputs` does not declare",
+        );
+        bad(
+            "mini_batch_size: \"10kb\"",
+            "mini_batch_size: lots",
+            "job.yml:13: mini_batch_size: expected a size such as \"10kb\" or \"1mb\" for tabular input, got lots",
+        );
+        bad(
+            "  instance_count: 1",
+            "  instance_count: 2",
+            "job.yml:15: resources.instance_count: a top-level parallel job runs on one node for now (its mini-batch queue is the node's); use max_concurrency_per_instance for more workers",
+        );
+        bad(
+            "  entry_script: score.py",
+            "  entry_script: ../score.py",
+            "job.yml:28: task.entry_script: `../score.py` must be a relative path in the code folder (letters, digits, `_`, `-`, `.`, `/`)",
+        );
+        bad(
+            "  type: run_function",
+            "  type: run_script",
+            "job.yml:26: task.type: only run_function is supported, got run_script",
+        );
+        bad(
+            "error_threshold: -1",
+            "error_threshold: -2",
+            "job.yml:18: error_threshold: expected an integer, -1 to ignore failures",
+        );
+        bad(
+            "    type: mltable",
+            "    type: uri_file",
+            "job.yml:7: inputs.job_data_path: a parallel job's input_data must be a uri_folder or an mltable, got uri_file",
+        );
+        bad(
+            "logging_level: DEBUG",
+            "logging_level: LOUD",
+            "job.yml:22: logging_level: expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got LOUD",
+        );
+        let no_task = PARALLEL
+            .split("task:")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        check_error(
+            &no_task,
+            "job.yml:1: task: is required: {type: run_function, code, entry_script, environment}",
+        );
+        // A uri_folder's mini_batch_size is a file count.
+        let folder = PARALLEL.replacen("    type: mltable", "    type: uri_folder", 1);
+        check_error(
+            &folder,
+            "job.yml:13: mini_batch_size: expected a file count (a positive integer) for uri_folder input",
+        );
+        let folder = folder.replacen("mini_batch_size: \"10kb\"", "mini_batch_size: 5", 1);
+        let job = command(&folder);
+        assert!(
+            job.command.contains("--input-kind uri_folder"),
+            "{}",
+            job.command
+        );
+        assert!(
+            job.command.contains("--mini-batch-size 5 "),
+            "{}",
+            job.command
+        );
     }
 
     #[test]

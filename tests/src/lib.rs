@@ -544,6 +544,25 @@ impl Drop for Registry {
     }
 }
 
+/// A benchmark's `NAME VALUE` argument, or `default` when absent or unreadable.
+pub fn bench_arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Debian's Python (`/usr/bin/python3`) when there, else `python3` on the PATH.
+pub fn python3() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
 /// `GET path` from `addr` over plain HTTP/1.0: the whole answer, status
 /// line and headers included.
 pub fn http_get(addr: &str, path: &str) -> String {

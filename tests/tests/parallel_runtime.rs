@@ -4,11 +4,11 @@
 //! killed mid-job, and the appended output holding every item once.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use drover_tests::{repo_root, wait_until};
+use drover_tests::{python3, repo_root, wait_until};
 
 const SCORE: &str = r#"
 import argparse, os, time
@@ -36,14 +36,6 @@ def run(mini_batch):
     return out
 "#;
 
-fn python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
 /// A folder of 100 files, `f000.txt` … `f099.txt`, and the entry script.
 struct Step {
     dir: tempfile::TempDir,
@@ -70,7 +62,7 @@ impl Step {
     }
 
     fn command(&self, run: &str, driver: &[&str], program: &[&str]) -> Command {
-        let mut c = Command::new(python());
+        let mut c = Command::new(python3());
         c.arg(repo_root().join("runner/parallel/driver.py"))
             .arg("--code")
             .arg(self.path("code"))

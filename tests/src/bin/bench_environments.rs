@@ -26,17 +26,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use drover_tests::{
-    JobDir, LocalUp, Registry, agent_bin_release, median, require_image, short_name,
+    JobDir, LocalUp, Registry, agent_bin_release, bench_arg, median, require_image, short_name,
 };
-
-fn arg(name: &str, default: u32) -> u32 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn rmi(image: &str) {
     let _ = Command::new("docker")
@@ -62,8 +53,8 @@ fn first_job(up: &LocalUp, dir: &JobDir, environment: &str) -> f64 {
 
 fn main() {
     require_image("drover/base:bookworm");
-    let runs = arg("--runs", 5);
-    let payload = arg("--payload-mb", 64);
+    let runs = bench_arg::<u32>("--runs", 5);
+    let payload = bench_arg::<u32>("--payload-mb", 64);
     let registry = Registry::start();
     let secret = tempfile::NamedTempFile::new().expect("temp file");
     std::fs::write(secret.path(), &registry.password).expect("write password");

@@ -33,25 +33,16 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use drover_files::transfer::{BlobClient, BlobRoutes};
-use drover_tests::{ServerProc, median, unique_name};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use drover_tests::{ServerProc, bench_arg, median, unique_name};
 
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
 fn main() {
-    let runs = arg("--runs", 3) as usize;
-    let mib = arg("--mib", 1024);
-    let code_mib = arg("--code-mib", 100);
+    let runs = bench_arg::<u64>("--runs", 3) as usize;
+    let mib = bench_arg::<u64>("--mib", 1024);
+    let code_mib = bench_arg::<u64>("--code-mib", 100);
     let server = ServerProc::start_release(30);
     let work = tempfile::tempdir_in(server.data.path()).expect("tempdir");
 

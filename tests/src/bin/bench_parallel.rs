@@ -18,16 +18,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use drover_tests::{median, repo_root};
-
-fn arg(name: &str, default: u32) -> u32 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use drover_tests::{bench_arg, median, python3, repo_root};
 
 const SCORE: &str = "def init():\n    pass\n\ndef run(mini_batch):\n    return [open(f).read().strip() for f in mini_batch]\n";
 
@@ -41,14 +32,6 @@ for i in range(len(files)):
 print(time.perf_counter() - t)
 "#;
 
-fn python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
 fn folder(root: &Path, n: u32) -> std::path::PathBuf {
     let data = root.join(format!("data{n}"));
     std::fs::create_dir_all(&data).expect("mkdir");
@@ -61,7 +44,7 @@ fn folder(root: &Path, n: u32) -> std::path::PathBuf {
 /// Seconds the driver takes over `data`.
 fn driver(root: &Path, data: &Path, run: &str) -> f64 {
     let started = Instant::now();
-    let out = Command::new(python())
+    let out = Command::new(python3())
         .arg(repo_root().join("runner/parallel/driver.py"))
         .arg("--code")
         .arg(root.join("code"))
@@ -85,7 +68,7 @@ fn driver(root: &Path, data: &Path, run: &str) -> f64 {
 
 /// Seconds the plain loop's `run()` calls take over `data`.
 fn plain_loop(root: &Path, data: &Path) -> f64 {
-    let out = Command::new(python())
+    let out = Command::new(python3())
         .args(["-c", LOOP])
         .arg(data)
         .arg(root.join("code"))
@@ -103,8 +86,8 @@ fn plain_loop(root: &Path, data: &Path) -> f64 {
 }
 
 fn main() {
-    let runs = arg("--runs", 5);
-    let batches = arg("--batches", 1000).max(10);
+    let runs = bench_arg::<u32>("--runs", 5);
+    let batches = bench_arg::<u32>("--batches", 1000).max(10);
     let small = batches / 5;
     let root = tempfile::tempdir().expect("tempdir");
     let root = root.path();

@@ -286,6 +286,78 @@ pub fn containers_of_job(job: &str) -> Vec<String> {
     containers_labelled("drover.job", job)
 }
 
+/// How long one `drover` command of a test may run before it is killed:
+/// `DROVER_TEST_COMMAND_TIMEOUT` seconds, 420 by default. A hung command
+/// then fails its test with what it printed, instead of stalling the suite.
+pub fn command_timeout() -> Duration {
+    let secs = std::env::var("DROVER_TEST_COMMAND_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(420);
+    Duration::from_secs(secs)
+}
+
+/// Runs `cmd` to completion like `Command::output`, but kills it after
+/// `timeout` and panics with what it printed by then.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
+    try_output_within(cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`output_within`], with a command that ran too long as `Err` (saying
+/// what it printed) so the caller can add its own context.
+pub fn try_output_within(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?} cannot start: {e}"));
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) | Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let out = stdout.join().unwrap_or_default();
+                let err = stderr.join().unwrap_or_default();
+                return Err(format!(
+                    "{cmd:?} still ran after {timeout:?} and was killed; it printed:\n{}{}",
+                    String::from_utf8_lossy(&out),
+                    String::from_utf8_lossy(&err)
+                ));
+            }
+        }
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -844,7 +916,7 @@ impl ServerProc {
 
     /// Runs `drover ARGS` against this server.
     pub fn cli(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("drover runs")
+        output_within(&mut self.command(args), command_timeout())
     }
 
     /// Runs `drover ARGS`, asserts success and returns stdout.
@@ -1206,7 +1278,8 @@ impl LocalUp {
     }
 
     fn drover(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("drover runs")
+        try_output_within(&mut self.command(args), command_timeout())
+            .unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", self.log_text()))
     }
 
     /// `drover ARGS` against this cluster's server, not started (for

@@ -415,6 +415,10 @@ pub struct JobInfo {
     /// Its parts, by attempt then rank (empty in listings).
     #[serde(default)]
     pub parts: Vec<PartInfo>,
+    /// A parallel job's mini-batches, from its runtime's newest progress
+    /// line (absent in listings and for other jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<crate::job::ParallelProgress>,
     /// What it runs (absent in listings).
     #[serde(default)]
     pub spec: Option<JobSpec>,

@@ -106,6 +106,25 @@ fn a_parallel_job_scores_a_table_with_sklearn_one_output_row_per_input_row() {
     let logs = up.cli_ok(&["job", "logs", &job]);
     assert!(logs.contains("drover-parallel: progress"), "{logs}");
     assert!(logs.contains("0 failed, "), "{logs}");
+    // The runtime's last progress line is the job's progress, in `show`
+    // and in the server's metrics.
+    let shown = up.job(&job);
+    let progress = &shown["progress"];
+    assert_eq!(progress["failed"], 0, "{shown}");
+    assert!(progress["total"].as_u64().is_some_and(|t| t > 0), "{shown}");
+    assert_eq!(progress["done"], progress["total"], "{shown}");
+    assert_eq!(progress["items"], 2000, "{shown}");
+    let text = up.cli_ok(&["job", "show", &job]);
+    assert!(
+        text.contains("progress:") && text.contains("(0 failed), 2000 items"),
+        "{text}"
+    );
+    assert!(
+        up.metrics()
+            .contains("drover_server_minibatches_total{cluster="),
+        "{}",
+        up.metrics()
+    );
 
     let down = tempfile::tempdir().expect("tempdir");
     up.cli_ok(&[

@@ -16,9 +16,12 @@
 //!   server on every submission (a hand-written HTTP body meets the same
 //!   rules as YAML).
 //! - `placeholders.rs` — `${{inputs.x}}` substitution in `command`.
+//! - `progress.rs` — the parallel runtime's progress line, read by the
+//!   control plane and drawn by the CLI.
 
 mod parallel;
 mod placeholders;
+mod progress;
 mod validate;
 mod wire;
 mod yaml;
@@ -30,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::parallel::PARALLEL_DRIVER_PATH;
 use self::placeholders::substitute;
+pub use self::progress::{PROGRESS_PREFIX, ParallelProgress};
 pub use self::validate::{
     InvalidJob, MAX_COMMAND_BYTES, MAX_ENV_BYTES, MAX_GPUS_PER_INSTANCE, MAX_INSTANCES,
     MAX_PROCESSES_PER_INSTANCE, MAX_TIMEOUT_SECONDS, check_image_reference, check_job_identity,

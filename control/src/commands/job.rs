@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use drover_api::cluster::JobState;
+use drover_api::job::ParallelProgress;
 use drover_api::wire;
 use drover_api::{JobSpec, SetOverride};
 use reqwest::Method;
@@ -404,6 +405,14 @@ fn show(j: &wire::JobInfo, outputs: Option<&drover_api::files::JobOutputs>) -> S
     if let Some(w) = &j.waiting_reason {
         kv("waiting:", w.clone());
     }
+    if let Some(p) = &j.progress {
+        let of = if p.attempt == j.attempt {
+            String::new()
+        } else {
+            format!(" (attempt {})", p.attempt)
+        };
+        kv("progress:", format!("{} {p}{of}", p.bar(20)));
+    }
     if let Some(job) = j.spec.as_ref().and_then(|s| s.as_command()) {
         kv("image:", job.image.clone());
         if let Some(env) = &job.environment {
@@ -501,14 +510,24 @@ fn multi_process(job: &wire::JobInfo) -> bool {
 
 /// One page of log lines as `job logs` prints them: each line with its
 /// prefix, or (`json`) one JSON document per line.
-fn render_lines(lines: &[wire::LogLine], multi: bool, json: bool) -> anyhow::Result<String> {
+/// Log lines as text (or JSON lines); with `bars`, the parallel runtime's
+/// progress lines are drawn as progress bars (`--stream`).
+fn render_lines(
+    lines: &[wire::LogLine],
+    multi: bool,
+    json: bool,
+    bars: bool,
+) -> anyhow::Result<String> {
     let mut out = String::new();
     for l in lines {
         if json {
             out.push_str(&serde_json::to_string(l).context("cannot encode a log line")?);
         } else {
             out.push_str(&output::line_prefix(multi, l.node_rank, l.rank));
-            out.push_str(&l.text);
+            match ParallelProgress::parse_line(&l.text, l.attempt).filter(|_| bars) {
+                Some(p) => out.push_str(&format!("drover-parallel: {} {p}", p.bar(30))),
+                None => out.push_str(&l.text),
+            }
         }
         out.push('\n');
     }
@@ -564,7 +583,7 @@ async fn logs(
             ));
         }
         // A page in one write; a closed pipe ends the command quietly.
-        output::print(&render_lines(&page.lines, multi, json)?)?;
+        output::print(&render_lines(&page.lines, multi, json, follow)?)?;
         from = page.next_seq;
         let caught_up = page.next_seq >= page.end_seq;
         // A follower of an older attempt has all of it.
@@ -605,11 +624,14 @@ mod tests {
     fn log_lines_say_which_process_wrote_them_in_multi_process_jobs() {
         let lines = [line(0, Some(2), "a"), line(1, None, "b")];
         assert_eq!(
-            render_lines(&lines, true, false).unwrap(),
+            render_lines(&lines, true, false, false).unwrap(),
             "[node 0 rank 2] a\n[node 1] b\n"
         );
-        assert_eq!(render_lines(&lines[1..], false, false).unwrap(), "b\n");
-        let json = render_lines(&lines, true, true).unwrap();
+        assert_eq!(
+            render_lines(&lines[1..], false, false, false).unwrap(),
+            "b\n"
+        );
+        let json = render_lines(&lines, true, true, false).unwrap();
         let docs: Vec<serde_json::Value> = json
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -618,6 +640,27 @@ mod tests {
         assert_eq!(
             (docs[0]["rank"].as_u64(), docs[0]["text"].as_str()),
             (Some(2), Some("a"))
+        );
+    }
+
+    #[test]
+    fn a_followed_log_draws_the_parallel_runtimes_progress_as_a_bar() {
+        let lines = [
+            line(
+                0,
+                None,
+                "drover-parallel: progress 5/10 mini-batches (1 failed), 40 items",
+            ),
+            line(0, None, "other"),
+        ];
+        assert_eq!(
+            render_lines(&lines, false, false, true).unwrap(),
+            "drover-parallel: [###############---------------] 5/10 mini-batches (1 failed), 40 items\nother\n"
+        );
+        // `job logs` shows the log as it was written.
+        assert_eq!(
+            render_lines(&lines, false, false, false).unwrap(),
+            "drover-parallel: progress 5/10 mini-batches (1 failed), 40 items\nother\n"
         );
     }
 

@@ -6,6 +6,7 @@
 //! from the store when `/metrics` is scraped, never kept twice.
 
 use drover_api::cluster::NodeState;
+use drover_api::job::ParallelProgress;
 use drover_api::wire;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -56,6 +57,20 @@ pub enum Event<'a> {
         /// `unusable` or `preempted`.
         state: NodeState,
     },
+    /// A parallel job's runtime reported mini-batches finished since its
+    /// last report.
+    MiniBatchesFinished {
+        /// The job's cluster.
+        cluster: &'a str,
+        /// The job.
+        job: &'a str,
+        /// Newly succeeded mini-batches.
+        succeeded: u64,
+        /// Newly failed mini-batches (after their retries).
+        failed: u64,
+        /// Where the job stands now.
+        progress: &'a ParallelProgress,
+    },
     /// A provider call failed (a new error, recorded as a scaling error).
     ScalingFailed {
         /// The cluster.
@@ -75,6 +90,7 @@ impl Event<'_> {
             Event::NodeNeverJoined { .. } => "node_never_joined",
             Event::NodeLost { .. } => "node_lost",
             Event::ScalingFailed { .. } => "scaling_failed",
+            Event::MiniBatchesFinished { .. } => "minibatches_finished",
         }
     }
 }
@@ -86,6 +102,8 @@ pub struct ServerMetrics {
     events: Family<Labels, Counter>,
     /// Heartbeats accepted.
     heartbeats: Counter,
+    /// Mini-batches of parallel jobs finished, by cluster and outcome.
+    minibatches: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for ServerMetrics {
@@ -99,6 +117,12 @@ impl Default for ServerMetrics {
         let mut registry = Registry::with_prefix("drover_server");
         let events = Family::<Labels, Counter>::default();
         let heartbeats = Counter::default();
+        let minibatches = Family::<Labels, Counter>::default();
+        registry.register(
+            "minibatches",
+            "mini-batches of parallel jobs finished (outcome: succeeded, failed), as their runtimes report them",
+            minibatches.clone(),
+        );
         registry.register(
             "events",
             "notable control-plane events (nodes created, removed, reclaimed, lost; scaling failures)",
@@ -113,6 +137,7 @@ impl Default for ServerMetrics {
             registry,
             events,
             heartbeats,
+            minibatches,
         }
     }
 }
@@ -144,6 +169,25 @@ impl ServerMetrics {
             Event::ScalingFailed { cluster, message } => {
                 tracing::warn!(cluster, error = message, "scaling failed");
                 ("cluster", cluster.to_string())
+            }
+            Event::MiniBatchesFinished {
+                cluster,
+                job,
+                succeeded,
+                failed,
+                progress,
+            } => {
+                tracing::info!(cluster, job, progress = %progress, "parallel job progress");
+                for (outcome, n) in [("succeeded", succeeded), ("failed", failed)] {
+                    self.minibatches
+                        .get_or_create(&vec![
+                            ("cluster".to_string(), cluster.to_string()),
+                            ("outcome".to_string(), outcome.to_string()),
+                        ])
+                        .inc_by(n);
+                }
+                // Counted above by outcome, not as one event per report.
+                return;
             }
         };
         self.events
@@ -236,6 +280,33 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("drover_server_heartbeats_total 1"), "{text}");
+        let progress = ParallelProgress {
+            attempt: 1,
+            done: 5,
+            failed: 1,
+            total: 9,
+            items: 40,
+        };
+        for (succeeded, failed) in [(3, 0), (1, 1)] {
+            m.emit(Event::MiniBatchesFinished {
+                cluster: "cpu",
+                job: "j",
+                succeeded,
+                failed,
+                progress: &progress,
+            });
+        }
+        let text = m.render(&wire::ClusterList { clusters: vec![] });
+        assert!(
+            text.contains(
+                r#"drover_server_minibatches_total{cluster="cpu",outcome="succeeded"} 4"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"drover_server_minibatches_total{cluster="cpu",outcome="failed"} 1"#),
+            "{text}"
+        );
         assert_eq!(text.matches("# EOF").count(), 1, "{text}");
         assert!(text.trim_end().ends_with("# EOF"), "{text}");
     }

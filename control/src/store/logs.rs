@@ -8,11 +8,12 @@
 use std::collections::BTreeMap;
 
 use drover_api::cluster::Timestamp;
+use drover_api::job::{PROGRESS_PREFIX, ParallelProgress};
 use drover_api::wire::LogCursor;
 use drover_runner::runtime::LogStream;
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
-use super::{Store, StoreError, count, ms, ts};
+use super::{Store, StoreError, count, from_json, ms, to_json, ts};
 
 /// A line to append.
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +44,9 @@ pub struct Appended {
     pub stored: u64,
     /// Lines skipped because their part's log already had them.
     pub duplicates: u64,
+    /// The job's parallel progress when a stored line moved it: what it
+    /// was before (if anything) and what it is now.
+    pub progress: Option<(Option<ParallelProgress>, ParallelProgress)>,
 }
 
 /// A stored line.
@@ -107,6 +111,20 @@ fn truncate(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+fn read_progress(
+    conn: &rusqlite::Connection,
+    job: &str,
+) -> Result<Option<ParallelProgress>, StoreError> {
+    let text: Option<String> = conn
+        .query_row("SELECT progress FROM jobs WHERE id = ?1", [job], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .flatten();
+    text.map(|t| from_json(|| format!("progress of job `{job}`"), &t))
+        .transpose()
+}
+
 impl Store {
     /// Appends lines to a job's log, dropping the oldest past the cap. A
     /// line longer than the whole cap is cut to it. A line with a cursor is
@@ -134,6 +152,7 @@ impl Store {
         // Each part's cursor, read once and written back once.
         let mut cursors: BTreeMap<(u32, u32), (Option<LogCursor>, bool)> = BTreeMap::new();
         let (mut stored, mut duplicates) = (0u64, 0u64);
+        let mut newest: Option<ParallelProgress> = None;
         {
             let mut read_cursor = tx.prepare_cached(
                 "SELECT log_at_ns, log_index FROM job_parts
@@ -171,6 +190,12 @@ impl Store {
                     *entry = (Some(c), true);
                 }
                 let text = truncate(line.text, max_line);
+                if text.starts_with(PROGRESS_PREFIX)
+                    && let Some(p) = ParallelProgress::parse_line(text, line.attempt)
+                    && newest.is_none_or(|n: ParallelProgress| p.attempt >= n.attempt)
+                {
+                    newest = Some(p);
+                }
                 insert.execute(params![
                     job,
                     next,
@@ -235,12 +260,35 @@ impl Store {
             "UPDATE jobs SET log_next_seq = ?2, log_bytes = ?3 WHERE id = ?1",
             params![job, next, bytes],
         )?;
+        let progress = match newest {
+            Some(now) => {
+                let before = read_progress(&tx, job)?;
+                // A late line of an earlier attempt does not turn it back.
+                if before.is_some_and(|b| b.attempt > now.attempt) {
+                    None
+                } else {
+                    tx.execute(
+                        "UPDATE jobs SET progress = ?2 WHERE id = ?1",
+                        params![job, to_json("progress", &now)?],
+                    )?;
+                    Some((before, now))
+                }
+            }
+            None => None,
+        };
         tx.commit()?;
         Ok(Appended {
             next_seq: u64::try_from(next).unwrap_or(0),
             stored,
             duplicates,
+            progress,
         })
+    }
+
+    /// A parallel job's progress: its runtime's newest progress line, of
+    /// its newest attempt that wrote one.
+    pub fn job_progress(&self, job: &str) -> Result<Option<ParallelProgress>, StoreError> {
+        read_progress(&self.conn, job)
     }
 
     /// Up to `limit` lines of a job's log from number `from` on, of one

@@ -11,7 +11,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StoreError;
 
 /// The migrations, oldest first.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -217,6 +217,12 @@ CREATE TABLE image_builds (
     ended_at   INTEGER,
     failure    TEXT
 ) STRICT;
+"#;
+
+/// Version 8: a parallel job's progress, the newest progress line of its
+/// runtime read from its log (JSON of `drover_api::job::ParallelProgress`).
+const V8: &str = r#"
+ALTER TABLE jobs ADD COLUMN progress TEXT;
 "#;
 
 /// Brings `conn` to the newest of `scripts`, one transaction per script.

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use drover_api::cluster::{NodeState, Timestamp};
+use drover_api::job::ParallelProgress;
 use drover_api::wire;
 
 use super::wire_map::{current_part, node_info};
@@ -167,6 +168,14 @@ fn with_part(s: &Store, n: Node) -> Result<(Node, Option<JobPart>), StoreError> 
         None => None,
     };
     Ok((n, part))
+}
+
+/// A parallel job whose runtime reported progress in a log upload.
+struct Progressed {
+    cluster: String,
+    job: String,
+    before: Option<ParallelProgress>,
+    now: ParallelProgress,
 }
 
 impl ControlPlane {
@@ -416,7 +425,10 @@ impl ControlPlane {
         let who = node.clone();
         let answer = self
             .with_store(
-                move |s| -> Result<Result<wire::LogBatchAccepted, ControlError>, StoreError> {
+                move |s| -> Result<
+                    Result<(wire::LogBatchAccepted, Vec<Progressed>), ControlError>,
+                    StoreError,
+                > {
                     let mut by_job: HashMap<&str, Vec<&wire::NewLogLine>> = HashMap::new();
                     for l in &batch.lines {
                         by_job.entry(l.job.as_str()).or_default().push(l);
@@ -426,6 +438,7 @@ impl ControlPlane {
                         duplicates: 0,
                         rejected: Vec::new(),
                     };
+                    let mut progressed = Vec::new();
                     for (job, lines) in by_job {
                         let parts = s.job_parts(job)?;
                         // A node writes only the logs of parts it was given.
@@ -441,7 +454,8 @@ impl ControlPlane {
                                 "node `{node}` holds no such part of job `{job}`"
                             ))));
                         }
-                        let current = s.job(job)?.attempt;
+                        let record = s.job(job)?;
+                        let current = record.attempt;
                         let mut new: Vec<NewLogLine<'_>> = Vec::with_capacity(lines.len());
                         for l in lines {
                             if l.attempt != current && !late_but_in_time(l, &parts) {
@@ -467,11 +481,33 @@ impl ControlPlane {
                         let appended = s.append_logs(job, &new)?;
                         answer.accepted += appended.stored;
                         answer.duplicates += appended.duplicates;
+                        if let Some((before, now)) = appended.progress {
+                            progressed.push(Progressed {
+                                cluster: record.cluster,
+                                job: job.to_string(),
+                                before,
+                                now,
+                            });
+                        }
                     }
-                    Ok(Ok(answer))
+                    Ok(Ok((answer, progressed)))
                 },
             )
             .await??;
+        let (answer, progressed) = answer;
+        for p in &progressed {
+            // A new attempt starts again from nothing: only what it adds counts.
+            let before = p.before.filter(|b| b.attempt == p.now.attempt);
+            let (done, failed) = before.map_or((0, 0), |b| (b.done, b.failed));
+            self.metrics.emit(Event::MiniBatchesFinished {
+                cluster: &p.cluster,
+                job: &p.job,
+                succeeded: (p.now.done.saturating_sub(p.now.failed))
+                    .saturating_sub(done.saturating_sub(failed)),
+                failed: p.now.failed.saturating_sub(failed),
+                progress: &p.now,
+            });
+        }
         if !answer.rejected.is_empty() {
             tracing::info!(node = %who, parts = ?answer.rejected, "log lines of superseded attempts refused");
         }

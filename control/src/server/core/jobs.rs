@@ -124,18 +124,20 @@ impl ControlPlane {
 
     /// One job with its parts and spec, and for a queued job why it waits.
     pub async fn job(&self, id: String) -> Result<wire::JobInfo, ControlError> {
-        let (job, parts, view) = self
+        let (job, parts, progress, view) = self
             .with_store(move |s| {
                 let job = s.job(&id)?;
                 let parts = s.job_parts(&id)?;
+                let progress = s.job_progress(&id)?;
                 let view = match job.state {
                     JobState::Queued => Some(read_cluster_view(s, &job.cluster)?),
                     _ => None,
                 };
-                Ok((job, parts, view))
+                Ok((job, parts, progress, view))
             })
             .await?;
-        let info = job_info(job, parts, true);
+        let mut info = job_info(job, parts, true);
+        info.progress = progress;
         Ok(match view {
             Some(view) => self.with_waiting_reason(info, &view),
             None => info,

@@ -32,6 +32,7 @@ pub(super) fn job_info(job: Job, parts: Vec<JobPart>, with_spec: bool) -> wire::
         failure_reason: job.failure_reason,
         waiting_reason: None,
         parts: parts.into_iter().map(part_info).collect(),
+        progress: None,
     }
 }
 

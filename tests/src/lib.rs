@@ -312,7 +312,8 @@ pub fn try_output_within(cmd: &mut Command, timeout: Duration) -> Result<Output,
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{cmd:?} cannot start: {e}"));
-    let drain = |r: Option<Box<dyn Read + Send>>| {
+    // Read on threads so that a chatty command never blocks on a full pipe.
+    fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
         std::thread::spawn(move || {
             let mut buf = Vec::new();
             if let Some(mut r) = r {
@@ -320,19 +321,9 @@ pub fn try_output_within(cmd: &mut Command, timeout: Duration) -> Result<Output,
             }
             buf
         })
-    };
-    let stdout = drain(
-        child
-            .stdout
-            .take()
-            .map(|r| Box::new(r) as Box<dyn Read + Send>),
-    );
-    let stderr = drain(
-        child
-            .stderr
-            .take()
-            .map(|r| Box::new(r) as Box<dyn Read + Send>),
-    );
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::parallel::PARALLEL_DRIVER_PATH;
 use self::placeholders::substitute;
-pub use self::progress::{PROGRESS_PREFIX, ParallelProgress};
+pub use self::progress::ParallelProgress;
 pub use self::validate::{
     InvalidJob, MAX_COMMAND_BYTES, MAX_ENV_BYTES, MAX_GPUS_PER_INSTANCE, MAX_INSTANCES,
     MAX_PROCESSES_PER_INSTANCE, MAX_TIMEOUT_SECONDS, check_image_reference, check_job_identity,

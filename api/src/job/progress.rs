@@ -11,7 +11,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// What every progress line starts with.
-pub const PROGRESS_PREFIX: &str = "drover-parallel: progress ";
+const PROGRESS_PREFIX: &str = "drover-parallel: progress ";
 
 /// Mini-batches of one attempt of a parallel job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +44,20 @@ impl ParallelProgress {
             items: items.parse().ok()?,
         };
         (progress.done <= progress.total && progress.failed <= progress.done).then_some(progress)
+    }
+
+    /// Mini-batches (succeeded, failed) finished since `before`, an earlier
+    /// report; a report of another attempt counts as nothing (a new
+    /// attempt starts again from nothing).
+    pub fn finished_since(&self, before: Option<&ParallelProgress>) -> (u64, u64) {
+        let (done, failed) = before
+            .filter(|b| b.attempt == self.attempt)
+            .map_or((0, 0), |b| (b.done, b.failed));
+        let succeeded = |done: u64, failed: u64| done.saturating_sub(failed);
+        (
+            succeeded(self.done, self.failed).saturating_sub(succeeded(done, failed)),
+            self.failed.saturating_sub(failed),
+        )
     }
 
     /// A bar of `width` cells, `#` for each share done: `[####------]`.
@@ -101,6 +115,20 @@ mod tests {
         ] {
             assert_eq!(ParallelProgress::parse_line(other, 1), None, "{other}");
         }
+    }
+
+    #[test]
+    fn what_finished_since_a_report_of_the_same_attempt_is_counted() {
+        let p = |attempt, done, failed| ParallelProgress {
+            attempt,
+            done,
+            failed,
+            total: 10,
+            items: 0,
+        };
+        assert_eq!(p(1, 6, 2).finished_since(None), (4, 2));
+        assert_eq!(p(1, 6, 2).finished_since(Some(&p(1, 3, 1))), (2, 1));
+        assert_eq!(p(2, 1, 0).finished_since(Some(&p(1, 9, 1))), (1, 0));
     }
 
     #[test]

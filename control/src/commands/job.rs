@@ -509,9 +509,8 @@ fn multi_process(job: &wire::JobInfo) -> bool {
 }
 
 /// One page of log lines as `job logs` prints them: each line with its
-/// prefix, or (`json`) one JSON document per line.
-/// Log lines as text (or JSON lines); with `bars`, the parallel runtime's
-/// progress lines are drawn as progress bars (`--stream`).
+/// prefix, or (`json`) one JSON document per line; with `bars` (`--stream`)
+/// the parallel runtime's progress lines are drawn as progress bars.
 fn render_lines(
     lines: &[wire::LogLine],
     multi: bool,

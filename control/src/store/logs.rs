@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use drover_api::cluster::Timestamp;
-use drover_api::job::{PROGRESS_PREFIX, ParallelProgress};
+use drover_api::job::ParallelProgress;
 use drover_api::wire::LogCursor;
 use drover_runner::runtime::LogStream;
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
@@ -190,8 +190,7 @@ impl Store {
                     *entry = (Some(c), true);
                 }
                 let text = truncate(line.text, max_line);
-                if text.starts_with(PROGRESS_PREFIX)
-                    && let Some(p) = ParallelProgress::parse_line(text, line.attempt)
+                if let Some(p) = ParallelProgress::parse_line(text, line.attempt)
                     && newest.is_none_or(|n: ParallelProgress| p.attempt >= n.attempt)
                 {
                     newest = Some(p);

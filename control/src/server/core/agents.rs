@@ -496,15 +496,12 @@ impl ControlPlane {
             .await??;
         let (answer, progressed) = answer;
         for p in &progressed {
-            // A new attempt starts again from nothing: only what it adds counts.
-            let before = p.before.filter(|b| b.attempt == p.now.attempt);
-            let (done, failed) = before.map_or((0, 0), |b| (b.done, b.failed));
+            let (succeeded, failed) = p.now.finished_since(p.before.as_ref());
             self.metrics.emit(Event::MiniBatchesFinished {
                 cluster: &p.cluster,
                 job: &p.job,
-                succeeded: (p.now.done.saturating_sub(p.now.failed))
-                    .saturating_sub(done.saturating_sub(failed)),
-                failed: p.now.failed.saturating_sub(failed),
+                succeeded,
+                failed,
                 progress: &p.now,
             });
         }
